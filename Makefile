@@ -1,0 +1,39 @@
+# aac-tokend: `make demo` shows it working, `make test` proves it. Both set themselves up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench crash sysdeps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+sysdeps:
+	@bash .ci/sysdeps
+
+demo: $(STAMP)
+	$(PY) -m aac_tokend demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check aac_tokend tests
+	$(VENV)/bin/ruff format --check aac_tokend tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict aac_tokend
+
+unit: $(STAMP) sysdeps
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(PY) -m tests.bench
+
+crash: $(STAMP)
+	$(PY) -m tests.crash_campaign --kills 300
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,124 @@
+"""Using the token from Python and from the shell: ``get_token``, ``TokendAuth``, ``api``.
+
+Both ask the running daemon per request (a token read costs a socket round trip), and on
+a 401 ask it for one refresh and retry once: enough to ride out a token revoked or
+expired a moment early, never a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import requests
+
+from .client import ControlClient, read_token
+from .errors import AlertError, DaemonNotRunningError, InputError
+from .paths import resolve_paths
+from .tokens import check_endpoint
+
+__all__ = ["TokendAuth", "add_arguments", "get_token", "request_refresh", "run_cli"]
+
+#: An API call that takes longer than this is not coming back.
+API_TIMEOUT_SECONDS = (5.0, 60.0)
+
+
+def _control(op: str, **fields: Any) -> dict[str, Any]:
+    path = str(resolve_paths(os.environ).control_socket)
+    try:
+        with ControlClient(path, timeout=120.0) as client:
+            return client.request(op, **fields)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise DaemonNotRunningError(
+            "the aac-tokend daemon is not running; start it with `aac-tokend run`"
+        ) from exc
+
+
+def get_token(profile: str = "default") -> str:
+    """The profile's current access token from the running daemon (AlertError if none)."""
+    path = str(resolve_paths(os.environ).token_socket(profile))
+    try:
+        token = read_token(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        token = ""
+    if token:
+        return token
+    answer = _control("token", profile=profile)
+    if answer.get("ok"):
+        return str(answer["token"])
+    raise AlertError(str(answer.get("message", "no valid token")))
+
+
+def request_refresh(profile: str = "default") -> None:
+    """Ask the daemon to refresh ``profile`` now and wait for the outcome."""
+    answer = _control("refresh", profile=profile)
+    if not answer.get("ok"):
+        raise AlertError(str(answer.get("message", "refresh failed")))
+
+
+class TokendAuth(requests.auth.AuthBase):
+    """``requests`` auth: a fresh token per request; on 401, one refresh and one retry."""
+
+    def __init__(self, profile: str = "default") -> None:
+        self.profile = profile
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {get_token(self.profile)}"
+        request.register_hook("response", self._retry_once_on_401)  # type: ignore[no-untyped-call]
+        return request
+
+    def _retry_once_on_401(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+        if response.status_code != 401 or getattr(response.request, "_tokend_retried", False):
+            return response
+        request_refresh(self.profile)
+        _ = response.content  # drain, so the connection can be reused
+        response.close()
+        retry = response.request.copy()
+        retry._tokend_retried = True  # type: ignore[attr-defined]
+        retry.headers["Authorization"] = f"Bearer {get_token(self.profile)}"
+        second: requests.Response = response.connection.send(retry, **kwargs)
+        second.history.append(response)
+        second.request = retry
+        return second
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", help="HTTP method, e.g. GET")
+    parser.add_argument("path", help="API path, e.g. /iam/v1/workspaces/current")
+    parser.add_argument("--data", help="JSON request body")
+    parser.add_argument("--base-url", help="API base URL (default: the profile's)")
+    parser.add_argument("--profile", "-p", default="default")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``aac-tokend api METHOD PATH``: print the JSON body; non-2xx exits 1."""
+    body = None
+    if args.data is not None:
+        try:
+            body = json.loads(args.data)
+        except ValueError as exc:
+            raise InputError("--data is not valid JSON") from exc
+    base = args.base_url
+    if not base:
+        status = _control("status")
+        rows = [r for r in status.get("profiles", []) if r.get("profile") == args.profile]
+        if not rows:
+            raise InputError(f"no profile named {args.profile!r}; import one first")
+        base = rows[0]["api_base_url"]
+    base = check_endpoint(base, explicit=True).rstrip("/")
+    path = args.path if args.path.startswith("/") else "/" + args.path
+    response = requests.request(
+        args.method.upper(), base + path, json=body, auth=TokendAuth(args.profile),
+        timeout=API_TIMEOUT_SECONDS,
+    )  # fmt: skip
+    try:
+        print(json.dumps(response.json(), indent=2))
+    except ValueError:
+        print(response.text[:10000])
+    if not response.ok:
+        print(f"aac-tokend: error: HTTP {response.status_code} from {path}", file=sys.stderr)
+        return 1
+    return 0

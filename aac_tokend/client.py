@@ -1,0 +1,102 @@
+"""Stdlib-only clients of the daemon's sockets, cheap enough for the `token` command.
+
+Only ``socket`` is imported at module level: ``json`` (with ``re``) and ``pathlib`` each
+cost several milliseconds at start-up, which a shell prompt calling `aac-tokend token`
+pays on every call. ``json`` is imported by ControlClient when it is first used.
+"""
+
+from __future__ import annotations
+
+import socket
+
+# Not `from typing import TYPE_CHECKING`: importing typing alone costs milliseconds.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+__all__ = ["ControlClient", "read_token"]
+
+# Answers larger than this are refused: a status of a thousand profiles is a few hundred
+# KiB, so this only stops a runaway or foreign server from filling our memory.
+_MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+_RECV_SIZE = 64 * 1024
+
+
+def read_token(path: str, timeout: float = 2.0) -> str:
+    """Return the token served on ``path``, or "" when the daemon has no valid token.
+
+    Raises OSError when no daemon listens (FileNotFoundError, ConnectionRefusedError),
+    on timeout (TimeoutError), and ConnectionError when the answer is cut short.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        data = sock.recv(_RECV_SIZE)
+        if data and not data.endswith(b"\n"):
+            chunks = [data]
+            while chunk := sock.recv(_RECV_SIZE):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        sock.close()
+    if not data:
+        return ""
+    if not data.endswith(b"\n") or data.count(b"\n") != 1:
+        raise ConnectionError(f"the token socket {path} sent a malformed answer; try again")
+    return data[:-1].decode("ascii")
+
+
+class ControlClient:
+    """A connection to the control socket: one JSON line out, one JSON line back."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._buf = bytearray()
+
+    def request(self, op: str, **fields: object) -> dict[str, object]:
+        """Send one request and return its response object.
+
+        Raises OSError on socket failures (ConnectionError when the daemon hangs up first)
+        and ValueError when the answer is not a JSON object.
+        """
+        import json  # deferred: see the module docstring
+
+        line = json.dumps({"op": op, **fields}, separators=(",", ":")).encode() + b"\n"
+        self._sock.sendall(line)
+        while (end := self._buf.find(b"\n")) < 0:
+            if len(self._buf) > _MAX_ANSWER_BYTES:
+                raise ValueError("the control socket answer is too large")
+            chunk = self._sock.recv(_RECV_SIZE)
+            if not chunk:
+                raise ConnectionError("the daemon closed the control connection before answering")
+            self._buf += chunk
+        answer = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        response = json.loads(answer)
+        if not isinstance(response, dict):
+            raise ValueError("the control socket answer is not a JSON object")
+        return response
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,101 @@
+"""Which alertable condition a profile is in, and the one line that tells a person what to do.
+
+Pure: a function of the state and ``now``. The ``alerts`` module turns changes of condition
+into log events, hook commands and desktop notifications.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .policy import access_valid, may_retry
+from .state import ProfileState, RejectionReason, TokenKind
+
+__all__ = ["AlertEvent", "Condition", "condition_of", "rejection_alert"]
+
+DAY = 86400.0
+#: Warn this long before a refresh token (or a legacy access token) reaches its end.
+WARN_BEFORE = (1 * DAY, 7 * DAY)
+
+_GENERATE = (
+    "generate a new token in AAC (User Preferences > OAuth 2.0 API Tokens) and run "
+    "`aac-tokend import --profile {profile}`"
+)
+
+
+class AlertEvent(StrEnum):
+    """What happened, as passed to the alert command in AAC_TOKEND_EVENT."""
+
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    REFRESH_EXPIRES_SOON = "refresh_expires_soon"
+    RECOVERED = "recovered"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """An alertable condition; ``key`` changes whenever the alert should be said again."""
+
+    event: AlertEvent
+    key: str
+    message: str
+
+
+def rejection_alert(state: ProfileState) -> str:
+    """The one-line instruction for a rejected chain."""
+    assert state.rejection is not None
+    todo = _GENERATE.format(profile=state.profile)
+    rej = state.rejection
+    match rej.reason:
+        case RejectionReason.REUSE_SUSPECTED:
+            return (
+                "refresh token rejected (invalid_grant) and not by our doing: another party "
+                "may have used it; treat the old token as compromised and delete it in AAC, "
+                f"then {todo}"
+            )
+        case RejectionReason.AFTER_LOST_RESPONSE:
+            return (
+                "refresh token rejected (invalid_grant) after an earlier answer was lost: our "
+                f"own refresh probably rotated it; {todo}"
+            )
+        case RejectionReason.REFRESH_TOKEN_EXPIRED:
+            return f"the refresh token reached the end of its lifetime; {todo}"
+        case RejectionReason.INVALID_CLIENT:
+            return (
+                "refresh rejected (invalid_client): the client id or token endpoint does not "
+                f"fit this token; check them, then {todo}"
+            )
+        case _:
+            return f"refresh rejected ({rej.error}): a configuration problem; {todo}"
+
+
+def _days(seconds: float) -> str:
+    days = seconds / DAY
+    return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
+
+
+def condition_of(state: ProfileState, now: float) -> Condition | None:
+    """The profile's alertable condition at ``now``, or None when all is well."""
+    todo = _GENERATE.format(profile=state.profile)
+    if state.rejection is not None:
+        return Condition(
+            AlertEvent.REJECTED, f"rejected:{state.rejection.reason}", rejection_alert(state)
+        )
+    if not access_valid(state, now) and (
+        state.kind is TokenKind.LEGACY or not may_retry(state, now)
+    ):
+        what = "legacy access token" if state.kind is TokenKind.LEGACY else "token chain"
+        return Condition(AlertEvent.EXPIRED, "expired", f"the {what} has expired; {todo}")
+    end = state.access_expires_at if state.kind is TokenKind.LEGACY else state.refresh_expires_at
+    if end is not None:
+        left = end - now
+        for threshold in WARN_BEFORE:
+            if left <= threshold:
+                what = "legacy access token" if state.kind is TokenKind.LEGACY else "refresh token"
+                return Condition(
+                    AlertEvent.REFRESH_EXPIRES_SOON,
+                    f"expires_soon:{int(threshold // DAY)}d",
+                    f"the {what} expires in {_days(max(left, 0.0))}; {todo} before then",
+                )
+    return None

@@ -1,0 +1,122 @@
+"""The control socket's operations: one method per ``op``, answers as plain dicts.
+
+Request and response fields are documented in the README ("Control protocol").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__
+from .engine import Engine
+from .errors import (
+    AacTokendError,
+    BusyError,
+    ConfigError,
+    InputError,
+    ProfileError,
+    StateCorruptError,
+    StorageError,
+)
+from .importer import ImportRequest
+
+__all__ = ["ControlOps", "code_for"]
+
+
+def code_for(exc: AacTokendError) -> str:
+    """The machine-readable ``code`` of an error answer."""
+    for kind, code in (
+        (ConfigError, "config_error"),
+        (ProfileError, "unknown_profile"),
+        (BusyError, "busy"),
+        (StateCorruptError, "corrupt_state"),
+        (StorageError, "storage_error"),
+        (InputError, "bad_request"),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return "error"
+
+
+def _fail(code: str, message: str) -> dict[str, object]:
+    return {"ok": False, "code": code, "message": message}
+
+
+class ControlOps:
+    """Dispatches control requests to the engine (and to the daemon for reload/shutdown)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        reload: Callable[[], None],
+        shutdown: Callable[[], None],
+    ) -> None:
+        self._engine = engine
+        self._reload = reload
+        self._shutdown = shutdown
+
+    def handle(self, request: dict[str, object]) -> dict[str, object]:
+        op = request.get("op")
+        method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if method is None:
+            return _fail("unknown_op", f"unknown op {str(op)[:40]!r}; see the README's protocol")
+        try:
+            answer: dict[str, object] = method(request)
+            return answer
+        except AacTokendError as exc:
+            return _fail(code_for(exc), str(exc))
+
+    def _profile(self, request: dict[str, object]) -> str:
+        name = request.get("profile", "default")
+        if not isinstance(name, str):
+            raise InputError("'profile' must be a string")
+        if name not in self._engine.profiles():
+            raise ProfileError(f"no profile named {name[:70]!r}; import one first")
+        return name
+
+    def _report(self, name: str) -> dict[str, Any]:
+        return next(row for row in self._engine.status() if row["profile"] == name)
+
+    def op_token(self, request: dict[str, object]) -> dict[str, object]:
+        name = self._profile(request)
+        token = self._engine.current_token(name)
+        if token is None:
+            row = self._report(name)
+            reason = row["alert"] or "the access token has expired and no new one is here yet"
+            return _fail("no_token", f"profile {name}: no valid token ({row['state']}): {reason}")
+        return {"ok": True, "profile": name, "token": token.decode()}
+
+    def op_status(self, request: dict[str, object]) -> dict[str, object]:
+        return {
+            "ok": True,
+            "daemon": {"pid": os.getpid(), "version": __version__},
+            "profiles": self._engine.status(),
+        }
+
+    def op_profiles(self, request: dict[str, object]) -> dict[str, object]:
+        return {"ok": True, "profiles": self._engine.profiles()}
+
+    def op_refresh(self, request: dict[str, object]) -> dict[str, object]:
+        name = self._profile(request)
+        self._engine.refresh(name, wait=True)
+        return {"ok": True, "profile": self._report(name)}
+
+    def op_import(self, request: dict[str, object]) -> dict[str, object]:
+        state = self._engine.import_profile(ImportRequest.from_wire(dict(request)))
+        return {"ok": True, "profile": self._report(state.profile)}
+
+    def op_remove(self, request: dict[str, object]) -> dict[str, object]:
+        name = self._profile(request)
+        self._engine.remove(name)
+        return {"ok": True, "removed": name}
+
+    def op_reload(self, request: dict[str, object]) -> dict[str, object]:
+        self._reload()
+        return {"ok": True}
+
+    def op_shutdown(self, request: dict[str, object]) -> dict[str, object]:
+        self._shutdown()
+        return {"ok": True}

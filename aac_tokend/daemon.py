@@ -1,0 +1,196 @@
+"""The daemon: builds the real objects, runs until SIGTERM/SIGINT, reloads on SIGHUP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+import structlog
+
+from . import __version__, sdnotify
+from .activation import listen_fds
+from .alerts import Alerter, build_sinks
+from .config import Config, load_config
+from .control_ops import ControlOps
+from .control_server import ControlServer
+from .courier import Refresher, default_refresher
+from .engine import Engine
+from .errors import ConfigError
+from .fileio import ensure_private_dir
+from .logs import configure_logging
+from .owner import OwnerLock
+from .paths import Paths
+from .scheduling import APScheduler, Clock, Scheduler, SystemClock
+from .store import FileStore, load_or_create_key
+from .token_server import TokenServer
+
+__all__ = ["Daemon", "run_daemon"]
+
+log = structlog.get_logger("aac_tokend.daemon")
+
+#: The main thread wakes this often to notice a stop request; SIGTERM must end us in < 2 s.
+MAIN_WAIT_SECONDS = 0.5
+#: If the scheduler thread has not ticked for this long, stop pinging the watchdog so the
+#: service manager restarts us (the tick runs every 2 s; 30 s is a hang, not a delay).
+SCHEDULER_STALL_SECONDS = 30.0
+
+
+class Daemon:
+    """One instance of aac-tokend serving the profiles under ``paths``."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        clock: Clock | None = None,
+        refresher: Refresher | None = None,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        self.paths = paths
+        self._clock = clock or SystemClock()
+        self._refresher = refresher
+        self._scheduler = scheduler
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._last_tick = time.monotonic()
+        self._config = Config()
+
+    def run(self) -> int:
+        """Run in the foreground until asked to stop; returns the exit status."""
+        # Core dumps would hold every token in plaintext.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.umask(0o077)
+        self._config = load_config(self.paths.config_dir)
+        configure_logging(self._config.log_format, self._config.log_level)
+        owner = OwnerLock(self.paths.daemon_lock)
+        owner.acquire()
+        try:
+            return self._serve()
+        finally:
+            owner.release()
+
+    def _serve(self) -> int:
+        paths = self.paths
+        key = load_or_create_key(paths.config_dir)
+        store = FileStore(paths.state_dir, key)
+        ensure_private_dir(paths.runtime_dir)
+        passed = listen_fds()
+        scheduler = self._scheduler or APScheduler()
+        self._alerter = Alerter(build_sinks(self._config))
+        token_server = TokenServer(
+            paths.runtime_dir,
+            self,  # current_token below: the engine, once built
+            tick=self._watchdog,
+            tick_interval=_watchdog_interval(),
+        )
+        self._engine = engine = Engine(
+            store=store,
+            key=key,
+            refresher=self._refresher or default_refresher(),
+            scheduler=scheduler,
+            clock=self._clock,
+            config=self._config,
+            alerter=self._alerter,
+            socket_path=token_server.socket_path,
+            on_profiles_changed=lambda: self._sync_sockets(token_server, passed),
+        )
+        control_listener = passed["control"][0] if passed.get("control") else None
+        control = ControlServer(
+            paths.control_socket,
+            ControlOps(engine, reload=self.reload, shutdown=self._stop.set),
+            listener=control_listener,
+        )
+        token_server.start()
+        control.start()
+        self._install_signals()
+        scheduler.every("__heartbeat__", 2.0, self._heartbeat)
+        engine.start()
+        self._sync_sockets(token_server, passed)
+        scheduler.start()
+        sdnotify.ready(f"serving {len(engine.profiles())} profile(s)")
+        log.info("daemon_started", pid=os.getpid(), version=__version__,
+                 profiles=len(engine.profiles()), runtime_dir=str(paths.runtime_dir))  # fmt: skip
+        try:
+            while not self._stop.wait(MAIN_WAIT_SECONDS):
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    with contextlib.suppress(ConfigError):
+                        self.reload()  # a bad file was logged; the running config stays
+        finally:
+            sdnotify.stopping()
+            log.info("daemon_stopping")
+            scheduler.shutdown()
+            control.stop()
+            token_server.stop()
+        return 0
+
+    # TokenSource, delegated so the token server can start before the engine loads.
+    def current_token(self, profile: str) -> bytes | None:
+        return self._engine.current_token(profile)
+
+    def _sync_sockets(self, server: TokenServer, passed: dict[str, list[socket.socket]]) -> None:
+        wanted = set(self._engine.profiles())
+        have = set(server.profiles())
+        for name in sorted(wanted - have):
+            given = passed.get(f"{name}.token")
+            server.add_profile(name, given[0] if given else None)
+        for name in sorted(have - wanted):
+            server.remove_profile(name)
+        sdnotify.status(f"serving {len(wanted)} profile(s)")
+
+    def reload(self) -> None:
+        """Re-read config.toml; a bad file keeps the running config and is reported."""
+        sdnotify.reloading()
+        try:
+            config = load_config(self.paths.config_dir)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            sdnotify.ready("reload failed; running with the previous config")
+            raise
+        self._config = config
+        configure_logging(config.log_format, config.log_level)
+        self._alerter.set_sinks(build_sinks(config))
+        self._engine.set_config(config)
+        log.info("config_reloaded")
+        sdnotify.ready(f"serving {len(self._engine.profiles())} profile(s)")
+
+    def _heartbeat(self) -> None:
+        self._last_tick = time.monotonic()
+
+    def _watchdog(self) -> None:
+        # Called from the token-serving thread: if it hangs, no ping; if the scheduler
+        # hangs, we stop pinging too, and the service manager restarts us.
+        if time.monotonic() - self._last_tick < SCHEDULER_STALL_SECONDS:
+            sdnotify.watchdog_ping()
+
+    def _install_signals(self) -> None:
+        def stop(_sig: int, _frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def hup(_sig: int, _frame: FrameType | None) -> None:
+            self._reload_requested.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+def _watchdog_interval() -> float:
+    interval = sdnotify.watchdog_interval()
+    return min(interval, 1.0) if interval else 1.0
+
+
+def run_daemon(paths: Paths) -> int:
+    """Entry of ``aac-tokend run``."""
+    with contextlib.suppress(KeyboardInterrupt):
+        return Daemon(paths).run()
+    return 0

@@ -1,0 +1,142 @@
+"""``aac-tokend demo``: the daemon at work against the sandbox, in plain words, in a minute.
+
+Everything runs as real processes in a throw-away AAC_TOKEND_HOME: the sandbox token
+server, ``import``, the daemon, token reads over its socket, API calls with the token,
+and at the end a stolen refresh token replayed by a third party. Tokens are shown only
+by their short hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import requests
+
+from .client import ControlClient, read_token
+from .tokens import token_hash
+
+__all__ = ["add_arguments", "run_cli"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=45.0, help="how long to watch refreshes")
+    parser.add_argument("--access-ttl", type=int, default=15, help="sandbox access token life")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+class _Demo:
+    def __init__(self, seconds: float, ttl: int) -> None:
+        self.seconds, self.ttl = seconds, ttl
+        self.home = tempfile.mkdtemp(prefix="atk-demo-", dir="/tmp")
+        self.env = dict(os.environ, AAC_TOKEND_HOME=self.home)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.cmd = [sys.executable, "-m", "aac_tokend"]
+
+    def start(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+        out = open(os.path.join(self.home, log), "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(self.cmd + args, env=self.env, stdout=out, stderr=out)
+        self.procs.append(proc)
+        return proc
+
+    def read_log(self, name: str) -> str:
+        with open(os.path.join(self.home, name)) as f:
+            return f.read()
+
+    def control(self, op: str, **fields: Any) -> dict[str, Any]:
+        with ControlClient(os.path.join(self.home, "run", "control.sock")) as client:
+            return client.request(op, **fields)
+
+    def wait_for(self, what: str, check: Any, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"demo: {what} did not happen within {timeout:.0f} s")
+
+    def run(self) -> int:
+        _say(f"== aac-tokend demo (files under {self.home}, removed at the end)")
+        self.start(["sandbox", "--port", "0", "--access-ttl", str(self.ttl)], "sandbox.log")
+        self.wait_for("the sandbox start", lambda: "listening" in self.read_log("sandbox.log"))
+        url = self.read_log("sandbox.log").split("listening on ", 1)[1].split()[0]
+        _say(f"1. Sandbox token server (like AAC's PingFederate) runs at {url}; "
+             f"its access tokens live {self.ttl} s.")  # fmt: skip
+        pair = requests.post(f"{url}/sandbox/generate", json={}, timeout=5).json()
+        stolen = pair["refresh_token"]
+        access = token_hash(pair["access_token"])
+        _say(f"2. 'Generate' in the sandbox gave a token pair: access {access}, "
+             f"refresh {token_hash(stolen)} (hashes; tokens are never shown).")  # fmt: skip
+        subprocess.run(
+            [*self.cmd, "import", "--token-endpoint", f"{url}/as/token"],
+            input=json.dumps(pair).encode(), env=self.env, check=True,
+        )  # fmt: skip
+        _say("3. Imported it (from stdin, never argv). Starting the daemon...")
+        self.start(["run"], "daemon.log")
+        sock = os.path.join(self.home, "run", "default.token.sock")
+        self.wait_for("the token socket", lambda: bool(read_token(sock)))
+        _say(f"4. Watching for {self.seconds:.0f} s: the daemon refreshes at ~75% of each "
+             "token's life; a tool reads the token from the socket and calls the API.")  # fmt: skip
+        start, seen = time.monotonic(), None
+        while time.monotonic() - start < self.seconds:
+            token = read_token(sock)
+            api = requests.get(f"{url}/iam/v1/workspaces/current",
+                               headers={"Authorization": f"Bearer {token}"}, timeout=5)  # fmt: skip
+            row = self.control("status")["profiles"][0]
+            if token_hash(token) != seen:
+                _say(f"   t={time.monotonic() - start:4.0f}s  token {token_hash(token)}  API says "
+                     f"{api.status_code}  refreshes so far: {row['refresh_count']}  next refresh "
+                     f"{row['next_refresh_at']}")  # fmt: skip
+                seen = token_hash(token)
+            time.sleep(1.0)
+        _say("5. A thief replays the original (already rotated) refresh token at the server:")
+        form = {"grant_type": "refresh_token", "refresh_token": stolen,
+                "client_id": "aac-sandbox-client"}  # fmt: skip
+        answer = requests.post(f"{url}/as/token", timeout=5, data=form)
+        _say(f"   server answers {answer.status_code} {answer.json().get('error')}: it revoked "
+             "the whole token family, ours included.")  # fmt: skip
+        _say("6. The daemon's next refresh is rejected; it does not retry blindly:")
+        self.control("refresh", profile="default")
+        row = self.control("status")["profiles"][0]
+        _say(f"   state: {row['state']}, reason: {(row['rejection'] or {}).get('reason')}")
+        _say(f"   alert: {row['alert']}")
+        still = read_token(sock)
+        _say("   the last access token is still served until it expires "
+             f"({row['access_expires_at']}): {'yes' if still else 'no'}; "
+             "then readers get nothing.")  # fmt: skip
+        _say("== demo finished; stopping the daemon and the sandbox.")
+        return 0
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the demo; it always cleans up its processes and files."""
+    demo = _Demo(args.seconds, args.access_ttl)
+    try:
+        return demo.run()
+    finally:
+        demo.cleanup()

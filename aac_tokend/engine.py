@@ -1,0 +1,292 @@
+"""The engine: each profile's state in memory, its next refresh scheduled, its token served.
+
+The durable truth is the store; the engine's copy is refreshed from it after every courier.
+``current_token`` is the hot path of every token read: a dict lookup and a clock read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .alerts import Alerter
+from .conditions import condition_of
+from .config import Config
+from .courier import WAIT_SECONDS, CourierJob, CourierResult, Refresher
+from .errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
+from .importer import ImportRequest, build_state
+from .logs import register_secret
+from .policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
+from .report import profile_report
+from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
+from .state import ProfileState, TokenKind
+from .store import FileStore
+from .tokens import token_hash
+
+__all__ = ["Engine"]
+
+log = structlog.get_logger("aac_tokend.engine")
+TICK_KEY = "__tick__"
+#: How often a state that could not be saved is tried again.
+UNSAVED_RETRY_SECONDS = 2.0
+
+
+@dataclass
+class _Profile:
+    state: ProfileState
+    refreshing: bool = False
+    unsaved: bytes | None = None  # an encrypted newer state the disk refused
+    done: threading.Condition = field(default_factory=threading.Condition)
+
+
+class Engine:
+    """Owns every profile's chain for the daemon's lifetime."""
+
+    def __init__(
+        self,
+        *,
+        store: FileStore,
+        key: bytes,
+        refresher: Refresher,
+        scheduler: Scheduler,
+        clock: Clock,
+        config: Config,
+        alerter: Alerter,
+        socket_path: Callable[[str], Path],
+        on_profiles_changed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store, self._key, self._refresher = store, key, refresher
+        self._scheduler, self._clock, self.config = scheduler, clock, config
+        self._alerter, self._socket_path = alerter, socket_path
+        self._on_profiles_changed = on_profiles_changed
+        self._profiles: dict[str, _Profile] = {}
+        self._serving: dict[str, tuple[bytes, float | None]] = {}
+        self._corrupt: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- the hot path ---------------------------------------------------------------
+    def current_token(self, profile: str) -> bytes | None:
+        """The access token if valid at this instant, else None (never a stale token)."""
+        entry = self._serving.get(profile)
+        if entry is None:
+            return None
+        token, expires_at = entry
+        if expires_at is not None and self._clock.now() + SERVE_MARGIN_SECONDS >= expires_at:
+            return None
+        return token
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        """Adopt every stored profile (waiting for a courier of an earlier life) and tick."""
+        for name in self._store.profiles():
+            if self._store.lock_is_free(name):
+                self._adopt(name)
+            else:
+                log.info("waiting_for_courier", profile=name)
+                threading.Thread(target=self._adopt, args=(name,), daemon=True).start()
+        self._scheduler.every(TICK_KEY, WAKE_CAP_SECONDS, self.tick)
+
+    def profiles(self) -> list[str]:
+        return sorted(self._profiles)
+
+    def _adopt(self, name: str) -> None:
+        try:
+            with self._store.locked(name, WAIT_SECONDS):
+                state = self._store.load(name)
+                if state is not None and state.in_flight is not None:
+                    state = recover_interrupted(state, self._clock.now())
+                    self._store.save(state)
+                    log.warning("refresh_outcome_unknown", profile=name)
+        except StateCorruptError as exc:
+            self._corrupt[name] = str(exc)
+            log.error("state_unreadable", profile=name, error=str(exc))
+            return
+        except AacTokendError as exc:
+            log.error("profile_not_loaded", profile=name, error=str(exc))
+            return
+        if state is not None:
+            self._install(state)
+            self._on_profiles_changed()
+
+    def _install(self, state: ProfileState, unsaved: bytes | None = None) -> None:
+        """Make ``state`` current: serve it, watch it, schedule its next refresh."""
+        register_secret(state.access_token)
+        register_secret(state.refresh_token)
+        with self._lock:
+            entry = self._profiles.get(state.profile)
+            if entry is None:
+                entry = self._profiles[state.profile] = _Profile(state)
+            entry.state, entry.unsaved = state, unsaved
+            self._serving[state.profile] = (state.access_token.encode(), state.access_expires_at)
+            self._corrupt.pop(state.profile, None)
+        self._alerter.observe(
+            state.profile, condition_of(state, self._clock.now()), self._clock.now()
+        )
+        self._schedule(state)
+
+    def _schedule(self, state: ProfileState) -> None:
+        now = self._clock.now()
+        at = next_refresh_at(state, now, self.config.policy_for(state.profile))
+        if at is None:
+            self._scheduler.cancel(state.profile)
+        else:
+            self._scheduler.schedule(state.profile, at, lambda: self.refresh(state.profile))
+
+    def set_config(self, config: Config) -> None:
+        """Adopt a reloaded config: every schedule is recomputed."""
+        self.config = config
+        for entry in list(self._profiles.values()):
+            self._schedule(entry.state)
+
+    def tick(self) -> None:
+        """Catch what a sleeping scheduler missed (suspend, clock jump); retry unsaved state."""
+        now = self._clock.now()
+        for name, entry in list(self._profiles.items()):
+            if entry.unsaved is not None:
+                self._retry_unsaved(name, entry)
+            if entry.refreshing:
+                continue
+            at = next_refresh_at(entry.state, now, self.config.policy_for(name))
+            if at is not None and at <= now:
+                self._scheduler.schedule(name, now, lambda n=name: self.refresh(n))  # type: ignore[misc]
+            self._alerter.observe(name, condition_of(entry.state, now), now)
+
+    def _retry_unsaved(self, name: str, entry: _Profile) -> None:
+        assert entry.unsaved is not None
+        try:
+            with self._store.locked(name, 0):
+                self._store.save_blob(name, entry.unsaved)
+            entry.unsaved = None
+            log.warning("state_saved_late", profile=name)
+        except (StorageError, BusyError) as exc:
+            log.error("state_not_saved", profile=name, error=str(exc))
+
+    # -- refreshing -----------------------------------------------------------------
+    def refresh(self, name: str, *, wait: bool = False) -> ProfileState:
+        """Refresh ``name`` now through a courier; with ``wait``, join one already running."""
+        entry = self._profiles.get(name)
+        if entry is None:
+            raise ProfileError(f"no profile named {name!r}; see `aac-tokend profiles`")
+        with entry.done:
+            if entry.refreshing:
+                if not wait:
+                    return entry.state
+                entry.done.wait_for(lambda: not entry.refreshing, timeout=WAIT_SECONDS + 5)
+                return entry.state
+            entry.refreshing = True
+        try:
+            state = entry.state
+            if state.kind is not TokenKind.OAUTH or state.rejection is not None:
+                return state
+            if entry.unsaved is not None:
+                return state  # never spend a token whose successor is not yet on disk
+            assert state.refresh_token is not None
+            log.info("refresh_started", profile=name, refresh_token=token_hash(state.refresh_token))
+            job = CourierJob(name, state.refresh_token, str(self._store.state_dir), self._key)
+            result = self._refresher.refresh(job)
+            return self._absorb(name, result)
+        finally:
+            with entry.done:
+                entry.refreshing = False
+                entry.done.notify_all()
+
+    def _absorb(self, name: str, result: CourierResult) -> ProfileState:
+        """Read back what the courier made durable, then log, serve and reschedule."""
+        unsaved = None
+        if result.kind == "storage_failed" and result.unsaved:
+            state = self._store.decrypt(name, result.unsaved)
+            unsaved = result.unsaved
+        else:
+            if result.kind == "lost":
+                self._recover_lost(name)
+            loaded = self._store.load(name)
+            if loaded is None:
+                self._forget(name)
+                raise ProfileError(f"profile {name!r} was removed during the refresh")
+            state = loaded
+        self._install(state, unsaved)
+        self._log_result(state, result)
+        return state
+
+    def _recover_lost(self, name: str) -> None:
+        with contextlib.suppress(BusyError), self._store.locked(name, WAIT_SECONDS):
+            state = self._store.load(name)
+            if state is not None and state.in_flight is not None:
+                self._store.save(recover_interrupted(state, self._clock.now()))
+
+    def _log_result(self, state: ProfileState, result: CourierResult) -> None:
+        fields: dict[str, Any] = {"profile": state.profile, "courier": result.kind}
+        if state.rejection is not None and result.kind == "rejected":
+            log.error(
+                "refresh_rejected",
+                reason=state.rejection.reason.value,
+                error=state.rejection.error,
+                error_description=state.rejection.error_description,
+                **fields,
+            )
+        elif result.kind == "refreshed":
+            log.info("refresh_succeeded", refresh_count=state.refresh_count, **fields)
+        elif state.consecutive_failures & (state.consecutive_failures - 1) == 0:
+            # 1st, 2nd, 4th, 8th... failure: a failing endpoint writes a few lines, not a flood.
+            log.warning(
+                "refresh_failed",
+                failures=state.consecutive_failures,
+                error=state.last_error or result.detail,
+                **fields,
+            )
+
+    # -- profile management (import, remove, status) ---------------------------------
+    def import_profile(self, request: ImportRequest) -> ProfileState:
+        """A new token pair takes effect at once; the old state is replaced durably."""
+        if request.refresh_lifetime_days is None and request.refresh_expires_in is None:
+            days = self.config.policy_for(request.profile).refresh_lifetime_days
+            request = dataclasses.replace(request, refresh_lifetime_days=days)
+        state = build_state(request, self._clock.now())
+        with self._store.locked(state.profile, WAIT_SECONDS):
+            self._store.save(state)
+        self._alerter.forget(state.profile)
+        self._install(state)
+        self._on_profiles_changed()
+        log.info("profile_imported", profile=state.profile, kind=state.kind.value)
+        return state
+
+    def remove(self, name: str) -> None:
+        """Stop serving and refreshing ``name`` and delete its state."""
+        with self._store.locked(name, WAIT_SECONDS):
+            self._store.delete(name)
+        self._forget(name)
+        log.info("profile_removed", profile=name)
+
+    def _forget(self, name: str) -> None:
+        self._scheduler.cancel(name)
+        with self._lock:
+            self._profiles.pop(name, None)
+            self._serving.pop(name, None)
+        self._alerter.forget(name)
+        self._on_profiles_changed()
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each profile's report, as ``status --json`` prints it."""
+        now = self._clock.now()
+        rows = []
+        for name, entry in sorted(self._profiles.items()):
+            at = next_refresh_at(entry.state, now, self.config.policy_for(name))
+            rows.append(
+                profile_report(
+                    entry.state,
+                    now,
+                    next_refresh=at,
+                    token_socket=str(self._socket_path(name)),
+                    storage_error=entry.unsaved is not None,
+                )
+            )
+        for name, error in sorted(self._corrupt.items()):
+            rows.append({"profile": name, "state": "corrupt", "alert": error})
+        return rows

@@ -1,0 +1,30 @@
+"""``aac-tokend exec -- CMD ARGS...``: run CMD with AAC_ACCESS_TOKEN in its environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .errors import InputError
+
+__all__ = ["add_arguments", "run_cli"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", "-p", default="default")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Replace this process with CMD; the token goes in the environment, never in argv."""
+    from .api import get_token
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise InputError("exec needs a command: aac-tokend exec -- CMD ARGS...")
+    env = dict(os.environ, AAC_ACCESS_TOKEN=get_token(args.profile))
+    try:
+        os.execvpe(cmd[0], cmd, env)  # noqa: S606 - running the user's own command is the point
+    except OSError as exc:
+        raise InputError(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
+    return 127

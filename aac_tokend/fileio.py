@@ -1,0 +1,73 @@
+"""The file layer under the state store: small enough that a test can swap in failures.
+
+Every durable write goes through ``write_durably`` + ``rename`` + ``fsync_dir``; the
+crash campaign replaces this layer with one that fails with ENOSPC or EIO on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Protocol
+
+from .errors import InputError
+
+__all__ = ["FileLayer", "OsFileLayer", "ensure_private_dir"]
+
+#: The largest state file we will read: a state is a few KiB; anything bigger is not ours.
+MAX_READ_BYTES = 1024 * 1024
+
+
+class FileLayer(Protocol):
+    """The file operations the store needs, and nothing more."""
+
+    def read(self, path: Path) -> bytes: ...
+    def write_durably(self, path: Path, data: bytes) -> None: ...
+    def rename(self, src: Path, dst: Path) -> None: ...
+    def fsync_dir(self, path: Path) -> None: ...
+
+
+class OsFileLayer:
+    """The real thing: O_NOFOLLOW everywhere, 0600 files, fsync before rename."""
+
+    def read(self, path: Path) -> bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(MAX_READ_BYTES)
+
+    def write_durably(self, path: Path, data: bytes) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) 0700, or check that it is our own real directory."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(path)
+    except OSError as exc:
+        raise InputError(f"cannot create directory {path}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{path} must be a directory, not a symlink or file; remove it")
+    if info.st_uid != os.getuid():
+        raise InputError(f"{path} is owned by uid {info.st_uid}, not by you; fix its owner")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)

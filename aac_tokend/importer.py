@@ -1,0 +1,221 @@
+"""Turning what a user pastes into a profile state: pure, strict, and never echoing a token.
+
+Accepted input: two lines (access token, refresh token), or the JSON object a token endpoint
+returns (``access_token``, ``refresh_token``, optional ``expires_in`` and
+``refresh_token_expires_in``). A legacy (non-refreshable) token is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import InputError, TokenFormatError
+from .state import ProfileState, TokenKind, validate_profile_name
+from .tokens import check_endpoint, derive_endpoint, parse_jwt
+
+__all__ = ["DEFAULT_API_BASE_URL", "ImportRequest", "build_state", "parse_import_text"]
+
+DEFAULT_API_BASE_URL = "https://api.us1.alteryxcloud.com"
+#: Pasted input larger than this is not a token pair.
+MAX_INPUT_BYTES = 64 * 1024
+MAX_TOKEN_BYTES = 16 * 1024
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    """Everything ``import`` knows; also the body of the control socket's ``import``."""
+
+    profile: str
+    access_token: str
+    refresh_token: str | None = None
+    expires_in: float | None = None
+    refresh_expires_in: float | None = None
+    token_endpoint: str | None = None
+    client_id: str | None = None
+    refresh_lifetime_days: float | None = None
+    api_base_url: str | None = None
+    legacy: bool = False
+    legacy_expires_at: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> ImportRequest:
+        allowed = set(cls.__dataclass_fields__)
+        extra = set(data) - allowed - {"op", "id"}
+        if extra:
+            raise InputError(f"import: unknown fields {sorted(extra)[:5]}")
+        try:
+            req = cls(**{k: v for k, v in data.items() if k in allowed})
+        except TypeError as exc:
+            raise InputError("import: 'profile' and 'access_token' are required") from exc
+        for name in ("profile", "access_token"):
+            if not isinstance(getattr(req, name), str):
+                raise InputError(f"import: '{name}' must be a string")
+        for name in ("refresh_token", "token_endpoint", "client_id", "api_base_url"):
+            if not isinstance(getattr(req, name), str | None):
+                raise InputError(f"import: '{name}' must be a string")
+        for name in (
+            "expires_in",
+            "refresh_expires_in",
+            "refresh_lifetime_days",
+            "legacy_expires_at",
+        ):
+            _number_or_none(getattr(req, name), name)
+        if not isinstance(req.legacy, bool):
+            raise InputError("import: 'legacy' must be true or false")
+        return req
+
+    def __repr__(self) -> str:
+        return f"ImportRequest(profile={self.profile!r}, legacy={self.legacy})"
+
+
+def _number_or_none(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"import: '{name}' must be a number")
+    if value <= 0:
+        raise InputError(f"import: '{name}' must be positive")
+    return float(value)
+
+
+def _check_token(value: str, which: str) -> str:
+    value = value.strip()
+    if not value:
+        raise TokenFormatError(f"{which}: it is empty")
+    if len(value) > MAX_TOKEN_BYTES:
+        raise TokenFormatError(f"{which}: longer than {MAX_TOKEN_BYTES} bytes")
+    if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value):
+        raise TokenFormatError(f"{which}: it contains spaces, control or non-ASCII characters")
+    return value
+
+
+def parse_import_text(text: str, *, profile: str, legacy: bool = False) -> ImportRequest:
+    """Read pasted tokens into a request (options are added by the caller)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_INPUT_BYTES:
+        raise InputError(
+            f"import: input is larger than {MAX_INPUT_BYTES} bytes; paste only the tokens"
+        )
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except (ValueError, RecursionError) as exc:
+            raise InputError("import: input starts with '{' but is not valid JSON") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
+            raise InputError("import: the JSON object has no string 'access_token'")
+        refresh = data.get("refresh_token")
+        if refresh is not None and not isinstance(refresh, str):
+            raise InputError("import: 'refresh_token' in the JSON object must be a string")
+        if not legacy and not refresh:
+            raise InputError(
+                "import: the JSON object has no 'refresh_token' (use --legacy for a static token)"
+            )
+        return ImportRequest(
+            profile=profile,
+            access_token=data["access_token"],
+            refresh_token=None if legacy else refresh,
+            expires_in=_number_or_none(data.get("expires_in"), "expires_in"),
+            refresh_expires_in=_number_or_none(
+                data.get("refresh_token_expires_in"), "refresh_token_expires_in"
+            ),
+            legacy=legacy,
+        )
+    lines = [line.strip() for line in stripped.splitlines() if line.strip()]
+    want = 1 if legacy else 2
+    if len(lines) != want:
+        shape = (
+            "one line (the access token)"
+            if legacy
+            else "two lines (access token, then refresh token)"
+        )
+        raise InputError(
+            f"import: expected {shape} or a token-endpoint JSON object; got {len(lines)} "
+            "non-empty lines"
+        )
+    return ImportRequest(
+        profile=profile,
+        access_token=lines[0],
+        refresh_token=None if legacy else lines[1],
+        legacy=legacy,
+    )
+
+
+def _check_api_base(url: str) -> str:
+    try:
+        return check_endpoint(url, explicit=True).rstrip("/")
+    except InputError as exc:
+        raise InputError(
+            str(exc)
+            .replace("token endpoint", "API base URL")
+            .replace("--token-endpoint", "--base-url")
+        ) from exc
+
+
+def build_state(req: ImportRequest, now: float) -> ProfileState:
+    """The fresh state for an import; every problem is a one-line InputError."""
+    profile = validate_profile_name(req.profile)
+    access = _check_token(req.access_token, "access token")
+    api = _check_api_base(req.api_base_url or DEFAULT_API_BASE_URL)
+    lifetime = _number_or_none(req.refresh_lifetime_days, "refresh_lifetime_days")
+    if lifetime is not None and lifetime > 365:
+        raise InputError("import: --refresh-lifetime-days must be at most 365 (AAC's longest)")
+    if req.legacy:
+        expires = req.legacy_expires_at
+        if expires is None:
+            try:
+                expires = parse_jwt(access).exp
+            except TokenFormatError:
+                expires = None
+        return ProfileState(
+            profile=profile, kind=TokenKind.LEGACY, access_token=access, refresh_token=None,
+            token_endpoint=None, client_id=None, api_base_url=api, access_obtained_at=now,
+            access_expires_at=expires, imported_at=now,
+        )  # fmt: skip
+    if req.refresh_token is None:
+        raise InputError("import: a refresh token is required (use --legacy for a static token)")
+    refresh = _check_token(req.refresh_token, "refresh token")
+    expires_in = _number_or_none(req.expires_in, "expires_in")
+    try:
+        claims = parse_jwt(access)
+    except TokenFormatError as exc:
+        if expires_in is None or not req.token_endpoint or not req.client_id:
+            raise TokenFormatError(
+                f"{exc} (an opaque token needs the token-endpoint JSON with expires_in plus "
+                "--token-endpoint and --client-id)"
+            ) from exc
+        claims = None
+    if req.token_endpoint:
+        endpoint = check_endpoint(req.token_endpoint, explicit=True)
+    elif claims is not None and claims.iss:
+        endpoint = check_endpoint(derive_endpoint(claims.iss), explicit=False)
+    else:
+        raise InputError("import: the access token names no issuer; pass --token-endpoint")
+    client_id = req.client_id or (claims.client_id if claims else None)
+    if not client_id:
+        raise InputError("import: the access token has no 'client_id' claim; pass --client-id")
+    if expires_in is not None:
+        obtained, expires = now, now + expires_in
+    else:
+        assert claims is not None
+        iat = claims.iat if claims.iat is not None and claims.iat <= now else now
+        obtained, expires = min(iat, claims.exp), claims.exp
+    refresh_expires = None
+    if lifetime is not None:
+        refresh_expires = now + lifetime * DAY
+    elif req.refresh_expires_in is not None:
+        refresh_expires = now + req.refresh_expires_in
+    return ProfileState(
+        profile=profile, kind=TokenKind.OAUTH, access_token=access, refresh_token=refresh,
+        token_endpoint=endpoint, client_id=client_id, api_base_url=api,
+        access_obtained_at=obtained, access_expires_at=expires,
+        refresh_expires_at=refresh_expires, imported_at=now,
+    )  # fmt: skip

@@ -1,0 +1,112 @@
+"""Logging: structlog key/value events, and a processor that keeps tokens out of them.
+
+Tokens are named by ``token_hash`` (16 hex chars). The redaction processor is the last
+line of defence: it replaces anything JWT-shaped, and every secret the daemon has
+registered (opaque refresh tokens are not JWT-shaped), wherever it appears in an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections import deque
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from .tokens import token_hash
+
+__all__ = ["configure_logging", "forget_secret", "redact", "register_secret"]
+
+JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+#: Keep the most recent secrets only: a chain holds two live tokens, a thousand profiles
+#: two thousand; older ones are dead tokens, still redacted by shape when JWTs.
+MAX_SECRETS = 8192
+#: Shorter strings are not secrets worth scanning for (and would redact ordinary words).
+MIN_SECRET_LEN = 12
+
+_secrets: deque[str] = deque(maxlen=MAX_SECRETS)
+_secrets_lock = threading.Lock()
+
+
+def register_secret(secret: str | None) -> None:
+    """Make ``secret`` unloggable from now on."""
+    if secret and len(secret) >= MIN_SECRET_LEN:
+        with _secrets_lock:
+            if secret not in _secrets:
+                _secrets.append(secret)
+
+
+def forget_secret(secret: str | None) -> None:
+    """Stop scanning for a secret (it stays redacted if it is JWT-shaped)."""
+    with _secrets_lock:
+        if secret is not None and secret in _secrets:
+            _secrets.remove(secret)
+
+
+def redact(text: str) -> str:
+    """``text`` with every token replaced by ``<token:hash>``."""
+    text = JWT_SHAPE.sub(lambda m: f"<token:{token_hash(m.group(0))}>", text)
+    with _secrets_lock:
+        known = [s for s in _secrets if s in text]
+    for secret in known:
+        text = text.replace(secret, f"<token:{token_hash(secret)}>")
+    return text
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, depth + 1) for v in value]
+    if isinstance(value, BaseException):
+        return redact(repr(value))
+    return value
+
+
+def redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: redact every value of the event."""
+    for key, value in list(event_dict.items()):
+        event_dict[key] = _scrub(value)
+    return event_dict
+
+
+def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
+    # Exceptions are rendered into text by an earlier processor: scrub the final line too.
+    return redact(rendered) if isinstance(rendered, str) else rendered
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Console renderer on a terminal, JSON lines otherwise (``fmt`` may force either)."""
+    stream = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_processor,
+            structlog.processors.format_exc_info,
+            renderer,
+            _redact_rendered,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,77 @@
+"""Where aac-tokend keeps things: config, state and runtime directories.
+
+Locations come from platformdirs (appname ``aac-tokend``); ``AAC_TOKEND_HOME=DIR`` puts all
+three under DIR, for tests and for running several isolated instances.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["APP_NAME", "HOME_ENV", "Paths", "resolve_paths", "runtime_dir_fast"]
+
+APP_NAME = "aac-tokend"
+HOME_ENV = "AAC_TOKEND_HOME"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The directories and well-known files of one aac-tokend instance."""
+
+    config_dir: Path
+    state_dir: Path
+    runtime_dir: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.config_dir / "config.toml"
+
+    @property
+    def key_file(self) -> Path:
+        return self.config_dir / "state.key"
+
+    @property
+    def daemon_lock(self) -> Path:
+        return self.state_dir / "daemon.lock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+    def token_socket(self, profile: str) -> Path:
+        return self.runtime_dir / f"{profile}.token.sock"
+
+
+def runtime_dir_fast(env: Mapping[str, str] = os.environ) -> str | None:
+    """The runtime dir without importing platformdirs (25 ms), where that is exact.
+
+    Mirrors platformdirs' answer for AAC_TOKEND_HOME and for Linux with XDG_RUNTIME_DIR;
+    a test pins the mirror to platformdirs. None means: ask platformdirs.
+    """
+    home = env.get(HOME_ENV)
+    if home:
+        return os.path.join(home, "run")
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if sys.platform.startswith("linux") and xdg and xdg.strip():
+        return os.path.join(xdg, APP_NAME)
+    return None
+
+
+def resolve_paths(env: Mapping[str, str] = os.environ) -> Paths:
+    """The instance's paths, from AAC_TOKEND_HOME or the platform's conventions."""
+    home = env.get(HOME_ENV)
+    if home:
+        root = Path(home).expanduser().absolute()
+        return Paths(root / "config", root / "state", root / "run")
+    import platformdirs
+
+    fast = runtime_dir_fast(env)
+    return Paths(
+        Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)),
+        Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)),
+        Path(fast) if fast else Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False)),
+    )

@@ -1,0 +1,198 @@
+"""The refresh policy and the state transitions: pure functions of state, outcome and ``now``.
+
+No clock reads, no randomness: jitter is derived from a hash of the profile name and its
+counters, so the same inputs always give the same schedule (and tests can pin it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .outcome import Refreshed, RefreshOutcome, Rejected
+from .state import InFlight, ProfileState, Rejection, RejectionReason, Status, TokenKind
+from .tokens import token_hash
+
+__all__ = [
+    "PolicySettings",
+    "access_valid",
+    "apply_outcome",
+    "backoff_delay",
+    "begin_attempt",
+    "classify_rejection",
+    "may_retry",
+    "next_refresh_at",
+    "recover_interrupted",
+    "status_of",
+]
+
+#: Refresh-token lifetimes are known only roughly (import time, not generation time): keep
+#: retrying transient failures this long past the estimate before calling the chain expired.
+REFRESH_EXPIRY_GRACE_SECONDS = 3600.0
+
+#: A served token must outlive the read by this much, so a reader never gets a token that
+#: dies while its API call is in flight.
+SERVE_MARGIN_SECONDS = 1.0
+
+#: When a token endpoint answers without any expiry, assume this short lifetime: refreshing
+#: early is cheap, serving a dead token is not.
+ASSUMED_LIFETIME_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Tunables of the refresh policy (config.toml may override each, per profile)."""
+
+    refresh_fraction: float = 0.75  # refresh after this share of the access lifetime
+    min_margin_seconds: float = 60.0  # and never later than this before expiry
+    jitter_fraction: float = 0.05  # spread refreshes earlier by up to this share
+    backoff_first_seconds: float = 2.0  # first retry within seconds
+    backoff_cap_seconds: float = 300.0  # retries at least every 5 minutes
+    refresh_lifetime_days: float | None = None  # AAC: 1-365 days, per token
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from its inputs (jitter without randomness)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32
+
+
+def access_valid(state: ProfileState, now: float) -> bool:
+    """True if the access token may be served at ``now``."""
+    if state.access_expires_at is None:
+        return True
+    return now + SERVE_MARGIN_SECONDS < state.access_expires_at
+
+
+def refresh_token_expired(state: ProfileState, now: float) -> bool:
+    """True once the refresh token's known lifetime has passed."""
+    return state.refresh_expires_at is not None and now >= state.refresh_expires_at
+
+
+def may_retry(state: ProfileState, now: float) -> bool:
+    """True while a refresh can still succeed: OAuth, not rejected, refresh token maybe alive."""
+    if state.kind is not TokenKind.OAUTH or state.rejection is not None:
+        return False
+    if state.refresh_expires_at is None:
+        return True
+    return now < state.refresh_expires_at + REFRESH_EXPIRY_GRACE_SECONDS
+
+
+def backoff_delay(state: ProfileState, settings: PolicySettings) -> float:
+    """Capped exponential backoff with jitter, by the number of consecutive failures."""
+    exponent = min(max(state.consecutive_failures - 1, 0), 30)
+    ceiling = min(settings.backoff_cap_seconds, settings.backoff_first_seconds * 2.0**exponent)
+    return ceiling * (0.5 + 0.5 * _unit(state.profile, "backoff", state.consecutive_failures))
+
+
+def proactive_refresh_at(state: ProfileState, settings: PolicySettings) -> float:
+    """When a healthy chain should refresh: ~75% into the lifetime, with a margin."""
+    assert state.access_expires_at is not None
+    lifetime = max(state.access_expires_at - state.access_obtained_at, 0.0)
+    jitter = lifetime * settings.jitter_fraction * _unit(state.profile, state.refresh_count)
+    at_fraction = state.access_obtained_at + lifetime * settings.refresh_fraction - jitter
+    margin = min(settings.min_margin_seconds, lifetime * (1.0 - settings.refresh_fraction))
+    return min(at_fraction, state.access_expires_at - margin)
+
+
+def next_refresh_at(state: ProfileState, now: float, settings: PolicySettings) -> float | None:
+    """When the next refresh should start (never before ``now``), or None for never."""
+    if not may_retry(state, now) or state.access_expires_at is None:
+        return None
+    if state.consecutive_failures > 0:
+        base = state.last_attempt_at if state.last_attempt_at is not None else now
+        at = base + backoff_delay(state, settings)
+        if state.retry_not_before is not None:
+            at = max(at, state.retry_not_before)
+    else:
+        at = proactive_refresh_at(state, settings)
+    return max(at, now)
+
+
+def status_of(state: ProfileState, now: float) -> Status:
+    """The status a person sees: rejected, expired, retrying or ok."""
+    if state.rejection is not None:
+        return Status.REJECTED
+    if not access_valid(state, now) and (
+        state.kind is TokenKind.LEGACY or not may_retry(state, now)
+    ):
+        return Status.EXPIRED
+    if state.consecutive_failures > 0:
+        return Status.RETRYING
+    return Status.OK
+
+
+def begin_attempt(state: ProfileState, now: float) -> ProfileState:
+    """The write-ahead journal entry, made durable before the request leaves."""
+    assert state.refresh_token is not None
+    return state.bumped(
+        in_flight=InFlight(token_hash(state.refresh_token), now), last_attempt_at=now
+    )
+
+
+def recover_interrupted(state: ProfileState, now: float) -> ProfileState:
+    """A journal entry with nobody to finish it: the attempt's outcome is ambiguous."""
+    if state.in_flight is None:
+        return state
+    same_token = (
+        state.refresh_token is not None
+        and token_hash(state.refresh_token) == state.in_flight.rt_hash
+    )
+    return state.bumped(
+        in_flight=None,
+        ambiguous_rt_hash=state.in_flight.rt_hash if same_token else state.ambiguous_rt_hash,
+        consecutive_failures=state.consecutive_failures + 1,
+        last_attempt_at=state.in_flight.started_at,
+        last_error="interrupted: the previous refresh attempt ended without a known outcome",
+    )
+
+
+def classify_rejection(state: ProfileState, rejected: Rejected, now: float) -> RejectionReason:
+    """Why the chain broke, from what we know of our own history."""
+    if rejected.error == "invalid_grant":
+        sent = token_hash(state.refresh_token) if state.refresh_token else None
+        if sent is not None and state.ambiguous_rt_hash == sent:
+            return RejectionReason.AFTER_LOST_RESPONSE
+        if refresh_token_expired(state, now):
+            return RejectionReason.REFRESH_TOKEN_EXPIRED
+        return RejectionReason.REUSE_SUSPECTED
+    if rejected.error == "invalid_client":
+        return RejectionReason.INVALID_CLIENT
+    return RejectionReason.OAUTH_ERROR
+
+
+def apply_outcome(state: ProfileState, outcome: RefreshOutcome, now: float) -> ProfileState:
+    """The state after a refresh attempt that started from ``state``."""
+    if isinstance(outcome, Refreshed):
+        return state.bumped(
+            access_token=outcome.access_token,
+            refresh_token=outcome.refresh_token or state.refresh_token,
+            access_obtained_at=now,
+            access_expires_at=now + outcome.expires_in,
+            last_refresh_at=now,
+            refresh_count=state.refresh_count + 1,
+            consecutive_failures=0,
+            last_error=None,
+            last_attempt_at=now,
+            retry_not_before=None,
+            rejection=None,
+            in_flight=None,
+            ambiguous_rt_hash=None,
+        )
+    if isinstance(outcome, Rejected):
+        reason = classify_rejection(state, outcome, now)
+        return state.bumped(
+            rejection=Rejection(reason, outcome.error, outcome.error_description, now),
+            in_flight=None,
+            last_attempt_at=now,
+            last_error=f"rejected: {outcome.error}",
+        )
+    sent = token_hash(state.refresh_token) if state.refresh_token else None
+    return state.bumped(
+        consecutive_failures=state.consecutive_failures + 1,
+        last_error=outcome.reason,
+        last_attempt_at=now,
+        retry_not_before=now + outcome.retry_after if outcome.retry_after else None,
+        in_flight=None,
+        ambiguous_rt_hash=sent if outcome.ambiguous else state.ambiguous_rt_hash,
+    )

@@ -1,0 +1,61 @@
+"""What ``status`` says about a profile: a plain dict, times in ISO 8601 UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from .conditions import condition_of
+from .policy import access_valid, status_of
+from .state import ProfileState
+
+__all__ = ["iso", "profile_report"]
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC with a Z, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def profile_report(
+    state: ProfileState,
+    now: float,
+    *,
+    next_refresh: float | None,
+    token_socket: str | None,
+    storage_error: bool = False,
+) -> dict[str, Any]:
+    """The status of one profile; no token, only facts about it."""
+    condition = condition_of(state, now)
+    alert = condition.message if condition else None
+    if storage_error:
+        alert = "the newest tokens could not be written to disk; free space or fix the state dir"
+    rejection = None
+    if state.rejection is not None:
+        rejection = {
+            "reason": state.rejection.reason.value,
+            "error": state.rejection.error,
+            "error_description": state.rejection.error_description,
+            "at": iso(state.rejection.at),
+        }
+    return {
+        "profile": state.profile,
+        "kind": state.kind.value,
+        "state": status_of(state, now).value,
+        "token_valid": access_valid(state, now),
+        "access_expires_at": iso(state.access_expires_at),
+        "next_refresh_at": iso(next_refresh),
+        "last_refresh_at": iso(state.last_refresh_at),
+        "refresh_expires_at": iso(state.refresh_expires_at),
+        "refresh_count": state.refresh_count,
+        "consecutive_failures": state.consecutive_failures,
+        "last_error": state.last_error,
+        "rejection": rejection,
+        "alert": alert,
+        "token_socket": token_socket,
+        "token_endpoint": state.token_endpoint,
+        "client_id": state.client_id,
+        "api_base_url": state.api_base_url,
+    }

@@ -1,0 +1,171 @@
+"""The typed state of one profile's token chain, and its (de)serialisation.
+
+A ``ProfileState`` is what the encrypted state file holds. It is immutable: every change
+makes a new one (see ``policy`` for the transitions). The write-ahead journal of a refresh
+lives inside it (``in_flight``), so a successful refresh replaces journal and tokens in one
+atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+from .errors import ProfileError, StateCorruptError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "InFlight",
+    "ProfileState",
+    "Rejection",
+    "RejectionReason",
+    "Status",
+    "TokenKind",
+    "state_from_json",
+    "state_to_json",
+    "validate_profile_name",
+]
+
+FORMAT_VERSION = 1
+
+#: Profile names become file and socket names: keep them short and shell-safe.
+_PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def validate_profile_name(name: str) -> str:
+    """Return the name if usable as a profile name, else raise ProfileError."""
+    if not _PROFILE_RE.fullmatch(name) or name.endswith((".lock", ".state", ".tmp")):
+        raise ProfileError(
+            f"profile name {name[:70]!r} is not allowed; use 1-64 letters, digits, '-', '_' "
+            "or '.', starting with a letter or digit"
+        )
+    return name
+
+
+class TokenKind(StrEnum):
+    """How a profile gets new access tokens."""
+
+    OAUTH = "oauth"  # refresh-token rotation at a token endpoint
+    LEGACY = "legacy"  # a static, non-refreshable Designer Cloud access token
+
+
+class Status(StrEnum):
+    """What ``status`` reports for a profile."""
+
+    OK = "ok"
+    RETRYING = "retrying"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class RejectionReason(StrEnum):
+    """Why a refresh chain ended with an OAuth error."""
+
+    AFTER_LOST_RESPONSE = "after_lost_response"
+    REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105 - a reason, not a secret
+    REUSE_SUSPECTED = "reuse_suspected"
+    INVALID_CLIENT = "invalid_client"
+    OAUTH_ERROR = "oauth_error"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A refresh the token endpoint refused, with the server's own words."""
+
+    reason: RejectionReason
+    error: str
+    error_description: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """Write-ahead journal entry: a refresh with this refresh token (by hash) may be out."""
+
+    rt_hash: str
+    started_at: float
+
+
+@dataclass(frozen=True)
+class ProfileState:
+    """Everything known about one profile's chain. Times are Unix epoch seconds."""
+
+    profile: str
+    kind: TokenKind
+    access_token: str
+    refresh_token: str | None
+    token_endpoint: str | None
+    client_id: str | None
+    api_base_url: str
+    access_obtained_at: float
+    access_expires_at: float | None  # None: a legacy token without expiry
+    refresh_expires_at: float | None = None  # None: lifetime not known
+    imported_at: float = 0.0
+    last_refresh_at: float | None = None
+    refresh_count: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_attempt_at: float | None = None
+    retry_not_before: float | None = None
+    rejection: Rejection | None = None
+    in_flight: InFlight | None = None
+    ambiguous_rt_hash: str | None = None
+    generation: int = field(default=0)
+
+    def bumped(self, **changes: Any) -> ProfileState:
+        """A copy with ``changes`` applied and the generation counter advanced."""
+        return replace(self, generation=self.generation + 1, **changes)
+
+    def __repr__(self) -> str:
+        # Never let a token reach a log or traceback through repr().
+        return (
+            f"ProfileState(profile={self.profile!r}, kind={self.kind.value}, "
+            f"generation={self.generation}, refresh_count={self.refresh_count})"
+        )
+
+
+def state_to_json(state: ProfileState) -> bytes:
+    """Serialise a state (tokens included: only ever passed to the encrypting store)."""
+    data = asdict(state)
+    data["format"] = FORMAT_VERSION
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _corrupt(what: str) -> StateCorruptError:
+    return StateCorruptError(f"state: {what}; the file was left untouched")
+
+
+def state_from_json(raw: bytes) -> ProfileState:
+    """Parse a decrypted state; raise StateCorruptError on any surprise."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt("decrypted content is not JSON") from exc
+    if not isinstance(data, dict):
+        raise _corrupt("decrypted content is not an object")
+    if data.pop("format", None) != FORMAT_VERSION:
+        raise _corrupt(f"unknown format (expected version {FORMAT_VERSION})")
+    known = {f.name for f in fields(ProfileState)}
+    if set(data) - known or not {"profile", "kind", "access_token"} <= set(data):
+        raise _corrupt("unexpected or missing fields")
+    try:
+        data["kind"] = TokenKind(data["kind"])
+        rej = data.get("rejection")
+        if rej is not None:
+            data["rejection"] = Rejection(
+                reason=RejectionReason(rej["reason"]),
+                error=str(rej["error"]),
+                error_description=rej.get("error_description"),
+                at=float(rej["at"]),
+            )
+        inf = data.get("in_flight")
+        if inf is not None:
+            data["in_flight"] = InFlight(str(inf["rt_hash"]), float(inf["started_at"]))
+        state = ProfileState(**data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt("a field has the wrong type") from exc
+    validate_profile_name(state.profile)
+    return state

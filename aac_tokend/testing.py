@@ -1,0 +1,185 @@
+"""Small honest fakes shared by the tests, the benchmarks and the sandbox.
+
+A clock you can jump, a scheduler you can step, a memory store that passes the same
+contract as the file store, a file layer that fails on demand, and a recording alert sink.
+None of them patches anything: each is a real implementation of the interface it fakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .conditions import AlertEvent
+from .errors import BusyError, ProfileError
+from .fileio import OsFileLayer
+from .state import ProfileState, validate_profile_name
+
+__all__ = [
+    "FailingFileLayer",
+    "FakeClock",
+    "FakeScheduler",
+    "MemoryStore",
+    "RecordingSink",
+]
+
+
+class FakeClock:
+    """Wall-clock time that moves only when told to. Callable, for the sandbox's ``clock``."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def __call__(self) -> float:
+        return self.now()
+
+    def advance(self, seconds: float) -> None:
+        """Move forward (a jump, a suspend, or just time passing)."""
+        with self._lock:
+            self._now += seconds
+
+    def set(self, when: float) -> None:
+        with self._lock:
+            self._now = when
+
+
+@dataclass
+class _Job:
+    at: float
+    fn: Callable[[], object]
+
+
+class FakeScheduler:
+    """Records what would run when; ``run_due(now)`` runs what is due, in time order."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, _Job] = {}
+        self.intervals: dict[str, tuple[float, Callable[[], object]]] = {}
+        self.started = False
+
+    def schedule(self, key: str, at: float, fn: Callable[[], object]) -> None:
+        self.jobs[key] = _Job(at, fn)
+
+    def cancel(self, key: str) -> None:
+        self.jobs.pop(key, None)
+
+    def every(self, key: str, seconds: float, fn: Callable[[], object]) -> None:
+        self.intervals[key] = (seconds, fn)
+
+    def start(self) -> None:
+        self.started = True
+
+    def shutdown(self) -> None:
+        self.started = False
+
+    def next_at(self, key: str) -> float | None:
+        job = self.jobs.get(key)
+        return job.at if job else None
+
+    def run_due(self, now: float) -> int:
+        """Run every job due at ``now`` (jobs they schedule wait for the next call)."""
+        due = sorted((job.at, key) for key, job in self.jobs.items() if job.at <= now)
+        for _, key in due:
+            job = self.jobs.pop(key)
+            job.fn()
+        return len(due)
+
+    def tick(self) -> None:
+        """Run every interval job once (what the real scheduler does every few seconds)."""
+        for _, fn in list(self.intervals.values()):
+            fn()
+
+
+class MemoryStore:
+    """Profile states in a dict; passes the StateStore contract tests like FileStore."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, ProfileState] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def load(self, profile: str) -> ProfileState | None:
+        return self._states.get(validate_profile_name(profile))
+
+    def save(self, state: ProfileState) -> None:
+        self._states[validate_profile_name(state.profile)] = state
+
+    def delete(self, profile: str) -> None:
+        if self._states.pop(profile, None) is None:
+            raise ProfileError(f"no profile named {profile!r}; see `aac-tokend profiles`")
+
+    def profiles(self) -> list[str]:
+        return sorted(self._states)
+
+    @contextlib.contextmanager
+    def locked(self, profile: str, timeout: float) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(validate_profile_name(profile), threading.Lock())
+        got = lock.acquire(timeout=timeout) if timeout > 0 else lock.acquire(blocking=False)
+        if not got:
+            raise BusyError(f"{profile}: another refresh of this profile is still running")
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+@dataclass
+class FailingFileLayer(OsFileLayer):
+    """The real file layer, except that chosen operations fail with a chosen errno.
+
+    ``failures`` maps an operation (``write``, ``fsync``, ``rename``, ``fsync_dir``,
+    ``read``) to the errno it raises; ``remaining`` bounds how many times (None: always).
+    """
+
+    failures: dict[str, int] = field(default_factory=dict)
+    remaining: int | None = None
+    raised: int = 0
+
+    def _maybe_fail(self, op: str, path: Path) -> None:
+        code = self.failures.get(op)
+        if code is None or self.remaining == 0:
+            return
+        if self.remaining is not None:
+            self.remaining -= 1
+        self.raised += 1
+        raise OSError(code, f"injected {errno.errorcode.get(code, code)} on {op}", str(path))
+
+    def read(self, path: Path) -> bytes:
+        self._maybe_fail("read", path)
+        return super().read(path)
+
+    def write_durably(self, path: Path, data: bytes) -> None:
+        self._maybe_fail("write", path)
+        super().write_durably(path, data)
+        self._maybe_fail("fsync", path)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._maybe_fail("rename", dst)
+        super().rename(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        self._maybe_fail("fsync_dir", path)
+        super().fsync_dir(path)
+
+
+@dataclass
+class RecordingSink:
+    """An alert sink that remembers every alert it was given."""
+
+    sent: list[tuple[str, AlertEvent, str]] = field(default_factory=list)
+
+    def send(self, profile: str, event: AlertEvent, message: str) -> None:
+        self.sent.append((profile, event, message))
+
+    def events(self, profile: str | None = None) -> list[AlertEvent]:
+        return [e for p, e, _ in self.sent if profile is None or p == profile]
