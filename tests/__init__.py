@@ -1,0 +1,1 @@
+"""aac-tokend tests (a package, so `python -m tests.bench` can import its helpers)."""
