@@ -58,23 +58,27 @@ MAX_OUTPUT_BYTES = 1024 * 1024
 _RECV_SIZE = 64 * 1024  # one read per readiness event, so one client cannot hog the loop
 _LINES_PER_PASS = 32  # answered-inline lines (errors) per connection before others get a turn
 _ACCEPT_ERROR_PAUSE = 0.01  # see token_server: a readable listener at EMFILE would spin
-_STOP_TIMEOUT = 2.0  # stop() waits this long for the I/O thread
+_STOP_TIMEOUT = 2.0  # stop() waits this long for the I/O thread: a drain plus ample margin
 
+# On stop, answers already computed (or finishing now: a `shutdown` request's own answer
+# races with the stop it triggers) get this long to reach their clients. Short, so a slow
+# handler cannot hold up the exit.
+_DRAIN_TIMEOUT = 0.5
+
+# Wire codes of errors that escape the handler; a class not listed takes its nearest
+# ancestor's code. The codes are those control_ops.code_for answers with, so the CLI maps
+# both kinds of answer to the same exit status.
 ERROR_CODES: dict[type[errors.AacTokendError], str] = {
     errors.BusyError: "busy",
     errors.EndpointUnavailableError: "endpoint_unavailable",
     errors.TransientError: "transient",
     errors.RefreshRejectedError: "refresh_rejected",
-    errors.StateCorruptError: "state_corrupt",
+    errors.StateCorruptError: "corrupt_state",
     errors.StorageError: "storage_error",
     errors.AlertError: "alert",
-    errors.TokenFormatError: "token_format",
-    errors.EndpointNotAllowedError: "endpoint_not_allowed",
     errors.ConfigError: "config_error",
-    errors.ProfileError: "profile_error",
-    errors.AlreadyRunningError: "already_running",
-    errors.DaemonNotRunningError: "daemon_not_running",
-    errors.InputError: "input_error",
+    errors.ProfileError: "unknown_profile",
+    errors.InputError: "bad_request",
     errors.AacTokendError: "error",
 }
 
@@ -113,8 +117,8 @@ def _parse(line: bytes) -> tuple[dict[str, object] | None, str | None]:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, f"the request is not valid JSON ({exc.msg} at column {exc.colno})"
-    except (ValueError, RecursionError):
-        return None, "the request is not valid JSON (bad encoding or nesting too deep)"
+    except (ValueError, RecursionError):  # bad UTF-8, nesting too deep, a 5000-digit number
+        return None, "the request could not be parsed as JSON"
     if not isinstance(obj, dict):
         return None, "the request must be a JSON object"
     op = obj.get("op")
@@ -197,7 +201,7 @@ class ControlServer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Close every connection and the socket; in-flight handler results are dropped."""
+        """Stop within about a second: answers ready in time are sent, the rest dropped."""
         self._stopping = True
         self._wake()
         if self._thread is not None:
@@ -223,8 +227,26 @@ class ControlServer:
                     self._ready.discard(conn)
                     self._pump(conn)
                 self._expire()
+            self._drain()
         finally:
             self._shutdown()
+
+    def _drain(self) -> None:
+        """Deliver answers finishing within _DRAIN_TIMEOUT; read and start nothing new."""
+        deadline = time.monotonic() + _DRAIN_TIMEOUT
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+        for conn in list(self._conns):
+            self._update(conn)  # now watching for writes only
+        while any(c.busy or c.outbuf for c in self._conns):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for key, mask in self._selector.select(remaining):
+                if key.data is _WAKE:
+                    self._collect()
+                elif mask & selectors.EVENT_WRITE and not key.data.closed:
+                    self._flush(key.data)
 
     def _timeout(self) -> float | None:
         if self._ready:
@@ -252,7 +274,7 @@ class ControlServer:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        while True:
+        for _ in range(MAX_CONNECTIONS):  # a connect flood must not starve the others
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -296,7 +318,7 @@ class ControlServer:
     def _pump(self, conn: _Conn) -> None:
         """Handle complete lines until one goes to the handler, then fix the interest set."""
         answered = 0
-        while not (conn.busy or conn.closing or conn.closed):
+        while not (conn.busy or conn.closing or conn.closed or self._stopping):
             end = conn.inbuf.find(b"\n")
             if end < 0:
                 if len(conn.inbuf) > MAX_REQUEST_BYTES:
@@ -396,7 +418,7 @@ class ControlServer:
             self._close(conn)
             return
         want = 0
-        if not (conn.busy or conn.eof or conn.closing or conn in self._ready):
+        if not (conn.busy or conn.eof or conn.closing or self._stopping or conn in self._ready):
             want |= selectors.EVENT_READ
         if conn.outbuf:
             want |= selectors.EVENT_WRITE

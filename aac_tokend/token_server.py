@@ -33,7 +33,8 @@ __all__ = ["TokenServer", "TokenSource"]
 # could make this run out.
 _APPLY_TIMEOUT = 5.0
 
-# How long stop() waits for the serving thread to finish its current pass.
+# How long stop() waits for the serving thread to finish its current pass: microseconds,
+# unless tick() hangs; then the thread cleans up by itself whenever tick() returns.
 _STOP_TIMEOUT = 2.0
 
 # Backoff when accept() fails for lack of descriptors (EMFILE/ENFILE): the listener stays
@@ -46,6 +47,12 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 
 # If the one non-blocking send() ever comes up short, the rest may block this long at most.
 _SEND_TIMEOUT = 0.05
+
+# Connections answered per listener per pass before the loop looks at the others again:
+# readers that reconnect at once could otherwise keep one listener ready forever, starving
+# the other profiles, queued changes and tick() (the watchdog ping). Large enough that a
+# pass still amortises its epoll_wait over many connections.
+_ACCEPTS_PER_PASS = 256
 
 
 class TokenSource(Protocol):
@@ -73,6 +80,7 @@ class _Change:
     profile: str
     listener: _Listener | None  # None: remove the profile
     done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None  # raised again in the thread that asked for the change
 
 
 class TokenServer:
@@ -124,14 +132,22 @@ class TokenServer:
         return sorted(self._listeners.copy())  # copy(): atomic while the loop mutates it
 
     def add_profile(self, profile: str, listener: socket.socket | None = None) -> Path:
-        """Serve ``profile``: bind its socket (or adopt an inherited ``listener``)."""
-        if profile in self._listeners:
-            raise ProfileError(f"profile {profile} already has a token socket; remove it first")
+        """Serve ``profile``: bind its socket, or adopt an inherited ``listener``.
+
+        A given ``listener`` is owned by the server from here on: closed on failure too.
+        """
         path = self.socket_path(profile)
-        if listener is None:
-            entry = _Listener(profile, bind_listener(path), path, owned=True)
-        else:
-            entry = _Listener(profile, adopt_listener(listener), path, owned=False)
+        try:
+            if profile in self._listeners:
+                raise ProfileError(f"profile {profile} already has a token socket; remove it first")
+            if listener is None:
+                entry = _Listener(profile, bind_listener(path), path, owned=True)
+            else:
+                entry = _Listener(profile, adopt_listener(listener), path, owned=False)
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            raise
         try:
             self._submit(_Change(profile, entry))
         except RuntimeError:
@@ -158,11 +174,12 @@ class TokenServer:
             self._stopping = True
             thread = self._thread
         self._wake()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is None:
+            self._close_all()  # never started: nothing else will
+        elif thread is not threading.current_thread():
+            # The thread closes everything on its way out, even after a hung tick()
+            # makes this wait give up.
             thread.join(_STOP_TIMEOUT)
-            if thread.is_alive():
-                return  # a hung tick(); the thread closes everything when it returns
-        self._close_all()
 
     # -- changes from other threads ----------------------------------------------------------
 
@@ -174,11 +191,13 @@ class TokenServer:
                 # No serving thread yet, or we are it (a source or tick that changes the
                 # profiles): the selector is ours alone, and waiting would deadlock.
                 self._apply(change)
-                return
-            self._changes.append(change)
-        self._wake()
+            else:
+                self._changes.append(change)
+                self._wake()
         if not change.done.wait(_APPLY_TIMEOUT):
             raise TimeoutError("the token server thread did not apply the change in time")
+        if change.error is not None:
+            raise change.error
 
     def _wake(self) -> None:
         # Full means a wake-up is pending anyway; closed means we are shutting down.
@@ -195,8 +214,14 @@ class TokenServer:
             self._apply(self._changes.popleft())
 
     def _apply(self, change: _Change) -> None:
+        """Apply one change; a failure goes back to the caller, never kills the loop."""
         try:
-            if change.listener is not None:
+            if change.listener is not None and change.profile in self._listeners:
+                change.listener.sock.close()  # its path is the served one's: never unlink it
+                change.error = ProfileError(
+                    f"profile {change.profile} already has a token socket; remove it first"
+                )
+            elif change.listener is not None:
                 self._selector.register(change.listener.sock, selectors.EVENT_READ, change.listener)
                 self._listeners[change.profile] = change.listener
             else:
@@ -204,15 +229,21 @@ class TokenServer:
                 if entry is not None:
                     self._selector.unregister(entry.sock)
                     self._discard(entry)
+        except Exception as exc:
+            change.error = exc
+            if change.listener is not None:
+                self._discard(change.listener)
         finally:
             change.done.set()
 
     @staticmethod
     def _discard(entry: _Listener) -> None:
         # Unlink first so new readers get ENOENT ("not served") rather than a refusal.
-        if entry.owned:
-            entry.path.unlink(missing_ok=True)
-        entry.sock.close()
+        try:
+            if entry.owned:
+                entry.path.unlink(missing_ok=True)
+        finally:
+            entry.sock.close()
 
     def _close_all(self) -> None:
         with self._lock:
@@ -266,46 +297,40 @@ class TokenServer:
             self.errors += 1
 
     def _serve(self, entry: _Listener) -> None:
-        """Answer every connection waiting on ``entry``'s listener; return at EAGAIN."""
-        # The hot path: names are bound locally and counters kept in locals, because at
-        # ~10 us per connection even attribute lookups show up in the reads per second.
+        """Answer the connections waiting on ``entry``'s listener, up to a pass's worth."""
+        # The hot path: names are bound to locals, since at a few microseconds per
+        # connection even attribute lookups show in the reads per second. Counters are
+        # bumped before close(), so a reader that sees EOF also sees the count.
         accept = entry.accept
         current_token = self._source.current_token
         profile = entry.profile
         uid = self._uid
-        served = refused = empty = errors = 0
-        try:
-            while True:
-                try:
-                    conn = accept()
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    if entry.sock.fileno() < 0:
-                        return  # removed earlier in this same batch of events
-                    errors += 1  # EMFILE and friends: let descriptors free up, then retry
-                    time.sleep(_ACCEPT_ERROR_PAUSE)
-                    return
-                try:
-                    if peer_uid(conn) != uid:
-                        refused += 1
-                        continue
-                    token = current_token(profile)
-                    if not token:
-                        empty += 1
-                        continue
-                    data = token + b"\n"
-                    sent = conn.send(data, _SEND_FLAGS)
-                    if sent < len(data):
-                        conn.settimeout(_SEND_TIMEOUT)
-                        conn.sendall(data[sent:])
-                    served += 1
-                except Exception:
-                    errors += 1  # source failure or a reader that hung up: it reads ""
-                finally:
-                    conn.close()
-        finally:
-            self.served += served
-            self.refused += refused
-            self.empty += empty
-            self.errors += errors
+        for _ in range(_ACCEPTS_PER_PASS):
+            try:
+                conn = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                if entry.sock.fileno() < 0:
+                    return  # removed earlier in this same batch of events
+                self.errors += 1  # EMFILE and friends: let descriptors free up, then retry
+                time.sleep(_ACCEPT_ERROR_PAUSE)
+                return
+            try:
+                if peer_uid(conn) != uid:
+                    self.refused += 1
+                    continue
+                token = current_token(profile)
+                if not token:
+                    self.empty += 1
+                    continue
+                data = token + b"\n"
+                sent = conn.send(data, _SEND_FLAGS)
+                if sent < len(data):
+                    conn.settimeout(_SEND_TIMEOUT)
+                    conn.sendall(data[sent:])
+                self.served += 1
+            except Exception:
+                self.errors += 1  # source failure or a reader that hung up: it reads ""
+            finally:
+                conn.close()

@@ -212,11 +212,12 @@ def main(duration: float = 2.0) -> list[Row]:
             raise SystemExit(f"{got['bad']} control requests failed")
         rows += _rows(f"control status, {clients} clients", "requests/s", got, None)
     directory.rmdir()
-    print(f"{'measurement':34} {'value':>10} {'baseline':>10} {'ratio':>6}  unit")
+    print(f"{'measurement':42} {'value':>10} {'baseline':>10} {'ratio':>6}  unit")
     for row in rows:
-        base_text = "-" if row["baseline"] is None else f"{row['baseline']:.0f}"
+        base_text = "-" if row["baseline"] is None else f"{row['baseline']:.1f}"
         ratio_text = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        print(f"{row['name']:34} {row['value']:>10.0f} {base_text:>10} {ratio_text:>6}  {row['unit']}")
+        value = f"{row['value']:>10.1f}"
+        print(f"{row['name']:42} {value} {base_text:>10} {ratio_text:>6}  {row['unit']}")
     return rows
 
 

@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,10 +67,10 @@ def run(argv: list[str], data: bytes = b"") -> bytes:
     return subprocess.run(argv, input=data, capture_output=True, timeout=WAIT, check=True).stdout
 
 
-def wait_for(predicate: object, timeout: float = WAIT) -> bool:
+def wait_for(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
+        if predicate():
             return True
         time.sleep(0.01)
     return False
@@ -85,9 +85,7 @@ class TestReading:
         assert run(["socat", "-", f"UNIX-CONNECT:{path}"]) == TOKEN + b"\n"
         assert server.served == 3
 
-    def test_no_token_closes_without_writing(
-        self, server: TokenServer, source: FakeSource
-    ) -> None:
+    def test_no_token_closes_without_writing(self, server: TokenServer, source: FakeSource) -> None:
         """When the source has no valid token, readers get an empty answer, not a stale one."""
         source.tokens["default"] = None
         path = str(server.socket_path("default"))
@@ -285,6 +283,18 @@ class TestProfiles:
         """Adding a profile that is already served is a caller error, not a silent rebind."""
         with pytest.raises(ProfileError, match="default"):
             server.add_profile("default")
+
+    def test_duplicate_inherited_listener_is_refused_without_unlinking(
+        self, server: TokenServer
+    ) -> None:
+        """A second listener for a served profile is closed; the served socket file stays."""
+        spare = socket.socket(socket.AF_UNIX)
+        spare.bind("\0atk-spare-" + str(os.getpid()))  # abstract: no file to confuse things
+        spare.listen()
+        with pytest.raises(ProfileError):
+            server.add_profile("default", spare)
+        assert spare.fileno() == -1
+        assert read_token(str(server.socket_path("default"))) == TOKEN.decode()
 
     def test_removing_an_unknown_profile_is_a_no_op(self, server: TokenServer) -> None:
         """remove_profile of a profile not served changes nothing."""

@@ -246,6 +246,6 @@ class TestPeerAndAccept:
 
     def test_adopt_listener_refuses_a_datagram_socket(self) -> None:
         """A socket of the wrong kind from a broken unit file is refused."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            with pytest.raises(InputError, match="not a Unix stream socket"):
-                adopt_listener(sock)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with sock, pytest.raises(InputError, match="not a Unix stream socket"):
+            adopt_listener(sock)

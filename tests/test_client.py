@@ -1,0 +1,203 @@
+"""The stdlib-only clients, against small honest socket servers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from aac_tokend.client import ControlClient, read_token
+
+#: Generous: only a stalled machine gets near it.
+WAIT = 10.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory under /tmp (socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class OneShotServer:
+    """Listens on ``path`` and runs ``behaviour`` on each accepted connection, then closes it."""
+
+    def __init__(self, path: Path, behaviour: Callable[[socket.socket], None]) -> None:
+        self.path = str(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        self._listener.listen()
+        self._behaviour = behaviour
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                self._behaviour(conn)
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(WAIT)
+
+
+@pytest.fixture
+def serve(sockdir: Path) -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
+    """Start a OneShotServer with the given behaviour; return its path."""
+    servers: list[OneShotServer] = []
+
+    def start(behaviour: Callable[[socket.socket], None]) -> str:
+        server = OneShotServer(sockdir / f"s{len(servers)}.sock", behaviour)
+        servers.append(server)
+        return server.path
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def json_lines(answers: Callable[[dict[str, object]], object]) -> Callable[[socket.socket], None]:
+    """A behaviour answering each request line with ``answers(request)`` as JSON."""
+
+    def behaviour(conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        for line in reader:
+            conn.sendall(json.dumps(answers(json.loads(line))).encode() + b"\n")
+
+    return behaviour
+
+
+class TestReadToken:
+    def test_reads_the_token_without_its_newline(self, serve: Callable[..., str]) -> None:
+        """`<token>\\n` on the socket is returned as the token."""
+        path = serve(lambda conn: conn.sendall(b"a.b.c\n"))
+        assert read_token(path) == "a.b.c"
+
+    def test_token_sent_in_pieces(self, serve: Callable[..., str]) -> None:
+        """A token arriving in several segments is joined."""
+
+        def pieces(conn: socket.socket) -> None:
+            conn.sendall(b"a" * 5000)
+            conn.sendall(b"b" * 5000 + b"\n")
+
+        assert read_token(serve(pieces)) == "a" * 5000 + "b" * 5000
+
+    def test_close_without_writing_is_empty(self, serve: Callable[..., str]) -> None:
+        """A daemon with no valid token closes at once: the reader gets ""."""
+        assert read_token(serve(lambda conn: None)) == ""
+
+    def test_truncated_answer_raises(self, serve: Callable[..., str]) -> None:
+        """An answer without its newline is not mistaken for a token."""
+        with pytest.raises(ConnectionError, match="malformed"):
+            read_token(serve(lambda conn: conn.sendall(b"a.b")))
+
+    def test_no_socket_raises_file_not_found(self, sockdir: Path) -> None:
+        """No socket file (no daemon, or profile not served): FileNotFoundError."""
+        with pytest.raises(FileNotFoundError):
+            read_token(str(sockdir / "missing.sock"))
+
+    def test_dead_socket_raises_connection_refused(self, sockdir: Path) -> None:
+        """A socket file nobody listens on: ConnectionRefusedError."""
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(str(sockdir / "dead.sock"))
+        dead.close()
+        with pytest.raises(ConnectionRefusedError):
+            read_token(str(sockdir / "dead.sock"))
+
+    def test_silent_server_times_out(self, sockdir: Path) -> None:
+        """A listener that never answers makes the read time out instead of hanging."""
+        with socket.socket(socket.AF_UNIX) as stuck:
+            stuck.bind(str(sockdir / "stuck.sock"))
+            stuck.listen()
+            with pytest.raises(TimeoutError):
+                read_token(str(sockdir / "stuck.sock"), timeout=0.2)
+
+
+class TestControlClient:
+    def test_request_sends_op_and_fields(self, serve: Callable[..., str]) -> None:
+        """request() sends {"op", **fields} as one line and returns the answer object."""
+        path = serve(json_lines(lambda request: {"ok": True, "seen": request}))
+        with ControlClient(path) as client:
+            answer = client.request("refresh", profile="default", id=3)
+            assert answer == {"ok": True, "seen": {"op": "refresh", "profile": "default", "id": 3}}
+            assert client.request("status")["seen"] == {"op": "status"}
+
+    def test_answers_sent_together_are_split_by_line(self, serve: Callable[..., str]) -> None:
+        """Two answers arriving in one segment are returned one per request."""
+
+        def eager(conn: socket.socket) -> None:
+            conn.recv(100)
+            conn.sendall(b'{"n":1}\n{"n":2}\n')
+            conn.recv(100)
+
+        with ControlClient(serve(eager)) as client:
+            assert client.request("a") == {"n": 1}
+            assert client.request("b") == {"n": 2}
+
+    def test_hang_up_before_answer_raises(self, serve: Callable[..., str]) -> None:
+        """A daemon that closes without answering gives ConnectionError, not an empty dict."""
+        client = ControlClient(serve(lambda conn: conn.recv(100)))
+        with client, pytest.raises(ConnectionError):
+            client.request("status")
+
+    def test_non_object_answer_raises_value_error(self, serve: Callable[..., str]) -> None:
+        """An answer that is JSON but not an object is a ValueError."""
+        client = ControlClient(serve(json_lines(lambda request: [1, 2])))
+        with client, pytest.raises(ValueError, match="not a JSON object"):
+            client.request("status")
+
+    def test_no_daemon_raises_file_not_found(self, sockdir: Path) -> None:
+        """Connecting with no control socket raises FileNotFoundError from the constructor."""
+        with pytest.raises(FileNotFoundError):
+            ControlClient(str(sockdir / "control.sock"))
+
+    def test_close_is_idempotent(self, serve: Callable[..., str]) -> None:
+        """close() may be called again after the context manager closed the socket."""
+        client = ControlClient(serve(json_lines(lambda request: {"ok": True})))
+        with client:
+            pass
+        client.close()
+
+
+class TestImportCost:
+    def test_client_imports_only_the_socket_core(self) -> None:
+        """The client module loads only _socket: not socket.py, json, re, typing, pathlib."""
+        # The package __init__ is stubbed out: this pins client.py's own imports.
+        code = (
+            "import sys, types\n"
+            "pkg = types.ModuleType('aac_tokend')\n"
+            f"pkg.__path__ = [{str(REPO / 'aac_tokend')!r}]\n"
+            "sys.modules['aac_tokend'] = pkg\n"
+            "before = set(sys.modules)\n"
+            "import {module}\n"
+            "print(' '.join(sorted(set(sys.modules) - before)))"
+        )
+
+        def loaded(module: str) -> set[str]:
+            out = subprocess.run(
+                [sys.executable, "-S", "-c", code.replace("{module}", module)],
+                capture_output=True,
+                text=True,
+                timeout=WAIT,
+            )
+            assert out.returncode == 0, out.stderr
+            return set(out.stdout.split())
+
+        extra = loaded("aac_tokend.client") - loaded("_socket")
+        assert extra <= {"aac_tokend.client", "__future__"}

@@ -1,0 +1,497 @@
+"""The control socket: JSON lines, limits, and isolation between clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from aac_tokend import errors
+from aac_tokend.client import ControlClient, read_token
+from aac_tokend.control_server import (
+    ERROR_CODES,
+    MAX_CONNECTIONS,
+    MAX_REQUEST_BYTES,
+    ControlServer,
+    error_code,
+)
+from aac_tokend.token_server import TokenServer
+
+NOBODY = 65534
+#: Generous: only a stalled machine gets near it.
+WAIT = 10.0
+SECRET = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0.c2ln"
+
+
+class FakeHandler:
+    """Answers by op; records requests; slow and failing ops on demand."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, object]] = []
+        self.on_shutdown: Callable[[], None] = lambda: None
+
+    def handle(self, request: dict[str, object]) -> dict[str, object]:
+        self.requests.append(request)
+        op = request["op"]
+        if op == "status":
+            return {"ok": True, "profiles": ["default"]}
+        if op == "echo":
+            return {"ok": True, "got": request}
+        if op == "slow":
+            time.sleep(float(str(request.get("seconds", 2.0))))
+            return {"ok": True, "slept": True}
+        if op == "unknown_profile":
+            raise errors.ProfileError("unknown profile nope; see `aac-tokend status`")
+        if op == "busy":
+            raise errors.BusyError("a refresh of default is in flight; try again shortly")
+        if op == "crash":
+            raise RuntimeError(f"response had refresh_token={SECRET}")
+        if op == "shutdown":  # like the daemon: the stop races with this answer
+            threading.Thread(target=self.on_shutdown).start()
+            time.sleep(0.1)
+            return {"ok": True, "stopping": True}
+        if op == "unserializable":
+            return {"ok": True, "when": object()}
+        return {"ok": False, "code": "unknown_op", "message": f"no op {op}"}
+
+
+class TokenSource:
+    def current_token(self, profile: str) -> bytes | None:
+        return b"tok.en.value"
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory under /tmp (socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def handler() -> FakeHandler:
+    return FakeHandler()
+
+
+@pytest.fixture
+def make_server(sockdir: Path, handler: FakeHandler) -> Iterator[Callable[..., ControlServer]]:
+    """Build and start ControlServers on sockdir/control.sock; all are stopped afterwards."""
+    started: list[ControlServer] = []
+
+    def make(**options: object) -> ControlServer:
+        srv = ControlServer(sockdir / "control.sock", handler, **options)  # type: ignore[arg-type]
+        srv.start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ControlServer]) -> ControlServer:
+    return make_server()
+
+
+def connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.connect(str(path))
+    return sock
+
+
+def read_lines(sock: socket.socket, count: int) -> list[dict[str, object]]:
+    """Read ``count`` response lines (or fewer if the server hangs up)."""
+    data = b""
+    while data.count(b"\n") < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return [json.loads(line) for line in data.splitlines()[:count]]
+
+
+def at_eof(sock: socket.socket) -> bool:
+    """Return True once the server has closed ``sock`` (reading and dropping anything left)."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> threading.Thread:
+    """Send ``data`` from a thread, ignoring the server hanging up midway."""
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+class TestProtocol:
+    def test_several_requests_on_one_connection(self, server: ControlServer) -> None:
+        """One connection carries many requests, each answered by one line."""
+        with ControlClient(str(server.path)) as client:
+            assert client.request("status") == {"ok": True, "profiles": ["default"]}
+            assert client.request("echo", profile="x")["got"] == {"op": "echo", "profile": "x"}
+            assert client.request("status")["ok"] is True
+
+    def test_pipelined_requests_are_answered_in_order(self, server: ControlServer) -> None:
+        """Requests sent back to back are answered in the order they were sent."""
+        with connect(server.path) as sock:
+            ops = ["slow", "status", "echo", "status"]
+            lines = [
+                json.dumps({"op": op, "id": i, "seconds": 0.2}).encode() + b"\n"
+                for i, op in enumerate(ops)
+            ]
+            sock.sendall(b"".join(lines))
+            answers = read_lines(sock, 4)
+        assert [a["id"] for a in answers] == [0, 1, 2, 3]
+        assert answers[0]["slept"] is True
+
+    def test_malformed_line_then_good_one(self, server: ControlServer) -> None:
+        """A line that is not JSON gets bad_request, and the connection stays usable."""
+        with connect(server.path) as sock:
+            sock.sendall(b'this is not json\n{"op":"status"}\n')
+            bad, good = read_lines(sock, 2)
+        assert bad["ok"] is False
+        assert bad["code"] == "bad_request"
+        assert "not valid JSON" in str(bad["message"])
+        assert good == {"ok": True, "profiles": ["default"]}
+
+    @pytest.mark.parametrize(
+        "line",
+        [b"[1, 2]", b'"status"', b"{}", b'{"op": 3}', b'{"op": ""}', b"", b"\xff\xfe", b"[" * 5000],
+    )
+    def test_bad_requests_are_answered(self, server: ControlServer, line: bytes) -> None:
+        """Non-objects, a missing or non-string op, bad bytes, deep nesting: bad_request."""
+        with connect(server.path) as sock:
+            sock.sendall(line + b"\n" + b'{"op":"status"}\n')
+            bad, good = read_lines(sock, 2)
+        assert bad["code"] == "bad_request"
+        assert good["ok"] is True
+
+    def test_id_is_echoed(self, server: ControlServer, handler: FakeHandler) -> None:
+        """The request's id comes back in the answer, also on errors."""
+        with connect(server.path) as sock:
+            sock.sendall(b'{"op":"status","id":"abc"}\n{"id":7}\n{"op":"busy","id":[1]}\n')
+            answers = read_lines(sock, 3)
+        assert [a["id"] for a in answers] == ["abc", 7, [1]]
+        assert answers[1]["code"] == "bad_request"
+        assert len(handler.requests) == 2
+
+    def test_tokend_errors_keep_their_message(self, server: ControlServer) -> None:
+        """Errors from our own tree answer with their code and one-line message."""
+        with ControlClient(str(server.path)) as client:
+            answer = client.request("unknown_profile")
+            assert answer == {
+                "ok": False,
+                "code": "unknown_profile",
+                "message": "unknown profile nope; see `aac-tokend status`",
+            }
+            assert client.request("busy")["code"] == "busy"
+
+    def test_foreign_exceptions_hide_their_message(self, server: ControlServer) -> None:
+        """Any other exception answers internal_error with its class name only."""
+        with ControlClient(str(server.path)) as client:
+            answer = client.request("crash", id=1)
+            assert answer == {
+                "ok": False,
+                "code": "internal_error",
+                "message": "RuntimeError",
+                "id": 1,
+            }
+            assert SECRET not in json.dumps(answer)
+            assert client.request("status")["ok"] is True
+
+    def test_unserializable_answer_is_an_internal_error(self, server: ControlServer) -> None:
+        """A handler answer that is not JSON-serialisable becomes internal_error."""
+        with ControlClient(str(server.path)) as client:
+            assert client.request("unserializable")["code"] == "internal_error"
+
+    def test_nc_and_socat_can_talk_to_it(self, server: ControlServer) -> None:
+        """Shell tools work, including a last line without its newline."""
+        request = b'{"op":"status"}\n{"op":"echo","id":2}'
+        for argv in (
+            ["nc", "-N", "-U", str(server.path)],
+            ["socat", "-", f"UNIX-CONNECT:{server.path}"],
+        ):
+            out = subprocess.run(argv, input=request, capture_output=True, timeout=WAIT).stdout
+            answers = [json.loads(line) for line in out.splitlines()]
+            assert [a.get("id") for a in answers] == [None, 2]
+
+
+class TestErrorCodes:
+    def test_codes_follow_the_error_tree(self) -> None:
+        """Each family of the error tree has its code; listed classes keep their own."""
+        assert error_code(errors.EndpointUnavailableError("x")) == "endpoint_unavailable"
+        assert error_code(errors.TransientError("x")) == "transient"
+        assert error_code(errors.RefreshRejectedError("x", error="e", error_description=None)) == (
+            "refresh_rejected"
+        )
+        assert error_code(errors.AlertError("x")) == "alert"
+        assert error_code(errors.TokenFormatError("x")) == "bad_request"
+        assert error_code(errors.ProfileError("x")) == "unknown_profile"
+        assert error_code(errors.AacTokendError("x")) == "error"
+
+    def test_every_class_of_the_tree_is_covered(self) -> None:
+        """No class of errors.py falls through to the generic code except the root."""
+        for name in errors.__all__:
+            cls = getattr(errors, name)
+            if cls is not errors.AacTokendError:
+                assert any(
+                    issubclass(cls, known)
+                    for known in ERROR_CODES
+                    if known is not errors.AacTokendError
+                ), name
+
+    def test_nearest_class_wins(self) -> None:
+        """A subclass unknown to the table takes its nearest ancestor's code."""
+
+        class OddInput(errors.ConfigError):
+            pass
+
+        assert error_code(OddInput("x")) == "config_error"
+        assert error_code(errors.StorageError("disk full")) == "storage_error"
+        assert error_code(errors.AlreadyRunningError(12)) == "bad_request"
+
+
+class TestLimits:
+    def test_ten_megabytes_without_newline(self, server: ControlServer) -> None:
+        """A huge line is answered request_too_large and the connection is closed."""
+        with connect(server.path) as sock:
+            sender = send_quietly(sock, b"x" * (10 * 1024 * 1024))
+            (answer,) = read_lines(sock, 1)
+            assert answer["code"] == "request_too_large"
+            assert at_eof(sock)
+            sender.join(WAIT)
+
+    def test_long_line_with_newline(self, server: ControlServer) -> None:
+        """A line just over the limit is refused even when its newline arrives at once."""
+        with connect(server.path) as sock:
+            send_quietly(sock, b"y" * (MAX_REQUEST_BYTES + 1) + b"\n")
+            (answer,) = read_lines(sock, 1)
+            assert answer["code"] == "request_too_large"
+            assert at_eof(sock)
+
+    def test_line_at_the_limit_is_accepted(self, server: ControlServer) -> None:
+        """A request of exactly MAX_REQUEST_BYTES is served."""
+        head = b'{"op":"status","pad":"'
+        line = head + b"p" * (MAX_REQUEST_BYTES - len(head) - 2) + b'"}'
+        assert len(line) == MAX_REQUEST_BYTES
+        with connect(server.path) as sock:
+            sock.sendall(line + b"\n")
+            (answer,) = read_lines(sock, 1)
+        assert answer["ok"] is True
+
+    def test_rate_limit(self, server: ControlServer, handler: FakeHandler) -> None:
+        """A burst beyond 50 requests gets rate_limited answers, in order, handler not called."""
+        with connect(server.path) as sock:
+            started = time.monotonic()
+            sock.sendall(b"".join(b'{"op":"status","id":%d}\n' % i for i in range(150)))
+            answers = read_lines(sock, 150)
+            elapsed = time.monotonic() - started
+        limited = [a for a in answers if a.get("code") == "rate_limited"]
+        served = [a for a in answers if a.get("ok")]
+        assert len(limited) + len(served) == 150
+        assert limited
+        assert len(served) <= 50 + elapsed * 50 + 1
+        assert len(handler.requests) == len(served)
+        ids = [int(str(a["id"])) for a in served]
+        assert ids == sorted(ids)
+
+    def test_idle_connection_is_closed(self, make_server: Callable[..., ControlServer]) -> None:
+        """A connection without a complete request for idle_timeout is closed."""
+        srv = make_server(idle_timeout=0.5)
+        with connect(srv.path) as sock:
+            started = time.monotonic()
+            sock.sendall(b'{"op":')  # never completed
+            assert at_eof(sock)
+            assert time.monotonic() - started >= 0.4
+        assert wait_for(lambda: srv.connections == 0)
+
+    def test_requests_keep_a_connection_alive(
+        self, make_server: Callable[..., ControlServer]
+    ) -> None:
+        """Each complete request restarts the idle timer."""
+        srv = make_server(idle_timeout=0.5)
+        with ControlClient(str(srv.path)) as client:
+            for _ in range(5):
+                time.sleep(0.3)
+                assert client.request("status")["ok"] is True
+
+    def test_slow_request_outlasts_the_idle_timeout(
+        self, make_server: Callable[..., ControlServer]
+    ) -> None:
+        """A request in flight longer than the idle timeout still gets its answer."""
+        srv = make_server(idle_timeout=0.3)
+        with ControlClient(str(srv.path)) as client:
+            assert client.request("slow", seconds=1.0) == {"ok": True, "slept": True}
+
+    def test_connection_limit(self, server: ControlServer) -> None:
+        """Connections beyond MAX_CONNECTIONS are closed at once; the others keep working."""
+        clients = [ControlClient(str(server.path)) for _ in range(MAX_CONNECTIONS)]
+        try:
+            assert clients[-1].request("status")["ok"] is True  # all accepted by now
+            with connect(server.path) as extra:
+                assert extra.recv(100) == b""
+            assert server.rejected == 1
+            assert clients[0].request("status")["ok"] is True
+            clients.pop().close()
+            assert wait_for(lambda: server.connections == MAX_CONNECTIONS - 1)
+            with ControlClient(str(server.path)) as again:
+                assert again.request("status")["ok"] is True
+        finally:
+            for client in clients:
+                client.close()
+
+    def test_client_that_does_not_read_is_dropped(self, server: ControlServer) -> None:
+        """A client flooding requests without reading answers is cut off past 1 MiB queued."""
+        with connect(server.path) as sock:
+            sender = send_quietly(sock, b"{}\n" * 600_000)
+            assert wait_for(lambda: server.connections == 0)
+            sender.join(WAIT)
+
+    @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid (setpriv)")
+    @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv from util-linux")
+    def test_other_uid_is_closed_at_once(self, server: ControlServer, sockdir: Path) -> None:
+        """A peer of another uid is disconnected unanswered even if file modes let it in."""
+        sockdir.chmod(0o755)
+        server.path.chmod(0o666)
+        nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        out = subprocess.run(
+            [*nobody, "nc", "-U", str(server.path)],
+            input=b'{"op":"status"}\n',
+            capture_output=True,
+            timeout=WAIT,
+        ).stdout
+        assert out == b""
+        assert server.rejected == 1
+
+
+class TestIsolation:
+    def test_stalled_and_flooding_clients_delay_nobody(
+        self, sockdir: Path, server: ControlServer
+    ) -> None:
+        """A silent control client and a 10 MB flooder delay neither token reads nor status."""
+        tokens = TokenServer(sockdir, TokenSource())
+        token_path = str(tokens.add_profile("default"))
+        tokens.start()
+        silent = connect(server.path)
+        flooder = connect(server.path)
+        try:
+            sender = send_quietly(flooder, b"z" * (10 * 1024 * 1024))
+            started = time.monotonic()
+            assert read_token(token_path) == "tok.en.value"
+            assert time.monotonic() - started < 1.0
+            started = time.monotonic()
+            with ControlClient(str(server.path)) as client:
+                assert client.request("status")["ok"] is True
+            assert time.monotonic() - started < 1.0
+            sender.join(WAIT)
+        finally:
+            silent.close()
+            flooder.close()
+            tokens.stop()
+
+    def test_slow_handler_does_not_block_other_clients(self, server: ControlServer) -> None:
+        """While one client's request sleeps 2 s, another client's status is answered."""
+        with ControlClient(str(server.path)) as slow, ControlClient(str(server.path)) as fast:
+            answers: list[dict[str, object]] = []
+            waiter = threading.Thread(target=lambda: answers.append(slow.request("slow")))
+            waiter.start()
+            time.sleep(0.1)  # let the slow request reach the handler
+            started = time.monotonic()
+            assert fast.request("status")["ok"] is True
+            assert time.monotonic() - started < 1.0
+            assert answers == []  # the slow one is still running
+            waiter.join(WAIT)
+            assert answers == [{"ok": True, "slept": True}]
+
+
+class TestLifecycle:
+    def test_socket_is_0600_and_unlinked_on_stop(self, sockdir: Path, handler: FakeHandler) -> None:
+        """The control socket is 0600 while serving and gone after stop()."""
+        srv = ControlServer(sockdir / "control.sock", handler)
+        srv.start()
+        assert (srv.path.stat().st_mode & 0o777) == 0o600
+        srv.stop()
+        assert not srv.path.exists()
+
+    def test_stop_does_not_wait_for_a_slow_handler(
+        self, sockdir: Path, handler: FakeHandler
+    ) -> None:
+        """stop() closes connections at once even while a handler is still running."""
+        srv = ControlServer(sockdir / "control.sock", handler)
+        srv.start()
+        with connect(srv.path) as sock:
+            sock.sendall(b'{"op":"slow","seconds":2}\n')
+            assert wait_for(lambda: len(handler.requests) == 1)
+            started = time.monotonic()
+            srv.stop()
+            assert time.monotonic() - started < 1.0
+            assert at_eof(sock)
+
+    def test_answer_racing_with_stop_is_delivered(
+        self, sockdir: Path, handler: FakeHandler
+    ) -> None:
+        """The answer to a request that stops the server still reaches its client."""
+        srv = ControlServer(sockdir / "control.sock", handler)
+        handler.on_shutdown = srv.stop
+        srv.start()
+        with ControlClient(str(srv.path)) as client:
+            assert client.request("shutdown") == {"ok": True, "stopping": True}
+        assert wait_for(lambda: not srv.path.exists())
+
+    def test_inherited_listener_is_served_but_not_unlinked(
+        self, sockdir: Path, handler: FakeHandler
+    ) -> None:
+        """A listener passed in (socket activation) is served; its file stays on stop."""
+        path = sockdir / "control.sock"
+        given = socket.socket(socket.AF_UNIX)
+        given.bind(str(path))
+        given.listen()
+        srv = ControlServer(path, handler, listener=given)
+        srv.start()
+        try:
+            with ControlClient(str(path)) as client:
+                assert client.request("status")["ok"] is True
+        finally:
+            srv.stop()
+        assert path.exists()
+
+    def test_live_control_socket_is_not_stolen(
+        self, server: ControlServer, handler: FakeHandler
+    ) -> None:
+        """A second server on the same path fails with AlreadyRunningError."""
+        other = ControlServer(server.path, handler)
+        with pytest.raises(errors.AlreadyRunningError):
+            other.start()
+        other.stop()
+        with ControlClient(str(server.path)) as client:
+            assert client.request("status")["ok"] is True
