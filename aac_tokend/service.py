@@ -38,10 +38,15 @@ __all__ = [
     "MakeDir",
     "RemoveFile",
     "Run",
+    "Step",
     "SubprocessRunner",
     "WriteFile",
     "add_arguments",
+    "apply",
+    "check_manager",
     "detect_layout",
+    "find_program",
+    "host_platform",
     "install",
     "install_steps",
     "render_launchd",
@@ -49,6 +54,7 @@ __all__ = [
     "run_cli",
     "status",
     "uninstall",
+    "uninstall_steps",
 ]
 
 LABEL = "io.aac-tokend.agent"
@@ -106,7 +112,7 @@ class Layout:
 
 
 def host_platform() -> str | None:
-    """ "linux" or "macos" for the machine we run on; None for anything else."""
+    """The platform we run on, "linux" or "macos"; None for anything else."""
     if sys.platform == "darwin":
         return "macos"
     return "linux" if sys.platform.startswith("linux") else None
@@ -146,9 +152,10 @@ def detect_layout(platform: str, env: Mapping[str, str] = os.environ) -> Layout:
     user = pwd.getpwuid(uid)
     home = Path(env.get("HOME") or user.pw_dir)
     foreign = platform != host_platform()
-    paths = resolve_paths(env)
     if foreign and not env.get(HOME_ENV):
         paths = _foreign_paths(platform, home, uid)
+    else:
+        paths = resolve_paths(env)
     environment: list[tuple[str, str]] = []
     if env.get(HOME_ENV):
         environment.append((HOME_ENV, str(paths.config_dir.parent)))
@@ -180,7 +187,13 @@ def _template(kind: str, name: str) -> str:
     try:
         return resources.files(_TEMPLATE_PACKAGES[kind]).joinpath(name).read_text("utf-8")
     except (ModuleNotFoundError, OSError):
+        pass  # an editable install does not map the package-dir entries
+    try:
         return (Path(__file__).resolve().parent.parent / kind / name).read_text("utf-8")
+    except OSError as exc:
+        raise InputError(
+            f"the template {kind}/{name} is missing from this aac-tokend; reinstall aac-tokend"
+        ) from exc
 
 
 def _fill(template: str, values: Mapping[str, str], blocks: Mapping[str, list[str]]) -> str:
@@ -189,10 +202,10 @@ def _fill(template: str, values: Mapping[str, str], blocks: Mapping[str, list[st
     return _PLACEHOLDER.sub(lambda m: values[m[1]], text)
 
 
-def _unit_word(word: str, *, exec_line: bool = False) -> str:
+def _unit_word(word: str, *, exec_argument: bool = False) -> str:
     """``word`` as one word of a unit-file setting (systemd.syntax(7) quoting)."""
-    if exec_line:
-        word = word.replace("$", "$$")  # Exec lines expand $VAR
+    if exec_argument:
+        word = word.replace("$", "$$")  # Exec lines expand $VAR in arguments, not in the path
     if re.search(r"[\s\"'\\;]", word):
         word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return word
@@ -233,7 +246,8 @@ def render_systemd(layout: Layout) -> dict[str, str]:
                 )
     values = {
         "PROGRAM": " ".join(
-            _unit_word(w.replace("%", "%%"), exec_line=True) for w in layout.program
+            _unit_word(w.replace("%", "%%"), exec_argument=i > 0)
+            for i, w in enumerate(layout.program)
         ),
         "CONTROL_SOCKET": _unit_path(layout.paths.control_socket, layout),
         "READ_WRITE_PATHS": " ".join(_unit_word("-" + _unit_path(p, layout)) for p in dirs),
@@ -472,7 +486,10 @@ def apply(steps: Sequence[Step], runner: CommandRunner, out: IO[str], *, dry_run
                 _write(path, content)
                 out.write(f"wrote {path}\n")
             case RemoveFile(path):
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise InputError(f"cannot remove {path}: {exc.strerror}") from exc
                 out.write(f"removed {path}\n")
             case Run(argv, check):
                 done = runner.run(argv)
@@ -486,9 +503,9 @@ def apply(steps: Sequence[Step], runner: CommandRunner, out: IO[str], *, dry_run
 
 def install(layout: Layout, runner: CommandRunner, out: IO[str], *, dry_run: bool = False) -> int:
     """Write the unit files or the LaunchAgent for ``layout``, then enable and start it."""
-    steps, notes = install_steps(layout)
     if not dry_run:
-        check_manager(layout, runner)
+        check_manager(layout, runner)  # first: its error says more than any that follows
+    steps, notes = install_steps(layout)
     apply(steps, runner, out, dry_run=dry_run)
     out.writelines(f"{note}\n" for note in notes)
     return 0
