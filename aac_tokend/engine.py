@@ -188,7 +188,10 @@ class Engine:
             if entry.unsaved is not None:
                 return state  # never spend a token whose successor is not yet on disk
             assert state.refresh_token is not None
-            log.info("refresh_started", profile=name, refresh_token=token_hash(state.refresh_token))
+            # Retries are logged at debug: while an endpoint keeps failing, status shows the
+            # last error, and the log gets only the power-of-two failure lines below.
+            started = log.info if state.consecutive_failures == 0 else log.debug
+            started("refresh_started", profile=name, refresh_token=token_hash(state.refresh_token))
             job = CourierJob(name, state.refresh_token, str(self._store.state_dir), self._key)
             result = self._refresher.refresh(job)
             return self._absorb(name, result)
@@ -204,6 +207,7 @@ class Engine:
             state = self._store.decrypt(name, result.unsaved)
             unsaved = result.unsaved
         else:
+            before = self._profiles[name].state
             if result.kind == "lost":
                 self._recover_lost(name)
             loaded = self._store.load(name)
@@ -211,6 +215,19 @@ class Engine:
                 self._forget(name)
                 raise ProfileError(f"profile {name!r} was removed during the refresh")
             state = loaded
+            if result.kind == "storage_failed" or (
+                result.kind == "lost" and loaded.generation == before.generation
+            ):
+                # Nothing was sent: the journal could not be written, or the courier died
+                # before it. Count a failure in memory only (the disk may refuse it), so the
+                # retry backs off instead of spinning.
+                failures = max(before.consecutive_failures, loaded.consecutive_failures) + 1
+                state = dataclasses.replace(
+                    loaded,
+                    consecutive_failures=failures,
+                    last_attempt_at=self._clock.now(),
+                    last_error=result.detail,
+                )
         self._install(state, unsaved)
         self._log_result(state, result)
         return state
@@ -251,8 +268,7 @@ class Engine:
         state = build_state(request, self._clock.now())
         with self._store.locked(state.profile, WAIT_SECONDS):
             self._store.save(state)
-        self._alerter.forget(state.profile)
-        self._install(state)
+        self._install(state)  # the alerter hears the new condition: often a recovery
         self._on_profiles_changed()
         log.info("profile_imported", profile=state.profile, kind=state.kind.value)
         return state

@@ -38,6 +38,23 @@ SERVE_MARGIN_SECONDS = 1.0
 #: early is cheap, serving a dead token is not.
 ASSUMED_LIFETIME_SECONDS = 300.0
 
+#: While there is no valid access token to serve and the last attempt never reached the token
+#: endpoint (no network yet after a resume, DNS, proxy, TLS), retry at least this often: such
+#: an attempt costs the server nothing, and a person waits for a token until the network is
+#: back. A server that answers (5xx, 429) keeps the normal backoff, so an outage is not hammered.
+UNREACHED_RETRY_CAP_SECONDS = 5.0
+
+#: An invalid_grant this close before our estimate of the refresh token's end is its natural
+#: end, not a theft (see ``refresh_token_at_its_end``): people paste a token within minutes or
+#: hours of generating it. At most a day, and at most a tenth of the lifetime, so that a
+#: theft early in a short-lived chain is still called one.
+IMPORT_LAG_SECONDS = 86400.0
+IMPORT_LAG_FRACTION = 0.1
+
+#: How ``endpoint.TokenEndpoint`` starts the reason of an attempt that never reached the
+#: server; the only trace of that fact in the state (a scenario test pins the pairing).
+UNREACHED_PREFIX = "cannot reach the token endpoint"
+
 
 @dataclass(frozen=True)
 class PolicySettings:
@@ -69,6 +86,19 @@ def refresh_token_expired(state: ProfileState, now: float) -> bool:
     return state.refresh_expires_at is not None and now >= state.refresh_expires_at
 
 
+def refresh_token_at_its_end(state: ProfileState, now: float) -> bool:
+    """True once the refresh token may have reached its end, by the server's reckoning.
+
+    AAC counts the lifetime from generation, we from import, which came later by however
+    long the person took to paste the token: the true end precedes our estimate by that.
+    """
+    if state.refresh_expires_at is None:
+        return False
+    lifetime = max(state.refresh_expires_at - state.imported_at, 0.0)
+    slack = min(IMPORT_LAG_SECONDS, lifetime * IMPORT_LAG_FRACTION)
+    return now >= state.refresh_expires_at - slack
+
+
 def may_retry(state: ProfileState, now: float) -> bool:
     """True while a refresh can still succeed: OAuth, not rejected, refresh token maybe alive."""
     if state.kind is not TokenKind.OAUTH or state.rejection is not None:
@@ -83,6 +113,11 @@ def backoff_delay(state: ProfileState, settings: PolicySettings) -> float:
     exponent = min(max(state.consecutive_failures - 1, 0), 30)
     ceiling = min(settings.backoff_cap_seconds, settings.backoff_first_seconds * 2.0**exponent)
     return ceiling * (0.5 + 0.5 * _unit(state.profile, "backoff", state.consecutive_failures))
+
+
+def _unreached(state: ProfileState) -> bool:
+    """True if the last failed attempt never reached the token endpoint."""
+    return state.last_error is not None and state.last_error.startswith(UNREACHED_PREFIX)
 
 
 def proactive_refresh_at(state: ProfileState, settings: PolicySettings) -> float:
@@ -101,7 +136,10 @@ def next_refresh_at(state: ProfileState, now: float, settings: PolicySettings) -
         return None
     if state.consecutive_failures > 0:
         base = state.last_attempt_at if state.last_attempt_at is not None else now
-        at = base + backoff_delay(state, settings)
+        delay = backoff_delay(state, settings)
+        if _unreached(state) and not access_valid(state, now):
+            delay = min(delay, UNREACHED_RETRY_CAP_SECONDS)
+        at = base + delay
         if state.retry_not_before is not None:
             at = max(at, state.retry_not_before)
     else:
@@ -153,7 +191,7 @@ def classify_rejection(state: ProfileState, rejected: Rejected, now: float) -> R
         sent = token_hash(state.refresh_token) if state.refresh_token else None
         if sent is not None and state.ambiguous_rt_hash == sent:
             return RejectionReason.AFTER_LOST_RESPONSE
-        if refresh_token_expired(state, now):
+        if refresh_token_at_its_end(state, now):
             return RejectionReason.REFRESH_TOKEN_EXPIRED
         return RejectionReason.REUSE_SUSPECTED
     if rejected.error == "invalid_client":
