@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import requests
+import urllib3.exceptions
 
 from . import __version__
 from .errors import TokenFormatError
@@ -35,6 +36,8 @@ READ_TIMEOUT_SECONDS = 20.0
 MAX_BODY_BYTES = 64 * 1024
 #: Retry-After beyond this is treated as this: the backoff cap keeps the chain watched.
 MAX_RETRY_AFTER_SECONDS = 3600.0
+#: An access lifetime beyond a year is garbage; capping keeps the schedule's dates sane.
+MAX_EXPIRES_IN_SECONDS = 366 * 86400.0
 _TEXT_LIMIT = 200
 
 
@@ -50,7 +53,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return None
     value = value.strip()
     seconds: float | None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit alone admits '²', which float() refuses
         seconds = float(value)
     else:
         try:
@@ -65,20 +68,28 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 def _expires_in(payload: Mapping[str, Any], access_token: str, now: float) -> float:
     raw = payload.get("expires_in")
-    if isinstance(raw, str) and raw.strip().isdigit():
-        raw = int(raw)
+    if isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
+        # isdigit alone admits '²', which float() refuses; 400 digits make inf: cap it too.
+        raw = min(float(raw), MAX_EXPIRES_IN_SECONDS)
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw > MAX_EXPIRES_IN_SECONDS:
+        raw = MAX_EXPIRES_IN_SECONDS  # before math.isfinite, which overflows on huge ints
     if (
         isinstance(raw, int | float)
         and not isinstance(raw, bool)
         and math.isfinite(raw)
         and raw > 0
     ):
-        return float(min(raw, 366 * 86400))
+        return float(min(raw, MAX_EXPIRES_IN_SECONDS))
     try:
         left = parse_jwt(access_token).exp - now
     except TokenFormatError:
         return ASSUMED_LIFETIME_SECONDS
-    return max(min(left, 366 * 86400.0), 1.0)
+    return max(min(left, MAX_EXPIRES_IN_SECONDS), 1.0)
+
+
+def _servable(token: str) -> bool:
+    """A token that can go into an Authorization header: printable ASCII, no spaces."""
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
@@ -97,7 +108,7 @@ def classify_response(
     retry_after = parse_retry_after(headers.get("Retry-After"), now)
     if status == 200:
         token = payload.get("access_token") if payload else None
-        if not isinstance(token, str) or not token.strip() or len(token) > MAX_BODY_BYTES:
+        if not isinstance(token, str) or not _servable(token.strip()):
             # The server may have rotated the refresh token before the answer got garbled.
             return Transient(
                 "token endpoint answered 200 without a usable access_token", None, True
@@ -173,6 +184,10 @@ class TokenEndpoint:
             return Transient(f"connection lost after sending: {type(exc).__name__}", None, True)
         except requests.exceptions.RequestException as exc:
             # Read timeouts, resets mid-answer, broken chunking: the request may have landed.
+            return Transient(f"no complete answer: {type(exc).__name__}", None, True)
+        except urllib3.exceptions.HTTPError as exc:
+            # Reading the body (response.raw) raises urllib3's own errors, unwrapped: a
+            # timeout, a cut or an undecodable body after the status line. It landed.
             return Transient(f"no complete answer: {type(exc).__name__}", None, True)
         except OSError as exc:
             return Transient(f"no complete answer: {type(exc).__name__}", None, True)

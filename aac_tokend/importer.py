@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import InputError, TokenFormatError
@@ -23,6 +23,9 @@ DEFAULT_API_BASE_URL = "https://api.us1.alteryxcloud.com"
 MAX_INPUT_BYTES = 64 * 1024
 MAX_TOKEN_BYTES = 16 * 1024
 DAY = 86400.0
+#: No lifetime (s), day count or time (epoch s) we accept is near 1e10 (year 2286):
+#: a larger one is garbage and would overflow the dates that ``status`` shows.
+MAX_NUMBER = 1e10
 
 
 @dataclass(frozen=True)
@@ -60,16 +63,18 @@ class ImportRequest:
         for name in ("refresh_token", "token_endpoint", "client_id", "api_base_url"):
             if not isinstance(getattr(req, name), str | None):
                 raise InputError(f"import: '{name}' must be a string")
-        for name in (
-            "expires_in",
-            "refresh_expires_in",
-            "refresh_lifetime_days",
-            "legacy_expires_at",
-        ):
-            _number_or_none(getattr(req, name), name)
+        numbers: dict[str, Any] = {  # "3600" on the wire is 3600.0 in the request
+            name: _number_or_none(getattr(req, name), name)
+            for name in (
+                "expires_in",
+                "refresh_expires_in",
+                "refresh_lifetime_days",
+                "legacy_expires_at",
+            )
+        }
         if not isinstance(req.legacy, bool):
             raise InputError("import: 'legacy' must be true or false")
-        return req
+        return replace(req, **numbers)
 
     def __repr__(self) -> str:
         return f"ImportRequest(profile={self.profile!r}, legacy={self.legacy})"
@@ -78,13 +83,21 @@ class ImportRequest:
 def _number_or_none(value: object, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = float(value)  # isdigit alone admits '²', which int() refuses
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"import: '{name}' must be a number")
-    if value <= 0:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):
+        raise InputError(f"import: '{name}' must be a number")
+    if number <= 0:
         raise InputError(f"import: '{name}' must be positive")
-    return float(value)
+    if number > MAX_NUMBER:
+        raise InputError(f"import: '{name}' is too large")
+    return number
 
 
 def _check_token(value: str, which: str) -> str:
@@ -203,7 +216,12 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
     if not client_id:
         raise InputError("import: the access token has no 'client_id' claim; pass --client-id")
     if expires_in is not None:
+        # JSON saved a while ago: its expires_in counts from when it was issued, so a JWT's
+        # own exp, when there is one, is the better bound.
         obtained, expires = now, now + expires_in
+        if claims is not None and claims.exp < expires:
+            expires = claims.exp
+            obtained = min(claims.iat, expires) if claims.iat is not None else min(now, expires)
     else:
         assert claims is not None
         iat = claims.iat if claims.iat is not None and claims.iat <= now else now

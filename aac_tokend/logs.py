@@ -21,7 +21,11 @@ from .tokens import token_hash
 
 __all__ = ["configure_logging", "forget_secret", "redact", "register_secret"]
 
-JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+#: Three dot-joined base64url segments, plus any further non-empty ones: a run of JWT-like
+#: text glued to a JWT is one match, so it cannot leave that JWT's payload and signature.
+JWT_SHAPE = re.compile(
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*"
+)
 #: Keep the most recent secrets only: a chain holds two live tokens, a thousand profiles
 #: two thousand; older ones are dead tokens, still redacted by shape when JWTs.
 MAX_SECRETS = 8192
@@ -76,7 +80,9 @@ def redact_processor(
 ) -> MutableMapping[str, Any]:
     """structlog processor: redact every value of the event."""
     for key, value in list(event_dict.items()):
-        event_dict[key] = _scrub(value)
+        # exc_info must stay an exception for format_exc_info; its text is scrubbed at the end.
+        if key != "exc_info":
+            event_dict[key] = _scrub(value)
     return event_dict
 
 

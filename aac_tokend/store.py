@@ -63,14 +63,14 @@ def load_or_create_key(config_dir: Path, fs: FileLayer | None = None) -> bytes:
         key = secrets.token_bytes(KEY_BYTES)
         tmp = config_dir / f".state.key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            fs.write_durably(tmp, key)
             try:
+                fs.write_durably(tmp, key)
                 os.link(tmp, path)  # fails if another process won the race: use theirs
-            except FileExistsError:
-                return load_or_create_key(config_dir, fs)
             finally:
-                tmp.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)  # also after a failed write: no stray key copy
             fs.fsync_dir(config_dir)
+        except FileExistsError:
+            return load_or_create_key(config_dir, fs)
         except OSError as exc:
             raise StorageError(f"cannot create the state key {path}: {exc.strerror}") from exc
         return key
@@ -175,16 +175,23 @@ class FileStore:
             raise StorageError(f"cannot read state file {path}: {exc.strerror}") from exc
         if existing is not None:
             self.decrypt(profile, existing)  # raises StateCorruptError: leave it untouched
+        self.decrypt(profile, blob)  # never write what we could not read back
         tmp = self.state_dir / f".{profile}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        renamed = False
         try:
             self._fs.write_durably(tmp, blob)
             self._fs.rename(tmp, path)
+            renamed = True
             self._fs.fsync_dir(self.state_dir)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            # After the rename the new state is in place, only its durability is in doubt.
+            kept = (
+                "the new state may not survive a crash" if renamed else "the previous state is kept"
+            )
             raise StorageError(
-                f"cannot write state file {path}: {exc.strerror or exc}; the previous state is kept"
+                f"cannot write state file {path}: {exc.strerror or exc}; {kept}"
             ) from exc
 
     def delete(self, profile: str) -> None:

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import ipaddress
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,9 @@ AAC_DOMAIN = "alteryxcloud.com"
 
 #: A JWT larger than this is not an access token but an attack or an accident.
 MAX_JWT_BYTES = 16 * 1024
+#: 9999-12-31T23:59:59Z: a time claim past this cannot be shown as a date (``status``
+#: would fail on it), so it is not a time but garbage.
+MAX_TIMESTAMP = 253_402_300_799.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def _b64url_decode(part: str, which: str) -> bytes:
 def _json_part(raw: bytes, which: str) -> dict[str, Any]:
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also 4300+ digit ints and deep nesting
         raise TokenFormatError(
             f"access token: the {which} is not JSON; paste the whole token again"
         ) from exc
@@ -78,9 +82,15 @@ def _number(payload: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenFormatError(f"access token: claim '{name}' is not a number")
-    if value != value or value in (float("inf"), float("-inf")):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):
         raise TokenFormatError(f"access token: claim '{name}' is not a finite number")
-    return float(value)
+    if abs(number) > MAX_TIMESTAMP:
+        raise TokenFormatError(f"access token: claim '{name}' is out of range for a time")
+    return number
 
 
 def _text(payload: dict[str, Any], name: str) -> str | None:

@@ -1,0 +1,178 @@
+"""Alertable conditions: which one a profile is in, and the one line telling a person what to do."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aac_tokend.conditions import AlertEvent, condition_of, rejection_alert
+from aac_tokend.policy import REFRESH_EXPIRY_GRACE_SECONDS
+from aac_tokend.state import ProfileState, Rejection, RejectionReason, TokenKind
+
+T0 = 1_800_000_000.0
+DAY = 86400.0
+IMPORT_HINT = "`aac-tokend import --profile work`"
+
+
+def oauth(**changes: object) -> ProfileState:
+    """A healthy OAuth state for profile 'work', refresh token good for 30 days."""
+    base = ProfileState(
+        profile="work",
+        kind=TokenKind.OAUTH,
+        access_token="access-token-aaaaaaaaaaaa",
+        refresh_token="refresh-token-rrrrrrrrrrrr",
+        token_endpoint="https://pingauth.alteryxcloud.com/as/token",
+        client_id="client",
+        api_base_url="https://api.us1.alteryxcloud.com",
+        access_obtained_at=T0,
+        access_expires_at=T0 + 3600,
+        refresh_expires_at=T0 + 30 * DAY,
+        imported_at=T0,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def legacy(expires_at: float | None) -> ProfileState:
+    return oauth(
+        kind=TokenKind.LEGACY,
+        refresh_token=None,
+        token_endpoint=None,
+        client_id=None,
+        access_expires_at=expires_at,
+        refresh_expires_at=None,
+    )
+
+
+def rejected(reason: RejectionReason, error: str = "invalid_grant") -> ProfileState:
+    return oauth(rejection=Rejection(reason, error, "server words", T0))
+
+
+class TestRejected:
+    """A rejected chain gets a message that fits why it was rejected."""
+
+    @pytest.mark.parametrize("reason", list(RejectionReason))
+    def test_every_reason_says_import(self, reason: RejectionReason) -> None:
+        """Every rejection alert tells the person to generate a token and run import."""
+        condition = condition_of(rejected(reason), T0)
+        assert condition is not None
+        assert condition.event is AlertEvent.REJECTED
+        assert condition.key == f"rejected:{reason}"
+        assert IMPORT_HINT in condition.message
+        assert "\n" not in condition.message
+
+    def test_reuse_suspected_says_compromised(self) -> None:
+        """Suspected reuse tells the person to treat the old token as compromised and delete it."""
+        message = rejection_alert(rejected(RejectionReason.REUSE_SUSPECTED))
+        assert "treat the old token as compromised" in message
+        assert "delete it in AAC" in message
+
+    def test_after_lost_response_blames_ourselves(self) -> None:
+        """After a lost answer the message says our own refresh probably rotated the token."""
+        message = rejection_alert(rejected(RejectionReason.AFTER_LOST_RESPONSE))
+        assert "lost" in message
+        assert "compromised" not in message
+
+    def test_expired_refresh_token(self) -> None:
+        """An expired refresh token is called the end of its lifetime."""
+        message = rejection_alert(rejected(RejectionReason.REFRESH_TOKEN_EXPIRED))
+        assert "end of its lifetime" in message
+
+    def test_invalid_client(self) -> None:
+        """invalid_client points at the client id and token endpoint."""
+        message = rejection_alert(rejected(RejectionReason.INVALID_CLIENT, "invalid_client"))
+        assert "client id" in message
+
+    def test_other_error_names_it(self) -> None:
+        """Another OAuth error is named in the message."""
+        message = rejection_alert(rejected(RejectionReason.OAUTH_ERROR, "unauthorized_client"))
+        assert "unauthorized_client" in message
+
+    def test_rejection_wins_over_expiry(self) -> None:
+        """A rejected chain reports the rejection even once everything has expired."""
+        condition = condition_of(rejected(RejectionReason.REUSE_SUSPECTED), T0 + 400 * DAY)
+        assert condition is not None
+        assert condition.event is AlertEvent.REJECTED
+
+
+class TestExpired:
+    """A chain that can no longer give a token is expired."""
+
+    def test_chain_expired(self) -> None:
+        """Access dead and refresh token past its lifetime plus grace: expired, with import."""
+        now = T0 + 30 * DAY + REFRESH_EXPIRY_GRACE_SECONDS + 1
+        condition = condition_of(oauth(), now)
+        assert condition is not None
+        assert (condition.event, condition.key) == (AlertEvent.EXPIRED, "expired")
+        assert "token chain has expired" in condition.message
+        assert IMPORT_HINT in condition.message
+
+    def test_legacy_expired(self) -> None:
+        """A legacy token past its own expiry is expired."""
+        condition = condition_of(legacy(T0 + 100), T0 + 100)
+        assert condition is not None
+        assert condition.event is AlertEvent.EXPIRED
+        assert "legacy access token has expired" in condition.message
+        assert IMPORT_HINT in condition.message
+
+    def test_access_expired_but_refreshable_is_not_alerted(self) -> None:
+        """An expired access token with a live refresh token is not an alert (it is retried)."""
+        assert condition_of(oauth(consecutive_failures=3), T0 + 7200) is None
+
+
+class TestExpiresSoon:
+    """Warnings 7 days and 1 day before the end, each said once (distinct keys)."""
+
+    def test_healthy_is_quiet(self) -> None:
+        """More than 7 days left: no condition."""
+        assert condition_of(oauth(), T0) is None
+
+    def test_seven_day_warning(self) -> None:
+        """Within 7 days of the refresh token's end: a warning keyed 7d, with import."""
+        condition = condition_of(oauth(), T0 + 30 * DAY - 6 * DAY)
+        assert condition is not None
+        assert condition.event is AlertEvent.REFRESH_EXPIRES_SOON
+        assert condition.key == "expires_soon:7d"
+        assert "refresh token expires in 6.0 days" in condition.message
+        assert IMPORT_HINT in condition.message
+
+    def test_one_day_warning(self) -> None:
+        """Within 1 day: a different key, so the alert is said again; hours are shown."""
+        condition = condition_of(oauth(), T0 + 30 * DAY - 5 * 3600)
+        assert condition is not None
+        assert condition.key == "expires_soon:1d"
+        assert "5.0 hours" in condition.message
+
+    @given(st.floats(min_value=-REFRESH_EXPIRY_GRACE_SECONDS + 1, max_value=40 * DAY))
+    @settings(max_examples=200)
+    def test_key_by_time_left(self, left: float) -> None:
+        """The key depends only on which threshold the time left is under."""
+        state = oauth(access_expires_at=T0 + 60 * DAY)  # keep the access token alive
+        condition = condition_of(state, T0 + 30 * DAY - left)
+        if left > 7 * DAY:
+            assert condition is None
+        else:
+            assert condition is not None
+            assert condition.key == ("expires_soon:1d" if left <= DAY else "expires_soon:7d")
+            assert "expires in -" not in condition.message
+
+    def test_unknown_refresh_lifetime_is_quiet(self) -> None:
+        """Without a known refresh-token lifetime there is nothing to warn about."""
+        assert condition_of(oauth(refresh_expires_at=None), T0) is None
+        assert condition_of(oauth(refresh_expires_at=None), T0 + 400 * DAY) is None
+
+    def test_legacy_uses_access_expiry(self) -> None:
+        """A legacy token warns by its access expiry, naming the legacy access token."""
+        condition = condition_of(legacy(T0 + 3 * DAY), T0)
+        assert condition is not None
+        assert condition.key == "expires_soon:7d"
+        assert "legacy access token expires in 3.0 days" in condition.message
+        condition = condition_of(legacy(T0 + 3600), T0)
+        assert condition is not None
+        assert condition.key == "expires_soon:1d"
+
+    def test_legacy_without_expiry_is_quiet(self) -> None:
+        """A legacy token with no known expiry never warns."""
+        assert condition_of(legacy(None), T0 + 1000 * DAY) is None

@@ -1,0 +1,639 @@
+"""The token endpoint client, against the real sandbox and tiny loopback servers that misbehave."""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import json
+import math
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aac_tokend import __version__
+from aac_tokend.endpoint import (
+    MAX_BODY_BYTES,
+    MAX_RETRY_AFTER_SECONDS,
+    TokenEndpoint,
+    classify_response,
+    parse_retry_after,
+)
+from aac_tokend.jwt_sign import sign_hs256
+from aac_tokend.outcome import Refreshed, RefreshOutcome, Rejected, Transient
+from aac_tokend.policy import apply_outcome
+from aac_tokend.sandbox import SandboxServer
+from aac_tokend.state import ProfileState, RejectionReason, TokenKind
+
+NOW = 1_800_000_000.0
+# A handler that stalls waits at most this long (the test's finalizer frees it sooner); it
+# only has to outlast the short read timeouts below.
+STALL_SECONDS = 10.0
+SHORT_READ_TIMEOUT = 0.3
+REFRESH = "rt-Old+Token/with=odd&chars"
+
+
+def access_jwt(exp: float = NOW + 900) -> str:
+    return sign_hs256({"exp": exp, "iss": "https://pingauth.alteryxcloud.com/as"}, b"k" * 32)
+
+
+def session() -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False  # a proxy from the environment must not intercept loopback tests
+    return s
+
+
+@pytest.fixture
+def endpoint() -> Iterator[TokenEndpoint]:
+    s = session()
+    yield TokenEndpoint(s)
+    s.close()
+
+
+@pytest.fixture
+def impatient() -> Iterator[TokenEndpoint]:
+    s = session()
+    yield TokenEndpoint(s, read_timeout=SHORT_READ_TIMEOUT)
+    s.close()
+
+
+# -- a loopback server with a scripted answer ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Answer = Callable[["_Handler"], None]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: OddServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        self.server.seen.append(Seen("POST", self.path, dict(self.headers.items()), body))
+        self.server.answer(self)
+
+    def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if "Content-Length" not in (headers or {}):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def reply_json(self, status: int, obj: object, headers: dict[str, str] | None = None) -> None:
+        self.reply(status, json.dumps(obj).encode(), {"Content-Type": "application/json"}
+                   | (headers or {}))  # fmt: skip
+
+
+class OddServer(ThreadingHTTPServer):
+    """A loopback HTTP server answering every request with ``answer``, recording each."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.answer = answer
+        self.seen: list[Seen] = []
+        self.release = threading.Event()  # stalled handlers wait for this
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/as/token"
+
+
+@pytest.fixture
+def odd() -> Iterator[Callable[[Answer], OddServer]]:
+    """Start OddServers on demand; all are stopped (and stalled handlers freed) at the end."""
+    servers: list[OddServer] = []
+
+    def start(answer: Answer) -> OddServer:
+        server = OddServer(answer)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def call(endpoint: TokenEndpoint, server: OddServer, refresh: str = REFRESH) -> RefreshOutcome:
+    return endpoint.refresh(server.url, "client-1", refresh, now=NOW)
+
+
+# -- against the sandbox -------------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(access_ttl=600) as server:
+        yield server
+
+
+def sandbox_refresh(
+    endpoint: TokenEndpoint, sandbox: SandboxServer, refresh: str, client: str | None = None
+) -> RefreshOutcome:
+    return endpoint.refresh(
+        sandbox.token_endpoint, client or sandbox.client_id, refresh, now=sandbox.clock()
+    )
+
+
+def pair(sandbox: SandboxServer) -> tuple[str, str]:
+    generated = sandbox.generate()
+    return str(generated["access_token"]), str(generated["refresh_token"])
+
+
+def state_for(sandbox: SandboxServer, access: str, refresh: str) -> ProfileState:
+    return ProfileState(
+        profile="work",
+        kind=TokenKind.OAUTH,
+        access_token=access,
+        refresh_token=refresh,
+        token_endpoint=sandbox.token_endpoint,
+        client_id=sandbox.client_id,
+        api_base_url=sandbox.api_url,
+        access_obtained_at=NOW,
+        access_expires_at=NOW + 600,
+    )
+
+
+class TestAgainstSandbox:
+    """A real AAC-like server: rotation, reuse detection, OAuth errors, injected failures."""
+
+    def test_success_rotates(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
+        """A refresh returns a new access token, a new refresh token and expires_in."""
+        access, refresh = pair(sandbox)
+        outcome = sandbox_refresh(endpoint, sandbox, refresh)
+        assert isinstance(outcome, Refreshed)
+        assert outcome.access_token != access
+        assert outcome.refresh_token not in (None, refresh)
+        assert outcome.expires_in == 600
+        assert sandbox.log()[-1]["outcome"] == "rotated"
+
+    def test_chain_of_refreshes(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
+        """Feeding each outcome through apply_outcome keeps the chain alive for many rounds."""
+        access, refresh = pair(sandbox)
+        state = state_for(sandbox, access, refresh)
+        for _ in range(5):
+            assert state.refresh_token is not None
+            outcome = sandbox_refresh(endpoint, sandbox, state.refresh_token)
+            assert isinstance(outcome, Refreshed)
+            state = apply_outcome(state, outcome, NOW)
+        assert state.refresh_count == 5
+        assert [e["outcome"] for e in sandbox.log()] == ["rotated"] * 5
+
+    def test_reuse_is_invalid_grant(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
+        """Reusing a rotated refresh token is Rejected(invalid_grant) with the server's words."""
+        _, refresh = pair(sandbox)
+        assert isinstance(sandbox_refresh(endpoint, sandbox, refresh), Refreshed)
+        outcome = sandbox_refresh(endpoint, sandbox, refresh)
+        assert outcome == Rejected(
+            "invalid_grant", "unknown, invalid, or expired refresh token", 400
+        )
+
+    def test_invalid_client(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
+        """A wrong client id is Rejected(invalid_client) with status 401."""
+        _, refresh = pair(sandbox)
+        outcome = sandbox_refresh(endpoint, sandbox, refresh, client="someone-else")
+        assert isinstance(outcome, Rejected)
+        assert (outcome.error, outcome.status) == ("invalid_client", 401)
+        assert outcome.error_description == "Invalid client or client credentials"
+
+    def test_429_retry_after(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
+        """An injected 429 with Retry-After is Transient with that delay, not ambiguous."""
+        _, refresh = pair(sandbox)
+        sandbox.fail_next(1, status=429, retry_after=7)
+        outcome = sandbox_refresh(endpoint, sandbox, refresh)
+        assert outcome == Transient("token endpoint answered HTTP 429", 7.0, False)
+
+    def test_503(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
+        """An injected 503 is Transient, not ambiguous, and the token still works after."""
+        _, refresh = pair(sandbox)
+        sandbox.fail_next(1, status=503)
+        outcome = sandbox_refresh(endpoint, sandbox, refresh)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert isinstance(sandbox_refresh(endpoint, sandbox, refresh), Refreshed)
+
+    def test_400_without_oauth_error(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
+        """A 400 whose body is not an OAuth error is Transient, never a rejection."""
+        _, refresh = pair(sandbox)
+        sandbox.fail_next(1, status=400, body="<html>Bad Request</html>")
+        outcome = sandbox_refresh(endpoint, sandbox, refresh)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+
+    def test_dropped_answer_is_ambiguous_then_after_lost_response(
+        self, endpoint: TokenEndpoint, sandbox: SandboxServer
+    ) -> None:
+        """A rotation whose answer is lost is ambiguous; the retry's invalid_grant is then
+        classified as our own lost response."""
+        access, refresh = pair(sandbox)
+        state = state_for(sandbox, access, refresh)
+        sandbox.fail_next(1, drop=True)
+        lost = sandbox_refresh(endpoint, sandbox, refresh)
+        assert isinstance(lost, Transient) and lost.ambiguous
+        assert sandbox.log()[-1]["outcome"] == "dropped_after_rotation"
+        state = apply_outcome(state, lost, NOW)
+        rejected = sandbox_refresh(endpoint, sandbox, refresh)
+        assert isinstance(rejected, Rejected)
+        state = apply_outcome(state, rejected, NOW)
+        assert state.rejection is not None
+        assert state.rejection.reason is RejectionReason.AFTER_LOST_RESPONSE
+
+    def test_slow_answer_is_ambiguous(
+        self, impatient: TokenEndpoint, sandbox: SandboxServer
+    ) -> None:
+        """An answer slower than the read timeout is ambiguous: the server did rotate."""
+        _, refresh = pair(sandbox)
+        sandbox.set_answer_delay(SHORT_READ_TIMEOUT * 5)
+        outcome = sandbox_refresh(impatient, sandbox, refresh)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert sandbox.log()[-1]["outcome"] == "rotated"
+
+
+# -- odd answers -------------------------------------------------------------------------
+
+
+class TestRequestShape:
+    """One form-encoded POST with the three refresh parameters and our User-Agent."""
+
+    def test_form_and_headers(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """The body is form-encoded grant_type/refresh_token/client_id; UA names the version."""
+        server = odd(lambda h: h.reply_json(200, {"access_token": access_jwt()}))
+        call(endpoint, server)
+        (seen,) = server.seen
+        assert (seen.method, seen.path) == ("POST", "/as/token")
+        assert seen.headers["Content-Type"] == "application/x-www-form-urlencoded"
+        assert seen.headers["User-Agent"] == f"aac-tokend/{__version__}"
+        assert seen.headers["Accept"] == "application/json"
+        assert "Authorization" not in seen.headers
+        assert parse_qs(seen.body.decode(), strict_parsing=True) == {
+            "grant_type": ["refresh_token"],
+            "refresh_token": [REFRESH],
+            "client_id": ["client-1"],
+        }
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            lambda h: h.reply(503, b"down"),
+            lambda h: h.reply(500, b""),
+            lambda h: h.reply_json(400, {"error": "invalid_grant"}),
+            lambda h: setattr(h, "close_connection", True),
+            lambda h: h.reply(302, b"", {"Location": "/as/token"}),
+        ],
+        ids=["503", "500", "invalid_grant", "closed", "redirect"],
+    )
+    def test_never_retries(self, endpoint: TokenEndpoint, odd: Any, answer: Answer) -> None:
+        """Whatever the answer, the server sees exactly one request per refresh call."""
+        server = odd(answer)
+        call(endpoint, server)
+        assert len(server.seen) == 1
+
+    def test_token_not_in_reason(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A failure's reason never carries the refresh token that was sent."""
+        server = odd(lambda h: h.reply(503, REFRESH.encode()))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient)
+        assert REFRESH not in outcome.reason
+
+
+class TestOddAnswers:
+    """Every odd answer becomes an outcome; ambiguous exactly when the server may have rotated."""
+
+    def test_missing_refresh_token_keeps_old(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A success without refresh_token keeps the old one in force (RFC 6749 s6)."""
+        access = access_jwt()
+        server = odd(lambda h: h.reply_json(200, {"access_token": access, "expires_in": 300}))
+        outcome = call(endpoint, server)
+        assert outcome == Refreshed(access, None, 300.0)
+        state = ProfileState(
+            profile="p", kind=TokenKind.OAUTH, access_token="old", refresh_token=REFRESH,
+            token_endpoint=server.url, client_id="client-1", api_base_url="https://x",
+            access_obtained_at=NOW - 600, access_expires_at=NOW + 10,
+        )  # fmt: skip
+        after = apply_outcome(state, outcome, NOW)
+        assert (after.access_token, after.refresh_token) == (access, REFRESH)
+
+    def test_expiry_from_jwt_without_expires_in(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """Without expires_in, the lifetime is the JWT's exp minus now."""
+        server = odd(lambda h: h.reply_json(200, {"access_token": access_jwt(NOW + 1234)}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Refreshed) and outcome.expires_in == 1234
+
+    def test_opaque_without_expires_in(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """An opaque token without expires_in gets the short assumed lifetime."""
+        server = odd(lambda h: h.reply_json(200, {"access_token": "opaque-access-token"}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Refreshed) and outcome.expires_in == 300
+
+    def test_invalid_grant_description_kept(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """invalid_grant keeps the error and its description."""
+        body = {"error": "invalid_grant", "error_description": "token revoked by admin"}
+        server = odd(lambda h: h.reply_json(400, body))
+        assert call(endpoint, server) == Rejected("invalid_grant", "token revoked by admin", 400)
+
+    def test_invalid_client_401(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A 401 invalid_client is Rejected with status 401."""
+        server = odd(lambda h: h.reply_json(401, {"error": "invalid_client"}))
+        assert call(endpoint, server) == Rejected("invalid_client", None, 401)
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            lambda h: h.reply(400, b"<html>bad request</html>", {"Content-Type": "text/html"}),
+            lambda h: h.reply_json(400, {"message": "bad"}),
+            lambda h: h.reply_json(400, {"error": 42}),
+            lambda h: h.reply_json(403, {"error": "access_denied"}),
+        ],
+        ids=["html", "no error field", "error not a string", "403"],
+    )
+    def test_not_an_oauth_rejection(
+        self, endpoint: TokenEndpoint, odd: Any, answer: Answer
+    ) -> None:
+        """A 4xx without a proper OAuth error (or not 400/401) is Transient, not ambiguous."""
+        outcome = call(endpoint, odd(answer))
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+
+    def test_429_retry_after_seconds(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """Retry-After in seconds is kept."""
+        server = odd(lambda h: h.reply(429, b"slow down", {"Retry-After": "42"}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient) and outcome.retry_after == 42
+
+    def test_429_retry_after_http_date(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """Retry-After as an HTTP date becomes seconds from now."""
+        when = email.utils.formatdate(NOW + 120, usegmt=True)
+        server = odd(lambda h: h.reply(429, b"", {"Retry-After": when}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient) and outcome.retry_after == 120
+
+    def test_503(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A 503 is Transient and not ambiguous."""
+        outcome = call(endpoint, odd(lambda h: h.reply(503, b"maintenance")))
+        assert outcome == Transient("token endpoint answered HTTP 503", None, False)
+
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            lambda h: h.reply(200, b"<html>welcome</html>"),
+            lambda h: h.reply(200, b""),
+            lambda h: h.reply_json(200, {"refresh_token": "new-rt"}),
+            lambda h: h.reply_json(200, {"access_token": ""}),
+            lambda h: h.reply_json(200, {"access_token": 12345}),
+            lambda h: h.reply_json(200, {"access_token": "has space inside"}),
+            lambda h: h.reply_json(200, {"access_token": "ctrl\u0007char"}),
+            lambda h: h.reply_json(200, [{"access_token": "x"}]),
+            lambda h: h.reply(200, b"\xff\xfe{}"),
+        ],
+        ids=["html", "empty", "no access_token", "blank", "number", "space", "control",
+             "array", "not utf8"],
+    )  # fmt: skip
+    def test_garbled_success_is_ambiguous(
+        self, endpoint: TokenEndpoint, odd: Any, answer: Answer
+    ) -> None:
+        """A 200 without a usable access token is ambiguous: the server may have rotated."""
+        outcome = call(endpoint, odd(answer))
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+
+    def test_closed_without_answer(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A server that reads the request and closes without answering: ambiguous."""
+        server = odd(lambda h: setattr(h, "close_connection", True))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert len(server.seen) == 1
+
+    def test_read_timeout(self, impatient: TokenEndpoint, odd: Any) -> None:
+        """No answer within the read timeout: ambiguous."""
+        server = odd(lambda h: h.server.release.wait(STALL_SECONDS))
+        outcome = call(impatient, server)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert "Timeout" in outcome.reason
+
+    def test_timeout_inside_body(self, impatient: TokenEndpoint, odd: Any) -> None:
+        """Headers arrive, then the body stalls past the read timeout: ambiguous."""
+
+        def stall(h: _Handler) -> None:
+            h.send_response(200)
+            h.send_header("Content-Length", "100")
+            h.end_headers()
+            h.wfile.write(b'{"access_token": "')
+            h.wfile.flush()
+            h.server.release.wait(STALL_SECONDS)
+
+        outcome = call(impatient, odd(stall))
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+
+    def test_body_cut_short(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A body shorter than its Content-Length: ambiguous."""
+
+        def cut(h: _Handler) -> None:
+            h.send_response(200)
+            h.send_header("Content-Length", "100")
+            h.end_headers()
+            h.wfile.write(b'{"access_token": "')
+            h.close_connection = True
+
+        outcome = call(endpoint, odd(cut))
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+
+    def test_undecodable_gzip(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A body claiming gzip that is not gzip: ambiguous."""
+        server = odd(lambda h: h.reply(200, b"not gzip at all", {"Content-Encoding": "gzip"}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+
+    def test_gzip_success(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A gzip-encoded success is decoded."""
+        body = gzip.compress(json.dumps({"access_token": "tok", "expires_in": 60}).encode())
+        server = odd(lambda h: h.reply(200, body, {"Content-Encoding": "gzip"}))
+        assert call(endpoint, server) == Refreshed("tok", None, 60.0)
+
+    def test_not_http(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """Garbage instead of a status line: ambiguous (the request was sent)."""
+
+        def garbage(h: _Handler) -> None:
+            h.wfile.write(b"\x00\x01 this is not HTTP\r\n\r\n")
+            h.close_connection = True
+
+        outcome = call(endpoint, odd(garbage))
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+
+    def test_connection_refused(self, endpoint: TokenEndpoint) -> None:
+        """A closed port: nothing was sent, so not ambiguous."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        outcome = endpoint.refresh(f"http://127.0.0.1:{port}/as/token", "c", REFRESH, now=NOW)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert outcome.reason.startswith("cannot reach the token endpoint")
+
+    def test_invalid_url(self, endpoint: TokenEndpoint) -> None:
+        """A URL requests cannot use: nothing was sent, not ambiguous."""
+        outcome = endpoint.refresh("nota://url", "c", REFRESH, now=NOW)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+
+    @pytest.mark.parametrize("status", [200, 400, 503])
+    def test_body_over_64k(self, endpoint: TokenEndpoint, odd: Any, status: int) -> None:
+        """A body over 64 KiB is not read as a token response: Transient (ambiguous on 200)."""
+        big = json.dumps({"access_token": "tok", "error": "invalid_grant",
+                          "pad": "x" * MAX_BODY_BYTES}).encode()  # fmt: skip
+        outcome = call(endpoint, odd(lambda h: h.reply(status, big)))
+        assert isinstance(outcome, Transient)
+        assert outcome.ambiguous is (status == 200)
+
+    def test_redirect_not_followed(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A redirect is not followed: the refresh token goes nowhere else."""
+        target = odd(lambda h: h.reply_json(200, {"access_token": "stolen"}))
+        server = odd(lambda h: h.reply(307, b"", {"Location": target.url}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert target.seen == []
+        assert len(server.seen) == 1
+
+
+# -- classify_response, fuzzed ------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+field_values = (
+    json_values
+    | st.text(max_size=300)
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.from_regex(r"\s*[0-9\u00b2\u0661]{1,30}\s*", fullmatch=True)
+)
+oauth_like = st.dictionaries(
+    st.sampled_from(["access_token", "refresh_token", "expires_in", "error", "error_description",
+                     "token_type"]),
+    field_values,
+)  # fmt: skip
+encodings = st.sampled_from(["utf-8", "utf-16", "latin-1", "utf-8-sig"])
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["oauth", "json", "bytes", "huge", "deep"]))
+    if kind == "oauth":
+        text = json.dumps(draw(oauth_like), ensure_ascii=draw(st.booleans()))
+        return text.encode(draw(encodings), errors="replace")
+    if kind == "json":
+        return json.dumps(draw(json_values)).encode()
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    if kind == "huge":
+        return b'{"access_token": "' + b"a" * (MAX_BODY_BYTES + draw(st.integers(-20, 20))) + b'"}'
+    return b"[" * draw(st.integers(1, 100_000))
+
+
+retry_after_values = (
+    st.text(max_size=40)
+    | st.integers(min_value=-(10**30), max_value=10**30).map(str)
+    | st.datetimes(timezones=st.timezones() | st.none()).map(
+        lambda d: email.utils.format_datetime(d) if d.tzinfo else d.isoformat()
+    )
+    | st.floats().map(lambda f: email.utils.formatdate(f) if math.isfinite(f) and
+                      abs(f) < 2e11 else str(f))
+)  # fmt: skip
+header_maps = st.dictionaries(
+    st.sampled_from(["Retry-After", "Content-Type", "WWW-Authenticate"]), retry_after_values
+)
+
+
+def one_clean_line(text: str) -> bool:
+    return text.isprintable() and len(text) <= 200
+
+
+class TestClassifyFuzzed:
+    """classify_response always returns an outcome, with clean strings, for any answer."""
+
+    @given(st.integers(min_value=100, max_value=599), header_maps, bodies())
+    @settings(max_examples=500)
+    def test_always_an_outcome(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Any status, headers and body give an outcome, never an exception."""
+        outcome = classify_response(status, headers, body, NOW)
+        if isinstance(outcome, Rejected):
+            assert status in (400, 401)
+            assert one_clean_line(outcome.error) and outcome.error
+            assert outcome.error_description is None or one_clean_line(outcome.error_description)
+        elif isinstance(outcome, Refreshed):
+            assert status == 200
+            token = outcome.access_token
+            assert token and token.isascii() and token.isprintable() and " " not in token
+            assert 0 < outcome.expires_in <= 366 * 86400
+            assert outcome.refresh_token is None or outcome.refresh_token.strip()
+        else:
+            assert isinstance(outcome, Transient)
+            assert "\n" not in outcome.reason
+            assert outcome.ambiguous is (status == 200)
+            assert outcome.retry_after is None or 0 <= outcome.retry_after <= 3600
+
+    @given(st.sampled_from([400, 401]), oauth_like)
+    @settings(max_examples=300)
+    def test_oauth_errors_cleaned(self, status: int, payload: dict[str, Any]) -> None:
+        """OAuth error strings from the server become one printable line of at most 200."""
+        outcome = classify_response(status, {}, json.dumps(payload).encode(), NOW)
+        if isinstance(payload.get("error"), str):
+            assert isinstance(outcome, Rejected)
+            assert one_clean_line(outcome.error)
+            assert outcome.error_description is None or one_clean_line(outcome.error_description)
+        else:
+            assert isinstance(outcome, Transient)
+
+    @given(retry_after_values, st.floats(min_value=0, max_value=4e9))
+    @settings(max_examples=300)
+    def test_retry_after_bounded(self, value: str, now: float) -> None:
+        """parse_retry_after gives None or a delay within [0, the cap]."""
+        seconds = parse_retry_after(value, now)
+        assert seconds is None or 0 <= seconds <= MAX_RETRY_AFTER_SECONDS
+
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [("0", 0.0), ("30", 30.0), (" 30 ", 30.0), ("999999", MAX_RETRY_AFTER_SECONDS),
+         ("\u00b2", None), ("-5", None), ("1.5", None), ("soon", None), ("", None), (None, None),
+         (email.utils.formatdate(NOW - 60, usegmt=True), 0.0),
+         (email.utils.formatdate(NOW + 60, usegmt=True), 60.0)],
+    )  # fmt: skip
+    def test_retry_after_examples(self, value: str | None, seconds: float | None) -> None:
+        """Delta-seconds and HTTP dates are read; anything else is ignored."""
+        assert parse_retry_after(value, NOW) == seconds
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [(3600, 3600.0), ("120", 120.0), (1.5, 1.5), (10**400, 366 * 86400.0),
+         (1e300, 366 * 86400.0), ("\u00b2", 300.0), ("9" * 5000, 366 * 86400.0), (0, 300.0),
+         (-5, 300.0), (True, 300.0), (None, 300.0), ("soon", 300.0)],
+    )  # fmt: skip
+    def test_expires_in_examples(self, raw: object, expected: float) -> None:
+        """expires_in is read when sane, capped at 366 days, else the assumed 300 s."""
+        body = json.dumps({"access_token": "opaque-token", "expires_in": raw}).encode()
+        outcome = classify_response(200, {}, body, NOW)
+        assert outcome == replace(Refreshed("opaque-token", None, 0.0), expires_in=expected)

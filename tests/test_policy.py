@@ -1,0 +1,487 @@
+"""The refresh policy and state transitions: pure functions, pinned by properties."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aac_tokend.outcome import Refreshed, Rejected, Transient
+from aac_tokend.policy import (
+    REFRESH_EXPIRY_GRACE_SECONDS,
+    SERVE_MARGIN_SECONDS,
+    PolicySettings,
+    access_valid,
+    apply_outcome,
+    backoff_delay,
+    begin_attempt,
+    classify_rejection,
+    next_refresh_at,
+    recover_interrupted,
+    status_of,
+)
+from aac_tokend.state import (
+    InFlight,
+    ProfileState,
+    Rejection,
+    RejectionReason,
+    Status,
+    TokenKind,
+)
+from aac_tokend.tokens import token_hash
+
+T0 = 1_800_000_000.0
+DAY = 86400.0
+# Float rounding at epoch magnitudes (~2e9) is below a microsecond; allow a little more.
+EPS = 1e-5
+DEFAULTS = PolicySettings()
+
+
+def oauth(**changes: object) -> ProfileState:
+    """A healthy OAuth state: access token obtained at T0, one hour of life."""
+    base = ProfileState(
+        profile="default",
+        kind=TokenKind.OAUTH,
+        access_token="access-token-aaaaaaaaaaaa",
+        refresh_token="refresh-token-rrrrrrrrrrrr",
+        token_endpoint="https://pingauth.alteryxcloud.com/as/token",
+        client_id="client",
+        api_base_url="https://api.us1.alteryxcloud.com",
+        access_obtained_at=T0,
+        access_expires_at=T0 + 3600,
+        imported_at=T0,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+profiles = st.from_regex(r"[a-z][a-z0-9_.-]{0,15}", fullmatch=True)
+lifetimes = st.floats(min_value=1.0, max_value=DAY)
+obtained_times = st.floats(min_value=1.0e9, max_value=2.5e9)
+refresh_counts = st.integers(min_value=0, max_value=1_000_000)
+policy_settings = st.builds(
+    PolicySettings,
+    refresh_fraction=st.floats(min_value=0.5, max_value=0.95),
+    min_margin_seconds=st.floats(min_value=0.0, max_value=600.0),
+    jitter_fraction=st.floats(min_value=0.0, max_value=0.2),
+    backoff_first_seconds=st.floats(min_value=0.1, max_value=30.0),
+    backoff_cap_seconds=st.floats(min_value=30.0, max_value=3600.0),
+)
+
+
+@st.composite
+def healthy_states(draw: st.DrawFn) -> ProfileState:
+    obtained = draw(obtained_times)
+    return oauth(
+        profile=draw(profiles),
+        access_obtained_at=obtained,
+        access_expires_at=obtained + draw(lifetimes),
+        refresh_count=draw(refresh_counts),
+    )
+
+
+class TestProactiveRefresh:
+    """A healthy chain refreshes about 75% into the access lifetime, before a margin."""
+
+    @given(healthy_states(), policy_settings, st.floats(min_value=-DAY, max_value=2 * DAY))
+    @settings(max_examples=500)
+    def test_bounds(self, state: ProfileState, policy: PolicySettings, offset: float) -> None:
+        """The refresh is never after expiry minus the margin, never before the jittered
+        fraction (when that comes first), and never before now."""
+        assert state.access_expires_at is not None
+        now = state.access_obtained_at + offset
+        at = next_refresh_at(state, now, policy)
+        assert at is not None
+        lifetime = state.access_expires_at - state.access_obtained_at
+        margin_bound = state.access_expires_at - min(
+            policy.min_margin_seconds, lifetime * (1 - policy.refresh_fraction)
+        )
+        earliest = state.access_obtained_at + lifetime * (
+            policy.refresh_fraction - policy.jitter_fraction
+        )
+        assert at >= now
+        assert at <= max(margin_bound, now) + EPS
+        if earliest <= margin_bound:
+            assert at >= max(earliest, now) - EPS
+
+    @given(healthy_states(), st.floats(min_value=-DAY, max_value=2 * DAY))
+    @settings(max_examples=300)
+    def test_default_settings(self, state: ProfileState, offset: float) -> None:
+        """With the defaults, refreshes land within 70-75% of the lifetime or 60 s before expiry."""
+        assert state.access_expires_at is not None
+        now = state.access_obtained_at + offset
+        at = next_refresh_at(state, now, DEFAULTS)
+        assert at is not None
+        lifetime = state.access_expires_at - state.access_obtained_at
+        if now <= state.access_obtained_at + 0.70 * lifetime:  # else: now, as pinned above
+            assert at <= state.access_expires_at - min(60.0, 0.25 * lifetime) + EPS
+            assert at >= state.access_obtained_at + 0.70 * lifetime - EPS
+
+    def test_one_hour_token(self) -> None:
+        """A one-hour token refreshes between 42 and 45 minutes in."""
+        at = next_refresh_at(oauth(), T0, DEFAULTS)
+        assert at is not None
+        assert T0 + 0.70 * 3600 <= at <= T0 + 0.75 * 3600
+
+    def test_five_minute_token_keeps_margin(self) -> None:
+        """A five-minute token refreshes no later than 60 s before it expires."""
+        state = oauth(access_expires_at=T0 + 300)
+        at = next_refresh_at(state, T0, DEFAULTS)
+        assert at is not None
+        assert at <= T0 + 240
+
+    def test_late_start_refreshes_now(self) -> None:
+        """A daemon that wakes after the planned time refreshes at once, not in the past."""
+        assert next_refresh_at(oauth(), T0 + 3500, DEFAULTS) == T0 + 3500
+
+    @given(healthy_states(), policy_settings, st.floats(min_value=0, max_value=DAY))
+    @settings(max_examples=200)
+    def test_deterministic(self, state: ProfileState, policy: PolicySettings, dt: float) -> None:
+        """The same state, time and settings always give the same schedule."""
+        now = state.access_obtained_at + dt
+        assert next_refresh_at(state, now, policy) == next_refresh_at(state, now, policy)
+        assert backoff_delay(state, policy) == backoff_delay(state, policy)
+
+    def test_jitter_spreads_profiles(self) -> None:
+        """Different profiles with the same token lifetime do not all refresh at one instant."""
+        times = {next_refresh_at(oauth(profile=f"p{i}"), T0, DEFAULTS) for i in range(20)}
+        assert len(times) > 10
+
+
+def ceiling(failures: int, policy: PolicySettings) -> float:
+    """The backoff ceiling the policy promises for a failure count."""
+    exponent = min(max(failures - 1, 0), 64)  # 2**64 s is past any cap, and no overflow
+    return min(policy.backoff_cap_seconds, policy.backoff_first_seconds * 2.0**exponent)
+
+
+class TestBackoff:
+    """Failed attempts back off exponentially with jitter, capped, honouring Retry-After."""
+
+    @given(profiles, st.integers(min_value=1, max_value=10_000), policy_settings)
+    @settings(max_examples=500)
+    def test_within_half_to_full_ceiling(
+        self, profile: str, failures: int, policy: PolicySettings
+    ) -> None:
+        """The delay lies in [ceiling/2, ceiling], and the ceiling never exceeds the cap."""
+        delay = backoff_delay(oauth(profile=profile, consecutive_failures=failures), policy)
+        top = ceiling(failures, policy)
+        assert top / 2 - EPS <= delay <= top + EPS
+        assert delay <= policy.backoff_cap_seconds + EPS
+
+    @given(st.integers(min_value=1, max_value=200), policy_settings)
+    @settings(max_examples=200)
+    def test_ceiling_non_decreasing(self, failures: int, policy: PolicySettings) -> None:
+        """More failures never lower the ceiling, and the lowest delay after n+1 failures is
+        at least half the highest after n."""
+        assert ceiling(failures + 1, policy) >= ceiling(failures, policy)
+        later = backoff_delay(oauth(consecutive_failures=failures + 1), policy)
+        assert later >= ceiling(failures, policy) / 2 - EPS
+
+    @given(profiles)
+    @settings(max_examples=200)
+    def test_first_retry_within_two_seconds(self, profile: str) -> None:
+        """With the defaults, the first retry comes after 1 to 2 seconds."""
+        delay = backoff_delay(oauth(profile=profile, consecutive_failures=1), DEFAULTS)
+        assert 1.0 <= delay <= 2.0
+
+    def test_capped(self) -> None:
+        """After many failures the retries still come at least every backoff_cap seconds."""
+        for failures in (9, 10, 50, 10**6):
+            delay = backoff_delay(oauth(consecutive_failures=failures), DEFAULTS)
+            assert 150.0 <= delay <= 300.0
+
+    @given(
+        st.integers(min_value=1, max_value=40),
+        st.floats(min_value=0, max_value=3600),
+        st.floats(min_value=-100, max_value=7200),
+    )
+    @settings(max_examples=300)
+    def test_next_retry_is_backoff_after_last_attempt(
+        self, failures: int, retry_after: float, offset: float
+    ) -> None:
+        """A failing chain retries at last attempt + backoff, not before Retry-After, not
+        before now."""
+        state = oauth(
+            consecutive_failures=failures,
+            last_attempt_at=T0 + 100,
+            retry_not_before=T0 + 100 + retry_after,
+            last_error="token endpoint answered HTTP 503",
+        )
+        now = T0 + 100 + offset
+        at = next_refresh_at(state, now, DEFAULTS)
+        assert at is not None
+        expected = max(T0 + 100 + backoff_delay(state, DEFAULTS), T0 + 100 + retry_after)
+        assert at == pytest.approx(max(expected, now))
+
+    def test_retry_after_recorded_from_outcome(self) -> None:
+        """A Transient with retry_after sets retry_not_before, which delays the retry."""
+        after = apply_outcome(oauth(), Transient("HTTP 429", retry_after=120.0), T0 + 10)
+        assert after.retry_not_before == T0 + 130
+        at = next_refresh_at(after, T0 + 10, DEFAULTS)
+        assert at is not None
+        assert at >= T0 + 130
+
+    def test_no_retry_after_clears_old_one(self) -> None:
+        """A later failure without Retry-After drops the earlier server's wish."""
+        state = oauth(consecutive_failures=1, retry_not_before=T0 + 999)
+        assert apply_outcome(state, Transient("reset"), T0).retry_not_before is None
+
+
+class TestNeverRefresh:
+    """Rejected, legacy and long-dead chains are never scheduled."""
+
+    def test_rejected(self) -> None:
+        """A rejected chain gets no next refresh."""
+        rej = Rejection(RejectionReason.REUSE_SUSPECTED, "invalid_grant", None, T0)
+        assert next_refresh_at(oauth(rejection=rej), T0, DEFAULTS) is None
+
+    def test_legacy(self) -> None:
+        """A legacy token cannot be refreshed."""
+        state = oauth(kind=TokenKind.LEGACY, refresh_token=None, token_endpoint=None)
+        assert next_refresh_at(state, T0, DEFAULTS) is None
+
+    def test_no_access_expiry(self) -> None:
+        """Without an access expiry there is nothing to schedule against."""
+        assert next_refresh_at(oauth(access_expires_at=None), T0, DEFAULTS) is None
+
+    @given(st.floats(min_value=0, max_value=10 * DAY))
+    @settings(max_examples=200)
+    def test_refresh_token_past_lifetime_and_grace(self, late: float) -> None:
+        """Past the refresh token's lifetime plus the grace hour there are no more tries."""
+        state = oauth(refresh_expires_at=T0 + DAY, consecutive_failures=3, last_attempt_at=T0)
+        now = T0 + DAY + REFRESH_EXPIRY_GRACE_SECONDS + late
+        assert next_refresh_at(state, now, DEFAULTS) is None
+
+    def test_refresh_token_within_grace_still_tried(self) -> None:
+        """Within the grace hour after the estimated end, transient failures keep retrying."""
+        state = oauth(refresh_expires_at=T0 + DAY, consecutive_failures=3, last_attempt_at=T0)
+        assert next_refresh_at(state, T0 + DAY + 60, DEFAULTS) is not None
+
+
+class TestApplyOutcome:
+    """apply_outcome: the state after a refresh attempt."""
+
+    def test_refreshed_resets_failures_journal_and_ambiguity(self) -> None:
+        """Success clears failures, errors, Retry-After, the journal and the ambiguity mark."""
+        state = begin_attempt(
+            oauth(
+                consecutive_failures=4,
+                last_error="boom",
+                retry_not_before=T0 + 50,
+                ambiguous_rt_hash="0123456789abcdef",
+            ),
+            T0,
+        )
+        after = apply_outcome(state, Refreshed("new-access", "new-refresh", 600.0), T0 + 1)
+        assert (after.consecutive_failures, after.last_error, after.retry_not_before) == (
+            0,
+            None,
+            None,
+        )
+        assert after.in_flight is None
+        assert after.ambiguous_rt_hash is None
+        assert after.rejection is None
+
+    def test_refreshed_stores_new_pair_and_times(self) -> None:
+        """The new tokens are stored, obtained now, expiring now + expires_in."""
+        after = apply_outcome(oauth(), Refreshed("new-access", "new-refresh", 600.0), T0 + 5)
+        assert (after.access_token, after.refresh_token) == ("new-access", "new-refresh")
+        assert (after.access_obtained_at, after.access_expires_at) == (T0 + 5, T0 + 605)
+        assert after.last_refresh_at == T0 + 5
+
+    def test_refreshed_without_refresh_token_keeps_old(self) -> None:
+        """A server that returns no refresh token leaves the old one in force (RFC 6749 s6)."""
+        state = oauth()
+        after = apply_outcome(state, Refreshed("new-access", None, 600.0), T0)
+        assert after.refresh_token == state.refresh_token
+
+    @given(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=10**6))
+    @settings(max_examples=100)
+    def test_counters_advance(self, count: int, generation: int) -> None:
+        """Each success adds one to refresh_count; every transition adds one to generation."""
+        state = oauth(refresh_count=count, generation=generation)
+        after = apply_outcome(state, Refreshed("a", "r", 60.0), T0)
+        assert after.refresh_count == count + 1
+        assert after.generation == generation + 1
+        for outcome in (Rejected("invalid_grant", None, 400), Transient("x")):
+            assert apply_outcome(state, outcome, T0).generation == generation + 1
+            assert apply_outcome(state, outcome, T0).refresh_count == count
+
+    def test_rejected_is_final(self) -> None:
+        """A rejection is recorded with the server's words and never scheduled again."""
+        after = apply_outcome(
+            begin_attempt(oauth(), T0), Rejected("invalid_grant", "expired token", 400), T0 + 1
+        )
+        assert after.rejection == Rejection(
+            RejectionReason.REUSE_SUSPECTED, "invalid_grant", "expired token", T0 + 1
+        )
+        assert after.in_flight is None
+        assert next_refresh_at(after, T0 + 1, DEFAULTS) is None
+        assert next_refresh_at(after, T0 + 10 * DAY, DEFAULTS) is None
+        assert status_of(after, T0 + 1) is Status.REJECTED
+
+    def test_transient_counts_a_failure(self) -> None:
+        """A transient failure adds a failure, records the reason and clears the journal."""
+        after = apply_outcome(begin_attempt(oauth(), T0), Transient("HTTP 503"), T0 + 1)
+        assert after.consecutive_failures == 1
+        assert after.last_error == "HTTP 503"
+        assert after.last_attempt_at == T0 + 1
+        assert after.in_flight is None
+        assert after.ambiguous_rt_hash is None
+
+    def test_ambiguous_transient_marks_the_sent_token(self) -> None:
+        """A possibly-landed request records the hash of the refresh token it carried."""
+        state = oauth()
+        after = apply_outcome(state, Transient("read timeout", ambiguous=True), T0)
+        assert state.refresh_token is not None
+        assert after.ambiguous_rt_hash == token_hash(state.refresh_token)
+
+    def test_clear_transient_keeps_earlier_ambiguity(self) -> None:
+        """A later failure that surely did not land does not forget an earlier ambiguity."""
+        state = oauth(ambiguous_rt_hash="feedfacefeedface")
+        after = apply_outcome(state, Transient("connection refused"), T0)
+        assert after.ambiguous_rt_hash == "feedfacefeedface"
+
+    def test_input_state_is_unchanged(self) -> None:
+        """Transitions build new states; the old one is untouched (frozen)."""
+        state = oauth()
+        apply_outcome(state, Refreshed("a", "b", 1.0), T0)
+        assert state == oauth()
+
+
+class TestClassifyRejection:
+    """Why a chain broke, in order of precedence."""
+
+    def test_after_lost_response_first(self) -> None:
+        """invalid_grant for a token whose earlier answer was lost is our own rotation."""
+        state = oauth(refresh_expires_at=T0 - 1)  # expired too: the lost answer still wins
+        assert state.refresh_token is not None
+        state = replace(state, ambiguous_rt_hash=token_hash(state.refresh_token))
+        reason = classify_rejection(state, Rejected("invalid_grant", None, 400), T0)
+        assert reason is RejectionReason.AFTER_LOST_RESPONSE
+
+    def test_ambiguity_about_another_token_does_not_count(self) -> None:
+        """An ambiguity mark for a different token is not an excuse for this one."""
+        state = oauth(ambiguous_rt_hash="0000000000000000")
+        reason = classify_rejection(state, Rejected("invalid_grant", None, 400), T0)
+        assert reason is RejectionReason.REUSE_SUSPECTED
+
+    def test_refresh_token_expired(self) -> None:
+        """invalid_grant past the refresh token's lifetime is expiry."""
+        state = oauth(refresh_expires_at=T0)
+        reason = classify_rejection(state, Rejected("invalid_grant", None, 400), T0)
+        assert reason is RejectionReason.REFRESH_TOKEN_EXPIRED
+
+    def test_reuse_suspected_otherwise(self) -> None:
+        """invalid_grant with no excuse of ours means someone else used the token."""
+        state = oauth(refresh_expires_at=T0 + DAY)
+        reason = classify_rejection(state, Rejected("invalid_grant", "revoked", 400), T0)
+        assert reason is RejectionReason.REUSE_SUSPECTED
+
+    def test_invalid_client(self) -> None:
+        """invalid_client is its own reason, whatever else is known."""
+        assert state_ambiguous_reason("invalid_client") is RejectionReason.INVALID_CLIENT
+
+    @pytest.mark.parametrize(
+        "error", ["invalid_request", "unauthorized_client", "invalid_scope", "server_error", ""]
+    )
+    def test_other_errors(self, error: str) -> None:
+        """Any other OAuth error is a configuration problem."""
+        assert state_ambiguous_reason(error) is RejectionReason.OAUTH_ERROR
+
+
+def state_ambiguous_reason(error: str) -> RejectionReason:
+    """The reason for ``error`` on a state that would otherwise read as a lost response."""
+    state = oauth()
+    assert state.refresh_token is not None
+    state = replace(state, ambiguous_rt_hash=token_hash(state.refresh_token))
+    return classify_rejection(state, Rejected(error, None, 400), T0)
+
+
+class TestJournal:
+    """The write-ahead journal and recovery from an attempt nobody finished."""
+
+    def test_begin_attempt_journals_the_token_hash(self) -> None:
+        """begin_attempt records the hash of the refresh token about to be sent, and when."""
+        state = oauth()
+        journal = begin_attempt(state, T0 + 7)
+        assert state.refresh_token is not None
+        assert journal.in_flight == InFlight(token_hash(state.refresh_token), T0 + 7)
+        assert journal.last_attempt_at == T0 + 7
+        assert journal.generation == state.generation + 1
+
+    def test_recover_marks_ambiguity_for_same_token(self) -> None:
+        """An interrupted attempt with the current token makes that token ambiguous."""
+        journal = begin_attempt(oauth(), T0)
+        recovered = recover_interrupted(journal, T0 + 60)
+        assert recovered.in_flight is None
+        assert journal.in_flight is not None
+        assert recovered.ambiguous_rt_hash == journal.in_flight.rt_hash
+        assert recovered.consecutive_failures == 1
+        assert recovered.last_attempt_at == T0
+        assert recovered.last_error is not None
+
+    def test_recover_ignores_journal_for_other_token(self) -> None:
+        """A journal about an older token (already replaced) marks nothing ambiguous."""
+        journal = replace(oauth(), in_flight=InFlight("0000000000000000", T0))
+        recovered = recover_interrupted(journal, T0 + 60)
+        assert recovered.ambiguous_rt_hash is None
+        assert recovered.in_flight is None
+
+    def test_recover_without_journal_is_identity(self) -> None:
+        """With no journal entry there is nothing to recover."""
+        state = oauth()
+        assert recover_interrupted(state, T0) is state
+
+    def test_lost_response_then_invalid_grant(self) -> None:
+        """Crash mid-request, then invalid_grant: classified as our own lost rotation."""
+        recovered = recover_interrupted(begin_attempt(oauth(), T0), T0 + 5)
+        after = apply_outcome(recovered, Rejected("invalid_grant", None, 400), T0 + 6)
+        assert after.rejection is not None
+        assert after.rejection.reason is RejectionReason.AFTER_LOST_RESPONSE
+
+
+class TestStatus:
+    """status_of: what a person sees."""
+
+    def test_ok(self) -> None:
+        """A healthy chain is ok."""
+        assert status_of(oauth(), T0) is Status.OK
+
+    def test_retrying(self) -> None:
+        """A chain with failures but still refreshable is retrying."""
+        assert status_of(oauth(consecutive_failures=2), T0) is Status.RETRYING
+
+    def test_retrying_even_when_access_expired(self) -> None:
+        """An expired access token with a live refresh token is retrying, not expired."""
+        state = oauth(consecutive_failures=2)
+        assert status_of(state, T0 + 7200) is Status.RETRYING
+
+    def test_rejected(self) -> None:
+        """A rejection wins over everything."""
+        rej = Rejection(RejectionReason.INVALID_CLIENT, "invalid_client", None, T0)
+        assert status_of(oauth(rejection=rej), T0 + 10 * DAY) is Status.REJECTED
+
+    def test_expired_chain(self) -> None:
+        """Access dead and refresh token past lifetime plus grace: expired."""
+        state = oauth(refresh_expires_at=T0 + 100)
+        assert status_of(state, T0 + 100 + REFRESH_EXPIRY_GRACE_SECONDS + 3600) is Status.EXPIRED
+
+    def test_expired_legacy(self) -> None:
+        """A legacy token past its expiry is expired; before it, ok."""
+        state = oauth(kind=TokenKind.LEGACY, refresh_token=None)
+        assert status_of(state, T0) is Status.OK
+        assert status_of(state, T0 + 3600) is Status.EXPIRED
+
+    def test_legacy_without_expiry_stays_ok(self) -> None:
+        """A legacy token without a known expiry is always served."""
+        state = oauth(kind=TokenKind.LEGACY, refresh_token=None, access_expires_at=None)
+        assert status_of(state, T0 + 1000 * DAY) is Status.OK
+
+    def test_serve_margin(self) -> None:
+        """A token is not served within the serve margin of its expiry."""
+        state = oauth()
+        assert state.access_expires_at is not None
+        assert access_valid(state, state.access_expires_at - SERVE_MARGIN_SECONDS - 0.01)
+        assert not access_valid(state, state.access_expires_at - SERVE_MARGIN_SECONDS)
