@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from types import FrameType
@@ -81,13 +82,14 @@ class Daemon:
         store = FileStore(paths.state_dir, key)
         ensure_private_dir(paths.runtime_dir)
         passed = listen_fds()
+        sdnotify.claim_environment()  # before any courier: no child may inherit them
         scheduler = self._scheduler or APScheduler()
         self._alerter = Alerter(build_sinks(self._config))
         token_server = TokenServer(
             paths.runtime_dir,
             self,  # current_token below: the engine, once built
-            tick=self._watchdog,
-            tick_interval=_watchdog_interval(),
+            tick=self._watchdog if sdnotify.watchdog_interval() else None,
+            tick_interval=sdnotify.watchdog_interval() or 1.0,
         )
         self._engine = engine = Engine(
             store=store,
@@ -107,11 +109,14 @@ class Daemon:
             listener=control_listener,
         )
         token_server.start()
-        control.start()
         self._install_signals()
         scheduler.every("__heartbeat__", 2.0, self._heartbeat)
         engine.start()
         self._sync_sockets(token_server, passed)
+        # Only now: a request must see the stored profiles (under socket activation the
+        # connection that started us waits in the backlog until here). Before the
+        # scheduler: a control socket we cannot bind stops us before any refresh begins.
+        control.start()
         scheduler.start()
         sdnotify.ready(f"serving {len(engine.profiles())} profile(s)")
         log.info("daemon_started", pid=os.getpid(), version=__version__,
@@ -139,7 +144,9 @@ class Daemon:
         have = set(server.profiles())
         for name in sorted(wanted - have):
             given = passed.get(f"{name}.token")
-            server.add_profile(name, given[0] if given else None)
+            # A copy: removing the profile closes what the server holds, and the passed
+            # socket (the manager's, never unlinked) must serve the profile if it comes back.
+            server.add_profile(name, given[0].dup() if given else None)
         for name in sorted(have - wanted):
             server.remove_profile(name)
         sdnotify.status(f"serving {len(wanted)} profile(s)")
@@ -184,13 +191,15 @@ class Daemon:
         self._stop.set()
 
 
-def _watchdog_interval() -> float:
-    interval = sdnotify.watchdog_interval()
-    return min(interval, 1.0) if interval else 1.0
-
-
 def run_daemon(paths: Paths) -> int:
-    """Entry of ``aac-tokend run``."""
+    """Entry of ``aac-tokend run``: once the daemon has stopped, the process exits at once."""
+    code = 0
     with contextlib.suppress(KeyboardInterrupt):
-        return Daemon(paths).run()
-    return 0
+        code = Daemon(paths).run()
+    # A refresh still in flight belongs to its courier, which outlives us by design. The
+    # worker threads waiting for its answer would hold interpreter shutdown (it joins
+    # them) for as long as the endpoint takes, up to courier.WAIT_SECONDS: past any stop
+    # timeout. Everything of ours is closed and durable by now, so leave without them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

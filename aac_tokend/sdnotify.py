@@ -4,6 +4,11 @@ Outside systemd (no ``NOTIFY_SOCKET``) every call is a no-op that returns False,
 daemon calls these helpers unconditionally. A failed send is reported by the return value,
 never raised: telling the service manager how we are is never worth stopping the daemon.
 Messages carry states and counts, never a token.
+
+The daemon calls ``claim_environment()`` once at start: the address and the watchdog
+interval are kept here and the variables leave the environment (sd_notify's
+``unset_environment``), so no child (a courier) can take them for its own. Until then, and
+in any process that never claims them, every call reads the environment afresh.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 
 __all__ = [
     "NOTIFY_TIMEOUT",
+    "claim_environment",
     "notify",
     "ready",
     "reloading",
@@ -29,6 +35,13 @@ __all__ = [
 NOTIFY_TIMEOUT = 2.0
 
 
+#: The variables the service manager sets for us alone.
+_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+# (address, watchdog interval) once claim_environment() has run; None before.
+_claimed: tuple[bytes | None, float | None] | None = None
+
+
 def _address(value: str) -> bytes | None:
     """The sockaddr_un path for a NOTIFY_SOCKET value, or None for a kind we do not speak."""
     if value.startswith("@"):
@@ -38,10 +51,22 @@ def _address(value: str) -> bytes | None:
     return None  # e.g. vsock:CID:PORT (systemd >= 253, for VMs): not ours to support
 
 
+def _env_address() -> bytes | None:
+    value = os.environ.get("NOTIFY_SOCKET", "")
+    return _address(value) if value else None
+
+
+def claim_environment() -> None:
+    """Keep NOTIFY_SOCKET and the watchdog interval here, and unset the variables."""
+    global _claimed
+    _claimed = (_env_address(), _env_watchdog_interval())
+    for name in _VARIABLES:
+        os.environ.pop(name, None)
+
+
 def notify(message: str) -> bool:
     """Send ``message`` (``KEY=VALUE`` lines) to the service manager; True if it was sent."""
-    value = os.environ.get("NOTIFY_SOCKET", "")
-    address = _address(value) if value else None
+    address = _claimed[0] if _claimed is not None else _env_address()
     if address is None:
         return False
     try:
@@ -93,6 +118,10 @@ def watchdog_interval() -> float | None:
     None when WATCHDOG_USEC is unset or not a positive integer, or when WATCHDOG_PID names
     another process (the variables were inherited, not meant for us).
     """
+    return _claimed[1] if _claimed is not None else _env_watchdog_interval()
+
+
+def _env_watchdog_interval() -> float | None:
     try:
         usec = int(os.environ.get("WATCHDOG_USEC", ""))
     except ValueError:
