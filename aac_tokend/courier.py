@@ -25,7 +25,7 @@ import base64
 import contextlib
 import json
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -61,8 +61,9 @@ LOCK_WAIT_SECONDS = 10.0
 #: encrypted new state is handed to the daemon to hold and keep retrying.
 SAVE_RETRY_SECONDS = 5.0
 #: Hard upper bound of a courier's life, enforced by SIGALRM: lock wait 10 s + connect 5 s
-#: + read 20 s + saves ~5 s, with margin. Well under systemd's TimeoutStopSec (90 s
-#: default) and launchd's ExitTimeOut, so a service manager never has to kill one.
+#: + read 20 s + saves ~5 s, with margin. The units do not stop couriers at all (systemd
+#: KillMode=process, launchd AbandonProcessGroup); this bound keeps that promise cheap, and
+#: stays under the time a logout or shutdown gives the user's processes.
 MAX_LIFE_SECONDS = 50
 #: How long the daemon waits for a courier's answer before leaving it to finish alone.
 WAIT_SECONDS = MAX_LIFE_SECONDS + 5
@@ -140,9 +141,20 @@ def _persist(store: FileStore, state: ProfileState, kind: str) -> CourierResult:
 
 
 def carry(
-    job: CourierJob, store: FileStore, endpoint: TokenEndpoint, clock: Callable[[], float]
+    job: CourierJob,
+    store: FileStore,
+    endpoint: TokenEndpoint,
+    clock: Callable[[], float],
+    *,
+    trace: Callable[[str], None] | None = None,
 ) -> CourierResult:
-    """The refresh transaction: lock, journal, request, durable outcome."""
+    """The refresh transaction: lock, journal, request, durable outcome.
+
+    ``trace`` (tests and the crash campaign only) hears each step as it ends: "journaled"
+    (the request is about to leave), "answered" (the outcome is known, only in memory) and
+    "persisted" (the outcome is durable, or handed over unsaved).
+    """
+    step = trace or (lambda _name: None)
     try:
         with store.locked(job.profile, LOCK_WAIT_SECONDS):
             state = store.load(job.profile)
@@ -160,7 +172,9 @@ def carry(
                 state = recover_interrupted(state, clock())
             journal = begin_attempt(state, clock())
             store.save(journal)  # durable before the request leaves
+            step("journaled")
             outcome = endpoint.refresh(endpoint_url, client_id, job.refresh_token, now=clock())
+            step("answered")
             after = apply_outcome(journal, outcome, clock())
             kind = (
                 "refreshed"
@@ -169,7 +183,9 @@ def carry(
                 if isinstance(outcome, Rejected)
                 else "transient"
             )
-            return _persist(store, after, kind)
+            result = _persist(store, after, kind)
+            step("persisted")
+            return result
     except BusyError as exc:
         return CourierResult("busy", str(exc))
     except StateCorruptError as exc:
@@ -199,7 +215,8 @@ class InProcessRefresher:
 
 def _become_courier() -> None:
     """Leave the daemon's session and signals behind; bound our own life."""
-    os.setsid()
+    if os.getsid(0) != os.getpid():  # a spawned courier is already a session leader
+        os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -208,16 +225,19 @@ def _become_courier() -> None:
 
 def _read_answer(fd: int, deadline: float) -> bytes:
     chunks = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
+    # A selector, not select.select(): with a thousand profiles' token sockets open this
+    # pipe's descriptor is above 1023, which select() cannot watch (ValueError).
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            chunks.append(chunk)
+            if selector.select(min(left, 1.0)):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
     return b"".join(chunks)
 
 

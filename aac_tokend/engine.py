@@ -69,6 +69,7 @@ class Engine:
         self._profiles: dict[str, _Profile] = {}
         self._serving: dict[str, tuple[bytes, float | None]] = {}
         self._corrupt: dict[str, str] = {}
+        self._waiting: set[str] = set()  # profiles whose earlier courier is still out
         self._lock = threading.Lock()
 
     # -- the hot path ---------------------------------------------------------------
@@ -90,8 +91,21 @@ class Engine:
                 self._adopt(name)
             else:
                 log.info("waiting_for_courier", profile=name)
-                threading.Thread(target=self._adopt, args=(name,), daemon=True).start()
+                self._waiting.add(name)
+                adopt = threading.Thread(target=self._adopt_after_courier, args=(name,))
+                adopt.daemon = True
+                adopt.start()
         self._scheduler.every(TICK_KEY, WAKE_CAP_SECONDS, self.tick)
+
+    def _adopt_after_courier(self, name: str) -> None:
+        try:
+            self._adopt(name)
+        finally:
+            self._waiting.discard(name)
+
+    def waiting_for_courier(self, name: str) -> bool:
+        """True while ``name`` is not served yet: a courier from before a restart holds it."""
+        return name in self._waiting
 
     def profiles(self) -> list[str]:
         return sorted(self._profiles)

@@ -1,0 +1,370 @@
+"""A refresh outlives the daemon: SIGKILL at any instant loses no chain.
+
+The referee is the sandbox's request log (what the server rotated, and which refresh token
+each request presented), read by the test, never the daemon's own account. Daemons are real
+``aac-tokend run`` processes killed with SIGKILL; couriers are found in /proc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from aac_tokend.alerts import Alerter
+from aac_tokend.config import Config
+from aac_tokend.courier import CourierJob, CourierResult, carry
+from aac_tokend.endpoint import TokenEndpoint
+from aac_tokend.engine import Engine
+from aac_tokend.importer import build_state, parse_import_text
+from aac_tokend.sandbox import SandboxServer
+from aac_tokend.scheduling import SystemClock
+from aac_tokend.state import RejectionReason
+from aac_tokend.store import FileStore
+from aac_tokend.testing import FailingFileLayer, FakeScheduler
+from aac_tokend.tokens import token_hash
+
+from .crash_rig import Rig, chains, proc_info, rotations, wait_for
+
+#: Sandbox answer delay of the kill tests: the window between the server's rotation (logged
+#: at once) and the courier's durable save is at least this wide, so a kill lands inside it.
+ANSWER_DELAY = 0.4
+#: Short access tokens so that the daemon's own schedule also rotates during the test.
+ACCESS_TTL = 4.0
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(access_ttl=ACCESS_TTL, answer_delay=ANSWER_DELAY) as server:
+        yield server
+
+
+@pytest.fixture
+def rig(sandbox: SandboxServer) -> Iterator[Rig]:
+    rig = Rig(sandbox)
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def _new_rotation(sandbox: SandboxServer, seen: int) -> dict[str, object] | None:
+    done = rotations(sandbox.log())
+    return done[seen] if len(done) > seen else None
+
+
+def _single_chain(rig: Rig) -> None:
+    """The profile's whole history is one unbroken chain, each refresh token sent once."""
+    (chain,) = chains(rig.sandbox.log(), rig.first_rt_hashes["default"])
+    assert not chain.lost, chain.entries
+    assert chain.problems() == []
+
+
+class TestDaemonKilledAtRotation:
+    """SIGKILL of the daemon each time the server rotates: the courier finishes the job."""
+
+    def test_twenty_kills_at_rotation_lose_no_chain(self, rig: Rig) -> None:
+        """After each kill the restarted daemon serves the pair the killed one's courier got."""
+        rig.import_profile()
+        daemon = rig.start()
+        rig.wait_ready(daemon)
+        landed_in_window = 0
+        for _ in range(20):
+            seen = len(rotations(rig.sandbox.log()))
+            rig.refresh_in_background()
+            killed = wait_for("a rotation", partial(_new_rotation, rig.sandbox, seen))
+            rig.kill(daemon)
+            # The answer is still on its way: the new pair exists only in the courier.
+            if rig.durable_rt_hash() != killed["new_rt_hash"]:
+                landed_in_window += 1
+            daemon = rig.start()
+            token = rig.wait_token()
+            state = rig.state()
+            if len(rotations(rig.sandbox.log())) == seen + 1:  # no rotation since the kill
+                assert token_hash(state.refresh_token or "") == killed["new_rt_hash"]
+                assert token == state.access_token
+            assert rig.api_accepts(token)
+            assert state.rejection is None
+        seen = len(rotations(rig.sandbox.log()))
+        rig.refresh_in_background().join()
+        wait_for("one more rotation", lambda: _new_rotation(rig.sandbox, seen))
+        _single_chain(rig)
+        assert landed_in_window >= 10, "the kills did not land between rotation and save"
+        Rig.stop(daemon)
+
+
+def _rejection(rig: Rig, profile: str = "default") -> dict[str, str] | None:
+    """The rejection the running daemon reports for ``profile``, if any."""
+    rows = rig.control("status")["profiles"]
+    assert isinstance(rows, list)
+    row = next(r for r in rows if r["profile"] == profile)
+    rejection: dict[str, str] | None = row["rejection"]
+    return rejection
+
+
+class TestCourierKilledInWindow:
+    """The one loss left: the courier itself killed between the server's answer and the save."""
+
+    def test_loss_is_reported_after_lost_response(self, rig: Rig) -> None:
+        """The journal marks the attempt ambiguous; the retry's invalid_grant is not reuse."""
+        rig.import_profile()
+        daemon = rig.start()
+        rig.wait_ready(daemon)
+        rig.refresh_in_background()
+        couriers = wait_for("the courier", lambda: rig.couriers(daemon.pid))
+        wait_for("the rotation", lambda: _new_rotation(rig.sandbox, 0))
+        os.kill(couriers[0], signal.SIGKILL)
+        report = wait_for("the daemon to report the rejection", lambda: _rejection(rig))
+        assert report["reason"] == "after_lost_response"
+        rejection = rig.state().rejection
+        assert rejection is not None
+        assert rejection.reason is RejectionReason.AFTER_LOST_RESPONSE
+        log = rig.sandbox.log()
+        assert [e["outcome"] for e in log] == ["rotated", "reuse_revoked"]
+        assert log[1]["rt_hash"] == log[0]["rt_hash"]  # the retry presented the same token
+        Rig.stop(daemon)
+
+
+class TestRestartWhileCourierRuns:
+    """A daemon started while the previous one's courier is finishing waits for it."""
+
+    def test_new_daemon_starts_waits_and_never_resends(self, sandbox: SandboxServer) -> None:
+        """It gets the owner lock at once, then reads the courier's durable outcome."""
+        sandbox.set_answer_delay(2.0)
+        rig = Rig(sandbox)
+        try:
+            rig.import_profile()
+            first = rig.start()
+            rig.wait_ready(first)
+            rig.refresh_in_background()
+            courier = wait_for("the courier", lambda: rig.couriers(first.pid))[0]
+            killed = wait_for("the rotation", lambda: _new_rotation(sandbox, 0))
+            rig.kill(first)
+            second = rig.start()
+            rig.wait_ready(second)  # the courier does not hold the single-owner lock
+            assert proc_info(courier) is not None and proc_info(courier).state != "Z"  # type: ignore[union-attr]
+            assert rig.control("profiles")["profiles"] == []  # not adopted until it is done
+            token = rig.wait_token()
+            assert token == rig.state().access_token
+            assert rig.durable_rt_hash() == killed["new_rt_hash"]
+            assert "waiting_for_courier" in rig.daemon_log()
+            sandbox.set_answer_delay(0.0)
+            rig.refresh_in_background().join()
+            log = sandbox.log()
+            assert log[1]["rt_hash"] == killed["new_rt_hash"]
+            hashes = [e["rt_hash"] for e in log]
+            assert len(hashes) == len(set(hashes)) == 2
+            _single_chain(rig)
+            Rig.stop(second)
+        finally:
+            rig.close()
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed while we looked
+    return out
+
+
+def _unix_socket_inodes() -> set[str]:
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return {f"socket:[{line.split()[6]}]" for line in lines if len(line.split()) > 6}
+
+
+def _ignored_signals(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+    return set()
+
+
+class TestCourierIsolation:
+    """A courier is out of the daemon's reach: own session, deaf, no inherited descriptors."""
+
+    @pytest.mark.parametrize("kind", ["fork", "spawn"])
+    def test_courier_is_isolated_and_finishes_despite_signals(
+        self, sandbox: SandboxServer, kind: str
+    ) -> None:
+        """TERM/INT/HUP do not stop it; it holds only its pipe of the daemon's descriptors."""
+        rig = Rig(sandbox, courier=kind)
+        try:
+            rig.import_profile()
+            daemon = rig.start()
+            rig.wait_ready(daemon)
+            daemon_fds = set(_fd_targets(daemon.pid).values())
+            rig.refresh_in_background()
+            courier = wait_for("the courier", lambda: rig.couriers(daemon.pid))[0]
+            wait_for("the rotation", lambda: _new_rotation(sandbox, 0))
+            assert os.getsid(courier) == courier != os.getsid(daemon.pid)
+            assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= _ignored_signals(courier)
+            targets = _fd_targets(courier)
+            pipes = [t for t in targets.values() if t.startswith("pipe:")]
+            assert len(pipes) == (1 if kind == "fork" else 2)  # spawn: stdin and stdout
+            shared = {t for t in targets.values() if t in daemon_fds} - {"/dev/null"}
+            assert shared <= set(pipes), f"inherited from the daemon: {shared - set(pipes)}"
+            assert not set(targets.values()) & _unix_socket_inodes()
+            assert str(rig.paths.daemon_lock) not in targets.values()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                os.kill(courier, sig)
+            killed = _new_rotation(sandbox, 0)
+            assert killed is not None
+            wait_for("the save", lambda: rig.durable_rt_hash() == killed["new_rt_hash"])
+            wait_for("the courier's end", lambda: courier not in rig.couriers(daemon.pid))
+            assert rig.state().rejection is None
+            Rig.stop(daemon)
+        finally:
+            rig.close()
+
+
+# -- the transaction in process ------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(access_ttl=60) as server:
+        yield server
+
+
+def _stored(sandbox: SandboxServer, store: FileStore, profile: str = "p") -> str:
+    pair = sandbox.generate()
+    request = parse_import_text(json.dumps(pair), profile=profile)
+    request = dataclasses.replace(request, token_endpoint=sandbox.token_endpoint)
+    store.save(build_state(request, time.time()))
+    return str(pair["refresh_token"])
+
+
+class TestCarry:
+    """The transaction a courier carries, run in this process against the sandbox."""
+
+    def test_steps_are_traced_in_order(self, quick_sandbox: SandboxServer, tmp_path: Path) -> None:
+        """The trace hook hears journaled, answered, persisted: the window's two ends."""
+        key = secrets.token_bytes(32)
+        store = FileStore(tmp_path, key)
+        rt = _stored(quick_sandbox, store)
+        steps: list[str] = []
+        result = carry(
+            CourierJob("p", rt, str(tmp_path), key), store, TokenEndpoint(), time.time,
+            trace=steps.append,
+        )  # fmt: skip
+        assert result == CourierResult("refreshed")
+        assert steps == ["journaled", "answered", "persisted"]
+
+    def test_stale_job_sends_nothing(self, quick_sandbox: SandboxServer, tmp_path: Path) -> None:
+        """A job whose refresh token is no longer the stored one is dropped unsent."""
+        key = secrets.token_bytes(32)
+        store = FileStore(tmp_path, key)
+        rt = _stored(quick_sandbox, store)
+        job = CourierJob("p", rt, str(tmp_path), key)
+        assert carry(job, store, TokenEndpoint(), time.time).kind == "refreshed"
+        assert carry(job, store, TokenEndpoint(), time.time).kind == "state_changed"
+        assert len(quick_sandbox.log()) == 1
+
+    def test_leftover_journal_makes_the_loss_after_lost_response(
+        self, quick_sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A journal left by a killed courier turns the retry's invalid_grant into a lost answer."""
+        key = secrets.token_bytes(32)
+        store = FileStore(tmp_path, key)
+        rt = _stored(quick_sandbox, store)
+        job = CourierJob("p", rt, str(tmp_path), key)
+
+        def die_after_answer(step: str) -> None:
+            if step == "answered":
+                raise _CourierKilledError
+
+        with pytest.raises(_CourierKilledError):
+            carry(job, store, TokenEndpoint(), time.time, trace=die_after_answer)
+        assert store.load("p").in_flight is not None  # type: ignore[union-attr]
+        assert carry(job, store, TokenEndpoint(), time.time).kind == "rejected"
+        state = store.load("p")
+        assert state is not None and state.rejection is not None
+        assert state.rejection.reason is RejectionReason.AFTER_LOST_RESPONSE
+        assert [e["outcome"] for e in quick_sandbox.log()] == ["rotated", "reuse_revoked"]
+
+
+class _CourierKilledError(Exception):
+    """Stands for a SIGKILL at a given step of the transaction."""
+
+
+class _StoreRefresher:
+    """Carries each refresh in this thread through a given (failing) store."""
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+
+    def refresh(self, job: CourierJob) -> CourierResult:
+        return carry(job, self.store, TokenEndpoint(), time.time)
+
+
+class TestJournalNotWritten:
+    """A disk that refuses the journal: nothing is sent, and the daemon backs off."""
+
+    def test_refusal_backs_off_and_is_reported(self, tmp_path: Path) -> None:
+        """The retry is scheduled later, not at once (no spin), and status says why."""
+        with SandboxServer(access_ttl=2) as sandbox:
+            key = secrets.token_bytes(32)
+            fs = FailingFileLayer()
+            store = FileStore(tmp_path, key, fs=fs)
+            _stored(sandbox, store)
+            scheduler = FakeScheduler()
+            engine = Engine(
+                store=store, key=key, refresher=_StoreRefresher(store), scheduler=scheduler,
+                clock=SystemClock(), config=Config(), alerter=Alerter([]),
+                socket_path=lambda n: tmp_path / n,
+            )  # fmt: skip
+            engine.start()
+            time.sleep(1.6)  # the 2 s token is now due for its refresh
+            fs.failures = {"write": errno.EROFS}
+            before = time.time()
+            state = engine.refresh("p")
+            assert sandbox.log() == []
+            assert state.consecutive_failures == 1
+            next_at = scheduler.next_at("p")
+            assert next_at is not None and next_at >= before + 0.9  # backoff_first 2 s, jittered
+            row = engine.status()[0]
+            assert row["state"] == "retrying" and "EROFS" in row["last_error"]
+            fs.failures = {}
+            assert engine.refresh("p").refresh_count == 1
+            assert [e["outcome"] for e in sandbox.log()] == ["rotated"]
+
+    def test_courier_dead_before_its_journal_backs_off(self, tmp_path: Path) -> None:
+        """A courier that ends without an answer or a trace is retried later, not at once."""
+        with SandboxServer(access_ttl=2) as sandbox:
+            key = secrets.token_bytes(32)
+            store = FileStore(tmp_path, key)
+            _stored(sandbox, store)
+            scheduler = FakeScheduler()
+            engine = Engine(
+                store=store, key=key, refresher=_DeadCourier(), scheduler=scheduler,
+                clock=SystemClock(), config=Config(), alerter=Alerter([]),
+                socket_path=lambda n: tmp_path / n,
+            )  # fmt: skip
+            engine.start()
+            time.sleep(1.6)  # due
+            before = time.time()
+            assert engine.refresh("p").consecutive_failures == 1
+            next_at = scheduler.next_at("p")
+            assert next_at is not None and next_at >= before + 0.9
+            assert engine.refresh("p").consecutive_failures == 2
+            assert sandbox.log() == []
+
+
+class _DeadCourier:
+    """A courier that dies at once, before its journal (e.g. it cannot start)."""
+
+    def refresh(self, job: CourierJob) -> CourierResult:
+        return CourierResult("lost", "the courier ended without an answer")
