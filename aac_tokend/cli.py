@@ -27,7 +27,7 @@ def _fast_token(args: list[str]) -> int | None:
         return None
     if not profile or "/" in profile or profile.startswith("."):
         return None
-    from .paths import runtime_dir_fast
+    from .rundir import runtime_dir_fast  # not .paths: see rundir's docstring
 
     runtime = runtime_dir_fast(os.environ)
     if runtime is None:

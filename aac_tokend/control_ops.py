@@ -74,11 +74,20 @@ class ControlOps:
         if not isinstance(name, str):
             raise InputError("'profile' must be a string")
         if name not in self._engine.profiles():
+            if self._engine.waiting_for_courier(name):
+                raise BusyError(
+                    f"profile {name}: a refresh begun before the daemon restarted is still "
+                    "finishing; try again in a few seconds"
+                )
+            # A profile whose file cannot be read exists: say so, not "no profile".
+            for row in self._engine.status():
+                if row["profile"] == name and row["state"] == "corrupt":
+                    raise StateCorruptError(str(row["alert"]))
             raise ProfileError(f"no profile named {name[:70]!r}; import one first")
         return name
 
     def _report(self, name: str) -> dict[str, Any]:
-        return next(row for row in self._engine.status() if row["profile"] == name)
+        return next(row for row in self._engine.status(only=name) if row["profile"] == name)
 
     def op_token(self, request: dict[str, object]) -> dict[str, object]:
         name = self._profile(request)

@@ -37,6 +37,13 @@ log = structlog.get_logger("aac_tokend.daemon")
 
 #: The main thread wakes this often to notice a stop request; SIGTERM must end us in < 2 s.
 MAIN_WAIT_SECONDS = 0.5
+#: Every profile's token socket holds a descriptor: at the usual soft limit of 1024 (a login
+#: shell's and systemd's default) about a thousand profiles use them all, and then neither
+#: the control socket nor a refresh can open one. The hard limit is ours to take, up to
+#: this: a forked courier closes the descriptors below 65536 (courier.py).
+NOFILE_WANTED = 65536
+#: macOS refuses a soft limit above OPEN_MAX (10240) even under an unlimited hard limit.
+NOFILE_FALLBACK = 10240
 #: If the scheduler thread has not ticked for this long, stop pinging the watchdog so the
 #: service manager restarts us (the tick runs every 2 s; 30 s is a hang, not a delay).
 SCHEDULER_STALL_SECONDS = 30.0
@@ -66,6 +73,7 @@ class Daemon:
         """Run in the foreground until asked to stop; returns the exit status."""
         # Core dumps would hold every token in plaintext.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _raise_nofile_limit()
         os.umask(0o077)
         self._config = load_config(self.paths.config_dir)
         configure_logging(self._config.log_format, self._config.log_level)
@@ -189,6 +197,19 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def _raise_nofile_limit() -> None:
+    """Take what the hard limit allows of NOFILE_WANTED descriptors (see there)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for wanted in (NOFILE_WANTED, NOFILE_FALLBACK):
+        if hard != resource.RLIM_INFINITY:
+            wanted = min(wanted, hard)
+        if soft == resource.RLIM_INFINITY or soft >= wanted:
+            return
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses more than OPEN_MAX
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return
 
 
 def run_daemon(paths: Paths) -> int:
