@@ -34,8 +34,8 @@ __all__ = ["Engine"]
 
 log = structlog.get_logger("aac_tokend.engine")
 TICK_KEY = "__tick__"
-#: How often a state that could not be saved is tried again.
-UNSAVED_RETRY_SECONDS = 2.0
+#: Courier results after which the state file holds the attempt's outcome.
+DURABLE_OUTCOMES = frozenset({"refreshed", "rejected", "transient"})
 
 
 @dataclass
@@ -222,32 +222,34 @@ class Engine:
             unsaved = result.unsaved
         else:
             before = self._profiles[name].state
+            detail = result.detail
             if result.kind == "lost":
                 self._recover_lost(name)
-            loaded = self._store.load(name)
+            try:
+                loaded = self._store.load(name)
+            except (StorageError, StateCorruptError) as exc:
+                loaded, detail = before, str(exc)  # keep serving what we have; report it
             if loaded is None:
                 self._forget(name)
                 raise ProfileError(f"profile {name!r} was removed during the refresh")
             state = loaded
-            if result.kind == "storage_failed" or (
-                result.kind == "lost" and loaded.generation == before.generation
-            ):
-                # Nothing was sent: the journal could not be written, or the courier died
-                # before it. Count a failure in memory only (the disk may refuse it), so the
-                # retry backs off instead of spinning.
+            if result.kind not in DURABLE_OUTCOMES and loaded.generation == before.generation:
+                # Nothing durable happened (the journal could not be written, the courier
+                # died before it, the file cannot be read): count a failure in memory only
+                # (the disk may refuse it), so the retry backs off instead of spinning.
                 failures = max(before.consecutive_failures, loaded.consecutive_failures) + 1
                 state = dataclasses.replace(
                     loaded,
                     consecutive_failures=failures,
                     last_attempt_at=self._clock.now(),
-                    last_error=result.detail,
+                    last_error=detail,
                 )
         self._install(state, unsaved)
         self._log_result(state, result)
         return state
 
     def _recover_lost(self, name: str) -> None:
-        with contextlib.suppress(BusyError), self._store.locked(name, WAIT_SECONDS):
+        with contextlib.suppress(AacTokendError), self._store.locked(name, WAIT_SECONDS):
             state = self._store.load(name)
             if state is not None and state.in_flight is not None:
                 self._store.save(recover_interrupted(state, self._clock.now()))

@@ -751,3 +751,24 @@ def test_config_default_policy_matches_the_issue() -> None:
     """The backoff the scenarios assume: first retry within 2 s, cap 300 s."""
     policy = Config().policy
     assert policy.backoff_first_seconds == 2.0 and policy.backoff_cap_seconds == 300.0
+
+
+class TestUnreadableStateDuringRefresh:
+    """A state file damaged under a running engine is reported, not spun on."""
+
+    def test_corrupt_file_backs_off_and_keeps_serving(self, worlds: Callable[..., World]) -> None:
+        """Refreshing a profile whose file became unreadable counts a failure and backs off."""
+        world = worlds()
+        world.import_pair()
+        served = world.token()
+        path = world.store.path("work")
+        damaged = bytearray(path.read_bytes())
+        damaged[-1] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        state = world.engine.refresh("work")
+        assert state.consecutive_failures == 1
+        assert state.last_error is not None and "cannot be decrypted" in state.last_error
+        assert world.status()["state"] == "retrying"
+        assert world.token() == served
+        assert path.read_bytes() == bytes(damaged)
+        assert world.token_requests() == []
