@@ -220,9 +220,28 @@ def cmd_reload(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
+#: The daemon exits within 2 s of a shutdown request; past this, `stop` says it still runs.
+STOP_WAIT_SECONDS = 10.0
+
+
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
     _need_daemon(paths, "shutdown")
-    return 0
+    # Return only once the daemon has let go of the owner lock: `stop && run` must work.
+    from .errors import AlreadyRunningError
+    from .owner import OwnerLock
+
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
+    while True:
+        try:
+            with OwnerLock(paths.daemon_lock):
+                return 0
+        except AlreadyRunningError as exc:
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    f"the daemon (pid {exc.pid}) was asked to stop but still runs after "
+                    f"{STOP_WAIT_SECONDS:.0f} s; see its log"
+                ) from exc
+            time.sleep(0.05)
 
 
 def _mount(sub: Any, name: str, module: str, help_text: str, wanted: str | None) -> None:

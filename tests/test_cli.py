@@ -1,0 +1,192 @@
+"""The `aac-tokend` command line as a user meets it: help, status, profiles, remove, errors.
+
+Every command runs as a real process (``python -m aac_tokend ...``) against a real daemon
+and the in-process sandbox, with AAC_TOKEND_HOME in a short /tmp directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.helpers_e2e import (
+    CliResult,
+    E2EHome,
+    RecordingSandbox,
+    e2e_home,
+    import_pair,
+    running_sandbox,
+    wait_until,
+)
+
+COMMANDS = [
+    "run", "import", "token", "status", "refresh", "remove", "profiles", "reload", "stop",
+    "sandbox", "demo", "service", "api", "exec",
+]  # fmt: skip
+#: The fields `status --json` documents for every profile (README), and the timestamps.
+STATUS_FIELDS = {
+    "profile", "kind", "state", "token_valid", "access_expires_at", "next_refresh_at",
+    "last_refresh_at", "refresh_expires_at", "refresh_count", "consecutive_failures",
+    "last_error", "rejection", "alert", "token_socket",
+}  # fmt: skip
+TIME_FIELDS = ("access_expires_at", "next_refresh_at", "last_refresh_at", "refresh_expires_at")
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+
+
+@pytest.fixture
+def home() -> Iterator[E2EHome]:
+    with e2e_home() as instance:
+        yield instance
+
+
+@pytest.fixture
+def sandboxes() -> Iterator[Callable[..., RecordingSandbox]]:
+    """A factory of started sandboxes (keyword arguments as SandboxServer's), all stopped after."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(running_sandbox(**kwargs))
+
+
+def one_line_error(result: CliResult, exit_code: int) -> str:
+    """The command failed with ``exit_code`` and said why in one 'aac-tokend: error:' line."""
+    lines = result.stderr_lines()
+    assert result.returncode == exit_code, str(result)
+    assert len(lines) == 1 and lines[0].startswith("aac-tokend: error: "), str(result)
+    return lines[0]
+
+
+class TestHelp:
+    """Every command explains itself."""
+
+    def test_top_level_help_lists_every_command(self, home: E2EHome) -> None:
+        """`--help` exits 0 and names each command and the exit statuses."""
+        result = home.cli("--help")
+        assert result.returncode == 0, str(result)
+        for command in COMMANDS:
+            assert re.search(rf"^\s+{command}\s", result.stdout, re.M), command
+        assert "exit status" in result.stdout
+
+    @pytest.mark.parametrize("command", COMMANDS)
+    def test_command_help(self, home: E2EHome, command: str) -> None:
+        """`COMMAND --help` exits 0 with its own usage line and nothing on stderr."""
+        result = home.cli(command, "--help")
+        assert result.returncode == 0, str(result)
+        assert result.stdout.startswith(f"usage: aac-tokend {command}"), str(result)
+        assert result.stderr == ""
+
+
+class TestStatus:
+    """`status --json` has the documented fields, with times in ISO 8601 UTC."""
+
+    def check_rows(self, rows: list[dict[str, object]]) -> None:
+        for row in rows:
+            assert set(row) >= STATUS_FIELDS, sorted(STATUS_FIELDS - set(row))
+            for name in TIME_FIELDS:
+                value = row[name]
+                assert value is None or ISO_UTC.fullmatch(str(value)), f"{name}: {value!r}"
+
+    def test_status_json_with_and_without_the_daemon(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Running: every field set after a refresh. Stopped: the stored facts, no socket."""
+        sandbox = sandboxes()
+        import_pair(home, sandbox)
+        daemon = home.daemon().start(profiles=["default"])
+        assert home.cli("refresh").returncode == 0
+        result = home.cli("status", "--json")
+        assert result.returncode == 0, str(result)
+        answer = json.loads(result.stdout)
+        assert answer["daemon_running"] is True
+        (row,) = answer["profiles"]
+        self.check_rows([row])
+        assert row["profile"] == "default" and row["state"] == "ok"
+        assert row["refresh_count"] == 1 and row["alert"] is None
+        assert row["token_socket"] == str(home.socket())
+        assert all(row[name] for name in TIME_FIELDS), row
+
+        daemon.stop()
+        offline = json.loads(home.cli("status", "--json").stdout)
+        assert offline["daemon_running"] is False
+        (row,) = offline["profiles"]
+        self.check_rows([row])
+        assert row["refresh_count"] == 1 and row["access_expires_at"] and row["last_refresh_at"]
+
+    def test_plain_status_without_profiles(self, home: E2EHome) -> None:
+        """No daemon, no profile: status says so and how to import, exit 0."""
+        result = home.cli("status")
+        assert result.returncode == 0, str(result)
+        assert "not running" in result.stdout and "aac-tokend import" in result.stdout
+
+
+class TestProfilesAndRemove:
+    """`profiles` lists names; `remove` deletes one, with or without the daemon."""
+
+    def test_profiles_and_remove_without_daemon(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Offline: names sorted; remove deletes the state file; unknown names exit 65."""
+        sandbox = sandboxes()
+        for name in ("work", "default"):
+            import_pair(home, sandbox, profile=name)
+        assert home.cli("profiles").stdout == "default\nwork\n"
+        result = home.cli("remove", "work")
+        assert result.returncode == 0, str(result)
+        assert not home.state_file("work").exists() and home.state_file("default").exists()
+        assert home.cli("profiles").stdout == "default\n"
+        one_line_error(home.cli("remove", "work"), 65)
+
+    def test_profiles_and_remove_with_daemon(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Running: remove stops serving at once and deletes the state; others stay served."""
+        sandbox = sandboxes()
+        for name in ("work", "default"):
+            import_pair(home, sandbox, profile=name)
+        daemon = home.daemon().start(profiles=["default", "work"])
+        assert home.cli("profiles").stdout == "default\nwork\n"
+        result = home.cli("remove", "work")
+        assert result.returncode == 0, str(result)
+        assert not home.socket("work").exists()
+        assert not home.state_file("work").exists()
+        assert home.cli("profiles").stdout == "default\n"
+        assert [r["profile"] for r in daemon.status()["profiles"]] == ["default"]
+        assert daemon.token() and daemon.token("work") == ""
+        one_line_error(home.cli("remove", "work"), 65)
+        one_line_error(home.cli("token", "-p", "work"), 65)
+
+
+class TestNeedsDaemon:
+    """Commands that need the daemon say so in one line and exit 4."""
+
+    @pytest.mark.parametrize("command", [["refresh"], ["reload"], ["stop"]])
+    def test_without_daemon(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox], command: list[str]
+    ) -> None:
+        """Without a daemon: exit 4, one line naming `aac-tokend run`, nothing sent."""
+        sandbox = sandboxes()
+        import_pair(home, sandbox)
+        message = one_line_error(home.cli(*command), 4)
+        assert "aac-tokend run" in message
+        assert sandbox.log() == []
+
+    def test_stop_returns_once_the_daemon_is_gone(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """`stop` returns after the daemon exited, even mid-refresh: `stop && run` works."""
+        sandbox = sandboxes(answer_delay=3.0)
+        import_pair(home, sandbox)
+        daemon = home.daemon().start(profiles=["default"])
+        first = daemon.pid
+        asker = threading.Thread(target=lambda: home.cli("refresh"), daemon=True)
+        asker.start()  # a refresh in flight: its courier outlives the daemon
+        wait_until(lambda: sandbox.log(), 10, "the refresh request")
+        assert home.cli("stop").returncode == 0
+        assert daemon.proc is not None and daemon.proc.poll() == 0, "stop returned too early"
+        assert not home.paths.control_socket.exists()
+        one_line_error(home.cli("refresh"), 4)
+        daemon.start(profiles=["default"])  # a script's `aac-tokend stop && aac-tokend run`
+        assert daemon.pid != first and daemon.profile_status()["refresh_count"] == 1
