@@ -34,6 +34,10 @@ REFRESH_EXPIRY_GRACE_SECONDS = 3600.0
 #: dies while its API call is in flight.
 SERVE_MARGIN_SECONDS = 1.0
 
+#: Time a refresh needs to land before a token stops being served (a loopback round trip
+#: takes milliseconds; a slow proxy may take most of a second).
+REFRESH_SLACK_SECONDS = 1.0
+
 #: When a token endpoint answers without any expiry, assume this short lifetime: refreshing
 #: early is cheap, serving a dead token is not.
 ASSUMED_LIFETIME_SECONDS = 300.0
@@ -127,7 +131,11 @@ def proactive_refresh_at(state: ProfileState, settings: PolicySettings) -> float
     jitter = lifetime * settings.jitter_fraction * _unit(state.profile, state.refresh_count)
     at_fraction = state.access_obtained_at + lifetime * settings.refresh_fraction - jitter
     margin = min(settings.min_margin_seconds, lifetime * (1.0 - settings.refresh_fraction))
-    return min(at_fraction, state.access_expires_at - margin)
+    # Tokens stop being served SERVE_MARGIN_SECONDS before expiry; refresh before that (with
+    # time for the round trip), or a very short-lived token leaves readers a gap each cycle.
+    serving_ends = state.access_expires_at - min(SERVE_MARGIN_SECONDS + REFRESH_SLACK_SECONDS,
+                                                 lifetime / 2)  # fmt: skip
+    return min(at_fraction, state.access_expires_at - margin, serving_ends)
 
 
 def next_refresh_at(state: ProfileState, now: float, settings: PolicySettings) -> float | None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from aac_tokend.outcome import Refreshed, Rejected, Transient
 from aac_tokend.policy import (
     REFRESH_EXPIRY_GRACE_SECONDS,
+    REFRESH_SLACK_SECONDS,
     SERVE_MARGIN_SECONDS,
     PolicySettings,
     access_valid,
@@ -97,12 +98,15 @@ class TestProactiveRefresh:
         margin_bound = state.access_expires_at - min(
             policy.min_margin_seconds, lifetime * (1 - policy.refresh_fraction)
         )
+        serving_bound = state.access_expires_at - min(
+            SERVE_MARGIN_SECONDS + REFRESH_SLACK_SECONDS, lifetime / 2
+        )
         earliest = state.access_obtained_at + lifetime * (
             policy.refresh_fraction - policy.jitter_fraction
         )
         assert at >= now
-        assert at <= max(margin_bound, now) + EPS
-        if earliest <= margin_bound:
+        assert at <= max(min(margin_bound, serving_bound), now) + EPS
+        if earliest <= min(margin_bound, serving_bound):
             assert at >= max(earliest, now) - EPS
 
     @given(healthy_states(), st.floats(min_value=-DAY, max_value=2 * DAY))
@@ -116,7 +120,24 @@ class TestProactiveRefresh:
         lifetime = state.access_expires_at - state.access_obtained_at
         if now <= state.access_obtained_at + 0.70 * lifetime:  # else: now, as pinned above
             assert at <= state.access_expires_at - min(60.0, 0.25 * lifetime) + EPS
-            assert at >= state.access_obtained_at + 0.70 * lifetime - EPS
+            if lifetime >= 8.0:  # shorter: the serving bound below comes first
+                assert at >= state.access_obtained_at + 0.70 * lifetime - EPS
+
+    @given(healthy_states())
+    @settings(max_examples=200)
+    def test_refresh_lands_before_serving_stops(self, state: ProfileState) -> None:
+        """Even a seconds-long token is refreshed before it stops being served (no gap)."""
+        assert state.access_expires_at is not None
+        at = next_refresh_at(state, state.access_obtained_at, DEFAULTS)
+        assert at is not None
+        lifetime = state.access_expires_at - state.access_obtained_at
+        slack = min(SERVE_MARGIN_SECONDS + REFRESH_SLACK_SECONDS, lifetime / 2)
+        assert at <= state.access_expires_at - slack + EPS
+
+    def test_three_second_token_refreshes_before_serving_stops(self) -> None:
+        """A 3 s token refreshes by 1.5 s, well before it stops being served at 2 s."""
+        at = next_refresh_at(oauth(access_expires_at=T0 + 3), T0, DEFAULTS)
+        assert at is not None and at <= T0 + 1.5 + EPS
 
     def test_one_hour_token(self) -> None:
         """A one-hour token refreshes between 42 and 45 minutes in."""
