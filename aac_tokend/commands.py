@@ -28,7 +28,8 @@ __all__ = ["build_parser", "dispatch"]
 
 _EXIT_BY_CODE = {
     "no_token": 69, "unknown_profile": 65, "bad_request": 65, "config_error": 78,
-    "busy": 75, "storage_error": 69, "corrupt_state": 69,
+    "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
+    "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69,
 }  # fmt: skip
 
 

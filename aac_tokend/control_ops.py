@@ -10,34 +10,21 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__
+from .control_server import error_code
 from .engine import Engine
 from .errors import (
     AacTokendError,
     BusyError,
-    ConfigError,
     InputError,
     ProfileError,
     StateCorruptError,
-    StorageError,
 )
 from .importer import ImportRequest
 
 __all__ = ["ControlOps", "code_for"]
 
 
-def code_for(exc: AacTokendError) -> str:
-    """The machine-readable ``code`` of an error answer."""
-    for kind, code in (
-        (ConfigError, "config_error"),
-        (ProfileError, "unknown_profile"),
-        (BusyError, "busy"),
-        (StateCorruptError, "corrupt_state"),
-        (StorageError, "storage_error"),
-        (InputError, "bad_request"),
-    ):
-        if isinstance(exc, kind):
-            return code
-    return "error"
+code_for = error_code  # one mapping of errors to wire codes, shared with the server
 
 
 def _fail(code: str, message: str) -> dict[str, object]:

@@ -66,7 +66,7 @@ _STOP_TIMEOUT = 2.0  # stop() waits this long for the I/O thread: a drain plus a
 _DRAIN_TIMEOUT = 0.5
 
 # Wire codes of errors that escape the handler; a class not listed takes its nearest
-# ancestor's code. The codes are those control_ops.code_for answers with, so the CLI maps
+# ancestor's code. control_ops answers with the same mapping, so the CLI maps
 # both kinds of answer to the same exit status.
 ERROR_CODES: dict[type[errors.AacTokendError], str] = {
     errors.BusyError: "busy",

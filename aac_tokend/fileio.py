@@ -59,15 +59,38 @@ class OsFileLayer:
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) 0700, or check that it is our own real directory."""
+    """Create ``path`` (and its parents) as a 0700 directory we own, or check that it is one.
+
+    A symlink at ``path`` is refused, never followed: the check and the chmod go through a
+    descriptor opened with O_NOFOLLOW, so nothing can be swapped in between.
+    """
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise InputError(f"cannot create directory {path}: {exc.strerror}") from exc
-    if not stat.S_ISDIR(info.st_mode):
-        raise InputError(f"{path} must be a directory, not a symlink or file; remove it")
-    if info.st_uid != os.getuid():
-        raise InputError(f"{path} is owned by uid {info.st_uid}, not by you; fix its owner")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    try:
+        kind = os.lstat(path).st_mode
+        if stat.S_ISLNK(kind):
+            raise InputError(f"{path} is a symlink; remove it or choose another directory")
+        if not stat.S_ISDIR(kind):
+            raise InputError(f"{path} is not a directory; remove it or choose another directory")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        # Including a directory swapped for a symlink between lstat() and open().
+        raise InputError(f"{path} cannot be opened as a directory: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise InputError(
+                f"directory {path} is owned by uid {st.st_uid}, not by us ({os.getuid()}); "
+                "choose a directory of our own"
+            )
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    except OSError as exc:
+        raise InputError(f"cannot make directory {path} private: {exc.strerror}") from exc
+    finally:
+        os.close(fd)

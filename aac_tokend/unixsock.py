@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aac_tokend.errors import AlreadyRunningError, InputError
+from aac_tokend.fileio import ensure_private_dir
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -59,44 +60,6 @@ def check_path_length(path: Path) -> None:
             f"socket path {path} is {size} bytes, over the {UNIX_PATH_MAX - 1}-byte limit "
             "of Unix sockets; set AAC_TOKEND_HOME to a shorter directory"
         )
-
-
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (and its parents) as a 0700 directory we own, or check that it is one.
-
-    A symlink at ``path`` is refused, never followed: the check and the chmod go through a
-    descriptor opened with O_NOFOLLOW, so nothing can be swapped in between.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise InputError(f"cannot create directory {path}: {exc.strerror}") from exc
-    try:
-        kind = os.lstat(path).st_mode
-        if stat.S_ISLNK(kind):
-            raise InputError(f"{path} is a symlink; remove it or choose another directory")
-        if not stat.S_ISDIR(kind):
-            raise InputError(f"{path} is not a directory; remove it or choose another directory")
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as exc:
-        # Including a directory swapped for a symlink between lstat() and open().
-        raise InputError(f"{path} cannot be opened as a directory: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.getuid():
-            raise InputError(
-                f"directory {path} is owned by uid {st.st_uid}, not by us ({os.getuid()}); "
-                "choose a directory of our own"
-            )
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)
-    except OSError as exc:
-        raise InputError(f"cannot make directory {path} private: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
 
 
 def _clear_stale(path: Path) -> None:

@@ -193,6 +193,14 @@ class CliResult:
         )
 
 
+def assert_one_line_error(result: CliResult, exit_code: int) -> str:
+    """The command failed with ``exit_code`` and said why in one 'aac-tokend: error:' line."""
+    lines = result.stderr_lines()
+    assert result.returncode == exit_code, str(result)
+    assert len(lines) == 1 and lines[0].startswith("aac-tokend: error: "), str(result)
+    return str(lines[0])
+
+
 @dataclass
 class E2EHome:
     """One isolated aac-tokend instance: AAC_TOKEND_HOME plus a place for captured output."""

@@ -6,21 +6,18 @@ and the in-process sandbox, with AAC_TOKEND_HOME in a short /tmp directory.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from tests.helpers_e2e import (
-    CliResult,
     E2EHome,
     RecordingSandbox,
-    e2e_home,
+    assert_one_line_error,
     import_pair,
-    running_sandbox,
     wait_until,
 )
 
@@ -36,27 +33,6 @@ STATUS_FIELDS = {
 }  # fmt: skip
 TIME_FIELDS = ("access_expires_at", "next_refresh_at", "last_refresh_at", "refresh_expires_at")
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-
-
-@pytest.fixture
-def home() -> Iterator[E2EHome]:
-    with e2e_home() as instance:
-        yield instance
-
-
-@pytest.fixture
-def sandboxes() -> Iterator[Callable[..., RecordingSandbox]]:
-    """A factory of started sandboxes (keyword arguments as SandboxServer's), all stopped after."""
-    with contextlib.ExitStack() as stack:
-        yield lambda **kwargs: stack.enter_context(running_sandbox(**kwargs))
-
-
-def one_line_error(result: CliResult, exit_code: int) -> str:
-    """The command failed with ``exit_code`` and said why in one 'aac-tokend: error:' line."""
-    lines = result.stderr_lines()
-    assert result.returncode == exit_code, str(result)
-    assert len(lines) == 1 and lines[0].startswith("aac-tokend: error: "), str(result)
-    return lines[0]
 
 
 class TestHelp:
@@ -137,7 +113,7 @@ class TestProfilesAndRemove:
         assert result.returncode == 0, str(result)
         assert not home.state_file("work").exists() and home.state_file("default").exists()
         assert home.cli("profiles").stdout == "default\n"
-        one_line_error(home.cli("remove", "work"), 65)
+        assert_one_line_error(home.cli("remove", "work"), 65)
 
     def test_profiles_and_remove_with_daemon(
         self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
@@ -155,8 +131,8 @@ class TestProfilesAndRemove:
         assert home.cli("profiles").stdout == "default\n"
         assert [r["profile"] for r in daemon.status()["profiles"]] == ["default"]
         assert daemon.token() and daemon.token("work") == ""
-        one_line_error(home.cli("remove", "work"), 65)
-        one_line_error(home.cli("token", "-p", "work"), 65)
+        assert_one_line_error(home.cli("remove", "work"), 65)
+        assert_one_line_error(home.cli("token", "-p", "work"), 65)
 
 
 class TestNeedsDaemon:
@@ -169,7 +145,7 @@ class TestNeedsDaemon:
         """Without a daemon: exit 4, one line naming `aac-tokend run`, nothing sent."""
         sandbox = sandboxes()
         import_pair(home, sandbox)
-        message = one_line_error(home.cli(*command), 4)
+        message = assert_one_line_error(home.cli(*command), 4)
         assert "aac-tokend run" in message
         assert sandbox.log() == []
 
@@ -187,6 +163,6 @@ class TestNeedsDaemon:
         assert home.cli("stop").returncode == 0
         assert daemon.proc is not None and daemon.proc.poll() == 0, "stop returned too early"
         assert not home.paths.control_socket.exists()
-        one_line_error(home.cli("refresh"), 4)
+        assert_one_line_error(home.cli("refresh"), 4)
         daemon.start(profiles=["default"])  # a script's `aac-tokend stop && aac-tokend run`
         assert daemon.pid != first and daemon.profile_status()["refresh_count"] == 1

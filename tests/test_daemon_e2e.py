@@ -15,10 +15,9 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,33 +27,11 @@ from tests.helpers_e2e import (
     RecordingSandbox,
     api_accepts,
     api_status,
-    e2e_home,
+    assert_one_line_error,
     import_pair,
-    running_sandbox,
     token_like_runs,
     wait_until,
 )
-
-
-@pytest.fixture
-def home() -> Iterator[E2EHome]:
-    with e2e_home() as instance:
-        yield instance
-
-
-@pytest.fixture
-def sandboxes() -> Iterator[Callable[..., RecordingSandbox]]:
-    """A factory of started sandboxes (keyword arguments as SandboxServer's), all stopped after."""
-    with contextlib.ExitStack() as stack:
-        yield lambda **kwargs: stack.enter_context(running_sandbox(**kwargs))
-
-
-def assert_one_line_error(result: Any, exit_code: int) -> str:
-    """The command failed with ``exit_code`` and exactly one 'aac-tokend: error:' line."""
-    lines = result.stderr_lines()
-    assert result.returncode == exit_code, str(result)
-    assert len(lines) == 1 and lines[0].startswith("aac-tokend: error: "), str(result)
-    return str(lines[0])
 
 
 def assert_chain_unbroken(sandbox: RecordingSandbox) -> None:

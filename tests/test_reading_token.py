@@ -13,7 +13,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,9 +26,7 @@ from tests.helpers_e2e import (
     E2EHome,
     RecordingSandbox,
     api_accepts,
-    e2e_home,
     import_pair,
-    running_sandbox,
     wait_until,
 )
 
@@ -65,19 +63,6 @@ print("connected", repr(data))
 NOBODY = 65534
 #: Heavy modules the `token` fast path must not import (about 230 ms together).
 HEAVY_MODULES = {"requests", "cryptography", "apscheduler", "structlog"}
-
-
-@pytest.fixture
-def home() -> Iterator[E2EHome]:
-    with e2e_home() as instance:
-        yield instance
-
-
-@pytest.fixture
-def sandboxes() -> Iterator[Callable[..., RecordingSandbox]]:
-    """A factory of started sandboxes (keyword arguments as SandboxServer's), all stopped after."""
-    with contextlib.ExitStack() as stack:
-        yield lambda **kwargs: stack.enter_context(running_sandbox(**kwargs))
 
 
 def read_with(command: str, sock: Path) -> str:
