@@ -65,6 +65,8 @@ SAVE_RETRY_SECONDS = 5.0
 #: KillMode=process, launchd AbandonProcessGroup); this bound keeps that promise cheap, and
 #: stays under the time a logout or shutdown gives the user's processes.
 MAX_LIFE_SECONDS = 50
+#: Descriptors a forked courier closes: the daemon raises its own limit to at most this.
+MAX_FD = 65536
 #: How long the daemon waits for a courier's answer before leaving it to finish alone.
 WAIT_SECONDS = MAX_LIFE_SECONDS + 5
 
@@ -257,12 +259,16 @@ class ForkCourier:
             pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' outcomes
             try:
+                # First of all, let go of everything inherited: above all the daemon's
+                # single-owner lock, which a restarted daemon is waiting to take.
+                os.closerange(3, write_fd)
+                os.closerange(write_fd + 1, MAX_FD)
                 _become_courier()
                 devnull = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
-                os.closerange(3, write_fd)
-                os.closerange(write_fd + 1, 65536)
+                if devnull > 2:
+                    os.close(devnull)
                 # A fresh lock: the inherited one was held by this very thread at fork time.
                 store = FileStore(Path(job.state_dir), job.key, crypto_lock=threading.Lock())
                 result = carry(job, store, TokenEndpoint(), self._clock)

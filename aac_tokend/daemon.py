@@ -20,7 +20,7 @@ from .alerts import Alerter, build_sinks
 from .config import Config, load_config
 from .control_ops import ControlOps
 from .control_server import ControlServer
-from .courier import Refresher, default_refresher
+from .courier import MAX_FD, Refresher, default_refresher
 from .engine import Engine
 from .errors import ConfigError
 from .fileio import ensure_private_dir
@@ -41,7 +41,7 @@ MAIN_WAIT_SECONDS = 0.5
 #: shell's and systemd's default) about a thousand profiles use them all, and then neither
 #: the control socket nor a refresh can open one. The hard limit is ours to take, up to
 #: this: a forked courier closes the descriptors below 65536 (courier.py).
-NOFILE_WANTED = 65536
+NOFILE_WANTED = MAX_FD
 #: macOS refuses a soft limit above OPEN_MAX (10240) even under an unlimited hard limit.
 NOFILE_FALLBACK = 10240
 #: If the scheduler thread has not ticked for this long, stop pinging the watchdog so the

@@ -18,9 +18,10 @@ from .fileio import ensure_private_dir
 __all__ = ["OwnerLock", "holder_pid"]
 
 #: A courier forked in the instant before its parent died still holds the inherited lock
-#: for the microseconds until it closes it; a starting daemon that finds the recorded
-#: holder dead waits this long before believing the lock is really taken.
-DEAD_HOLDER_GRACE_SECONDS = 1.0
+#: until it closes it: microseconds normally, but a loaded machine may not schedule the
+#: child for a while. A starting daemon that finds the recorded holder dead waits this
+#: long before believing the lock is really taken.
+DEAD_HOLDER_GRACE_SECONDS = 5.0
 
 
 def holder_pid(path: Path) -> int | None:

@@ -7,46 +7,45 @@ It also serves the one AAC API call used to check an access token, and /sandbox/
 control endpoints (generate a family, read the request log, revoke, inject failures).
 
 State lives in memory, refresh tokens only as hashes; nothing is printed per request.
+
+The HTTP handler and routes are in sandbox_http, the command line in sandbox_cli.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import http.client
-import ipaddress
-import json
 import math
 import secrets
-import signal
-import socket
-import socketserver
 import sys
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
-from typing import Any
+from types import TracebackType
 
-from .errors import AacTokendError, InputError
+from .errors import InputError
 from .jwt_sign import sign_hs256, verify_hs256
+from .sandbox_cli import add_arguments, main, run_cli
+from .sandbox_http import (
+    _DROP,
+    MAX_BODY_BYTES,
+    _Answer,
+    _Handler,
+    _HTTPServer,
+    _HTTPServer6,
+    _injected_answer,
+    _Injection,
+    _json_answer,
+    _loopback,
+)
 from .tokens import token_hash
 
 __all__ = ["MAX_BODY_BYTES", "SandboxServer", "add_arguments", "main", "run_cli"]
 
-# A token request is well under 1 KiB; anything this big is refused before it is read.
-MAX_BODY_BYTES = 64 * 1024
-# parse_qs would otherwise build a list for every '&' in the body; a token request has 3.
-_MAX_FORM_FIELDS = 64
 # stop() waits for the serve loop to notice its flag, which it polls this often: short, as
 # test suites start and stop a server per test; 20 idle wake-ups a second cost nothing.
 _POLL_INTERVAL = 0.05
-# A client that stalls mid-request must not hold a handler thread (and its socket) for ever.
-_READ_TIMEOUT = 10.0
 _WORKSPACE_ID = 1
 _INVALID_GRANT = ("invalid_grant", "unknown, invalid, or expired refresh token")
 _INVALID_CLIENT = ("invalid_client", "Invalid client or client credentials")
@@ -68,77 +67,8 @@ class _Family:
     revoked: bool = False
 
 
-@dataclass(frozen=True)
-class _Injection:
-    status: int
-    retry_after: float | None
-    body: str | None
-    drop: bool
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """An HTTP answer decided before it is sent; ``drop`` closes the connection instead."""
-
-    status: int
-    body: bytes = b""
-    headers: tuple[tuple[str, str], ...] = ()
-    drop: bool = False
-    delay: float = 0.0
-
-
-_DROP = _Answer(0, drop=True)
-
-
-def _json_answer(status: int, obj: object, *headers: tuple[str, str]) -> _Answer:
-    base = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
-    return _Answer(status, json.dumps(obj).encode("utf-8"), base + headers)
-
-
 def _oauth_error(status: int, error: str, description: str) -> _Answer:
     return _json_answer(status, {"error": error, "error_description": description})
-
-
-def _injected_answer(injection: _Injection) -> _Answer:
-    headers: tuple[tuple[str, str], ...] = ()
-    if (value := injection.retry_after) is not None:
-        # Whole seconds per RFC 9110; a fraction is sent as is, to test a client's tolerance.
-        headers = (("Retry-After", str(int(value)) if value.is_integer() else repr(value)),)
-    if injection.body is None:
-        phrase = http.client.responses.get(injection.status, "injected failure")
-        return _json_answer(injection.status, {"message": phrase}, *headers)
-    try:
-        json.loads(injection.body)
-        content_type = "application/json"
-    except ValueError:
-        content_type = "text/plain; charset=utf-8"
-    base = (("Content-Type", content_type), ("Cache-Control", "no-store"))
-    return _Answer(injection.status, injection.body.encode("utf-8"), base + headers)
-
-
-def _loopback(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    if ip is None or not ip.is_loopback:
-        raise InputError(f"sandbox host {host!r} is not a loopback address; use 127.0.0.1 or ::1")
-    return ip
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a handler stuck on a client's socket must not keep us alive
-    block_on_close = False  # and stop() must not wait for one, e.g. inside its answer delay
-    sandbox: SandboxServer
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) we have no use for.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
 
 
 class SandboxServer:
@@ -429,207 +359,6 @@ class SandboxServer:
             return _json_answer(401, {"error": "invalid_token"}, challenge)
         workspace = {"id": _WORKSPACE_ID, "name": "Sandbox workspace", "user": claims.get("sub")}
         return _json_answer(200, workspace)
-
-
-# -- HTTP --------------------------------------------------------------------------------
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body) if body.strip() else {}
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise InputError("the request body must be a JSON object")
-    return value
-
-
-def _field(obj: Mapping[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:
-    value = obj.get(name, default)
-    # bool is an int to Python but not to JSON: accept it only where a bool is wanted
-    if value is not default and (
-        not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
-    ):
-        raise InputError(f"field {name!r} has the wrong type")
-    return value
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Routes one request per connection; every answer is JSON and nothing is printed."""
-
-    server: _HTTPServer
-    timeout = _READ_TIMEOUT
-
-    def version_string(self) -> str:
-        return "aac-sandbox"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: a request line may carry a token, and tests want a clean stderr."""
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        self.close_connection = True  # one request per connection: stop() leaves none open
-        sandbox = self.server.sandbox
-        path = urllib.parse.urlsplit(self.path).path
-        route = _ROUTES.get(path)
-        try:
-            body = self._body() if method == "POST" else b""
-            if route is None:
-                answer = _json_answer(404, {"error": "not_found"})
-            elif route[0] != method:
-                answer = _json_answer(405, {"error": "method_not_allowed"}, ("Allow", route[0]))
-            elif isinstance(body, _Answer):
-                answer = body
-                if path == "/as/token":
-                    sandbox._token_request(None)  # logged like every token request
-            else:
-                answer = route[1](self, sandbox, body)
-        except InputError as exc:
-            answer = _json_answer(400, {"error": str(exc)})
-        except OSError:
-            return  # the client went away or stalled; nobody to answer
-        if answer.delay > 0 and sandbox._stopping.wait(answer.delay):
-            answer = _DROP  # stopping: the answer is lost, as in a crash
-        if not answer.drop:
-            self._send(answer)
-
-    def _body(self) -> bytes | _Answer:
-        if self.headers.get("Transfer-Encoding"):
-            return _json_answer(411, {"error": "send a Content-Length"})
-        length = self.headers.get("Content-Length", "0").strip()
-        if not (length.isascii() and length.isdigit()):
-            return _json_answer(400, {"error": "bad Content-Length"})
-        if int(length) > MAX_BODY_BYTES:
-            return _json_answer(413, {"error": "request body too large"})
-        return self.rfile.read(int(length))
-
-    def _send(self, answer: _Answer) -> None:
-        try:
-            self.send_response(answer.status)
-            for name, value in answer.headers:
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(answer.body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(answer.body)
-        except OSError:
-            pass  # the client gave up waiting (a test killing it inside the answer delay)
-
-
-def _route_token(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answer:
-    try:
-        form = urllib.parse.parse_qs(
-            body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=_MAX_FORM_FIELDS
-        )
-    except ValueError:
-        return sandbox._token_request(None)  # too many fields
-    return sandbox._token_request(form)
-
-
-def _route_workspace(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answer:
-    return sandbox._workspace(handler.headers.get("Authorization", ""))
-
-
-def _route_generate(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answer:
-    obj = _json_object(body)
-    client_id = _field(obj, "client_id", (str,), None)
-    sub = _field(obj, "sub", (str,), "sandbox-user")
-    return _json_answer(200, sandbox.generate(client_id=client_id, sub=sub))
-
-
-def _route_log(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answer:
-    return _json_answer(200, sandbox.log())
-
-
-def _route_revoke(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answer:
-    sandbox.revoke_access_token(_field(_json_object(body), "access_token", (str,), ""))
-    return _json_answer(200, {"revoked": True})
-
-
-def _route_fail(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answer:
-    obj = _json_object(body)
-    sandbox.fail_next(
-        _field(obj, "count", (int,), 1),
-        status=_field(obj, "status", (int,), 503),
-        retry_after=_field(obj, "retry_after", (int, float), None),
-        body=_field(obj, "body", (str,), None),
-        drop=_field(obj, "drop", (bool,), False),
-    )
-    return _json_answer(200, {"queued": True})
-
-
-def _route_delay(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answer:
-    sandbox.set_answer_delay(_field(_json_object(body), "seconds", (int, float), 0.0))
-    return _json_answer(200, {"answer_delay": sandbox._answer_delay})
-
-
-_ROUTES: dict[str, tuple[str, Callable[[_Handler, SandboxServer, bytes], _Answer]]] = {
-    "/as/token": ("POST", _route_token),
-    "/iam/v1/workspaces/current": ("GET", _route_workspace),
-    "/sandbox/generate": ("POST", _route_generate),
-    "/sandbox/log": ("GET", _route_log),
-    "/sandbox/revoke-access": ("POST", _route_revoke),
-    "/sandbox/fail": ("POST", _route_fail),
-    "/sandbox/answer-delay": ("POST", _route_delay),
-}
-
-
-# -- command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``aac-tokend sandbox``."""
-    add = parser.add_argument
-    add("--host", default="127.0.0.1", help="loopback IP to listen on (default 127.0.0.1)")
-    add("--port", type=int, default=0, help="TCP port (default 0: any free port)")
-    add("--access-ttl", type=float, default=3600.0, metavar="S", help="access token seconds")
-    add("--refresh-ttl", type=float, default=30 * 86400.0, metavar="S", help="family seconds")
-    add("--answer-delay", type=float, default=0.0, metavar="MS", help="ms to wait per answer")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Serve in the foreground until SIGTERM or SIGINT; print one line once listening."""
-    server = SandboxServer(
-        host=args.host,
-        port=args.port,
-        access_ttl=args.access_ttl,
-        refresh_ttl=args.refresh_ttl,
-        answer_delay=args.answer_delay / 1000.0,
-    )
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        # stop() waits for the serve loop, which runs in this very thread: stop from another.
-        threading.Thread(target=server.stop, name="aac-sandbox-stop", daemon=True).start()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        print(
-            f"sandbox listening on {server.url} token_endpoint={server.token_endpoint}", flush=True
-        )
-        server.serve_forever()
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m aac_tokend.sandbox``: the sandbox without the rest of the CLI."""
-    parser = argparse.ArgumentParser(
-        prog="aac-tokend sandbox", description="A local AAC-like authorization server."
-    )
-    add_arguments(parser)
-    try:
-        return run_cli(parser.parse_args(argv))
-    except AacTokendError as exc:
-        print(f"aac-tokend sandbox: {exc}", file=sys.stderr)
-        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -83,12 +83,19 @@ def runs(out: Path) -> list[dict[str, str]]:
     return [dict(line.split("=", 1) for line in block.splitlines()) for block in blocks]
 
 
-def gone_or_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+def gone_or_zombie(pid: int, within: float = 5.0) -> bool:
+    """True once ``pid`` has died (a SIGKILL takes effect asynchronously: allow ``within``)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 class TestAlerterSemantics:
