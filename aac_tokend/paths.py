@@ -51,11 +51,18 @@ def resolve_paths(env: Mapping[str, str] = os.environ) -> Paths:
     if home:
         root = Path(home).expanduser().absolute()
         return Paths(root / "config", root / "state", root / "run")
+    import warnings
+
     import platformdirs
 
     fast = runtime_dir_fast(env)
+    with warnings.catch_warnings():
+        # Without XDG_RUNTIME_DIR platformdirs warns on every call and falls back to a
+        # private /tmp directory, which is fine for us: every command would print it.
+        warnings.simplefilter("ignore")
+        runtime = fast or platformdirs.user_runtime_dir(APP_NAME, appauthor=False)
     return Paths(
         Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)),
         Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)),
-        Path(fast) if fast else Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False)),
+        Path(runtime),
     )
