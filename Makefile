@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench crash sysdeps clean
+.PHONY: demo test lint typecheck unit bench crash fuzz sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: $(STAMP)
 
 crash: $(STAMP)
 	$(PY) -m tests.crash_campaign --kills 300
+
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz --seconds 60
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

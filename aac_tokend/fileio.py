@@ -65,7 +65,8 @@ def ensure_private_dir(path: Path) -> None:
     descriptor opened with O_NOFOLLOW, so nothing can be swapped in between.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # A parent we create (AAC_TOKEND_HOME itself) is private too; existing ones are left as is.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
