@@ -11,13 +11,14 @@ import contextlib
 import errno
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .conditions import AlertEvent
 from .errors import BusyError, ProfileError
 from .fileio import OsFileLayer
-from .state import ProfileState, validate_profile_name
+from .state import ProfileState, TokenKind, validate_profile_name
 
 __all__ = [
     "FailingFileLayer",
@@ -25,7 +26,11 @@ __all__ = [
     "FakeScheduler",
     "MemoryStore",
     "RecordingSink",
+    "oauth_state",
 ]
+
+#: The fixed "now" of tests built on ``oauth_state``.
+T0 = 1_800_000_000.0
 
 
 class FakeClock:
@@ -183,3 +188,20 @@ class RecordingSink:
 
     def events(self, profile: str | None = None) -> list[AlertEvent]:
         return [e for p, e, _ in self.sent if profile is None or p == profile]
+
+
+def oauth_state(**changes: Any) -> ProfileState:
+    """A healthy OAuth state for profile 'work': obtained at T0, one hour of access life."""
+    base = ProfileState(  # the tokens are placeholders, not secrets
+        profile="work",
+        kind=TokenKind.OAUTH,
+        access_token="access-token-aaaaaaaaaaaa",  # noqa: S106
+        refresh_token="refresh-token-rrrrrrrrrrrr",  # noqa: S106
+        token_endpoint="https://pingauth.alteryxcloud.com/as/token",  # noqa: S106
+        client_id="client",
+        api_base_url="https://api.us1.alteryxcloud.com",
+        access_obtained_at=T0,
+        access_expires_at=T0 + 3600,
+        imported_at=T0,
+    )
+    return replace(base, **changes)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +9,7 @@ from hypothesis import strategies as st
 from aac_tokend.conditions import AlertEvent, condition_of, rejection_alert
 from aac_tokend.policy import REFRESH_EXPIRY_GRACE_SECONDS
 from aac_tokend.state import ProfileState, Rejection, RejectionReason, TokenKind
+from aac_tokend.testing import oauth_state
 
 T0 = 1_800_000_000.0
 DAY = 86400.0
@@ -19,20 +18,7 @@ IMPORT_HINT = "`aac-tokend import --profile work`"
 
 def oauth(**changes: object) -> ProfileState:
     """A healthy OAuth state for profile 'work', refresh token good for 30 days."""
-    base = ProfileState(
-        profile="work",
-        kind=TokenKind.OAUTH,
-        access_token="access-token-aaaaaaaaaaaa",
-        refresh_token="refresh-token-rrrrrrrrrrrr",
-        token_endpoint="https://pingauth.alteryxcloud.com/as/token",
-        client_id="client",
-        api_base_url="https://api.us1.alteryxcloud.com",
-        access_obtained_at=T0,
-        access_expires_at=T0 + 3600,
-        refresh_expires_at=T0 + 30 * DAY,
-        imported_at=T0,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return oauth_state(**{"refresh_expires_at": T0 + 30 * DAY, **changes})
 
 
 def legacy(expires_at: float | None) -> ProfileState:

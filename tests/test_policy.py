@@ -31,6 +31,7 @@ from aac_tokend.state import (
     Status,
     TokenKind,
 )
+from aac_tokend.testing import oauth_state
 from aac_tokend.tokens import token_hash
 
 T0 = 1_800_000_000.0
@@ -42,19 +43,7 @@ DEFAULTS = PolicySettings()
 
 def oauth(**changes: object) -> ProfileState:
     """A healthy OAuth state: access token obtained at T0, one hour of life."""
-    base = ProfileState(
-        profile="default",
-        kind=TokenKind.OAUTH,
-        access_token="access-token-aaaaaaaaaaaa",
-        refresh_token="refresh-token-rrrrrrrrrrrr",
-        token_endpoint="https://pingauth.alteryxcloud.com/as/token",
-        client_id="client",
-        api_base_url="https://api.us1.alteryxcloud.com",
-        access_obtained_at=T0,
-        access_expires_at=T0 + 3600,
-        imported_at=T0,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return oauth_state(**{"profile": "default", **changes})
 
 
 profiles = st.from_regex(r"[a-z][a-z0-9_.-]{0,15}", fullmatch=True)

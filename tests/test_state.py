@@ -22,6 +22,7 @@ from aac_tokend.state import (
     state_to_json,
     validate_profile_name,
 )
+from aac_tokend.testing import oauth_state
 
 ACCESS = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDAwMDB9.c2lnbmF0dXJlLXNlY3JldA"
 REFRESH = "refresh-secret-Kq0pZx81Lm"
@@ -61,20 +62,14 @@ states = st.builds(
 
 
 def sample(**changes: Any) -> ProfileState:
-    base = ProfileState(
-        profile="work",
-        kind=TokenKind.OAUTH,
-        access_token=ACCESS,
-        refresh_token=REFRESH,
-        token_endpoint="https://pingauth.alteryxcloud.com/as/token",
-        client_id="client",
-        api_base_url="https://api.us1.alteryxcloud.com",
-        access_obtained_at=1_800_000_000.0,
-        access_expires_at=1_800_003_600.0,
-        rejection=Rejection(RejectionReason.REUSE_SUSPECTED, "invalid_grant", "no", 1.0),
-        in_flight=InFlight("0123456789abcdef", 2.0),
-    )
-    return replace(base, **changes)
+    fields: dict[str, Any] = {
+        "access_token": ACCESS,
+        "refresh_token": REFRESH,
+        "imported_at": 0.0,
+        "rejection": Rejection(RejectionReason.REUSE_SUSPECTED, "invalid_grant", "no", 1.0),
+        "in_flight": InFlight("0123456789abcdef", 2.0),
+    }
+    return oauth_state(**{**fields, **changes})
 
 
 def as_dict(state: ProfileState) -> dict[str, Any]:

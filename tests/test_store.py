@@ -15,15 +15,14 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from aac_tokend.errors import BusyError, ProfileError, StateCorruptError, StorageError
-from aac_tokend.state import ProfileState, TokenKind
+from aac_tokend.state import ProfileState
 from aac_tokend.store import FileStore, StateStore, load_or_create_key
-from aac_tokend.testing import FailingFileLayer, MemoryStore
+from aac_tokend.testing import FailingFileLayer, MemoryStore, oauth_state
 
 ACCESS = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDM2MDB9.c3RvcmUtdGVzdC1zaWduYXR1cmU"
 REFRESH = "refresh-secret-for-store-tests-Qz81"
@@ -34,18 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def make_state(profile: str = "work", **changes: object) -> ProfileState:
-    base = ProfileState(
-        profile=profile,
-        kind=TokenKind.OAUTH,
-        access_token=ACCESS,
-        refresh_token=REFRESH,
-        token_endpoint="https://pingauth.alteryxcloud.com/as/token",
-        client_id="client",
-        api_base_url="https://api.us1.alteryxcloud.com",
-        access_obtained_at=1_800_000_000.0,
-        access_expires_at=1_800_003_600.0,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    fields: dict[str, object] = {"access_token": ACCESS, "refresh_token": REFRESH}
+    return oauth_state(**{**fields, "profile": profile, **changes})
 
 
 class StoreContract:
