@@ -65,6 +65,7 @@ class Daemon:
         self._refresher = refresher
         self._scheduler = scheduler
         self._stop = threading.Event()
+        self._sync_lock = threading.Lock()
         self._reload_requested = threading.Event()
         self._last_tick = time.monotonic()
         self._config = Config()
@@ -148,15 +149,18 @@ class Daemon:
         return self._engine.current_token(profile)
 
     def _sync_sockets(self, server: TokenServer, passed: dict[str, list[socket.socket]]) -> None:
-        wanted = set(self._engine.profiles())
-        have = set(server.profiles())
-        for name in sorted(wanted - have):
-            given = passed.get(f"{name}.token")
-            # A copy: removing the profile closes what the server holds, and the passed
-            # socket (the manager's, never unlinked) must serve the profile if it comes back.
-            server.add_profile(name, given[0].dup() if given else None)
-        for name in sorted(have - wanted):
-            server.remove_profile(name)
+        # One sync at a time: a profile adopted by another thread (after its courier) between
+        # reading `wanted` and `have` would otherwise look unwanted and lose its socket.
+        with self._sync_lock:
+            wanted = set(self._engine.profiles())
+            have = set(server.profiles())
+            for name in sorted(wanted - have):
+                given = passed.get(f"{name}.token")
+                # A copy: removing the profile closes what the server holds, and the passed
+                # socket (the manager's, never unlinked) must serve it again if it comes back.
+                server.add_profile(name, given[0].dup() if given else None)
+            for name in sorted(have - wanted):
+                server.remove_profile(name)
         sdnotify.status(f"serving {len(wanted)} profile(s)")
 
     def reload(self) -> None:

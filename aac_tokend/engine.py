@@ -111,6 +111,16 @@ class Engine:
         return sorted(self._profiles)
 
     def _adopt(self, name: str) -> None:
+        while True:
+            try:
+                self._adopt_once(name)
+                return
+            except BusyError:
+                # A profile is never silently dropped: whoever holds its lock (a courier
+                # of an earlier life) ends within its own bound; keep waiting for it.
+                log.warning("still_waiting_for_courier", profile=name)
+
+    def _adopt_once(self, name: str) -> None:
         try:
             with self._store.locked(name, WAIT_SECONDS):
                 state = self._store.load(name)
@@ -122,6 +132,8 @@ class Engine:
             self._corrupt[name] = str(exc)
             log.error("state_unreadable", profile=name, error=str(exc))
             return
+        except BusyError:
+            raise
         except AacTokendError as exc:
             log.error("profile_not_loaded", profile=name, error=str(exc))
             return

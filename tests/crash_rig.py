@@ -257,7 +257,12 @@ class Rig:
             return ""
 
     def wait_token(self, profile: str = "default") -> str:
-        return str(wait_for(f"a token for {profile}", lambda: self.served_token(profile)))
+        try:
+            return str(wait_for(f"a token for {profile}", lambda: self.served_token(profile)))
+        except AssertionError as exc:
+            # Say what the daemon said: the home directory is gone once the test ends.
+            tail = "\n".join(self.daemon_log().splitlines()[-40:])
+            raise AssertionError(f"{exc}; last daemon log lines:\n{tail}") from None
 
     def refresh_in_background(self, profile: str = "default") -> threading.Thread:
         """Ask for a refresh without waiting (the daemon may be killed before it answers)."""
