@@ -143,8 +143,8 @@ class Engine:
 
     def _install(self, state: ProfileState, unsaved: bytes | None = None) -> None:
         """Make ``state`` current: serve it, watch it, schedule its next refresh."""
-        register_secret(state.access_token)
-        register_secret(state.refresh_token)
+        register_secret(state.access_token, owner=state.profile)
+        register_secret(state.refresh_token, owner=state.profile)
         with self._lock:
             entry = self._profiles.get(state.profile)
             if entry is None:

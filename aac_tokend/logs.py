@@ -26,38 +26,59 @@ __all__ = ["configure_logging", "forget_secret", "redact", "register_secret"]
 JWT_SHAPE = re.compile(
     r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*"
 )
-#: Keep the most recent secrets only: a chain holds two live tokens, a thousand profiles
-#: two thousand; older ones are dead tokens, still redacted by shape when JWTs.
+#: Secrets registered without an owner: keep the most recent only.
 MAX_SECRETS = 8192
+#: A profile's chain has two live tokens; a few more cover the instant of a rotation. Older
+#: ones are dead (refresh) or expiring (access, and JWT-shaped: redacted by shape anyway).
+SECRETS_PER_OWNER = 4
 #: Shorter strings are not secrets worth scanning for (and would redact ordinary words).
 MIN_SECRET_LEN = 12
 
-_secrets: deque[str] = deque(maxlen=MAX_SECRETS)
+_loose: deque[str] = deque(maxlen=MAX_SECRETS)
+_owned: dict[str, deque[str]] = {}
 _secrets_lock = threading.Lock()
+#: What redact() scans for, and the shortest of it: rebuilt on each change, read without a
+#: lock. Scanning is the hot part of logging, so it must not grow with every refresh.
+_snapshot: tuple[tuple[str, ...], int] = ((), 0)
 
 
-def register_secret(secret: str | None) -> None:
-    """Make ``secret`` unloggable from now on."""
+def _rebuild() -> None:
+    global _snapshot
+    known = set(_loose)
+    for bucket in _owned.values():
+        known.update(bucket)
+    _snapshot = (tuple(known), min(map(len, known), default=0))
+
+
+def register_secret(secret: str | None, owner: str | None = None) -> None:
+    """Make ``secret`` unloggable; with ``owner`` only its latest few are kept."""
     if secret and len(secret) >= MIN_SECRET_LEN:
         with _secrets_lock:
-            if secret not in _secrets:
-                _secrets.append(secret)
+            if owner is None:
+                bucket = _loose
+            else:
+                bucket = _owned.setdefault(owner, deque(maxlen=SECRETS_PER_OWNER))
+            if secret not in bucket:
+                bucket.append(secret)
+                _rebuild()
 
 
 def forget_secret(secret: str | None) -> None:
     """Stop scanning for a secret (it stays redacted if it is JWT-shaped)."""
     with _secrets_lock:
-        if secret is not None and secret in _secrets:
-            _secrets.remove(secret)
+        for bucket in (_loose, *_owned.values()):
+            if secret is not None and secret in bucket:
+                bucket.remove(secret)
+        _rebuild()
 
 
 def redact(text: str) -> str:
     """``text`` with every token replaced by ``<token:hash>``."""
     text = JWT_SHAPE.sub(lambda m: f"<token:{token_hash(m.group(0))}>", text)
-    with _secrets_lock:
-        known = [s for s in _secrets if s in text]
-    for secret in known:
-        text = text.replace(secret, f"<token:{token_hash(secret)}>")
+    secrets, shortest = _snapshot
+    if secrets and len(text) >= shortest:
+        for secret in [s for s in secrets if s in text]:
+            text = text.replace(secret, f"<token:{token_hash(secret)}>")
     return text
 
 

@@ -176,6 +176,20 @@ class TestRedaction:
         assert line["a"] == other
         assert line["b"] == f"<token:{token_hash(JWT)}>"
 
+    def test_owned_secrets_keep_the_latest_per_owner(self, out: io.StringIO) -> None:
+        """A profile's latest tokens stay redacted; its long-rotated ones are let go."""
+        tokens = [f"opaque-rotated-token-{i:04d}-xyz" for i in range(10)]
+        for token in tokens:
+            register_secret(token, owner="rotating")
+        try:
+            structlog.get_logger().info("x", old=tokens[0], new=tokens[-1])
+            (line,) = lines(out)
+            assert line["new"] == f"<token:{token_hash(tokens[-1])}>"
+            assert line["old"] == tokens[0]
+        finally:
+            for token in tokens:
+                forget_secret(token)
+
     def test_short_strings_not_registered(self, out: io.StringIO) -> None:
         """Strings shorter than 12 characters are not secrets (they would redact words)."""
         register_secret("profile")
