@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +25,11 @@ def sandboxes() -> Iterator[Callable[..., RecordingSandbox]]:
     """A factory of started sandboxes (keyword arguments as SandboxServer's), all stopped after."""
     with contextlib.ExitStack() as stack:
         yield lambda **kwargs: stack.enter_context(running_sandbox(**kwargs))
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short private directory under /tmp (socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

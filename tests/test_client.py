@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,14 +18,6 @@ from aac_tokend.client import ControlClient, read_token
 #: Generous: only a stalled machine gets near it.
 WAIT = 10.0
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory under /tmp (socket paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class OneShotServer:

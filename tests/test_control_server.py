@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -68,14 +67,6 @@ class FakeHandler:
 class TokenSource:
     def current_token(self, profile: str) -> bytes | None:
         return b"tok.en.value"
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory under /tmp (socket paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,14 +37,6 @@ class FakeSource:
         if self.fail:
             raise RuntimeError(f"store broken, token was {TOKEN.decode()}")
         return self.tokens.get(profile)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short 0700 directory under /tmp (socket paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

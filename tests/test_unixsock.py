@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +21,6 @@ from aac_tokend.unixsock import (
 )
 
 NOBODY = 65534
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short private directory under /tmp (socket paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="atk", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def mode(path: Path) -> int:
