@@ -162,10 +162,14 @@ class FileStore:
 
     def save(self, state: ProfileState) -> None:
         """Replace the profile's state atomically and durably; never over a corrupt file."""
-        self.save_blob(state.profile, self.encrypt(state))
+        self._write(state.profile, self.encrypt(state))
 
     def save_blob(self, profile: str, blob: bytes) -> None:
         """Write already-encrypted content (see ``encrypt``) atomically and durably."""
+        self.decrypt(profile, blob)  # never write what we could not read back
+        self._write(profile, blob)
+
+    def _write(self, profile: str, blob: bytes) -> None:
         path = self.path(profile)
         try:
             existing = self._fs.read(path)
@@ -175,7 +179,6 @@ class FileStore:
             raise StorageError(f"cannot read state file {path}: {exc.strerror}") from exc
         if existing is not None:
             self.decrypt(profile, existing)  # raises StateCorruptError: leave it untouched
-        self.decrypt(profile, blob)  # never write what we could not read back
         tmp = self.state_dir / f".{profile}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         renamed = False
         try:
