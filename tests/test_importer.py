@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import replace
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aac_tokend import importer as importer_module
 from aac_tokend.errors import EndpointNotAllowedError, InputError, TokenFormatError
 from aac_tokend.importer import (
     DEFAULT_API_BASE_URL,
@@ -358,11 +360,17 @@ class TestWire:
         assert ACCESS not in text and REFRESH not in text
 
 
+#: The importer's own wording: a piece of input that also stands in this source (such as
+#: the words "access token") is the message's text, not an echo of the input.
+_IMPORTER_SOURCE = inspect.getsource(importer_module)
+
+
 def echoed(message: str, text: str) -> str | None:
     """A 12-character piece of ``text`` that appears in ``message``, if any."""
     for i in range(len(text) - 11):
-        if text[i : i + 12] in message:
-            return text[i : i + 12]
+        piece = text[i : i + 12]
+        if piece in message and piece not in _IMPORTER_SOURCE:
+            return piece
     return None
 
 

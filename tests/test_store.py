@@ -393,7 +393,8 @@ class TestEncryption:
         """The corruption message names the file, not its content."""
         fstore.save(make_state())
         path = fstore.path("work")
-        path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+        blob = path.read_bytes()
+        path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0x01]))  # always a different byte
         with pytest.raises(StateCorruptError) as info:
             fstore.load("work")
         assert str(path) in str(info.value)
