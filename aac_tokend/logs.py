@@ -3,23 +3,36 @@
 Tokens are named by ``token_hash`` (16 hex chars). The redaction processor is the last
 line of defence: it replaces anything JWT-shaped, and every secret the daemon has
 registered (opaque refresh tokens are not JWT-shaped), wherever it appears in an event.
+
+Under systemd, when stderr is the journal's stream (``JOURNAL_STREAM``), every line starts
+with its syslog priority (``<3>`` error ... ``<7>`` debug, sd-daemon(3)) so that journald
+files it at the right level, and carries no timestamp of its own: journald adds one.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 import sys
 import threading
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
 from .tokens import token_hash
 
-__all__ = ["configure_logging", "forget_secret", "redact", "register_secret"]
+__all__ = [
+    "configure_logging",
+    "forget_secret",
+    "is_journal_stream",
+    "journal_stream_id",
+    "redact",
+    "register_secret",
+]
 
 #: Three dot-joined base64url segments, plus any further non-empty ones: a run of JWT-like
 #: text glued to a JWT is one match, so it cannot leave that JWT's payload and signature.
@@ -112,8 +125,70 @@ def _redact_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
     return redact(rendered) if isinstance(rendered, str) else rendered
 
 
-def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Console renderer on a terminal, JSON lines otherwise (``fmt`` may force either)."""
+#: syslog priorities (sd-daemon(3) prefixes) of structlog's level names; anything else is info.
+SYSLOG_PRIORITY = {
+    "critical": 2,
+    "exception": 3,
+    "error": 3,
+    "warning": 4,
+    "warn": 4,
+    "info": 6,
+    "debug": 7,
+}
+_INFO_PRIORITY = 6
+
+
+def journal_stream_id(value: str | None) -> tuple[int, int] | None:
+    """The (device, inode) in a ``JOURNAL_STREAM`` value ("DEV:INO", decimal), or None."""
+    if not value:
+        return None
+    dev, sep, ino = value.partition(":")
+    if not sep or not all(part.isascii() and part.isdigit() for part in (dev, ino)):
+        return None
+    return int(dev), int(ino)
+
+
+def is_journal_stream(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """True if ``stream`` is the journal stream systemd connected (systemd.exec(7)).
+
+    JOURNAL_STREAM is inherited by children whose stderr goes elsewhere (a shell started
+    from the service, a redirect), so it counts only when the stream's own device and inode
+    match it.
+    """
+    wanted = journal_stream_id(environ.get("JOURNAL_STREAM"))
+    if wanted is None:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False  # not a real file (a buffer in tests), or closed
+    return (st.st_dev, st.st_ino) == wanted
+
+
+class _JournalPrefixed:
+    """A renderer whose every line starts with the event's syslog priority, ``<N>``."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        level = str(event_dict.get("level", method)).lower()
+        prefix = f"<{SYSLOG_PRIORITY.get(level, _INFO_PRIORITY)}>"
+        rendered = self._inner(logger, method, event_dict)
+        # journald files each line on its own: a traceback's lines keep the event's priority.
+        return "\n".join(prefix + line for line in str(rendered).split("\n"))
+
+
+def configure_logging(
+    fmt: str = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> None:
+    """Console renderer on a terminal, JSON lines otherwise (``fmt`` may force either).
+
+    On the journal's stream each line carries its syslog priority and no timestamp.
+    """
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
@@ -121,11 +196,15 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         if use_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    stamp: list[Any] = [structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    if is_journal_stream(stream, environ):
+        renderer = _JournalPrefixed(renderer)
+        stamp = []  # journald stamps each line as it arrives
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamp,
             redact_processor,
             structlog.processors.format_exc_info,
             renderer,
