@@ -358,3 +358,55 @@ class TestJournalStreamValue:
     def test_malformed_refused(self, value: str) -> None:
         """Anything but two decimal numbers around one colon is not a journal stream."""
         assert journal_stream_id(value) is None
+
+
+#: A child that writes 200 numbered events of about 100 bytes with a 4 KiB log bound.
+_FILLER = """
+import structlog
+from aac_tokend.logs import configure_logging
+configure_logging("json", "info", max_file_bytes=4096)
+for n in range(200):
+    structlog.get_logger().info("tick", n=n, pad="x" * 40)
+"""
+
+
+def run_filler(path: Path, mode: str) -> None:
+    """Run _FILLER with stderr on ``path`` opened with ``mode`` ("ab": O_APPEND, or "wb")."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with path.open(mode) as err:
+        subprocess.run([sys.executable, "-c", _FILLER], stderr=err, env=env, check=True, timeout=60)
+
+
+def numbers(path: Path) -> list[int]:
+    return [json.loads(line)["n"] for line in path.read_text().splitlines()]
+
+
+class TestAppendedLogFile:
+    """A log file opened for appending (launchd's StandardErrorPath) stays bounded."""
+
+    def test_file_stays_under_the_bound(self, tmp_path: Path) -> None:
+        """Past the bound the file moves to .1 and starts again; both hold whole lines."""
+        log = tmp_path / "aac-tokend.log"
+        run_filler(log, "ab")
+        older = tmp_path / "aac-tokend.log.1"
+        line = max(len(x) + 1 for x in log.read_text().splitlines())
+        assert log.stat().st_size <= 4096 + line
+        assert older.stat().st_size <= 4096 + line
+        both = numbers(older) + numbers(log)
+        assert both == list(range(both[0], 200))  # the newest, in order, none lost between
+        assert len(both) > 4096 // line
+
+    def test_existing_content_counts(self, tmp_path: Path) -> None:
+        """A file already over the bound (from an earlier run) is moved aside at once."""
+        log = tmp_path / "aac-tokend.log"
+        log.write_text('{"n": -1}\n' * 1000)
+        run_filler(log, "ab")
+        assert log.stat().st_size < 8192
+        assert numbers(log)[-1] == 199
+
+    def test_file_not_appended_is_left_alone(self, tmp_path: Path) -> None:
+        """A file opened without O_APPEND (truncating) is never moved or emptied by us."""
+        log = tmp_path / "out.log"
+        run_filler(log, "wb")
+        assert numbers(log) == list(range(200))
+        assert not (tmp_path / "out.log.1").exists()
