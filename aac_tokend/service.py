@@ -206,7 +206,7 @@ def _network_notes(layout: Layout) -> list[str]:
         secret = ", ".join(name for name, _ in layout.secret_network)
         notes.append(
             f"note: {secret} holds credentials, so it goes into {where} with mode 0600 "
-            "(readable by you only); the printed copy is masked"
+            "(readable by you only); a dry run prints it masked"
         )
     return notes
 
