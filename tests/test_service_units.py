@@ -248,6 +248,12 @@ class TestSystemdUnits:
         )
         assert "PrivateUsers" not in settings  # see the unit's comment: fail open, not shut
 
+    def test_unprefixed_lines_are_errors(self, tmp_path: Path) -> None:
+        """Lines without a <N> prefix (a fatal error, a traceback) are filed as errors."""
+        text = service.render_systemd(make_layout("linux", tmp_path))[service.SERVICE_UNIT]
+        assert "\nSyslogLevel=err\n" in text
+        assert "SyslogLevelPrefix=no" not in text  # the daemon's own prefixes must count
+
     def test_socket_settings(self, tmp_path: Path) -> None:
         """The socket unit listens on <runtime>/control.sock, named control, 0600."""
         text = service.render_systemd(make_layout("linux", tmp_path))[service.SOCKET_UNIT]
