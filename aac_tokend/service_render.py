@@ -79,6 +79,7 @@ NETWORK_ENV = (
 #: The proxy variables: a value with an "@" carries a user name (and likely a password).
 _PROXY_ENV = frozenset(NETWORK_ENV[:6])
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # RFC 3986 scheme, then "://"
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")
 _BLOCK_PLACEHOLDER = re.compile(r"^@([A-Z][A-Z_]*)@\n", re.MULTILINE)
 
@@ -178,9 +179,10 @@ def mask_credentials(value: str) -> str:
     userinfo, at, host = value.rpartition("@")  # the last "@": a raw "@" in a password
     if not at:
         return value
-    scheme, sep, userinfo = userinfo.rpartition("://")
-    user, colon, _password = userinfo.partition(":")
-    return f"{scheme}{sep}{user}:***@{host}" if colon else f"{scheme}{sep}***@{host}"
+    scheme = _SCHEME.match(userinfo)  # "://" may occur in a password too: only a real scheme
+    prefix = scheme[0] if scheme else ""
+    user, colon, _password = userinfo[len(prefix) :].partition(":")
+    return f"{prefix}{user}:***@{host}" if colon else f"{prefix}***@{host}"
 
 
 def _foreign_paths(platform: str, home: Path, uid: int) -> Paths:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from aac_tokend import service
@@ -684,11 +684,13 @@ class TestMaskCredentials:
     @given(
         st.sampled_from(["http://", "https://", "socks5://", ""]),
         st.text(alphabet=st.characters(blacklist_characters=":@/"), max_size=12),
-        st.text(min_size=1, max_size=20),
+        st.text(alphabet=st.sampled_from("ab:/@%x"), min_size=1, max_size=20) | st.text(),
         st.text(alphabet=st.characters(blacklist_characters="@"), max_size=20),
     )
     def test_password_never_shown(self, scheme: str, user: str, password: str, host: str) -> None:
         """The masked URL keeps scheme, user and host, and holds no trace of the password."""
+        # Without a scheme, "user://rest@host" reads as a URL: a password of "//..." is moot.
+        assume(scheme or not password.startswith("//"))
         masked = service.mask_credentials(f"{scheme}{user}:{password}@{host}")
         assert masked == f"{scheme}{user}:***@{host}"
 
