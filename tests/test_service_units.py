@@ -694,6 +694,18 @@ class TestMaskCredentials:
         masked = service.mask_credentials(f"{scheme}{user}:{password}@{host}")
         assert masked == f"{scheme}{user}:***@{host}"
 
+    @pytest.mark.parametrize(
+        ("value", "masked"),
+        [
+            ("http://u:a://b@h:1", "http://u:***@h:1"),
+            ("u:p@ss@h:1", "u:***@h:1"),
+            ("socks5h://u:p/w@h", "socks5h://u:***@h"),
+        ],
+    )
+    def test_awkward_passwords(self, value: str, masked: str) -> None:
+        """Raw ://, @ or / in a password are masked with the rest of it."""
+        assert service.mask_credentials(value) == masked
+
     def test_user_alone_is_masked(self) -> None:
         """A user name without a password may itself be a secret (a token): masked too."""
         assert service.mask_credentials("http://tok3n@proxy:8080") == "http://***@proxy:8080"
