@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,6 +271,16 @@ def run_child(stderr_path: Path, journal_stream: str | None) -> bytes:
     return stderr_path.read_bytes()
 
 
+def journald_answers() -> bool:
+    """A journald listens on its stream socket (not only a stale socket file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect("/run/systemd/journal/stdout")
+        except OSError:
+            return False
+    return True
+
+
 class TestJournalStream:
     """On systemd's journal stream each line carries its syslog priority and no timestamp."""
 
@@ -319,23 +331,39 @@ class TestJournalStream:
         assert not re.search(r"\d{4}-\d\d-\d\dT", text)
 
     @pytest.mark.skipif(
-        not (shutil.which("systemd-cat") and Path("/run/systemd/journal/stdout").exists()),
+        not (shutil.which("systemd-cat") and journald_answers()),
         reason="needs systemd-cat and a running journald (/run/systemd/journal/stdout)",
     )
     def test_real_journal_files_the_priority(self, tmp_path: Path) -> None:
         """Through systemd-cat, journald files the alert at priority 3 and the info at 6."""
         tag = f"aac-tokend-test-{os.getpid()}"
         env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-        subprocess.run(
-            ["systemd-cat", "-t", tag, sys.executable, "-c", _CHILD], env=env, check=True
+        # systemd-cat connects stderr to the journal but, unlike the service manager, does
+        # not set JOURNAL_STREAM: the child sets it as systemd would (its stderr's dev:ino).
+        prelude = (
+            "import os; st = os.fstat(2); "
+            "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
         )
-        out = subprocess.run(
-            ["journalctl", "-t", tag, "-o", "json", "--no-pager"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        seen = {json.loads(x)["MESSAGE"].split('"event": "')[1].split('"')[0]: json.loads(x)
-                for x in out.splitlines()}  # fmt: skip
+        subprocess.run(
+            ["systemd-cat", "-t", tag, sys.executable, "-c", prelude + _CHILD],
+            env=env,
+            check=True,
+            timeout=60,
+        )
+
+        def filed() -> dict[str, dict[str, str]]:
+            out = subprocess.run(
+                ["journalctl", "-t", tag, "-o", "json", "--no-pager"],
+                capture_output=True, text=True, check=True, timeout=60,
+            ).stdout  # fmt: skip
+            entries = [json.loads(line) for line in out.splitlines()]
+            return {json.loads(e["MESSAGE"])["event"]: e for e in entries}
+
+        deadline = time.monotonic() + 20  # journald files a stream's lines asynchronously
+        while len(seen := filed()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert seen["alert"]["PRIORITY"] == "3"
+        assert seen["refresh_failed"]["PRIORITY"] == "4"
         assert seen["refresh_succeeded"]["PRIORITY"] == "6"
         assert "timestamp" not in seen["alert"]["MESSAGE"]
 
