@@ -231,6 +231,10 @@ def install_steps(layout: Layout) -> tuple[list[Step], list[str]]:
                     shown=render_env_file(layout.masked()),
                 )
             )
+        elif layout.env_file.exists():
+            # Left from an install with a proxy password: the new unit no longer loads it,
+            # and a password nobody uses should not stay on disk.
+            steps.append(RemoveFile(layout.env_file))
         steps += [WriteFile(layout.unit_dir / name, text) for name, text in units.items()]
         steps += [
             Run(_systemctl("daemon-reload")),

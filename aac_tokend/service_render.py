@@ -62,13 +62,9 @@ _TEMPLATE_PACKAGES = {
 #: SSL_CERT_FILE and SSL_CERT_DIR are recorded too, for what else the program may load. A
 #: service manager passes none of them on, so a daemon that works in the shell would fail
 #: behind a corporate proxy or TLS inspection as a service.
+_PROXY_NAMES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 NETWORK_ENV = (
-    "HTTPS_PROXY",
-    "https_proxy",
-    "HTTP_PROXY",
-    "http_proxy",
-    "ALL_PROXY",
-    "all_proxy",
+    *_PROXY_NAMES,
     "NO_PROXY",
     "no_proxy",
     "REQUESTS_CA_BUNDLE",
@@ -77,7 +73,7 @@ NETWORK_ENV = (
     "SSL_CERT_DIR",
 )
 #: The proxy variables: a value with an "@" carries a user name (and likely a password).
-_PROXY_ENV = frozenset(NETWORK_ENV[:6])
+_PROXY_ENV = frozenset(_PROXY_NAMES)
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # RFC 3986 scheme, then "://"
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")

@@ -671,6 +671,15 @@ class TestNetworkEnvironment:
         service.uninstall(layout, RecordingRunner(), io.StringIO())
         assert not layout.env_file.exists()
 
+    def test_reinstall_without_credentials_removes_the_file(self, tmp_path: Path) -> None:
+        """A reinstall without a proxy password removes the EnvironmentFile the last one left."""
+        secret = make_layout("linux", tmp_path, network=(("HTTPS_PROXY", SECRET_PROXY),))
+        service.install(secret, RecordingRunner(), io.StringIO())
+        plain = make_layout("linux", tmp_path, network=(("HTTPS_PROXY", PROXY),))
+        service.install(plain, RecordingRunner(), io.StringIO())
+        assert not plain.env_file.exists()
+        assert "EnvironmentFile=" not in (plain.unit_dir / service.SERVICE_UNIT).read_text()
+
     def test_environment_file_quoting(self, tmp_path: Path) -> None:
         """Quotes, backslashes, $ and backticks are escaped inside the double-quoted value."""
         layout = make_layout("linux", tmp_path, network=(("HTTPS_PROXY", 'http://u:a"b\\c$d`e@p'),))
