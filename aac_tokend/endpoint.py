@@ -24,7 +24,7 @@ from .outcome import Refreshed, RefreshOutcome, Rejected, Transient
 from .policy import ASSUMED_LIFETIME_SECONDS
 from .tokens import parse_jwt
 
-__all__ = ["TokenEndpoint", "classify_response", "parse_retry_after"]
+__all__ = ["TokenEndpoint", "classify_response", "name_network_failure", "parse_retry_after"]
 
 USER_AGENT = f"aac-tokend/{__version__}"
 #: Connecting takes milliseconds when the network is up; fail fast and retry later.
@@ -177,7 +177,8 @@ class TokenEndpoint:
             requests.exceptions.InvalidSchema,
         ) as exc:
             # Nothing reached the token endpoint: the refresh token is certainly unspent.
-            return Transient(f"cannot reach the token endpoint: {type(exc).__name__}")
+            named = name_network_failure(exc)
+            return Transient(named or f"cannot reach the token endpoint: {type(exc).__name__}")
         except requests.exceptions.ConnectionError as exc:
             if _never_connected(exc):
                 return Transient(f"cannot reach the token endpoint: {type(exc).__name__}")
@@ -213,3 +214,76 @@ def _never_connected(exc: BaseException) -> bool:
             nxt = seen.args[0]
         seen = nxt
     return False
+
+
+#: What to check, said once for every proxy failure: the service manager passes on only
+#: what `service install` recorded, so a proxy that works in a shell may be unknown there.
+_CHECK_PROXY = (
+    "check HTTPS_PROXY (or https_proxy, ALL_PROXY) and NO_PROXY where the daemon runs; "
+    "`aac-tokend service install` records them from the shell it runs in"
+)
+_CHECK_CA = (
+    "if your network inspects TLS, set REQUESTS_CA_BUNDLE to your organisation's CA bundle "
+    "where the daemon runs (`aac-tokend service install` records it); a wrong clock or "
+    "token endpoint also fails this check"
+)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: causes, contexts, urllib3's reasons and wrapped args."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 12 and seen not in chain:
+        chain.append(seen)
+        nxt = getattr(seen, "reason", None)
+        if not isinstance(nxt, BaseException):
+            nxt = seen.__cause__ or seen.__context__
+        if nxt is None:
+            nxt = next((a for a in seen.args if isinstance(a, BaseException)), None)
+        seen = nxt
+    return chain
+
+
+def name_network_failure(exc: BaseException) -> str | None:
+    """A proxy or TLS failure named as such, with what to check; None for anything else.
+
+    The text is for a person (``status``, the log): one line, no URL (a proxy URL may carry
+    a password), only the kind of failure and fixed advice.
+    """
+    import ssl
+
+    import urllib3.exceptions as u3
+
+    chain = _causes(exc)
+    if any(isinstance(e, requests.exceptions.ProxyError | u3.ProxyError) for e in chain):
+        why = "the proxy failed"
+        for e in chain:
+            if isinstance(e, ConnectionRefusedError):
+                why = "the proxy refused the connection"
+            elif isinstance(e, u3.NameResolutionError):
+                why = "the proxy's host name does not resolve"
+            elif isinstance(e, TimeoutError) or (
+                # urllib3's NewConnectionError is a ConnectTimeoutError, for history's sake
+                isinstance(e, u3.ConnectTimeoutError) and not isinstance(e, u3.NewConnectionError)
+            ):
+                why = "the proxy did not answer in time"
+            elif isinstance(e, ssl.SSLError):
+                why = "TLS to the proxy failed"
+            elif isinstance(e, OSError) and str(e).startswith("Tunnel connection failed: "):
+                code = str(e).split()[3] if len(str(e).split()) > 3 else ""
+                why = f"the proxy refused to open a tunnel (HTTP {_clean(code)[:3]})"
+                if code == "407":
+                    why += ": it wants credentials, given as http://user:password@host:port"
+            else:
+                continue
+            break
+        return f"proxy failure: {why}; {_CHECK_PROXY}"
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            what = _clean(e.verify_message or e.reason or "unverified")
+            why = f"the token endpoint's certificate was not accepted ({what})"
+            return f"TLS failure: {why}; {_CHECK_CA}"
+        if isinstance(e, ssl.SSLError):
+            what = _clean(e.reason or type(e).__name__)
+            return f"TLS failure: no secure connection to the token endpoint ({what}); {_CHECK_CA}"
+    return None

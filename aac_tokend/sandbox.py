@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import ssl
 import sys
 import threading
 import time
@@ -72,7 +73,7 @@ def _oauth_error(status: int, error: str, description: str) -> _Answer:
 
 
 class SandboxServer:
-    """An in-memory authorization server plus AAC API stub, serving on loopback.
+    """An in-memory authorization server plus AAC API stub, serving on loopback (HTTPS with tls).
 
     Token-request log outcomes: rotated, reuse_revoked, unknown, revoked, expired,
     invalid_client, invalid_request, failed_injected, dropped_after_rotation.
@@ -88,6 +89,7 @@ class SandboxServer:
         answer_delay: float = 0.0,
         clock: Callable[[], float] = time.time,
         client_id: str = "aac-sandbox-client",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         ip = _loopback(host)
         if not 0 <= port <= 65535:
@@ -119,8 +121,15 @@ class SandboxServer:
                 f"sandbox cannot listen on {host} port {port} ({exc.strerror}); pick another port"
             ) from exc
         self._httpd.sandbox = self
+        if tls is not None:
+            # The handshake happens on the handler thread's first read, not in accept(): a
+            # client that fails it (a wrong CA, in tests) must not stall the accept loop.
+            self._httpd.socket = tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         netloc = f"[{host}]" if ip.version == 6 else host
-        self._url = f"http://{netloc}:{self._httpd.server_address[1]}"
+        scheme = "http" if tls is None else "https"
+        self._url = f"{scheme}://{netloc}:{self._httpd.server_address[1]}"
 
     # -- life cycle ----------------------------------------------------------------------
 

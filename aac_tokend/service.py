@@ -29,6 +29,8 @@ from aac_tokend.service_render import (
     detect_layout,
     find_program,
     host_platform,
+    mask_credentials,
+    render_env_file,
     render_launchd,
     render_systemd,
 )
@@ -56,6 +58,8 @@ __all__ = [
     "host_platform",
     "install",
     "install_steps",
+    "mask_credentials",
+    "render_env_file",
     "render_launchd",
     "render_systemd",
     "run_cli",
@@ -78,10 +82,16 @@ class MakeDir:
 
 @dataclass(frozen=True)
 class WriteFile:
-    """Write ``content`` to ``path`` (0644: unit files hold no secrets), replacing it."""
+    """Write ``content`` to ``path`` with ``mode``, replacing it; a dry run prints ``shown``.
+
+    Service files are 0644 unless they hold a proxy password (then 0600, and ``shown`` is
+    the content with the password masked).
+    """
 
     path: Path
     content: str
+    mode: int = 0o644
+    shown: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,14 +192,49 @@ def check_manager(layout: Layout, runner: CommandRunner) -> None:
         )
 
 
+def _network_notes(layout: Layout) -> list[str]:
+    """What the service records of this shell's proxy and CA variables, and how to change it."""
+    if not layout.network:
+        return []
+    names = ", ".join(name for name, _ in layout.network)
+    notes = [
+        f"note: the service gets {names} as set here; to change them later, run "
+        "`aac-tokend service install` again with them set (see README, Run it as a service)"
+    ]
+    if layout.secret_network:
+        where = layout.env_file if layout.platform == "linux" else layout.plist_path
+        secret = ", ".join(name for name, _ in layout.secret_network)
+        notes.append(
+            f"note: {secret} holds credentials, so it goes into {where} with mode 0600 "
+            "(readable by you only); a dry run prints it masked"
+        )
+    return notes
+
+
 def install_steps(layout: Layout) -> tuple[list[Step], list[str]]:
     """The steps that install and start the service, and notes for the person."""
-    notes = [check_socket_room(layout)]
+    notes = [check_socket_room(layout), *_network_notes(layout)]
     paths = layout.paths
     dirs = dict.fromkeys([paths.config_dir, paths.state_dir, paths.runtime_dir])
     if layout.platform == "linux":
         units = render_systemd(layout)
         steps: list[Step] = [MakeDir(d) for d in dirs]
+        if layout.secret_network:
+            # A unit file stays 0644 (systemd warns about unreadable ones), `systemctl show`
+            # prints its Environment= lines and a dry run prints the file; an EnvironmentFile
+            # keeps a proxy password in one 0600 file in the private config directory.
+            steps.append(
+                WriteFile(
+                    layout.env_file,
+                    render_env_file(layout),
+                    mode=0o600,
+                    shown=render_env_file(layout.masked()),
+                )
+            )
+        elif layout.env_file.exists():
+            # Left from an install with a proxy password: the new unit no longer loads it,
+            # and a password nobody uses should not stay on disk.
+            steps.append(RemoveFile(layout.env_file))
         steps += [WriteFile(layout.unit_dir / name, text) for name, text in units.items()]
         steps += [
             Run(_systemctl("daemon-reload")),
@@ -206,8 +251,15 @@ def install_steps(layout: Layout) -> tuple[list[Step], list[str]]:
             )
         return steps, notes
     steps = [MakeDir(d) for d in [*dirs, layout.log_file.parent]]
+    # launchd has no environment file: a plist that holds a proxy password is 0600 instead.
+    secret = bool(layout.secret_network)
     steps += [
-        WriteFile(layout.plist_path, render_launchd(layout)),
+        WriteFile(
+            layout.plist_path,
+            render_launchd(layout),
+            mode=0o600 if secret else 0o644,
+            shown=render_launchd(layout.masked()) if secret else None,
+        ),
         # Replacing a loaded agent: bootstrap refuses a label that is still loaded. Failing
         # here only means it was not loaded.
         Run(("launchctl", "bootout", _gui(layout)), check=False),
@@ -224,9 +276,10 @@ def uninstall_steps(layout: Layout) -> list[Step]:
         files = [layout.unit_dir / name for name in (SOCKET_UNIT, SERVICE_UNIT)]
         if not any(f.exists() for f in files):
             return []
+        extra = [layout.env_file] if layout.env_file.exists() else []
         return [
             Run(_systemctl("disable", "--now", SOCKET_UNIT, SERVICE_UNIT)),
-            *(RemoveFile(f) for f in files),
+            *(RemoveFile(f) for f in [*files, *extra]),
             Run(_systemctl("daemon-reload")),
         ]
     if not layout.plist_path.exists():
@@ -238,22 +291,24 @@ def _describe(step: Step) -> str:
     match step:
         case MakeDir(path):
             return f"# would create directory {path} (mode 0700)\n"
-        case WriteFile(path, content):
-            return f"# would write {path}:\n{content}"
+        case WriteFile(path, content, mode, shown):
+            how = "" if mode == 0o644 else f" (mode {mode:04o})"
+            return f"# would write {path}{how}:\n{content if shown is None else shown}"
         case RemoveFile(path):
             return f"# would remove {path}\n"
         case Run(argv, check):
             return f"# would run: {shlex.join(argv)}{'' if check else '  (failure ignored)'}\n"
 
 
-def _write(path: Path, content: str) -> None:
+def _write(path: Path, content: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        tmp.unlink(missing_ok=True)  # O_CREAT keeps an old file's wider mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(content)
-        os.chmod(tmp, 0o644)  # whatever our umask: launchd and systemd must read it
+        os.chmod(tmp, mode)  # whatever our umask: launchd and systemd must read it
         os.replace(tmp, path)
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror}") from exc
@@ -268,8 +323,8 @@ def apply(steps: Sequence[Step], runner: CommandRunner, out: IO[str], *, dry_run
         match step:
             case MakeDir(path):
                 ensure_private_dir(path)
-            case WriteFile(path, content):
-                _write(path, content)
+            case WriteFile(path, content, mode):
+                _write(path, content, mode)
                 out.write(f"wrote {path}\n")
             case RemoveFile(path):
                 try:

@@ -7,6 +7,7 @@ detect_layout reads it from this machine, and rendering it is pure (a Layout in,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import plistlib
 import pwd
@@ -24,6 +25,7 @@ from aac_tokend.paths import APP_NAME, HOME_ENV, Paths, resolve_paths
 
 __all__ = [
     "LABEL",
+    "NETWORK_ENV",
     "SERVICE_UNIT",
     "SOCKET_UNIT",
     "Layout",
@@ -31,6 +33,9 @@ __all__ = [
     "detect_layout",
     "find_program",
     "host_platform",
+    "mask_credentials",
+    "network_environment",
+    "render_env_file",
     "render_launchd",
     "render_systemd",
 ]
@@ -52,6 +57,25 @@ _TEMPLATE_PACKAGES = {
     "launchd": "aac_tokend._units_launchd",
 }
 
+#: How the daemon reaches the token endpoint: requests reads the proxy variables (either case;
+#: the lower-case one wins when both are set) and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE;
+#: SSL_CERT_FILE and SSL_CERT_DIR are recorded too, for what else the program may load. A
+#: service manager passes none of them on, so a daemon that works in the shell would fail
+#: behind a corporate proxy or TLS inspection as a service.
+_PROXY_NAMES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+NETWORK_ENV = (
+    *_PROXY_NAMES,
+    "NO_PROXY",
+    "no_proxy",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+#: The proxy variables: a value with an "@" carries a user name (and likely a password).
+_PROXY_ENV = frozenset(_PROXY_NAMES)
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # RFC 3986 scheme, then "://"
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@")
 _BLOCK_PLACEHOLDER = re.compile(r"^@([A-Z][A-Z_]*)@\n", re.MULTILINE)
 
@@ -66,6 +90,8 @@ class Layout:
     program: tuple[str, ...]  # absolute argv prefix that runs aac-tokend
     paths: Paths
     environment: tuple[tuple[str, str], ...] = ()  # what the daemon needs to agree with us
+    # Proxy and CA variables of the installing shell, credentials and all; see NETWORK_ENV.
+    network: tuple[tuple[str, str], ...] = ()
     runtime_base: Path | None = None  # the user manager's %t ($XDG_RUNTIME_DIR), Linux only
     lingering: bool | None = None  # loginctl enable-linger is on (Linux); None: unknown
     # What PrivateTmp=yes makes private to the service: none of our dirs may be under them
@@ -79,6 +105,30 @@ class Layout:
     @property
     def plist_path(self) -> Path:
         return self.home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+
+    @property
+    def env_file(self) -> Path:
+        """Where a proxy URL with credentials goes on Linux (0600, EnvironmentFile=)."""
+        return self.paths.config_dir / "service.env"
+
+    @property
+    def secret_network(self) -> tuple[tuple[str, str], ...]:
+        """The network variables that carry credentials (a proxy URL with user@)."""
+        return tuple((n, v) for n, v in self.network if n in _PROXY_ENV and "@" in v)
+
+    @property
+    def plain_network(self) -> tuple[tuple[str, str], ...]:
+        """The network variables that hold no secret."""
+        secret = self.secret_network
+        return tuple(pair for pair in self.network if pair not in secret)
+
+    def masked(self) -> Layout:
+        """This layout with the credentials in its network variables masked, for printing."""
+        secret = self.secret_network
+        network = tuple(
+            (n, mask_credentials(v) if (n, v) in secret else v) for n, v in self.network
+        )
+        return dataclasses.replace(self, network=network)
 
     @property
     def log_file(self) -> Path:
@@ -106,6 +156,29 @@ def find_program(env: Mapping[str, str]) -> tuple[str, ...]:
     if found:
         return (os.path.abspath(found),)
     return (os.path.abspath(sys.executable), "-m", "aac_tokend")
+
+
+def network_environment(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The proxy and CA variables set (non-empty) in ``env``, in NETWORK_ENV's order."""
+    found = tuple((name, env[name]) for name in NETWORK_ENV if env.get(name))
+    for name, value in found:
+        if any(ch in value for ch in "\n\r\0"):
+            raise InputError(
+                f"{name} holds a line break, which no service file can carry; "
+                f"set {name} to a single-line value and run service install again"
+            )
+    return found
+
+
+def mask_credentials(value: str) -> str:
+    """A proxy URL with its password (or a lone user name) replaced by ``***``, for printing."""
+    userinfo, at, host = value.rpartition("@")  # the last "@": a raw "@" in a password
+    if not at:
+        return value
+    scheme = _SCHEME.match(userinfo)  # "://" may occur in a password too: only a real scheme
+    prefix = scheme[0] if scheme else ""
+    user, colon, _password = userinfo[len(prefix) :].partition(":")
+    return f"{prefix}{user}:***@{host}" if colon else f"{prefix}***@{host}"
 
 
 def _foreign_paths(platform: str, home: Path, uid: int) -> Paths:
@@ -151,6 +224,8 @@ def detect_layout(platform: str, env: Mapping[str, str] = os.environ) -> Layout:
         program=find_program(env),
         paths=paths,
         environment=tuple(environment),
+        # Recorded for the other platform too: a dry run there shows what would be carried.
+        network=network_environment(env),
         runtime_base=runtime_base,
         lingering=lingering,
     )
@@ -228,19 +303,37 @@ def render_systemd(layout: Layout) -> dict[str, str]:
     }
     environment = [
         "Environment=" + _unit_word(f"{name}={value}".replace("%", "%%"))
-        for name, value in layout.environment
+        for name, value in (*layout.environment, *layout.plain_network)
     ]
+    if layout.secret_network:
+        # No "-": without the file the daemon would not get past the proxy; better that the
+        # unit fails at once and says which file is missing.
+        environment.append("EnvironmentFile=" + _unit_word(_unit_path(layout.env_file, layout)))
     return {
         name: _fill(_template("systemd", name), values, {"ENVIRONMENT": environment})
         for name in (SOCKET_UNIT, SERVICE_UNIT)
     }
 
 
+def render_env_file(layout: Layout) -> str:
+    """The EnvironmentFile for the variables that carry credentials (systemd.exec(5))."""
+    lines = ["# Written by `aac-tokend service install`: proxy settings with credentials (0600)."]
+    for name, value in layout.secret_network:
+        # Double quotes: systemd takes the value literally, bar these backslash escapes.
+        quoted = re.sub(r'([\\"$`])', r"\\\1", value)
+        lines.append(f'{name}="{quoted}"')
+    return "".join(f"{line}\n" for line in lines)
+
+
 def render_launchd(layout: Layout) -> str:
     """The LaunchAgent plist for ``layout``."""
     indent = " " * 8
     program_dir = os.path.dirname(layout.program[0])
-    environment = [("PATH", f"{program_dir}:{_LAUNCHD_PATH}"), *layout.environment]
+    environment = [
+        ("PATH", f"{program_dir}:{_LAUNCHD_PATH}"),
+        *layout.environment,
+        *layout.network,
+    ]
     blocks = {
         "PROGRAM_ARGUMENTS": [f"{indent}<string>{xml_escape(w)}</string>" for w in layout.program],
         "ENVIRONMENT": [

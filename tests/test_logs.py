@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.logs import configure_logging, forget_secret, redact, register_secret
+from aac_tokend.logs import (
+    configure_logging,
+    forget_secret,
+    journal_stream_id,
+    redact,
+    register_secret,
+)
 from aac_tokend.tokens import token_hash
 
 JWT = sign_hs256({"exp": 1_800_000_000, "sub": "user"}, b"k" * 32)
@@ -227,3 +241,200 @@ class TestRedactFunction:
         """Ordinary text is left as is."""
         text = "refresh_succeeded profile=work eyJ short.no"
         assert redact(text) == text
+
+
+#: A child that logs one event at each level and one alert, the way the daemon does.
+_CHILD = """
+import structlog
+from aac_tokend.alerts import LogSink
+from aac_tokend.conditions import AlertEvent
+from aac_tokend.logs import configure_logging
+configure_logging("auto", "debug")
+log = structlog.get_logger()
+log.debug("tick", n=1)
+log.info("refresh_succeeded", profile="work")
+log.warning("refresh_failed", profile="work")
+LogSink().send("work", AlertEvent.REJECTED, "generate a new token")
+"""
+
+
+def run_child(stderr_path: Path, journal_stream: str | None) -> bytes:
+    """Run _CHILD with stderr on ``stderr_path`` and JOURNAL_STREAM as given; its bytes."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with stderr_path.open("wb") as err:
+        if journal_stream == "match":
+            st = os.fstat(err.fileno())
+            journal_stream = f"{st.st_dev}:{st.st_ino}"
+        if journal_stream is not None:
+            env["JOURNAL_STREAM"] = journal_stream
+        subprocess.run([sys.executable, "-c", _CHILD], stderr=err, env=env, check=True, timeout=60)
+    return stderr_path.read_bytes()
+
+
+def journald_answers() -> bool:
+    """A journald listens on its stream socket (not only a stale socket file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect("/run/systemd/journal/stdout")
+        except OSError:
+            return False
+    return True
+
+
+class TestJournalStream:
+    """On systemd's journal stream each line carries its syslog priority and no timestamp."""
+
+    def test_exact_bytes_on_the_journal_stream(self, tmp_path: Path) -> None:
+        """A real child whose stderr matches JOURNAL_STREAM writes <N>-prefixed, unstamped lines."""
+        written = run_child(tmp_path / "stderr", "match")
+        assert written == (
+            b'<7>{"n": 1, "event": "tick", "level": "debug"}\n'
+            b'<6>{"profile": "work", "event": "refresh_succeeded", "level": "info"}\n'
+            b'<4>{"profile": "work", "event": "refresh_failed", "level": "warning"}\n'
+            b'<3>{"profile": "work", "alert_event": "rejected", '
+            b'"message": "generate a new token", "event": "alert", "level": "error"}\n'
+        )
+
+    def test_alert_is_at_warning_or_above(self, tmp_path: Path) -> None:
+        """The alert event's priority is 4 (warning) or more urgent."""
+        for line in run_child(tmp_path / "stderr", "match").splitlines():
+            if b'"event": "alert"' in line:
+                assert int(line[1 : line.index(b">")]) <= 4
+                break
+        else:
+            pytest.fail("no alert line")
+
+    @pytest.mark.parametrize("value", [None, "1:2", "garbage", ""])
+    def test_other_streams_keep_timestamps(self, tmp_path: Path, value: str | None) -> None:
+        """Without a JOURNAL_STREAM naming stderr itself, lines are plain JSON with a timestamp."""
+        written = run_child(tmp_path / "stderr", value)
+        for line in written.decode().splitlines():
+            assert json.loads(line)["timestamp"].endswith("Z")
+
+    def test_traceback_lines_keep_the_priority(self, tmp_path: Path) -> None:
+        """Every line of a multi-line (console) event starts with the event's priority."""
+        path = tmp_path / "out"
+        with path.open("w") as stream:
+            st = os.fstat(stream.fileno())
+            environ = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+            configure_logging("console", stream=stream, environ=environ)
+            try:
+                try:
+                    raise ValueError("boom")
+                except ValueError:
+                    structlog.get_logger().exception("crashed")
+            finally:
+                structlog.reset_defaults()
+        text = path.read_text()
+        assert text.count("\n") > 2 and "Traceback" in text
+        assert all(line.startswith("<3>") for line in text.splitlines())
+        assert not re.search(r"\d{4}-\d\d-\d\dT", text)
+
+    @pytest.mark.skipif(
+        not (shutil.which("systemd-cat") and journald_answers()),
+        reason="needs systemd-cat and a running journald (/run/systemd/journal/stdout)",
+    )
+    def test_real_journal_files_the_priority(self, tmp_path: Path) -> None:
+        """Through systemd-cat, journald files the alert at priority 3 and the info at 6."""
+        tag = f"aac-tokend-test-{os.getpid()}"
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        # systemd-cat connects stderr to the journal but, unlike the service manager, does
+        # not set JOURNAL_STREAM: the child sets it as systemd would (its stderr's dev:ino).
+        prelude = (
+            "import os; st = os.fstat(2); "
+            "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+        )
+        subprocess.run(
+            ["systemd-cat", "-t", tag, sys.executable, "-c", prelude + _CHILD],
+            env=env,
+            check=True,
+            timeout=60,
+        )
+
+        def filed() -> dict[str, dict[str, str]]:
+            out = subprocess.run(
+                ["journalctl", "-t", tag, "-o", "json", "--no-pager"],
+                capture_output=True, text=True, check=True, timeout=60,
+            ).stdout  # fmt: skip
+            entries = [json.loads(line) for line in out.splitlines()]
+            return {json.loads(e["MESSAGE"])["event"]: e for e in entries}
+
+        deadline = time.monotonic() + 20  # journald files a stream's lines asynchronously
+        while len(seen := filed()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert seen["alert"]["PRIORITY"] == "3"
+        assert seen["refresh_failed"]["PRIORITY"] == "4"
+        assert seen["refresh_succeeded"]["PRIORITY"] == "6"
+        assert "timestamp" not in seen["alert"]["MESSAGE"]
+
+
+class TestJournalStreamValue:
+    """JOURNAL_STREAM is untrusted text: only "DEV:INO" in decimal is understood."""
+
+    @given(st.text(max_size=40))
+    def test_any_text_is_parsed_or_refused(self, value: str) -> None:
+        """Any value gives a pair of non-negative ints or None, never an exception."""
+        got = journal_stream_id(value)
+        assert got is None or (got[0] >= 0 and got[1] >= 0)
+
+    @given(st.integers(0, 2**64), st.integers(0, 2**64))
+    def test_round_trip(self, dev: int, ino: int) -> None:
+        """What systemd writes (decimal device and inode) reads back as the same pair."""
+        assert journal_stream_id(f"{dev}:{ino}") == (dev, ino)
+
+    @pytest.mark.parametrize("value", ["", "1", "1:", ":2", "1:2:3", "-1:2", "0x1:2", "\u0661:2"])
+    def test_malformed_refused(self, value: str) -> None:
+        """Anything but two decimal numbers around one colon is not a journal stream."""
+        assert journal_stream_id(value) is None
+
+
+#: A child that writes 200 numbered events of about 100 bytes with a 4 KiB log bound.
+_FILLER = """
+import structlog
+from aac_tokend.logs import configure_logging
+configure_logging("json", "info", max_file_bytes=4096)
+for n in range(200):
+    structlog.get_logger().info("tick", n=n, pad="x" * 40)
+"""
+
+
+def run_filler(path: Path, mode: str) -> None:
+    """Run _FILLER with stderr on ``path`` opened with ``mode`` ("ab": O_APPEND, or "wb")."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with path.open(mode) as err:
+        subprocess.run([sys.executable, "-c", _FILLER], stderr=err, env=env, check=True, timeout=60)
+
+
+def numbers(path: Path) -> list[int]:
+    return [json.loads(line)["n"] for line in path.read_text().splitlines()]
+
+
+class TestAppendedLogFile:
+    """A log file opened for appending (launchd's StandardErrorPath) stays bounded."""
+
+    def test_file_stays_under_the_bound(self, tmp_path: Path) -> None:
+        """Past the bound the file moves to .1 and starts again; both hold whole lines."""
+        log = tmp_path / "aac-tokend.log"
+        run_filler(log, "ab")
+        older = tmp_path / "aac-tokend.log.1"
+        line = max(len(x) + 1 for x in log.read_text().splitlines())
+        assert log.stat().st_size <= 4096 + line
+        assert older.stat().st_size <= 4096 + line
+        both = numbers(older) + numbers(log)
+        assert both == list(range(both[0], 200))  # the newest, in order, none lost between
+        assert len(both) > 4096 // line
+
+    def test_existing_content_counts(self, tmp_path: Path) -> None:
+        """A file already over the bound (from an earlier run) is moved aside at once."""
+        log = tmp_path / "aac-tokend.log"
+        log.write_text('{"n": -1}\n' * 1000)
+        run_filler(log, "ab")
+        assert log.stat().st_size < 8192
+        assert numbers(log)[-1] == 199
+
+    def test_file_not_appended_is_left_alone(self, tmp_path: Path) -> None:
+        """A file opened without O_APPEND (truncating) is never moved or emptied by us."""
+        log = tmp_path / "out.log"
+        run_filler(log, "wb")
+        assert numbers(log) == list(range(200))
+        assert not (tmp_path / "out.log.1").exists()

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from aac_tokend import service
 from aac_tokend.errors import InputError
@@ -53,6 +55,7 @@ def make_layout(
     program: tuple[str, ...] = ("/opt/aac/bin/aac-tokend",),
     private_tmp: tuple[Path, ...] = (),
     environment: tuple[tuple[str, str], ...] = (),
+    network: tuple[tuple[str, str], ...] = (),
 ) -> service.Layout:
     """A Layout under ``home`` with the platform's default directories."""
     if platform == "linux":
@@ -73,6 +76,7 @@ def make_layout(
         program=program,
         paths=paths,
         environment=environment,
+        network=network,
         runtime_base=runtime_base,
         lingering=True,
         private_tmp=private_tmp,
@@ -194,6 +198,24 @@ class TestSystemdAnalyzeVerify:
         self._render_into(short_dir, layout)
         assert _verify(short_dir) == (0, [])
 
+    def test_network_environment_verifies(self, short_dir: Path) -> None:
+        """Proxy variables with %, $ and quotes, and the EnvironmentFile line, verify."""
+        program = fake_program(short_dir / "bin")
+        layout = make_layout(
+            "linux",
+            short_dir,
+            program=(program,),
+            network=(
+                ("HTTPS_PROXY", 'http://u:p%40$x"y@proxy:3128'),
+                ("no_proxy", "localhost,.corp"),
+                ("REQUESTS_CA_BUNDLE", "/etc/ssl/corp ca.pem"),
+            ),
+        )
+        self._render_into(short_dir, layout)
+        layout.env_file.parent.mkdir(parents=True, exist_ok=True)
+        layout.env_file.write_text(service.render_env_file(layout))
+        assert _verify(short_dir) == (0, [])
+
     def test_verify_catches_a_broken_unit(self, short_dir: Path) -> None:
         """The check is not vacuous: a bad setting in our unit shows up as a line about it."""
         program = fake_program(short_dir / "bin")
@@ -225,6 +247,12 @@ class TestSystemdUnits:
             "-%h/.config/aac-tokend -%h/.local/share/aac-tokend -%t/aac-tokend"
         )
         assert "PrivateUsers" not in settings  # see the unit's comment: fail open, not shut
+
+    def test_unprefixed_lines_are_errors(self, tmp_path: Path) -> None:
+        """Lines without a <N> prefix (a fatal error, a traceback) are filed as errors."""
+        text = service.render_systemd(make_layout("linux", tmp_path))[service.SERVICE_UNIT]
+        assert "\nSyslogLevel=err\n" in text
+        assert "SyslogLevelPrefix=no" not in text  # the daemon's own prefixes must count
 
     def test_socket_settings(self, tmp_path: Path) -> None:
         """The socket unit listens on <runtime>/control.sock, named control, 0600."""
@@ -536,3 +564,161 @@ class TestLayoutDetection:
         layout = service.detect_layout("macos", {"HOME": str(tmp_path), "AAC_TOKEND_HOME": "rel"})
         assert layout.environment == (("AAC_TOKEND_HOME", str(tmp_path / "rel")),)
         assert layout.paths.runtime_dir == tmp_path / "rel" / "run"
+
+
+PROXY = "http://proxy.corp.example:3128"
+SECRET_PROXY = "http://alice:s3cr%40t@proxy.corp.example:3128"
+
+
+class TestNetworkEnvironment:
+    """service install records the proxy and CA variables of the shell it runs in."""
+
+    @pytest.mark.skipif(service.host_platform() != "linux", reason="renders for this machine")
+    def test_linux_dry_run_shows_https_proxy(self) -> None:
+        """--dry-run with HTTPS_PROXY, no_proxy and a CA bundle set shows them in the unit."""
+        out = io.StringIO()
+        home = Path("/nonexistent/atk-home")
+        env = {
+            "HOME": str(home),
+            "AAC_TOKEND_HOME": str(home / ".aac-tokend"),
+            "HTTPS_PROXY": PROXY,
+            "no_proxy": "localhost,.corp.example",
+            "REQUESTS_CA_BUNDLE": "/etc/ssl/corp.pem",
+            "SSL_CERT_FILE": "",  # set but empty: not carried
+        }
+        args = parse_cli("install", "--dry-run", "--platform", "linux")
+        assert service.run_cli(args, env=env, out=out, runner=RecordingRunner()) == 0
+        text = out.getvalue()
+        assert f"\nEnvironment=HTTPS_PROXY={PROXY}\n" in text
+        assert "\nEnvironment=no_proxy=localhost,.corp.example\n" in text
+        assert "\nEnvironment=REQUESTS_CA_BUNDLE=/etc/ssl/corp.pem\n" in text
+        assert "SSL_CERT_FILE" not in text
+        assert "\nEnvironmentFile=" not in text
+        assert (
+            "note: the service gets HTTPS_PROXY, no_proxy, REQUESTS_CA_BUNDLE as set here"
+        ) in text
+
+    def test_macos_dry_run_shows_https_proxy_in_plist(self) -> None:
+        """--dry-run --platform macos with https_proxy set shows it in the plist's environment."""
+        if service.host_platform() == "macos":
+            pytest.skip("this test renders for the other platform")
+        out = io.StringIO()
+        env = {"HOME": "/nonexistent/atk-home", "https_proxy": PROXY, "NO_PROXY": "*.corp"}
+        args = parse_cli("install", "--dry-run", "--platform", "macos")
+        assert service.run_cli(args, env=env, out=out) == 0
+        text = out.getvalue()
+        plist = text[text.index("<?xml") : text.index("</plist>") + len("</plist>")]
+        agent = plistlib.loads(plist.encode())
+        assert agent["EnvironmentVariables"]["https_proxy"] == PROXY
+        assert agent["EnvironmentVariables"]["NO_PROXY"] == "*.corp"
+
+    def test_nothing_set_nothing_recorded(self, tmp_path: Path) -> None:
+        """Without proxy or CA variables the unit and the notes say nothing about them."""
+        env = {"HOME": "/nonexistent/h", "AAC_TOKEND_HOME": "/nonexistent/h/.a"}
+        layout = service.detect_layout("linux", env)
+        assert layout.network == ()
+        _, notes = service.install_steps(layout)
+        assert not any("service gets" in note for note in notes)
+
+    def test_line_break_is_refused(self, tmp_path: Path) -> None:
+        """A value no service file can carry is refused with one line naming the variable."""
+        with pytest.raises(InputError, match=r"^HTTPS_PROXY holds a line break"):
+            service.detect_layout("linux", {"HOME": str(tmp_path), "HTTPS_PROXY": "http://a\nb"})
+
+    def test_credentials_go_to_a_private_environment_file(self, tmp_path: Path) -> None:
+        """A proxy URL with a password goes into a 0600 EnvironmentFile, never into the unit."""
+        layout = make_layout(
+            "linux", tmp_path, network=(("HTTPS_PROXY", SECRET_PROXY), ("NO_PROXY", ".corp"))
+        )
+        out = io.StringIO()
+        assert service.install(layout, RecordingRunner(), out) == 0
+        unit = (layout.unit_dir / service.SERVICE_UNIT).read_text()
+        assert "s3cr" not in unit
+        assert "\nEnvironment=NO_PROXY=.corp\n" in unit
+        assert "\nEnvironmentFile=%h/.config/aac-tokend/service.env\n" in unit
+        assert stat.S_IMODE(layout.env_file.stat().st_mode) == 0o600
+        assert f'\nHTTPS_PROXY="{SECRET_PROXY}"\n' in layout.env_file.read_text()
+        assert "HTTPS_PROXY holds credentials" in out.getvalue()
+        assert "s3cr" not in out.getvalue()
+
+    def test_dry_run_masks_the_password(self, short_dir: Path) -> None:
+        """The dry run shows the EnvironmentFile and the plist with the password masked."""
+        for platform in ("linux", "macos"):
+            layout = make_layout(platform, short_dir, network=(("all_proxy", SECRET_PROXY),))
+            out = io.StringIO()
+            assert service.install(layout, RecordingRunner(), out, dry_run=True) == 0
+            text = out.getvalue()
+            assert "s3cr" not in text
+            assert "http://alice:***@proxy.corp.example:3128" in text
+            assert " (mode 0600):\n" in text
+
+    def test_macos_plist_with_credentials_is_private(self, short_dir: Path) -> None:
+        """launchd has no environment file: a plist holding a proxy password is written 0600."""
+        plain = make_layout("macos", short_dir, network=(("HTTPS_PROXY", PROXY),))
+        service.install(plain, RecordingRunner(), io.StringIO())
+        assert stat.S_IMODE(plain.plist_path.stat().st_mode) == 0o644
+        secret = make_layout("macos", short_dir, network=(("HTTPS_PROXY", SECRET_PROXY),))
+        service.install(secret, RecordingRunner(), io.StringIO())
+        assert stat.S_IMODE(secret.plist_path.stat().st_mode) == 0o600
+        agent = plistlib.loads(secret.plist_path.read_bytes())
+        assert agent["EnvironmentVariables"]["HTTPS_PROXY"] == SECRET_PROXY
+
+    def test_uninstall_removes_the_environment_file(self, tmp_path: Path) -> None:
+        """uninstall removes the EnvironmentFile with the units: no password is left behind."""
+        layout = make_layout("linux", tmp_path, network=(("HTTPS_PROXY", SECRET_PROXY),))
+        service.install(layout, RecordingRunner(), io.StringIO())
+        assert layout.env_file.exists()
+        service.uninstall(layout, RecordingRunner(), io.StringIO())
+        assert not layout.env_file.exists()
+
+    def test_reinstall_without_credentials_removes_the_file(self, tmp_path: Path) -> None:
+        """A reinstall without a proxy password removes the EnvironmentFile the last one left."""
+        secret = make_layout("linux", tmp_path, network=(("HTTPS_PROXY", SECRET_PROXY),))
+        service.install(secret, RecordingRunner(), io.StringIO())
+        plain = make_layout("linux", tmp_path, network=(("HTTPS_PROXY", PROXY),))
+        service.install(plain, RecordingRunner(), io.StringIO())
+        assert not plain.env_file.exists()
+        assert "EnvironmentFile=" not in (plain.unit_dir / service.SERVICE_UNIT).read_text()
+
+    def test_environment_file_quoting(self, tmp_path: Path) -> None:
+        """Quotes, backslashes, $ and backticks are escaped inside the double-quoted value."""
+        layout = make_layout("linux", tmp_path, network=(("HTTPS_PROXY", 'http://u:a"b\\c$d`e@p'),))
+        text = service.render_env_file(layout)
+        assert text.splitlines()[1] == 'HTTPS_PROXY="http://u:a\\"b\\\\c\\$d\\`e@p"'
+
+
+class TestMaskCredentials:
+    """mask_credentials hides a proxy URL's password whatever it holds."""
+
+    @given(
+        st.sampled_from(["http://", "https://", "socks5://", ""]),
+        st.text(alphabet=st.characters(blacklist_characters=":@/"), max_size=12),
+        st.text(alphabet=st.sampled_from("ab:/@%x"), min_size=1, max_size=20) | st.text(),
+        st.text(alphabet=st.characters(blacklist_characters="@"), max_size=20),
+    )
+    def test_password_never_shown(self, scheme: str, user: str, password: str, host: str) -> None:
+        """The masked URL keeps scheme, user and host, and holds no trace of the password."""
+        # Without a scheme, "user://rest@host" reads as a URL: a password of "//..." is moot.
+        assume(scheme or not password.startswith("//"))
+        masked = service.mask_credentials(f"{scheme}{user}:{password}@{host}")
+        assert masked == f"{scheme}{user}:***@{host}"
+
+    @pytest.mark.parametrize(
+        ("value", "masked"),
+        [
+            ("http://u:a://b@h:1", "http://u:***@h:1"),
+            ("u:p@ss@h:1", "u:***@h:1"),
+            ("socks5h://u:p/w@h", "socks5h://u:***@h"),
+        ],
+    )
+    def test_awkward_passwords(self, value: str, masked: str) -> None:
+        """Raw ://, @ or / in a password are masked with the rest of it."""
+        assert service.mask_credentials(value) == masked
+
+    def test_user_alone_is_masked(self) -> None:
+        """A user name without a password may itself be a secret (a token): masked too."""
+        assert service.mask_credentials("http://tok3n@proxy:8080") == "http://***@proxy:8080"
+
+    def test_plain_url_untouched(self) -> None:
+        """A URL without userinfo comes back as it was."""
+        assert service.mask_credentials(PROXY) == PROXY
