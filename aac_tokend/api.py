@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="API path, e.g. /iam/v1/workspaces/current")
     parser.add_argument("--data", help="JSON request body")
     parser.add_argument("--base-url", help="API base URL (default: the profile's)")
-    parser.add_argument("--profile", "-p", default="default")
+    from .commands import add_profile_option  # already imported: commands mounts this one
+
+    add_profile_option(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:

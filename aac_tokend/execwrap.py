@@ -11,7 +11,9 @@ __all__ = ["add_arguments", "run_cli"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", "-p", default="default")
+    from .commands import add_profile_option  # already imported: commands mounts this one
+
+    add_profile_option(parser)
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
 
