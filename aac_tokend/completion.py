@@ -23,11 +23,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+#: Profile names are completed by asking the installed command at completion time, so a
+#: profile imported after the script was generated completes too. shtab reads an action's
+#: ``complete`` attribute: a bash function name, or a zsh _arguments action.
+_PROFILE_COMPLETION = {
+    "bash": "_aac_tokend_profiles",
+    # shtab puts this inside double quotes: the escaped $ keeps the command for _arguments
+    # to run at completion time, not once when the script is loaded.
+    "zsh": "{compadd -- \\$(aac-tokend profiles 2>/dev/null)}",
+}
+_PREAMBLE = {
+    "bash": "_aac_tokend_profiles() {\n"
+    '  compgen -W "$(aac-tokend profiles 2>/dev/null)" -- "$1"\n'
+    "}\n",
+}
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser and every subcommand's parser below it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _parsers(sub)
+    return found
+
+
 def full_parser() -> argparse.ArgumentParser:
     """The whole command line with every subcommand's options (lazy ones included)."""
     from .commands import EVERY_COMMAND, build_parser
 
-    return build_parser(EVERY_COMMAND)
+    parser = build_parser(EVERY_COMMAND)
+    for each in _parsers(parser):
+        for action in each._actions:
+            if action.dest == "profile" or (
+                each.prog == "aac-tokend remove" and action.dest == "name"
+            ):
+                action.complete = _PROFILE_COMPLETION  # type: ignore[attr-defined]
+    return parser
 
 
 def render(what: str) -> str:
@@ -45,7 +78,7 @@ def render(what: str) -> str:
         return str(page)
     import shtab
 
-    return str(shtab.complete(parser, shell=what))
+    return str(shtab.complete(parser, shell=what, preamble=_PREAMBLE.get(what, "")))
 
 
 def run_cli(args: argparse.Namespace) -> int:

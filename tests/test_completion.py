@@ -11,12 +11,13 @@ import argparse
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from aac_tokend.completion import full_parser
-from tests.helpers_e2e import E2EHome
+from tests.helpers_e2e import CONSOLE_SCRIPT, E2EHome, RecordingSandbox, import_pair
 
 
 def subcommands(
@@ -56,7 +57,9 @@ def _generate(home: E2EHome, what: str) -> str:
 class TestBash:
     """The bash completion, loaded into bash, completes every command and option."""
 
-    def complete(self, script: str, words: list[str], current: str) -> set[str]:
+    def complete(
+        self, script: str, words: list[str], current: str, env: dict[str, str] | None = None
+    ) -> set[str]:
         """What bash offers for ``current`` typed after `aac-tokend WORDS`."""
         all_words = ["aac-tokend", *words, current]
         line = " ".join(all_words)
@@ -65,7 +68,9 @@ class TestBash:
             f"COMP_CWORD={len(all_words) - 1}; COMP_LINE={shlex.quote(line)}; "
             'COMP_POINT=${#COMP_LINE}; _shtab_aac_tokend; printf "%s\\n" "${COMPREPLY[@]}"'
         )
-        result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["bash", "-c", probe], capture_output=True, text=True, timeout=30, env=env
+        )
         assert result.returncode == 0, result.stderr
         return set(result.stdout.split())
 
@@ -80,6 +85,19 @@ class TestBash:
                 assert names <= self.complete(script, list(path), ""), path
             wanted = options(parser)
             assert wanted <= self.complete(script, list(path), "-"), (path, wanted)
+
+    def test_profile_names_complete_at_completion_time(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """`--profile w<TAB>` and `remove <TAB>` offer the profiles that exist when asked."""
+        script = _generate(home, "bash")  # generated before any profile exists
+        sandbox = sandboxes()
+        for name in ("work", "default"):
+            import_pair(home, sandbox, profile=name)
+        env = dict(home.env, PATH=f"{Path(CONSOLE_SCRIPT).parent}:{home.env['PATH']}")
+        assert self.complete(script, ["token", "--profile"], "w", env) == {"work"}
+        assert self.complete(script, ["exec", "-p"], "", env) == {"default", "work"}
+        assert self.complete(script, ["remove"], "", env) == {"default", "work"}
 
 
 class TestZsh:
@@ -102,6 +120,31 @@ class TestZsh:
             ["zsh", "-n"], input=_generate(home, "zsh"), text=True, capture_output=True
         )
         assert result.returncode == 0, result.stderr
+
+    @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed (.ci/sysdeps)")
+    def test_profile_action_runs_at_completion_time(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """The loaded --profile action still holds the command, and running it lists profiles."""
+        script = _generate(home, "zsh")
+        sandbox = sandboxes()
+        for name in ("work", "default"):
+            import_pair(home, sandbox, profile=name)
+        env = dict(home.env, PATH=f"{Path(CONSOLE_SCRIPT).parent}:{home.env['PATH']}")
+        # Load the file's arrays without compinit, then run the action as _arguments would,
+        # with compadd printing what it was given.
+        probe = (
+            "compdef() { :; }; _arguments() { :; }\n" + script + "\n"
+            "action=${${(M)_shtab_aac_tokend_token_options:#--profile*}##*:profile:}\n"
+            'print -r -- "$action" >&2\n'
+            'compadd() { shift; print -rl -- "$@"; }\n'
+            'eval "${${action#\\{}%\\}}"\n'
+        )
+        result = subprocess.run(["zsh", "-f", "-c", probe], capture_output=True, text=True,
+                                env=env, timeout=30)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "$(aac-tokend profiles" in result.stderr, "expanded when the script loaded"
+        assert result.stdout.split() == ["default", "work"]
 
 
 @pytest.mark.skipif(shutil.which("man") is None, reason="man is not installed (.ci/sysdeps)")
