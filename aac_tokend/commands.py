@@ -306,7 +306,8 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aac-tokend",
         description="Keeps Alteryx Analytics Cloud OAuth token chains alive and serves the "
-        "access token locally. AAC_TOKEND_HOME=DIR relocates all files.",
+        "access token locally. AAC_TOKEND_HOME=DIR relocates all files; "
+        "AAC_TOKEND_PROFILE=NAME is the default profile.",
         epilog="exit status: 0 ok, 1 failure, 2 usage, 3 already running, 4 daemon not "
         "running, 65 bad input, 69 rejected/expired chain, 75 try again later, 78 bad config",
     )
