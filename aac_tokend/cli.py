@@ -14,21 +14,20 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["fast_token_args", "main"]
 
 
 #: ``token`` options the fast path understands; anything else goes the long way.
 _FAST_FORMATS = {"--header": "header", "--curl-config": "curl-config"}
 
 
-def _fast_token(args: list[str]) -> int | None:
-    """``token [--profile NAME] [--header|--curl-config]`` straight from the token socket.
+def fast_token_args(args: list[str], default_profile: str) -> tuple[str, str] | None:
+    """(profile, form) of ``token`` ARGS when the fast path can serve them, else None.
 
-    Returns None to go the long way (argparse, the control socket), which also explains
-    every failure.
+    Pure, and never reads ARGS differently from argparse: anything it is not sure of
+    (``-pNAME``, a repeated or unknown option, a name no profile can have) goes the long way.
     """
-    profile = os.environ.get("AAC_TOKEND_PROFILE") or "default"
-    form = "plain"
+    profile, form = default_profile, "plain"
     rest = list(args)
     while rest:
         arg = rest.pop(0)
@@ -40,8 +39,22 @@ def _fast_token(args: list[str]) -> int | None:
             profile = arg.split("=", 1)[1]
         else:
             return None
-    if not profile or "/" in profile or profile.startswith("."):
+    # Profile names start with a letter or digit and hold no "/" (state.validate_profile_name).
+    if not (profile[:1].isascii() and profile[:1].isalnum()) or "/" in profile:
         return None
+    return profile, form
+
+
+def _fast_token(args: list[str]) -> int | None:
+    """``token [--profile NAME] [--header|--curl-config]`` straight from the token socket.
+
+    Returns None to go the long way (argparse, the control socket), which also explains
+    every failure.
+    """
+    parsed = fast_token_args(args, os.environ.get("AAC_TOKEND_PROFILE") or "default")
+    if parsed is None:
+        return None
+    profile, form = parsed
     from .rundir import runtime_dir_fast  # not .paths: see rundir's docstring
 
     runtime = runtime_dir_fast(os.environ)

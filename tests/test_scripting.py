@@ -6,6 +6,8 @@ sandbox's API and the system's curl.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -21,7 +23,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aac_tokend.cli import fast_token_args
 from aac_tokend.client import format_token
+from aac_tokend.commands import build_parser, default_profile
 from aac_tokend.report import check_rows
 from tests.helpers_e2e import (
     CONSOLE_SCRIPT,
@@ -203,6 +207,35 @@ class TestTokenForms:
         """`--header` is the header and a newline; plain is the token and a newline."""
         assert format_token(token, "header") == f"Authorization: Bearer {token}\n"
         assert format_token(token) == token + "\n"
+
+
+#: Words a `token` command line may be made of, the tricky ones included.
+_TOKEN_WORDS = st.sampled_from([
+    "--header", "--curl-config", "-p", "--profile", "--profile=work", "--profile=", "work",
+    "default", "a.b-c_1", "-x", "--json", "-pwork", ".hidden", "a/b", "--head", "--", "-h",
+    "--header=1", "--profile=--header", "é",
+]) | st.text(max_size=6)  # fmt: skip
+
+
+class TestFastPathReadsArgvLikeArgparse:
+    """The `token` fast path never reads a command line differently from the parser."""
+
+    @given(st.lists(_TOKEN_WORDS, max_size=5))
+    def test_fast_args_agree_with_argparse(self, args: list[str]) -> None:
+        """Whatever the fast path accepts, argparse accepts with the same profile and form."""
+        fast = fast_token_args(args, default_profile())
+        if fast is None:
+            return  # the long way: argparse itself decides
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed = build_parser().parse_args(["token", *args])
+        assert (parsed.profile, parsed.form) == fast
+
+    def test_it_takes_the_common_forms(self) -> None:
+        """Plain, -p, --profile=, --header and --curl-config stay on the fast path."""
+        assert fast_token_args([], "default") == ("default", "plain")
+        assert fast_token_args(["-p", "work", "--header"], "x") == ("work", "header")
+        assert fast_token_args(["--curl-config", "--profile=w"], "x") == ("w", "curl-config")
+        assert fast_token_args(["--profile", "--header"], "x") is None
 
 
 # -- status --check ----------------------------------------------------------------------
