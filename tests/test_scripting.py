@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -367,6 +368,28 @@ class TestJsonAndProfileVariable:
         shown = home.cli("exec", "--", "sh", "-c", 'test "$AAC_ACCESS_TOKEN" = "$T"',
                          env=dict(env, T=daemon.token("work")))  # fmt: skip
         assert shown.returncode == 0, str(shown)
+
+    def test_exec_hands_its_profile_to_the_job(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """`exec -p work`: a snapshot token, and `token`/get_token() in the job read work afresh."""
+        sandbox = sandboxes()
+        for name in ("work", "default"):
+            import_pair(home, sandbox, profile=name)
+        daemon = home.daemon().start(profiles=["default", "work"])
+        job = (
+            'test "$(aac-tokend token)" = "$AAC_ACCESS_TOKEN" || exit 11\n'
+            "aac-tokend refresh >/dev/null || exit 12\n"
+            'test "$(aac-tokend token)" != "$AAC_ACCESS_TOKEN" || exit 13\n'
+            '"$PY" -c "from aac_tokend import get_token; print(get_token())"\n'
+        )
+        path = f"{Path(CONSOLE_SCRIPT).parent}:{home.env['PATH']}"
+        env = dict(home.env, PATH=path, PY=sys.executable)
+        result = home.cli("exec", "-p", "work", "--", "sh", "-c", job, env=env)
+        assert result.returncode == 0, str(result)
+        assert result.stdout == daemon.token("work") + "\n"
+        assert daemon.profile_status("work")["refresh_count"] == 1
+        assert daemon.profile_status("default")["refresh_count"] == 0
 
     @pytest.mark.parametrize("value", ["../etc", "-x", "a b", "x" * 65])
     def test_a_bad_profile_variable_is_named(self, home: E2EHome, value: str) -> None:
