@@ -18,6 +18,7 @@ import requests
 from .client import ControlClient, read_token
 from .errors import AlertError, DaemonNotRunningError, InputError
 from .paths import resolve_paths
+from .rundir import PROFILE_ENV
 from .tokens import check_endpoint
 
 __all__ = ["TokendAuth", "add_arguments", "get_token", "request_refresh", "run_cli"]
@@ -37,8 +38,14 @@ def _control(op: str, **fields: Any) -> dict[str, Any]:
         ) from exc
 
 
-def get_token(profile: str = "default") -> str:
+def _profile(profile: str | None) -> str:
+    """The profile asked for, else $AAC_TOKEND_PROFILE, else "default" (as the CLI does)."""
+    return profile if profile is not None else (os.environ.get(PROFILE_ENV) or "default")
+
+
+def get_token(profile: str | None = None) -> str:
     """The profile's current access token from the running daemon (AlertError if none)."""
+    profile = _profile(profile)
     path = str(resolve_paths(os.environ).token_socket(profile))
     try:
         token = read_token(path)
@@ -52,9 +59,9 @@ def get_token(profile: str = "default") -> str:
     raise AlertError(str(answer.get("message", "no valid token")))
 
 
-def request_refresh(profile: str = "default") -> None:
+def request_refresh(profile: str | None = None) -> None:
     """Ask the daemon to refresh ``profile`` now and wait for the outcome."""
-    answer = _control("refresh", profile=profile)
+    answer = _control("refresh", profile=_profile(profile))
     if not answer.get("ok"):
         raise AlertError(str(answer.get("message", "refresh failed")))
 
@@ -62,8 +69,8 @@ def request_refresh(profile: str = "default") -> None:
 class TokendAuth(requests.auth.AuthBase):
     """``requests`` auth: a fresh token per request; on 401, one refresh and one retry."""
 
-    def __init__(self, profile: str = "default") -> None:
-        self.profile = profile
+    def __init__(self, profile: str | None = None) -> None:
+        self.profile = _profile(profile)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         request.headers["Authorization"] = f"Bearer {get_token(self.profile)}"
@@ -90,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="API path, e.g. /iam/v1/workspaces/current")
     parser.add_argument("--data", help="JSON request body")
     parser.add_argument("--base-url", help="API base URL (default: the profile's)")
-    parser.add_argument("--profile", "-p", default="default")
+    from .commands import add_profile_option  # already imported: commands mounts this one
+
+    add_profile_option(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:

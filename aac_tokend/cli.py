@@ -6,6 +6,7 @@ structlog) is imported lazily by the commands that need it.
 
 Exit statuses: 0 success; 1 other failure; 2 usage; 3 already running; 4 daemon not
 running; 65 bad input; 69 a rejected or expired chain; 75 temporary failure; 78 bad config.
+``AAC_TOKEND_PROFILE`` names the profile used when a command is given no ``--profile``.
 """
 
 from __future__ import annotations
@@ -13,26 +14,53 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["fast_token_args", "main"]
+
+
+#: ``token`` options the fast path understands; anything else goes the long way.
+_FAST_FORMATS = {"--header": "header", "--curl-config": "curl-config"}
+
+
+def fast_token_args(args: list[str], default_profile: str) -> tuple[str, str] | None:
+    """(profile, form) of ``token`` ARGS when the fast path can serve them, else None.
+
+    Pure, and never reads ARGS differently from argparse: anything it is not sure of
+    (``-pNAME``, a repeated or unknown option, a name no profile can have) goes the long way.
+    """
+    profile, form = default_profile, "plain"
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg in _FAST_FORMATS and form == "plain":
+            form = _FAST_FORMATS[arg]
+        elif arg in ("--profile", "-p") and rest:
+            profile = rest.pop(0)
+        elif arg.startswith("--profile="):
+            profile = arg.split("=", 1)[1]
+        else:
+            return None
+    # Profile names start with a letter or digit and hold no "/" (state.validate_profile_name).
+    if not (profile[:1].isascii() and profile[:1].isalnum()) or "/" in profile:
+        return None
+    return profile, form
 
 
 def _fast_token(args: list[str]) -> int | None:
-    """``token [--profile NAME]`` straight from the token socket, or None to go the long way."""
-    profile = "default"
-    if len(args) == 2 and args[0] in ("--profile", "-p"):
-        profile = args[1]
-    elif len(args) == 1 and args[0].startswith("--profile="):
-        profile = args[0].split("=", 1)[1]
-    elif args:
+    """``token [--profile NAME] [--header|--curl-config]`` straight from the token socket.
+
+    Returns None to go the long way (argparse, the control socket), which also explains
+    every failure.
+    """
+    parsed = fast_token_args(args, os.environ.get("AAC_TOKEND_PROFILE") or "default")
+    if parsed is None:
         return None
-    if not profile or "/" in profile or profile.startswith("."):
-        return None
+    profile, form = parsed
     from .rundir import runtime_dir_fast  # not .paths: see rundir's docstring
 
     runtime = runtime_dir_fast(os.environ)
     if runtime is None:
         return None
-    from .client import read_token
+    from .client import format_token, read_token
 
     try:
         token = read_token(f"{runtime}/{profile}.token.sock")
@@ -40,7 +68,7 @@ def _fast_token(args: list[str]) -> int | None:
         return None
     if not token:
         return None  # the long way explains why there is no token
-    sys.stdout.write(token + "\n")
+    sys.stdout.write(format_token(token, form))
     return 0
 
 

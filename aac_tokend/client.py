@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Self
 
-__all__ = ["ControlClient", "read_token"]
+__all__ = ["ControlClient", "format_token", "read_token"]
 
 # Answers larger than this are refused: a status of a thousand profiles is a few hundred
 # KiB, so this only stops a runaway or foreign server from filling our memory.
@@ -50,6 +50,21 @@ def read_token(path: str, timeout: float = 2.0) -> str:
     if not data.endswith(b"\n") or data.count(b"\n") != 1:
         raise ConnectionError(f"the token socket {path} sent a malformed answer; try again")
     return data[:-1].decode("ascii")
+
+
+def format_token(token: str, form: str = "plain") -> str:
+    """The line(s) ``aac-tokend token`` prints: the token, a header, or a curl config.
+
+    ``header`` is for ``curl -H @-`` (curl 7.55+); ``curl-config`` is for ``curl -K -``,
+    which every curl reads. Either way the token reaches curl on stdin, never in its argv.
+    """
+    if form == "header":
+        return f"Authorization: Bearer {token}\n"
+    if form == "curl-config":
+        # curl's config syntax: inside double quotes, backslash escapes \\ and \".
+        quoted = token.replace("\\", "\\\\").replace('"', '\\"')
+        return f'header = "Authorization: Bearer {quoted}"\n'
+    return token + "\n"
 
 
 class ControlClient:

@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import __version__
-from .client import ControlClient
+from .client import ControlClient, format_token
 from .errors import AacTokendError, DaemonNotRunningError, InputError, ProfileError
 from .paths import Paths, resolve_paths
+from .rundir import PROFILE_ENV
 
-__all__ = ["build_parser", "dispatch"]
+__all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profile", "dispatch"]
 
 _EXIT_BY_CODE = {
     "no_token": 69, "unknown_profile": 65, "bad_request": 65, "config_error": 78,
@@ -134,7 +135,7 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
     answer = _ask(paths, "token", profile=args.profile)
     if answer is not None:
-        print(answer["token"])
+        sys.stdout.write(format_token(answer["token"], args.form))
         return 0
     from .policy import access_valid
 
@@ -148,7 +149,7 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
             "running to refresh it; start it with `aac-tokend run`",
             69,
         )
-    print(state.access_token)
+    sys.stdout.write(format_token(state.access_token, args.form))
     return 0
 
 
@@ -171,9 +172,16 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     answer = _ask(paths, "status")
     rows = answer["profiles"] if answer else _offline_status(paths)
+    status = 0
+    if args.check:
+        from .report import check_rows
+
+        status, problems = check_rows(rows, daemon_running=answer is not None)
+        for line in problems:
+            print(f"aac-tokend: check: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps({"daemon_running": answer is not None, "profiles": rows}, indent=2))
-        return 0
+        return status
     if answer is None:
         print("daemon: not running (showing stored state; nothing is being refreshed)")
     for row in rows:
@@ -184,12 +192,15 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
                 print(f"  {key}: {row[key]}")
     if not rows:
         print("no profiles; import one with `aac-tokend import`")
-    return 0
+    return status
 
 
 def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
     row = _need_daemon(paths, "refresh", profile=args.profile)["profile"]
-    print(f"{row['profile']}: {row['state']}, token valid until {row['access_expires_at']}")
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        print(f"{row['profile']}: {row['state']}, token valid until {row['access_expires_at']}")
     return 0 if row["state"] in ("ok",) else 69
 
 
@@ -211,6 +222,9 @@ def cmd_profiles(args: argparse.Namespace, paths: Paths) -> int:
     else:
         store = _offline_store(paths)
         names = store.profiles() if store else []
+    if args.json:
+        print(json.dumps({"daemon_running": answer is not None, "profiles": names}, indent=2))
+        return 0
     for name in names:
         print(name)
     return 0
@@ -245,10 +259,14 @@ def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
             time.sleep(0.05)
 
 
+#: ``build_parser(EVERY_COMMAND)`` mounts every lazy subcommand's options too (completions).
+EVERY_COMMAND = "*"
+
+
 def _mount(sub: Any, name: str, module: str, help_text: str, wanted: str | None) -> None:
     """A subcommand implemented in its own module, imported only when it is the one run."""
     parser = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
-    if wanted != name:
+    if wanted not in (name, EVERY_COMMAND):
         return
     import importlib
 
@@ -258,12 +276,38 @@ def _mount(sub: Any, name: str, module: str, help_text: str, wanted: str | None)
     parser.set_defaults(func=lambda a, _p: mod.run_cli(a))
 
 
+def default_profile() -> str:
+    """The profile a command uses without ``--profile``: $AAC_TOKEND_PROFILE, else default."""
+    return os.environ.get(PROFILE_ENV) or "default"
+
+
+def add_profile_option(parser: argparse.ArgumentParser) -> None:
+    """``--profile/-p NAME``, the same on every command that takes one."""
+    parser.add_argument(
+        "--profile", "-p", default=default_profile(),
+        help=f"profile name (default: ${PROFILE_ENV}, else default)",
+    )  # fmt: skip
+
+
+def _check_profile_env(args: argparse.Namespace) -> None:
+    """A bad $AAC_TOKEND_PROFILE is named as such, not as a mystery profile."""
+    value = os.environ.get(PROFILE_ENV)
+    if value and getattr(args, "profile", None) == value:
+        from .state import validate_profile_name
+
+        try:
+            validate_profile_name(value)
+        except ProfileError as exc:
+            raise InputError(f"{PROFILE_ENV}: {exc}; fix or unset it") from exc
+
+
 def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line."""
+    """The whole command line (``wanted``: the lazy subcommand to mount fully, or every one)."""
     parser = argparse.ArgumentParser(
         prog="aac-tokend",
         description="Keeps Alteryx Analytics Cloud OAuth token chains alive and serves the "
-        "access token locally. AAC_TOKEND_HOME=DIR relocates all files.",
+        "access token locally. AAC_TOKEND_HOME=DIR relocates all files; "
+        "AAC_TOKEND_PROFILE=NAME is the default profile.",
         epilog="exit status: 0 ok, 1 failure, 2 usage, 3 already running, 4 daemon not "
         "running, 65 bad input, 69 rejected/expired chain, 75 try again later, 78 bad config",
     )
@@ -275,25 +319,40 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def profile_opt(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--profile", "-p", default="default", help="profile name (default: default)")
-
     add("run", cmd_run, "run the daemon in the foreground (what systemd/launchd start)")
     p = add("import", cmd_import, "import a token pair from stdin (two lines or token JSON)")
-    profile_opt(p)
+    add_profile_option(p)
     p.add_argument("--token-endpoint", help="token endpoint URL (default: the JWT's iss + /token)")
     p.add_argument("--client-id", help="OAuth client id (default: the JWT's client_id)")
     p.add_argument("--refresh-lifetime-days", type=float, help="refresh token lifetime (1-365)")
     p.add_argument("--base-url", help="AAC API base URL (default https://api.us1.alteryxcloud.com)")
     p.add_argument("--legacy", action="store_true", help="a static, non-refreshable token")
     p.add_argument("--expires", help="with --legacy: expiry date (ISO 8601)")
-    profile_opt(add("token", cmd_token, "print the current access token"))
-    add("status", cmd_status, "show each profile's state").add_argument(
-        "--json", action="store_true", help='print {"profiles": [...]} as JSON'
-    )
-    profile_opt(add("refresh", cmd_refresh, "refresh a profile now (through the daemon)"))
+    p = add("token", cmd_token, "print the current access token")
+    add_profile_option(p)
+    form = p.add_mutually_exclusive_group()
+    form.add_argument(
+        "--header", dest="form", action="store_const", const="header", default="plain",
+        help="print 'Authorization: Bearer TOKEN', for `curl -H @-` (curl 7.55+)",
+    )  # fmt: skip
+    form.add_argument(
+        "--curl-config", dest="form", action="store_const", const="curl-config",
+        help="print a curl config line with the header, for `curl -K -` (any curl)",
+    )  # fmt: skip
+    p = add("status", cmd_status, "show each profile's state")
+    p.add_argument("--json", action="store_true", help='print {"profiles": [...]} as JSON')
+    p.add_argument(
+        "--check", action="store_true",
+        help="exit 0 only if every profile has a valid token; 69 if one needs a person, "
+        "4 if the daemon is not running, 75 if a token is still being retried",
+    )  # fmt: skip
+    p = add("refresh", cmd_refresh, "refresh a profile now (through the daemon)")
+    add_profile_option(p)
+    p.add_argument("--json", action="store_true", help="print the profile's status as JSON")
     add("remove", cmd_remove, "remove a profile and its state").add_argument("name")
-    add("profiles", cmd_profiles, "list profile names")
+    add("profiles", cmd_profiles, "list profile names").add_argument(
+        "--json", action="store_true", help='print {"profiles": [names]} as JSON'
+    )
     add("reload", cmd_reload, "make the daemon re-read config.toml")
     add("stop", cmd_stop, "stop the running daemon")
     _mount(sub, "sandbox", "sandbox", "run a local AAC-like token server on loopback", wanted)
@@ -305,6 +364,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     )
     _mount(sub, "api", "api", "call the AAC API with the current token", wanted)
     _mount(sub, "exec", "execwrap", "run a command with AAC_ACCESS_TOKEN set", wanted)
+    _mount(sub, "completion", "completion", "print shell completions or the man page", wanted)
     return parser
 
 
@@ -312,6 +372,7 @@ def dispatch(argv: list[str]) -> int:
     """Parse and run; errors become one line on stderr and an exit status."""
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
+        _check_profile_env(args)
         result: int = args.func(args, resolve_paths(os.environ))
         return result
     except AacTokendError as exc:

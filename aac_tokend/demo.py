@@ -2,8 +2,9 @@
 
 Everything runs as real processes in a throw-away AAC_TOKEND_HOME: the sandbox token
 server, ``import``, the daemon, token reads over its socket, API calls with the token,
-and at the end a stolen refresh token replayed by a third party. Tokens are shown only
-by their short hash.
+the commands a user types (``status``, ``token --header | curl -H @-``), and at the end a
+stolen refresh token replayed by a third party, as ``status --check`` reports it. Tokens
+are shown only by their short hash.
 """
 
 from __future__ import annotations
@@ -103,13 +104,14 @@ class _Demo:
                      f"{row['next_refresh_at']}")  # fmt: skip
                 seen = token_hash(token)
             time.sleep(1.0)
-        _say("5. A thief replays the original (already rotated) refresh token at the server:")
+        self.show_shell(url)
+        _say("6. A thief replays the original (already rotated) refresh token at the server:")
         form = {"grant_type": "refresh_token", "refresh_token": stolen,
                 "client_id": "aac-sandbox-client"}  # fmt: skip
         answer = requests.post(f"{url}/as/token", timeout=5, data=form)
         _say(f"   server answers {answer.status_code} {answer.json().get('error')}: it revoked "
              "the whole token family, ours included.")  # fmt: skip
-        _say("6. The daemon's next refresh is rejected; it does not retry blindly:")
+        _say("7. The daemon's next refresh is rejected; it does not retry blindly:")
         self.control("refresh", profile="default")
         row = self.control("status")["profiles"][0]
         _say(f"   state: {row['state']}, reason: {(row['rejection'] or {}).get('reason')}")
@@ -118,8 +120,43 @@ class _Demo:
         _say("   the last access token is still served until it expires "
              f"({row['access_expires_at']}): {'yes' if still else 'no'}; "
              "then readers get nothing.")  # fmt: skip
+        check = self.aac("status", "--check")
+        _say(f"   $ aac-tokend status --check; echo $?   -> {check.returncode} (what a script "
+             "or monitor sees: 69, a person must act; 0 when every profile is fine)")  # fmt: skip
         _say("== demo finished; stopping the daemon and the sandbox.")
         return 0
+
+    def aac(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """One ``aac-tokend`` command, as a user types it, run to completion."""
+        return subprocess.run(
+            [*self.cmd, *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+
+    def show_shell(self, url: str) -> None:
+        """What a user types: ``status``, and the token handed to curl on stdin."""
+        api = f"{url}/iam/v1/workspaces/current"
+        _say("5. From a shell, the same as you would type it:")
+        _say("   $ aac-tokend status")
+        for line in self.aac("status").stdout.splitlines():
+            _say(f"     {line}")
+        _say(f"   $ aac-tokend token --header | curl -sS -H @- {api}")
+        curl = shutil.which("curl")
+        if curl is None:
+            _say("     (curl is not installed here, so this step is skipped)")
+            return
+        token = subprocess.Popen(
+            [*self.cmd, "token", "--header"], env=self.env, stdout=subprocess.PIPE
+        )
+        answer = subprocess.run(
+            [curl, "-sS", "-w", "\\n(HTTP %{http_code})", "-H", "@-", api],
+            stdin=token.stdout, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert token.stdout is not None
+        token.stdout.close()
+        token.wait(timeout=30)
+        for line in (answer.stdout + answer.stderr).splitlines():
+            _say(f"     {line}")
+        _say("     (the token went through a pipe: it is in no process's argv)")
 
     def cleanup(self) -> None:
         for proc in self.procs:

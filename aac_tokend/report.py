@@ -9,7 +9,43 @@ from .conditions import condition_of
 from .policy import access_valid, status_of
 from .state import ProfileState
 
-__all__ = ["iso", "profile_report"]
+__all__ = ["CHECK_EXIT", "check_rows", "iso", "profile_report"]
+
+
+#: ``status --check`` exit statuses, worst first: what the script's caller does next.
+CHECK_EXIT = {
+    "needs_person": 69,  # a rejected/expired/corrupt chain, an alert, or no profile at all
+    "no_daemon": 4,  # stored tokens may be fine, but nothing is refreshing them
+    "wait": 75,  # no valid token right now, while the daemon retries on its own
+    "ok": 0,  # every profile has a valid token and nothing to tell a person
+}
+
+#: Profile states that no retry can fix: a person must import a new token (or fix a file).
+_NEEDS_PERSON_STATES = frozenset({"rejected", "expired", "corrupt"})
+
+
+def check_rows(rows: list[dict[str, Any]], *, daemon_running: bool) -> tuple[int, list[str]]:
+    """The exit status of ``status --check`` for these status rows, and one line per problem.
+
+    Pure: the rows are what ``status --json`` prints, so a script's reading of that JSON and
+    this exit status always agree.
+    """
+    if not rows:
+        return CHECK_EXIT["needs_person"], ["no profiles; import one with `aac-tokend import`"]
+    person, wait = [], []
+    for row in rows:
+        name, state = row.get("profile"), row.get("state")
+        if state in _NEEDS_PERSON_STATES or row.get("alert"):
+            person.append(f"{name}: {state}: {row.get('alert') or 'needs a new token'}")
+        elif not row.get("token_valid"):
+            wait.append(f"{name}: {state}: no valid token yet; the daemon is retrying")
+    if person:
+        return CHECK_EXIT["needs_person"], person
+    if not daemon_running:
+        return CHECK_EXIT["no_daemon"], ["the daemon is not running; nothing is refreshing"]
+    if wait:
+        return CHECK_EXIT["wait"], wait
+    return CHECK_EXIT["ok"], []
 
 
 def iso(ts: float | None) -> str | None:

@@ -16,10 +16,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["APP_NAME", "HOME_ENV", "absolute", "runtime_dir_fast"]
+__all__ = ["APP_NAME", "HOME_ENV", "PROFILE_ENV", "absolute", "runtime_dir_fast"]
 
 APP_NAME = "aac-tokend"
 HOME_ENV = "AAC_TOKEND_HOME"
+#: The profile a command uses when given no --profile (the fast `token` path reads it too).
+PROFILE_ENV = "AAC_TOKEND_PROFILE"
 
 
 def _normalise(path: str) -> str:

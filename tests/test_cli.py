@@ -23,7 +23,7 @@ from tests.helpers_e2e import (
 
 COMMANDS = [
     "run", "import", "token", "status", "refresh", "remove", "profiles", "reload", "stop",
-    "sandbox", "demo", "service", "api", "exec",
+    "sandbox", "demo", "service", "api", "exec", "completion",
 ]  # fmt: skip
 #: The fields `status --json` documents for every profile (README), and the timestamps.
 STATUS_FIELDS = {

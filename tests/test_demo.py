@@ -1,0 +1,46 @@
+"""`aac-tokend demo` as a user runs it: a real process, a real sandbox, daemon and curl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers_e2e import token_like_runs
+
+
+def run_demo(path: str) -> str:
+    """The output of a short demo run with ``PATH`` as given (it must succeed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AAC_", "XDG_RUNTIME"))}
+    env["PATH"] = path
+    result = subprocess.run(
+        [sys.executable, "-m", "aac_tokend", "demo", "--seconds", "2", "--access-ttl", "4"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert token_like_runs(result.stdout + result.stderr) == [], "a token was shown"
+    return result.stdout
+
+
+class TestDemoEnding:
+    """The demo ends with the commands a user types: status, token piped to curl, --check."""
+
+    @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/sysdeps)")
+    def test_status_and_curl_against_the_sandbox(self) -> None:
+        """`status` shows the healthy profile, curl gets 200 with the piped header, --check 69."""
+        out = run_demo(os.environ.get("PATH", "/usr/bin:/bin"))
+        shell = out[out.index("$ aac-tokend status\n") :]
+        assert "default: ok (oauth)" in shell
+        assert "$ aac-tokend token --header | curl -sS -H @- http://127.0.0.1:" in shell
+        assert '"name": "Sandbox workspace"' in shell and "(HTTP 200)" in shell
+        assert out.index("(HTTP 200)") < out.index("A thief replays")
+        assert "$ aac-tokend status --check; echo $?   -> 69 " in out.splitlines()[-2]
+
+    def test_without_curl_it_says_so(self) -> None:
+        """With no curl on PATH the demo still finishes, saying the curl step was skipped."""
+        out = run_demo("/nonexistent")
+        assert "curl is not installed here, so this step is skipped" in out
+        assert "(HTTP 200)" not in out and "-> 69 " in out
