@@ -393,6 +393,9 @@ class Engine:
                     storage_error=entry.unsaved is not None,
                 )
             )
+            # What a reader gets, by both clocks (the report alone knows only the wall clock).
+            served = self.current_token(name) is not None
+            rows[-1]["token_valid"] = rows[-1]["token_valid"] and served
         for name, error in sorted(self._corrupt.items()):
             if only is None or name == only:
                 rows.append({"profile": name, "state": "corrupt", "alert": error})

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import InputError, TokenFormatError
 from .state import ProfileState, TokenKind, validate_profile_name
-from .tokens import check_endpoint, derive_endpoint, parse_jwt
+from .tokens import TokenClaims, check_endpoint, derive_endpoint, parse_jwt
 
 __all__ = [
     "DEFAULT_API_BASE_URL",
@@ -233,6 +233,16 @@ def parse_import_text(text: str, *, profile: str, legacy: bool = False) -> Impor
     )
 
 
+def _checked_times(claims: TokenClaims) -> TokenClaims:
+    """``claims`` if its times are dates ``status`` can show and a state can hold."""
+    for name, value in (("exp", claims.exp), ("iat", claims.iat)):
+        if value is not None and not 0 < value <= MAX_NUMBER:
+            raise TokenFormatError(
+                f"access token: claim '{name}' is out of range (a date from 1970 to 2286)"
+            )
+    return claims
+
+
 def _check_api_base(url: str) -> str:
     try:
         return check_endpoint(url, explicit=True).rstrip("/")
@@ -264,9 +274,14 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
         expires = _number_or_none(req.legacy_expires_at, "legacy_expires_at")
         if expires is None:
             try:
-                expires = parse_jwt(access).exp
-            except TokenFormatError:
-                expires = None
+                claims = parse_jwt(access)
+            except TokenFormatError as exc:
+                # Not a JWT (Designer Cloud's opaque tokens): no known expiry. But a JWT with
+                # an unreadable time claim is refused: "never expires" would serve it forever.
+                if "claim '" in str(exc):
+                    raise
+                claims = None
+            expires = _checked_times(claims).exp if claims is not None else None
         return ProfileState(
             profile=profile, kind=TokenKind.LEGACY, access_token=access, refresh_token=None,
             token_endpoint=None, client_id=None, api_base_url=api, access_obtained_at=now,
@@ -279,7 +294,7 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
         req.expires_in, "expires_in", MAX_ACCESS_LIFETIME_SECONDS, MIN_ACCESS_LIFETIME_SECONDS
     )
     try:
-        claims = parse_jwt(access)
+        claims = _checked_times(parse_jwt(access))
     except TokenFormatError as exc:
         if expires_in is None or not req.token_endpoint or not req.client_id:
             raise TokenFormatError(

@@ -61,6 +61,7 @@ class TestServingAcrossSteps:
             if world.token() is not None:
                 served_until = world.clock.true_now()
         assert world.token() is None  # wall says 10 min left; the token died 50 min ago
+        assert world.status()["token_valid"] is False
         assert served_until is not None and served_until <= T0 + HOUR
 
     def test_a_forward_step_stops_serving_at_once(self, world: World) -> None:

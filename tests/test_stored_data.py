@@ -151,6 +151,30 @@ class TestNumbersImportAccepts:
         assert state.access_expires_at == when
         assert_renders(state, NOW)
 
+    @settings(max_examples=300, deadline=None)
+    @given(
+        exp=st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(10**12), 10**12),
+        iat=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+        legacy=st.booleans(),
+    )
+    @example(exp=253_402_300_799, iat=None, legacy=True)
+    @example(exp=-253_402_300_799, iat=None, legacy=False)
+    def test_jwt_times(self, exp: float, iat: float | None, legacy: bool) -> None:
+        """A JWT's exp and iat: dates status can show, else a one-line error naming the claim."""
+        claims: dict[str, Any] = {"iss": ISSUER, "client_id": "aac-client", "exp": exp}
+        if iat is not None:
+            claims["iat"] = iat
+        token = sign_hs256(claims, b"k" * 32)
+        text = token if legacy else f"{token}\n{REFRESH}"
+        try:
+            state = build_state(parse_import_text(text, profile="w", legacy=legacy), NOW)
+        except InputError as exc:
+            assert_one_line_without(exc, token, REFRESH)
+            assert "'exp'" in str(exc) or "'iat'" in str(exc)
+            return
+        assert 0 < exp <= 1e10 and (iat is None or 0 < iat <= 1e10)
+        assert_renders(state, NOW)
+
     @pytest.mark.parametrize(
         ("text", "words"),
         [
