@@ -60,7 +60,7 @@ class Scheduler(Protocol):
 
 
 class APScheduler:
-    """APScheduler 3's BackgroundScheduler: date jobs per profile, one interval tick."""
+    """APScheduler 3's BackgroundScheduler: date jobs per profile, a monotonic-paced tick."""
 
     def __init__(self) -> None:
         self._stopped = threading.Event()
