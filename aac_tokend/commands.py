@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from . import __version__
@@ -90,16 +89,8 @@ def _read_tokens(legacy: bool) -> str:
     return sys.stdin.read(64 * 1024 + 1)
 
 
-def _parse_when(text: str) -> float:
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise InputError(f"--expires {text[:40]!r} is not an ISO date like 2027-01-31") from exc
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
 def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
-    from .importer import build_state, parse_import_text
+    from .importer import build_state, parse_expiry_date, parse_import_text
 
     request = parse_import_text(_read_tokens(args.legacy), profile=args.profile, legacy=args.legacy)
     request = dataclasses.replace(
@@ -108,7 +99,7 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         client_id=args.client_id,
         refresh_lifetime_days=args.refresh_lifetime_days,
         api_base_url=args.base_url,
-        legacy_expires_at=_parse_when(args.expires) if args.expires else None,
+        legacy_expires_at=parse_expiry_date(args.expires) if args.expires else None,
     )
     if request.refresh_lifetime_days is None and request.refresh_expires_in is None:
         from .config import load_config
@@ -182,16 +173,9 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         print(json.dumps({"daemon_running": answer is not None, "profiles": rows}, indent=2))
         return status
-    if answer is None:
-        print("daemon: not running (showing stored state; nothing is being refreshed)")
-    for row in rows:
-        print(f"{row['profile']}: {row['state']}" + (f" ({row['kind']})" if "kind" in row else ""))
-        for key in ("access_expires_at", "next_refresh_at", "last_refresh_at",
-                    "refresh_expires_at", "refresh_count", "last_error", "alert"):  # fmt: skip
-            if row.get(key) not in (None, ""):
-                print(f"  {key}: {row[key]}")
-    if not rows:
-        print("no profiles; import one with `aac-tokend import`")
+    from .report import status_text
+
+    print(status_text(rows, daemon_running=answer is not None))
     return status
 
 

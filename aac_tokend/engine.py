@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,11 +39,22 @@ TICK_KEY = "__tick__"
 DURABLE_OUTCOMES = frozenset({"refreshed", "rejected", "transient"})
 
 
+@dataclass(frozen=True)
+class _Served:
+    """A token being served, with its end on both clocks (see ``Engine.current_token``)."""
+
+    token: bytes
+    expires_at: float | None  # wall time, as the state says
+    expires_mono: float  # monotonic time; inf when the token has no expiry
+
+
 @dataclass
 class _Profile:
     state: ProfileState
     refreshing: bool = False
     unsaved: bytes | None = None  # an encrypted newer state the disk refused
+    installed_wall: float = 0.0  # the clocks when ``state`` was installed (see _now_for)
+    installed_mono: float = 0.0
     done: threading.Condition = field(default_factory=threading.Condition)
 
 
@@ -67,21 +79,42 @@ class Engine:
         self._alerter, self._socket_path = alerter, socket_path
         self._on_profiles_changed = on_profiles_changed
         self._profiles: dict[str, _Profile] = {}
-        self._serving: dict[str, tuple[bytes, float | None]] = {}
+        self._serving: dict[str, _Served] = {}
         self._corrupt: dict[str, str] = {}
         self._waiting: set[str] = set()  # profiles whose earlier courier is still out
         self._lock = threading.Lock()
 
     # -- the hot path ---------------------------------------------------------------
     def current_token(self, profile: str) -> bytes | None:
-        """The access token if valid at this instant, else None (never a stale token)."""
+        """The access token if valid at this instant, else None (never a stale token).
+
+        Valid by both clocks: the wall clock (the expiry is wall time, and the wall clock
+        also counts a suspend that CLOCK_MONOTONIC does not) and the monotonic one (the
+        token's remaining life when installed, run down since, which a wall clock stepped
+        back cannot stretch). Whichever says the token is over first, wins.
+        """
         entry = self._serving.get(profile)
         if entry is None:
             return None
-        token, expires_at = entry
-        if expires_at is not None and self._clock.now() + SERVE_MARGIN_SECONDS >= expires_at:
+        if entry.expires_at is not None and (
+            self._clock.now() + SERVE_MARGIN_SECONDS >= entry.expires_at
+            or self._clock.monotonic() + SERVE_MARGIN_SECONDS >= entry.expires_mono
+        ):
             return None
-        return token
+        return entry.token
+
+    def _now_for(self, entry: _Profile, wall_now: float) -> float:
+        """``now`` as the state's own times count it: the later of the wall clock and the
+        wall time at install run on by the monotonic clock since.
+
+        Every time in a state was written on the wall clock of its install (the courier
+        writes it, the engine installs it at once). After the wall clock steps back, this
+        keeps counting from there, so a refresh or retry comes due after the time that
+        really passed; after a step forward the wall clock is ahead and rules (an early
+        refresh, never a late one). Each install starts afresh on the wall clock of the day,
+        so a step is absorbed by the next refresh or attempt and can never cause a loop.
+        """
+        return max(wall_now, entry.installed_wall + self._clock.monotonic() - entry.installed_mono)
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -150,12 +183,29 @@ class Engine:
             if entry is None:
                 entry = self._profiles[state.profile] = _Profile(state)
             entry.state, entry.unsaved = state, unsaved
-            self._serving[state.profile] = (state.access_token.encode(), state.access_expires_at)
+            entry.installed_wall, entry.installed_mono = self._clock.now(), self._clock.monotonic()
+            self._serving[state.profile] = self._served(state)
             self._corrupt.pop(state.profile, None)
         self._alerter.observe(
             state.profile, condition_of(state, self._clock.now()), self._clock.now()
         )
         self._schedule(state)
+
+    def _served(self, state: ProfileState) -> _Served:
+        """What to serve for ``state``, its monotonic end measured from now.
+
+        A token already served keeps the earlier monotonic end: a state reinstalled after a
+        failed refresh must not win back the time a stepped wall clock took away.
+        """
+        token, expires = state.access_token.encode(), state.access_expires_at
+        if expires is None:
+            return _Served(token, None, math.inf)
+        left = expires - self._clock.now()
+        mono_end = self._clock.monotonic() + left
+        old = self._serving.get(state.profile)
+        if old is not None and old.token == token and old.expires_at == expires:
+            mono_end = min(mono_end, old.expires_mono)
+        return _Served(token, expires, mono_end)
 
     def _schedule(self, state: ProfileState) -> None:
         now = self._clock.now()
@@ -179,8 +229,10 @@ class Engine:
                 self._retry_unsaved(name, entry)
             if entry.refreshing:
                 continue
-            at = next_refresh_at(entry.state, now, self.config.policy_for(name))
-            if at is not None and at <= now:
+            # Due by the time that passed, even if the wall clock stepped back since.
+            state_now = self._now_for(entry, now)
+            at = next_refresh_at(entry.state, state_now, self.config.policy_for(name))
+            if at is not None and at <= state_now:
                 self._scheduler.schedule(name, now, lambda n=name: self.refresh(n))  # type: ignore[misc]
             self._alerter.observe(name, condition_of(entry.state, now), now)
 
@@ -327,7 +379,11 @@ class Engine:
         for name, entry in sorted(self._profiles.items()):
             if only is not None and name != only:
                 continue
-            at = next_refresh_at(entry.state, now, self.config.policy_for(name))
+            # On the state's own clock (see _now_for), shown as a time on today's wall clock.
+            state_now = self._now_for(entry, now)
+            at = next_refresh_at(entry.state, state_now, self.config.policy_for(name))
+            if at is not None:
+                at -= state_now - now
             rows.append(
                 profile_report(
                     entry.state,
@@ -337,6 +393,9 @@ class Engine:
                     storage_error=entry.unsaved is not None,
                 )
             )
+            # What a reader gets, by both clocks (the report alone knows only the wall clock).
+            served = self.current_token(name) is not None
+            rows[-1]["token_valid"] = rows[-1]["token_valid"] and served
         for name, error in sorted(self._corrupt.items()):
             if only is None or name == only:
                 rows.append({"profile": name, "state": "corrupt", "alert": error})

@@ -10,13 +10,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import InputError, TokenFormatError
 from .state import ProfileState, TokenKind, validate_profile_name
-from .tokens import check_endpoint, derive_endpoint, parse_jwt
+from .tokens import TokenClaims, check_endpoint, derive_endpoint, parse_jwt
 
-__all__ = ["DEFAULT_API_BASE_URL", "ImportRequest", "build_state", "parse_import_text"]
+__all__ = [
+    "DEFAULT_API_BASE_URL",
+    "ImportRequest",
+    "build_state",
+    "clean_token",
+    "parse_expiry_date",
+    "parse_import_text",
+]
 
 DEFAULT_API_BASE_URL = "https://api.us1.alteryxcloud.com"
 #: Pasted input larger than this is not a token pair.
@@ -26,6 +34,22 @@ DAY = 86400.0
 #: No lifetime (s), day count or time (epoch s) we accept is near 1e10 (year 2286):
 #: a larger one is garbage and would overflow the dates that ``status`` shows.
 MAX_NUMBER = 1e10
+#: AAC access tokens live minutes to hours; an ``expires_in`` beyond a year is garbage (or a
+#: different unit), and trusting it would serve a token long after the server killed it.
+MAX_ACCESS_LIFETIME_SECONDS = 366 * DAY
+#: A token that dies within a second of its answer is garbage too (or milliseconds).
+MIN_ACCESS_LIFETIME_SECONDS = 1.0
+#: AAC refresh tokens live 1 to 365 days (User Preferences > OAuth 2.0 API Tokens).
+MIN_REFRESH_LIFETIME_DAYS = 1.0
+MAX_REFRESH_LIFETIME_DAYS = 365.0
+#: What each number is called where a person typed it, so an error names the right thing.
+_OPTION = {
+    "refresh_lifetime_days": "--refresh-lifetime-days",
+    "legacy_expires_at": "--expires",
+    "expires_in": "'expires_in' (in the pasted JSON)",
+    "refresh_expires_in": "'refresh_token_expires_in' (in the pasted JSON)",
+    "refresh_token_expires_in": "'refresh_token_expires_in' (in the pasted JSON)",
+}
 
 
 @dataclass(frozen=True)
@@ -80,34 +104,74 @@ class ImportRequest:
         return f"ImportRequest(profile={self.profile!r}, legacy={self.legacy})"
 
 
-def _number_or_none(value: object, name: str) -> float | None:
+def _number_or_none(
+    value: object, name: str, maximum: float = MAX_NUMBER, minimum: float = 0.0
+) -> float | None:
     if value is None:
         return None
+    what = _OPTION.get(name, f"'{name}'")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = float(value)  # isdigit alone admits '²', which int() refuses
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputError(f"import: '{name}' must be a number")
+        raise InputError(f"import: {what} must be a number")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond any float
         number = math.inf
     if not math.isfinite(number):
-        raise InputError(f"import: '{name}' must be a number")
+        raise InputError(f"import: {what} must be a finite number, not {number}")
     if number <= 0:
-        raise InputError(f"import: '{name}' must be positive")
-    if number > MAX_NUMBER:
-        raise InputError(f"import: '{name}' is too large")
+        raise InputError(f"import: {what} must be positive")
+    if number < minimum:
+        raise InputError(f"import: {what} must be at least {minimum:g}")
+    if number > maximum:
+        raise InputError(f"import: {what} is too large (at most {maximum:g})")
     return number
 
 
-def _check_token(value: str, which: str) -> str:
+def parse_expiry_date(text: str) -> float:
+    """``--expires``: an ISO 8601 date or time (UTC unless it has an offset) as epoch seconds."""
+    shown = text[:40]
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise InputError(
+            f"--expires {shown!r} is not an ISO date like 2027-01-31 or "
+            "2027-01-31T12:00:00+01:00 (offsets lie within +-23:59)"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        epoch = when.timestamp()
+    except (OverflowError, ValueError) as exc:  # year 1 with a positive offset
+        raise InputError(f"--expires {shown!r} is out of range; give a date after 1970") from exc
+    if not 0 < epoch <= MAX_NUMBER:
+        raise InputError(f"--expires {shown!r} is out of range; give a date from 1970 to 2286")
+    return epoch
+
+
+def clean_token(value: str, which: str) -> str:
+    """A pasted token without what commonly comes along with it, or TokenFormatError.
+
+    Removed when unambiguous: surrounding whitespace (CR/LF included), one pair of matching
+    quotes, and a ``Bearer `` prefix. Anything else odd is refused, never echoed.
+    """
     value = value.strip()
-    if not value:
+    for _ in range(2):  # '"Bearer x"' and 'Bearer "x"' both occur
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1].strip()
+        if value[:7].lower() == "bearer " or value[:7].lower() == "bearer\t":
+            value = value[7:].strip()
+    if not value or value.lower() == "bearer":
         raise TokenFormatError(f"{which}: it is empty")
     if len(value) > MAX_TOKEN_BYTES:
         raise TokenFormatError(f"{which}: longer than {MAX_TOKEN_BYTES} bytes")
     if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value):
         raise TokenFormatError(f"{which}: it contains spaces, control or non-ASCII characters")
+    if any(c in "'\"\\" for c in value):
+        raise TokenFormatError(
+            f"{which}: it contains a quote or backslash (unbalanced quoting?); paste the bare token"
+        )
     return value
 
 
@@ -136,9 +200,16 @@ def parse_import_text(text: str, *, profile: str, legacy: bool = False) -> Impor
             profile=profile,
             access_token=data["access_token"],
             refresh_token=None if legacy else refresh,
-            expires_in=_number_or_none(data.get("expires_in"), "expires_in"),
+            expires_in=_number_or_none(
+                data.get("expires_in"),
+                "expires_in",
+                MAX_ACCESS_LIFETIME_SECONDS,
+                MIN_ACCESS_LIFETIME_SECONDS,
+            ),
             refresh_expires_in=_number_or_none(
-                data.get("refresh_token_expires_in"), "refresh_token_expires_in"
+                data.get("refresh_token_expires_in"),
+                "refresh_token_expires_in",
+                MAX_REFRESH_LIFETIME_DAYS * DAY,
             ),
             legacy=legacy,
         )
@@ -162,6 +233,16 @@ def parse_import_text(text: str, *, profile: str, legacy: bool = False) -> Impor
     )
 
 
+def _checked_times(claims: TokenClaims) -> TokenClaims:
+    """``claims`` if its times are dates ``status`` can show and a state can hold."""
+    for name, value in (("exp", claims.exp), ("iat", claims.iat)):
+        if value is not None and not 0 < value <= MAX_NUMBER:
+            raise TokenFormatError(
+                f"access token: claim '{name}' is out of range (a date from 1970 to 2286)"
+            )
+    return claims
+
+
 def _check_api_base(url: str) -> str:
     try:
         return check_endpoint(url, explicit=True).rstrip("/")
@@ -176,18 +257,31 @@ def _check_api_base(url: str) -> str:
 def build_state(req: ImportRequest, now: float) -> ProfileState:
     """The fresh state for an import; every problem is a one-line InputError."""
     profile = validate_profile_name(req.profile)
-    access = _check_token(req.access_token, "access token")
+    access = clean_token(req.access_token, "access token")
     api = _check_api_base(req.api_base_url or DEFAULT_API_BASE_URL)
     lifetime = _number_or_none(req.refresh_lifetime_days, "refresh_lifetime_days")
-    if lifetime is not None and lifetime > 365:
-        raise InputError("import: --refresh-lifetime-days must be at most 365 (AAC's longest)")
+    if lifetime is not None and not (
+        MIN_REFRESH_LIFETIME_DAYS <= lifetime <= MAX_REFRESH_LIFETIME_DAYS
+    ):
+        raise InputError(
+            f"import: --refresh-lifetime-days must be from {MIN_REFRESH_LIFETIME_DAYS:g} to "
+            f"{MAX_REFRESH_LIFETIME_DAYS:g} (AAC's range), not {lifetime:g}"
+        )
+    refresh_expires_in = _number_or_none(
+        req.refresh_expires_in, "refresh_expires_in", MAX_REFRESH_LIFETIME_DAYS * DAY
+    )
     if req.legacy:
-        expires = req.legacy_expires_at
+        expires = _number_or_none(req.legacy_expires_at, "legacy_expires_at")
         if expires is None:
             try:
-                expires = parse_jwt(access).exp
-            except TokenFormatError:
-                expires = None
+                claims = parse_jwt(access)
+            except TokenFormatError as exc:
+                # Not a JWT (Designer Cloud's opaque tokens): no known expiry. But a JWT with
+                # an unreadable time claim is refused: "never expires" would serve it forever.
+                if "claim '" in str(exc):
+                    raise
+                claims = None
+            expires = _checked_times(claims).exp if claims is not None else None
         return ProfileState(
             profile=profile, kind=TokenKind.LEGACY, access_token=access, refresh_token=None,
             token_endpoint=None, client_id=None, api_base_url=api, access_obtained_at=now,
@@ -195,10 +289,12 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
         )  # fmt: skip
     if req.refresh_token is None:
         raise InputError("import: a refresh token is required (use --legacy for a static token)")
-    refresh = _check_token(req.refresh_token, "refresh token")
-    expires_in = _number_or_none(req.expires_in, "expires_in")
+    refresh = clean_token(req.refresh_token, "refresh token")
+    expires_in = _number_or_none(
+        req.expires_in, "expires_in", MAX_ACCESS_LIFETIME_SECONDS, MIN_ACCESS_LIFETIME_SECONDS
+    )
     try:
-        claims = parse_jwt(access)
+        claims = _checked_times(parse_jwt(access))
     except TokenFormatError as exc:
         if expires_in is None or not req.token_endpoint or not req.client_id:
             raise TokenFormatError(
@@ -229,8 +325,8 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
     refresh_expires = None
     if lifetime is not None:
         refresh_expires = now + lifetime * DAY
-    elif req.refresh_expires_in is not None:
-        refresh_expires = now + req.refresh_expires_in
+    elif refresh_expires_in is not None:
+        refresh_expires = now + refresh_expires_in
     return ProfileState(
         profile=profile, kind=TokenKind.OAUTH, access_token=access, refresh_token=refresh,
         token_endpoint=endpoint, client_id=client_id, api_base_url=api,

@@ -9,7 +9,7 @@ from .conditions import condition_of
 from .policy import access_valid, status_of
 from .state import ProfileState
 
-__all__ = ["CHECK_EXIT", "check_rows", "iso", "profile_report"]
+__all__ = ["CHECK_EXIT", "check_rows", "iso", "profile_report", "status_text"]
 
 
 #: ``status --check`` exit statuses, worst first: what the script's caller does next.
@@ -49,10 +49,18 @@ def check_rows(rows: list[dict[str, Any]], *, daemon_running: bool) -> tuple[int
 
 
 def iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC with a Z, or None."""
+    """ISO 8601 UTC with a Z, or None; a time no calendar date can show says so instead.
+
+    ``status`` must render whatever the store holds: a date past year 9999 (a far-future
+    ``exp`` plus a backoff, say) is reported, not raised.
+    """
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"out of range ({ts:.6g} s since 1970)"
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def profile_report(
@@ -95,3 +103,23 @@ def profile_report(
         "client_id": state.client_id,
         "api_base_url": state.api_base_url,
     }
+
+
+_TEXT_FIELDS = ("access_expires_at", "next_refresh_at", "last_refresh_at",
+                "refresh_expires_at", "refresh_count", "last_error", "alert")  # fmt: skip
+
+
+def status_text(rows: list[dict[str, Any]], *, daemon_running: bool) -> str:
+    """What ``status`` prints for people: one line per profile, then its known facts."""
+    lines = []
+    if not daemon_running:
+        lines.append("daemon: not running (showing stored state; nothing is being refreshed)")
+    for row in rows:
+        kind = f" ({row['kind']})" if "kind" in row else ""
+        lines.append(f"{row['profile']}: {row['state']}{kind}")
+        lines.extend(
+            f"  {key}: {row[key]}" for key in _TEXT_FIELDS if row.get(key) not in (None, "")
+        )
+    if not rows:
+        lines.append("no profiles; import one with `aac-tokend import`")
+    return "\n".join(lines)

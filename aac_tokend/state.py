@@ -9,6 +9,7 @@ atomic rename.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
@@ -190,7 +191,8 @@ def _typed(value: _Typed) -> _Typed:
     """``value`` with whole-number times as floats; TypeError if a field has the wrong type.
 
     Dataclasses do not check types, and a state with a string for a time would only fail
-    later, far from the file that caused it.
+    later, far from the file that caused it. JSON admits NaN and Infinity, which no time we
+    write can be: they are refused here rather than compared (always False) forever after.
     """
     hints = _hints(type(value))
     floats: dict[str, Any] = {}
@@ -201,6 +203,8 @@ def _typed(value: _Typed) -> _Typed:
             raise TypeError(f.name)
         if float in allowed and isinstance(field_value, int) and not isinstance(field_value, bool):
             floats[f.name] = float(field_value)
-        elif not isinstance(field_value, allowed):
+        elif not isinstance(field_value, allowed) or (
+            isinstance(field_value, float) and not math.isfinite(field_value)
+        ):
             raise TypeError(f.name)
     return replace(value, **floats) if floats else value

@@ -34,21 +34,42 @@ T0 = 1_800_000_000.0
 
 
 class FakeClock:
-    """Wall-clock time that moves only when told to. Callable, for the sandbox's ``clock``."""
+    """Wall and monotonic time that move only when told to. Callable, for the sandbox's ``clock``.
+
+    ``advance`` is time passing (both clocks move); ``step`` and ``set`` move the wall clock
+    alone, as NTP or a person setting the date does.
+    """
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
+        self._start = start
+        self._mono = 1000.0  # arbitrary, like a real monotonic clock's origin
         self._lock = threading.Lock()
 
     def now(self) -> float:
         with self._lock:
             return self._now
 
+    def monotonic(self) -> float:
+        with self._lock:
+            return self._mono
+
+    def true_now(self) -> float:
+        """What a wall clock that never stepped would say (the start plus the time passed)."""
+        with self._lock:
+            return self._start + self._mono - 1000.0
+
     def __call__(self) -> float:
         return self.now()
 
     def advance(self, seconds: float) -> None:
         """Move forward (a jump, a suspend, or just time passing)."""
+        with self._lock:
+            self._now += seconds
+            self._mono += seconds
+
+    def step(self, seconds: float) -> None:
+        """Step the wall clock alone, forward or (negative) backward."""
         with self._lock:
             self._now += seconds
 

@@ -213,9 +213,12 @@ class World:
         config: Config | None = None,
         sinks: Sequence[AlertSink] = (),
         refresher: Refresher | None = None,
+        server_on_true_time: bool = False,
     ) -> World:
         clock = FakeClock()
-        sandbox = SandboxServer(clock=clock, access_ttl=access_ttl, refresh_ttl=refresh_ttl)
+        # The server's clock does not step with ours: it follows the time that passed.
+        server_clock = clock.true_now if server_on_true_time else clock
+        sandbox = SandboxServer(clock=server_clock, access_ttl=access_ttl, refresh_ttl=refresh_ttl)
         sandbox.start()
         if refresher is None:
             refresher = (
