@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 
 import pytest
 import requests
+import requests.adapters
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -665,8 +666,55 @@ class TestDidTheRequestLeave:
         assert not outcome.reason.startswith(UNREACHED_PREFIX)
 
 
+class _OwnAdapter(requests.adapters.HTTPAdapter):
+    """A caller's own adapter: the endpoint keeps it, and judges its failures by type."""
+
+
+class TestFailuresJudgedByType:
+    """Through an adapter that is not ours, only pre-socket failures count as unreached."""
+
+    def own(self) -> TokenEndpoint:
+        s = session()
+        s.mount("http://", _OwnAdapter())
+        return TokenEndpoint(s, read_timeout=SHORT_READ_TIMEOUT)
+
+    def test_refused_is_unreached(self) -> None:
+        """A refused connect is provably unsent, by its type alone."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        outcome = self.own().refresh(f"http://127.0.0.1:{port}/as/token", "c", REFRESH, now=NOW)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+
+    def test_cut_after_sending_is_ambiguous(self, odd: Any) -> None:
+        """A connection closed without an answer may have delivered the request."""
+        server = odd(lambda h: setattr(h, "close_connection", True))
+        outcome = call(self.own(), server)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert len(server.seen) == 1
+
+
 class TestOneDeadline:
     """The whole refresh has one deadline, however the server spreads its answer."""
+
+    def test_stalled_proxy_tunnel_is_cut_and_unreached(self) -> None:
+        """A proxy that never answers CONNECT: cut at the deadline, and nothing was sent."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        held: list[socket.socket] = []
+        threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+        s = session()
+        s.proxies = {"https": f"http://127.0.0.1:{listener.getsockname()[1]}"}
+        started = time.monotonic()
+        outcome = TokenEndpoint(s, read_timeout=10.0, deadline=0.5).refresh(
+            "https://127.0.0.1:9/as/token", "c", REFRESH, now=NOW
+        )
+        took = time.monotonic() - started
+        for conn in held:
+            conn.close()
+        listener.close()
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert outcome.reason == f"{UNREACHED_PREFIX} within 0.5 s"
+        assert took < 2.0
 
     def test_dripping_answer_is_cut_at_the_deadline(self, odd: Any) -> None:
         """A byte every 0.2 s never trips the read timeout; the total deadline cuts it."""
