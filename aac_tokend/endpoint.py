@@ -191,21 +191,23 @@ class _Attempt:
         self.sent = False  # a byte of the request went to the socket
         self.sock: socket.socket | None = None
 
-    def watch(self, sock: socket.socket | None) -> None:
+    def watch(self, sock: object) -> None:
         """Remember the socket the watchdog must cut; refuse it if the deadline has passed."""
         with self.lock:
             self.connected = True
-            self.sock = sock
+            if isinstance(sock, socket.socket):  # not urllib3's TLS-in-TLS wrapper
+                self.sock = sock
             if self.expired:
                 raise _DeadlineError("the refresh deadline passed before sending")
 
-    def sending(self, sock: socket.socket | None) -> None:
+    def sending(self, sock: object) -> None:
         """Called before each send: from here on the request may have left."""
         with self.lock:
             if self.expired:
                 raise _DeadlineError("the refresh deadline passed before sending")
             self.connected = self.sent = True
-            self.sock = sock
+            if isinstance(sock, socket.socket):
+                self.sock = sock
 
     def expire(self) -> None:
         """The watchdog: stop whatever the request is blocked in."""
@@ -213,8 +215,10 @@ class _Attempt:
             self.expired = True
             if self.sock is not None:
                 # shutdown wakes a recv or send blocked in another thread; close would not.
+                # The plain socket's method, also for a TLS socket: ssl.SSLSocket.shutdown
+                # also drops the TLS state that the reading thread is still using.
                 with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RDWR)
+                    socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
 class _DeadlineError(OSError):

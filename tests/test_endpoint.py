@@ -593,7 +593,8 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 class _BrokenTLSServer:
     """Completes the TLS handshake, reads the whole request, then breaks the TLS stream."""
 
-    def __init__(self, cert: Path, key: Path) -> None:
+    def __init__(self, cert: Path, key: Path, *, stall: bool = False) -> None:
+        self.stall = stall  # stay silent after the request instead of breaking the stream
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -616,6 +617,9 @@ class _BrokenTLSServer:
                         return
                     data += chunk
                 self.requests.append(data)
+                if self.stall:
+                    time.sleep(3.0)
+                    return
                 # A TLS record of garbage under the encryption: the client's read fails with
                 # an SSL error, after the whole request has arrived.
                 os.write(tls.fileno(), b"\x17\x03\x03\x00\x10" + b"\x00" * 16)
@@ -696,6 +700,24 @@ class TestFailuresJudgedByType:
 
 class TestOneDeadline:
     """The whole refresh has one deadline, however the server spreads its answer."""
+
+    def test_stalled_tls_answer_is_cut_and_ambiguous(self, tmp_path: Path) -> None:
+        """A TLS server silent after the request: cut at the deadline, ambiguous."""
+        cert, key = _self_signed(tmp_path)
+        server = _BrokenTLSServer(cert, key, stall=True)
+        tls_session = session()
+        tls_session.verify = str(cert)
+        started = time.monotonic()
+        try:
+            outcome = TokenEndpoint(tls_session, read_timeout=10.0, deadline=0.5).refresh(
+                server.url, "c", REFRESH, now=NOW
+            )
+            took = time.monotonic() - started
+        finally:
+            server.close()
+        assert len(server.requests) == 1
+        assert outcome == Transient("no complete answer within 0.5 s", None, True)
+        assert took < 2.0
 
     def test_stalled_proxy_tunnel_is_cut_and_unreached(self) -> None:
         """A proxy that never answers CONNECT: cut at the deadline, and nothing was sent."""
