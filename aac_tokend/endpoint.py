@@ -175,9 +175,15 @@ def classify_response(
 # class records the one fact that matters: whether any byte of the request was handed to
 # the socket (``send`` after ``connect``, a proxy's CONNECT not counting). No byte sent:
 # provably unspent. A byte sent: ambiguous, whatever the error. Where the connection is not
-# ours (an injected session, a SOCKS proxy), only failures urllib3 raises before a socket
+# ours (a caller's own adapter, a SOCKS proxy), only failures urllib3 raises before a socket
 # exists (name resolution, connect refused or timed out, a bad URL, a refused proxy, a
 # certificate refused) count as unsent; everything else is ambiguous.
+#
+# The same hooks enforce the one deadline: a watchdog timer shuts the socket down, which
+# wakes a connect, handshake, send or read blocked in this thread, and no byte is sent once
+# it has fired. Name resolution alone cannot be interrupted: a lookup that outlasts the
+# deadline is bounded by the resolver's own timeouts, sends nothing afterwards, and the
+# courier's alarm remains the last bound.
 
 
 class _Attempt:
