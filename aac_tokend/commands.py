@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import getpass
 import json
+import math
 import os
 import sys
 import time
@@ -89,6 +90,29 @@ def _read_tokens(legacy: bool) -> str:
     return sys.stdin.read(64 * 1024 + 1)
 
 
+def ask_refresh_lifetime(read: Callable[[str], str]) -> float | None:
+    """Ask a person at a terminal for the refresh token's lifetime; Enter means unknown.
+
+    Without it an invalid_grant cannot tell the token's natural end from a reuse. The answer
+    is never echoed back in an error: a token pasted here by mistake stays unprinted.
+    """
+    answer = read(
+        "Refresh token lifetime in days, as chosen when generating it in AAC (Enter if unknown): "
+    ).strip()
+    if not answer:
+        return None
+    try:
+        days = float(answer)
+    except ValueError:
+        days = math.nan
+    if not math.isfinite(days) or days <= 0:
+        raise InputError(
+            "import: the refresh token lifetime must be a number of days (1-365); run import "
+            "again and press Enter if you do not know it"
+        )
+    return days
+
+
 def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
     from .importer import build_state, parse_expiry_date, parse_import_text
 
@@ -105,6 +129,8 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         from .config import load_config
 
         days = load_config(paths.config_dir).policy_for(args.profile).refresh_lifetime_days
+        if days is None and not args.legacy and sys.stdin.isatty():
+            days = ask_refresh_lifetime(input)
         request = dataclasses.replace(request, refresh_lifetime_days=days)
     state = build_state(request, time.time())  # every input error surfaces before any write
     answer = _ask(paths, "import", **request.to_wire())

@@ -61,6 +61,19 @@ def rejection_alert(state: ProfileState) -> str:
             )
         case RejectionReason.REFRESH_TOKEN_EXPIRED:
             return f"the refresh token reached the end of its lifetime; {todo}"
+        case RejectionReason.EXPIRED_OR_REUSED:
+            return (
+                "refresh token rejected (invalid_grant); its lifetime is unknown, so this is "
+                "either its natural end or another party using it: if it was generated less "
+                "than its lifetime ago (see AAC's OAuth 2.0 API Tokens page), treat it as "
+                f"compromised and delete it in AAC; then {todo} with --refresh-lifetime-days"
+            )
+        case RejectionReason.REFUSED_AFTER_IMPORT:
+            return (
+                "the first refresh after import was refused (invalid_grant): the pasted pair "
+                "is mistyped, for another client, expired or already used elsewhere; "
+                f"{todo} with a freshly generated pair"
+            )
         case RejectionReason.INVALID_CLIENT:
             return (
                 "refresh rejected (invalid_client): the client id or token endpoint does not "

@@ -60,10 +60,13 @@ LOCK_WAIT_SECONDS = 10.0
 #: Saving the outcome is retried this long (a full disk may get space back) before the
 #: encrypted new state is handed to the daemon to hold and keep retrying.
 SAVE_RETRY_SECONDS = 5.0
-#: Hard upper bound of a courier's life, enforced by SIGALRM: lock wait 10 s + connect 5 s
-#: + read 20 s + saves ~5 s, with margin. The units do not stop couriers at all (systemd
-#: KillMode=process, launchd AbandonProcessGroup); this bound keeps that promise cheap, and
-#: stays under the time a logout or shutdown gives the user's processes.
+#: Hard upper bound of a courier's life until the answer, enforced by SIGALRM: lock wait 10 s
+#: + the journal's save + the request's one deadline (endpoint.TOTAL_DEADLINE_SECONDS, 25 s),
+#: with margin. Once the answer is in, the alarm is cancelled: killing the courier then would
+#: lose a rotated pair for sure, and the save has its own bound (SAVE_RETRY_SECONDS). The
+#: units do not stop couriers at all (systemd KillMode=process, launchd
+#: AbandonProcessGroup); this bound keeps that promise cheap, and stays under the time a
+#: logout or shutdown gives the user's processes.
 MAX_LIFE_SECONDS = 50
 #: Descriptors a forked courier closes: the daemon raises its own limit to at most this.
 MAX_FD = 65536
@@ -149,12 +152,14 @@ def carry(
     clock: Callable[[], float],
     *,
     trace: Callable[[str], None] | None = None,
+    on_answer: Callable[[], None] | None = None,
 ) -> CourierResult:
     """The refresh transaction: lock, journal, request, durable outcome.
 
     ``trace`` (tests and the crash campaign only) hears each step as it ends: "journaled"
     (the request is about to leave), "answered" (the outcome is known, only in memory) and
-    "persisted" (the outcome is durable, or handed over unsaved).
+    "persisted" (the outcome is durable, or handed over unsaved). ``on_answer`` runs as soon
+    as the request has ended, before anything else: a courier cancels its alarm there.
     """
     step = trace or (lambda _name: None)
     try:
@@ -176,6 +181,8 @@ def carry(
             store.save(journal)  # durable before the request leaves
             step("journaled")
             outcome = endpoint.refresh(endpoint_url, client_id, job.refresh_token, now=clock())
+            if on_answer is not None:
+                on_answer()
             step("answered")
             after = apply_outcome(journal, outcome, clock())
             kind = (
@@ -215,14 +222,19 @@ class InProcessRefresher:
         return carry(job, FileStore(Path(job.state_dir), job.key), self._endpoint, self._clock)
 
 
-def _become_courier() -> None:
-    """Leave the daemon's session and signals behind; bound our own life."""
+def _become_courier(life: int = MAX_LIFE_SECONDS) -> None:
+    """Leave the daemon's session and signals behind; bound our own life (until the answer)."""
     if os.getsid(0) != os.getpid():  # a spawned courier is already a session leader
         os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.alarm(MAX_LIFE_SECONDS)
+    signal.alarm(life)
+
+
+def _disarm() -> None:
+    """The answer is in: from here to the durable write, nothing may stop the courier."""
+    signal.alarm(0)
 
 
 def _read_answer(fd: int, deadline: float) -> bytes:
@@ -271,7 +283,7 @@ class ForkCourier:
                     os.close(devnull)
                 # A fresh lock: the inherited one was held by this very thread at fork time.
                 store = FileStore(Path(job.state_dir), job.key, crypto_lock=threading.Lock())
-                result = carry(job, store, TokenEndpoint(), self._clock)
+                result = carry(job, store, TokenEndpoint(), self._clock, on_answer=_disarm)
                 os.write(write_fd, result.to_bytes())
             finally:
                 os._exit(0)
@@ -323,7 +335,8 @@ def main() -> int:
     """Entry of a spawned courier: job on stdin, result on stdout."""
     _become_courier()
     job = CourierJob.from_bytes(sys.stdin.buffer.read(65536))
-    result = carry(job, FileStore(Path(job.state_dir), job.key), TokenEndpoint(), time.time)
+    store = FileStore(Path(job.state_dir), job.key)
+    result = carry(job, store, TokenEndpoint(), time.time, on_answer=_disarm)
     sys.stdout.buffer.write(result.to_bytes())
     sys.stdout.flush()
     return 0

@@ -82,6 +82,8 @@ class _Demo:
         access = token_hash(pair["access_token"])
         _say(f"2. 'Generate' in the sandbox gave a token pair: access {access}, "
              f"refresh {token_hash(stolen)} (hashes; tokens are never shown).")  # fmt: skip
+        # The JSON carries refresh_token_expires_in: with the lifetime known, the replay in
+        # step 5 can be called a theft rather than "expired or reused".
         subprocess.run(
             [*self.cmd, "import", "--token-endpoint", f"{url}/as/token"],
             input=json.dumps(pair).encode(), env=self.env, check=True,

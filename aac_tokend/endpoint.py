@@ -9,29 +9,45 @@ durable.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import math
+import socket
+import ssl
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 
 from . import __version__
 from .errors import TokenFormatError
 from .outcome import Refreshed, RefreshOutcome, Rejected, Transient
-from .policy import ASSUMED_LIFETIME_SECONDS
+from .policy import ASSUMED_LIFETIME_SECONDS, UNREACHED_PREFIX
 from .tokens import parse_jwt
 
-__all__ = ["TokenEndpoint", "classify_response", "name_network_failure", "parse_retry_after"]
+__all__ = [
+    "TERMINAL_OAUTH_ERRORS",
+    "TokenEndpoint",
+    "classify_response",
+    "name_network_failure",
+    "parse_retry_after",
+]
 
 USER_AGENT = f"aac-tokend/{__version__}"
 #: Connecting takes milliseconds when the network is up; fail fast and retry later.
 CONNECT_TIMEOUT_SECONDS = 5.0
-#: PingFederate answers in well under a second; 20 s covers a slow proxy. Together with the
-#: connect timeout this bounds a courier's request to 25 s (see courier.MAX_LIFE_SECONDS).
+#: PingFederate answers in well under a second; 20 s of silence covers a slow proxy.
 READ_TIMEOUT_SECONDS = 20.0
+#: One deadline for the whole refresh: name lookup, connect, TLS, send and the whole answer.
+#: Per-operation timeouts alone do not bound it (a server dripping a byte every 19 s never
+#: trips the read timeout); this keeps a courier's request well inside courier.MAX_LIFE_SECONDS.
+TOTAL_DEADLINE_SECONDS = 25.0
 #: A token response is a few KiB; a larger body is not a token response.
 MAX_BODY_BYTES = 64 * 1024
 #: Retry-After beyond this is treated as this: the backoff cap keeps the chain watched.
@@ -100,10 +116,26 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+#: OAuth errors (RFC 6749 s5.2) that say the grant, the client or the request itself is bad:
+#: sending the same request again cannot help, so the chain ends and a person must act. Any
+#: other code (server_error, temporarily_unavailable, a vendor's own) is the server asking us
+#: to try again later; so is invalid_request, which a proxy mangling the body can cause and
+#: which the same well-formed request does not keep earning.
+TERMINAL_OAUTH_ERRORS = frozenset(
+    {"invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type",
+     "invalid_scope"}
+)  # fmt: skip
+
+
 def classify_response(
     status: int, headers: Mapping[str, str], body: bytes, now: float
 ) -> RefreshOutcome:
-    """What an HTTP answer from the token endpoint means for the chain."""
+    """What an HTTP answer from the token endpoint means for the chain.
+
+    Every answer but a success or a terminal OAuth error is ambiguous: the request reached
+    something, and a gateway or proxy may have delivered it (and the server rotated) before
+    it answered 5xx, 429 or an HTML error page of its own.
+    """
     payload = _json_object(body) if len(body) <= MAX_BODY_BYTES else None
     retry_after = parse_retry_after(headers.get("Retry-After"), now)
     if status == 200:
@@ -121,16 +153,199 @@ def classify_response(
             refresh.strip() if refresh else None,
             _expires_in(payload or {}, token, now),
         )
-    if status in (400, 401) and payload is not None and isinstance(payload.get("error"), str):
-        desc = payload.get("error_description")
-        return Rejected(
-            _clean(payload["error"]) or "unknown_error",
-            _clean(desc) if isinstance(desc, str) else None,
-            status,
+    error = payload.get("error") if payload is not None else None
+    if status in (400, 401) and isinstance(error, str):
+        if error in TERMINAL_OAUTH_ERRORS:
+            desc = payload.get("error_description") if payload is not None else None
+            return Rejected(error, _clean(desc) if isinstance(desc, str) else None, status)
+        return Transient(
+            f"token endpoint answered HTTP {status} {_clean(error) or 'with an empty error'}"
+            " (not a verdict on the grant: retrying)",
+            retry_after,
+            True,
         )
     if status in (408, 429) or 500 <= status <= 599:
-        return Transient(f"token endpoint answered HTTP {status}", retry_after)
-    return Transient(f"token endpoint answered HTTP {status} without an OAuth error", retry_after)
+        return Transient(f"token endpoint answered HTTP {status}", retry_after, True)
+    return Transient(
+        f"token endpoint answered HTTP {status} without an OAuth error", retry_after, True
+    )
+
+
+# -- did the request leave? ----------------------------------------------------------------
+#
+# Under rotation the one question about a failed refresh is whether the server may have seen
+# the refresh token. `requests` cannot answer it from its exceptions: an SSLError is raised
+# alike for a certificate refused in the handshake and for a TLS record broken mid-answer,
+# a ConnectionError alike for a refused connect and for a reset after sending, and a TLS
+# handshake that times out surfaces as a ReadTimeout. So the endpoint's own connection
+# class records the one fact that matters: whether any byte of the request was handed to
+# the socket (``send`` after ``connect``, a proxy's CONNECT not counting). No byte sent:
+# provably unspent. A byte sent: ambiguous, whatever the error. Where the connection is not
+# ours (a caller's own adapter, a SOCKS proxy), only failures urllib3 raises before a socket
+# exists (name resolution, connect refused or timed out, a bad URL, a refused proxy, a
+# certificate refused) count as unsent; everything else is ambiguous.
+#
+# The same hooks enforce the one deadline: a watchdog timer shuts the socket down, which
+# wakes a connect, handshake, send or read blocked in this thread, and no byte is sent once
+# it has fired. Name resolution alone cannot be interrupted: a lookup that outlasts the
+# deadline is bounded by the resolver's own timeouts, sends nothing afterwards, and the
+# courier's alarm remains the last bound.
+
+
+class _Attempt:
+    """One refresh's progress and its deadline, shared with the watchdog timer."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.expired = False
+        self.connected = False  # our connection class took part
+        self.sent = False  # a byte of the request went to the socket
+        self.sock: socket.socket | None = None
+
+    def watch(self, sock: object) -> None:
+        """Remember the socket the watchdog must cut; refuse it if the deadline has passed."""
+        with self.lock:
+            self.connected = True
+            if isinstance(sock, socket.socket):  # not urllib3's TLS-in-TLS wrapper
+                self.sock = sock
+            if self.expired:
+                raise _DeadlineError("the refresh deadline passed before sending")
+
+    def sending(self, sock: object) -> None:
+        """Called before each send: from here on the request may have left."""
+        with self.lock:
+            if self.expired:
+                raise _DeadlineError("the refresh deadline passed before sending")
+            self.connected = self.sent = True
+            if isinstance(sock, socket.socket):
+                self.sock = sock
+
+    def expire(self) -> None:
+        """The watchdog: stop whatever the request is blocked in."""
+        with self.lock:
+            self.expired = True
+            if self.sock is not None:
+                # shutdown wakes a recv or send blocked in another thread; close would not.
+                # The plain socket's method, also for a TLS socket: ssl.SSLSocket.shutdown
+                # also drops the TLS state that the reading thread is still using.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+
+class _DeadlineError(OSError):
+    """The refresh deadline passed before sending (an OSError, so urllib3 handles it as one)."""
+
+
+_current = threading.local()
+
+
+def _attempt() -> _Attempt | None:
+    return getattr(_current, "attempt", None)
+
+
+class _WatchedMixin:
+    """Reports connect and send to the current attempt (see the comment above)."""
+
+    _connecting = False
+
+    def connect(self) -> None:
+        self._connecting = True  # a proxy's CONNECT goes through send(): not the request
+        try:
+            super().connect()  # type: ignore[misc]
+        finally:
+            self._connecting = False
+        if (attempt := _attempt()) is not None:
+            attempt.watch(self.sock)  # type: ignore[attr-defined]
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        if (attempt := _attempt()) is not None:
+            try:
+                attempt.watch(sock)  # the watchdog can cut the TLS handshake too
+            except _DeadlineError:
+                sock.close()
+                raise
+        return sock
+
+    def send(self, data: Any) -> None:
+        if self.sock is None and not self._connecting:  # type: ignore[attr-defined]
+            self.connect()  # http.client connects lazily inside send: not a send yet
+        if (attempt := _attempt()) is not None and not self._connecting:
+            attempt.sending(self.sock)  # type: ignore[attr-defined]
+        super().send(data)  # type: ignore[misc]
+
+
+class _HTTPConnection(_WatchedMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_WatchedMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with the watched connection classes (SOCKS proxies excepted)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
+def _unsent_by_type(exc: BaseException) -> bool:
+    """For connections that are not ours: True only for failures before any socket existed."""
+    if isinstance(
+        exc,
+        requests.exceptions.ConnectTimeout
+        | requests.exceptions.ProxyError
+        | requests.exceptions.InvalidURL
+        | requests.exceptions.MissingSchema
+        | requests.exceptions.InvalidSchema,
+    ):
+        return True
+    return _in_causes(
+        exc,
+        urllib3.exceptions.NewConnectionError  # also NameResolutionError
+        | urllib3.exceptions.ConnectTimeoutError
+        | ConnectionRefusedError
+        | ssl.SSLCertVerificationError  # certificates are checked only in the handshake
+        | ssl.CertificateError,
+    )
+
+
+def _in_causes(exc: BaseException, kinds: Any) -> bool:
+    """True if ``exc`` or one of its causes (also urllib3's MaxRetryError.reason) is a kind."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, kinds):
+            return True
+        if isinstance(seen, urllib3.exceptions.MaxRetryError) and seen.reason is not None:
+            seen = seen.reason
+            continue
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None and seen.args and isinstance(seen.args[0], BaseException):
+            nxt = seen.args[0]
+        seen = nxt
+    return False
 
 
 class TokenEndpoint:
@@ -142,15 +357,37 @@ class TokenEndpoint:
         *,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
         read_timeout: float = READ_TIMEOUT_SECONDS,
+        deadline: float = TOTAL_DEADLINE_SECONDS,
     ) -> None:
         # trust_env (default) takes proxies and the CA bundle from the environment.
-        self._session = session or requests.Session()
-        self._timeouts = (connect_timeout, read_timeout)
+        session = session or requests.Session()
+        for prefix in ("http://", "https://"):
+            # requests' stock adapter becomes the watched one; an adapter of the caller's
+            # own is kept, and its failures are judged by type alone.
+            if type(session.adapters.get(prefix)) is requests.adapters.HTTPAdapter:
+                session.mount(prefix, _WatchedAdapter())
+        self._session = session
+        self._timeouts = (min(connect_timeout, deadline), min(read_timeout, deadline))
+        self._deadline = deadline
 
     def refresh(
         self, endpoint: str, client_id: str, refresh_token: str, *, now: float
     ) -> RefreshOutcome:
-        """One refresh POST; every failure becomes an outcome, never an exception."""
+        """One refresh POST within the deadline; every failure is an outcome, not an exception."""
+        attempt = _Attempt(self._deadline)
+        watchdog = threading.Timer(self._deadline, attempt.expire)
+        watchdog.daemon = True
+        _current.attempt = attempt
+        watchdog.start()
+        try:
+            return self._post(endpoint, client_id, refresh_token, now, attempt)
+        finally:
+            watchdog.cancel()
+            _current.attempt = None
+
+    def _post(
+        self, endpoint: str, client_id: str, refresh_token: str, now: float, attempt: _Attempt
+    ) -> RefreshOutcome:
         form = {
             "grant_type": "refresh_token",
             "refresh_token": refresh_token,
@@ -168,52 +405,25 @@ class TokenEndpoint:
             ) as response:
                 body = response.raw.read(MAX_BODY_BYTES + 1, decode_content=True)
                 return classify_response(response.status_code, response.headers, body or b"", now)
-        except (
-            requests.exceptions.ConnectTimeout,
-            requests.exceptions.SSLError,
-            requests.exceptions.ProxyError,
-            requests.exceptions.InvalidURL,
-            requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidSchema,
-        ) as exc:
-            # Nothing reached the token endpoint: the refresh token is certainly unspent.
-            named = name_network_failure(exc)
-            return Transient(named or f"cannot reach the token endpoint: {type(exc).__name__}")
-        except requests.exceptions.ConnectionError as exc:
-            if _never_connected(exc):
-                return Transient(f"cannot reach the token endpoint: {type(exc).__name__}")
-            return Transient(f"connection lost after sending: {type(exc).__name__}", None, True)
-        except requests.exceptions.RequestException as exc:
-            # Read timeouts, resets mid-answer, broken chunking: the request may have landed.
-            return Transient(f"no complete answer: {type(exc).__name__}", None, True)
-        except urllib3.exceptions.HTTPError as exc:
-            # Reading the body (response.raw) raises urllib3's own errors, unwrapped: a
-            # timeout, a cut or an undecodable body after the status line. It landed.
-            return Transient(f"no complete answer: {type(exc).__name__}", None, True)
-        except OSError as exc:
-            return Transient(f"no complete answer: {type(exc).__name__}", None, True)
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # Reading the body (response.raw) raises urllib3's own errors, unwrapped.
+            return _failed(exc, attempt)
 
 
-def _never_connected(exc: BaseException) -> bool:
-    """True if the chain of causes shows the TCP connection was never made."""
-    import urllib3.exceptions as u3
-
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(
-            seen, u3.NewConnectionError | u3.NameResolutionError | ConnectionRefusedError
-        ):
-            return True
-        if isinstance(seen, u3.MaxRetryError) and seen.reason is not None:
-            seen = seen.reason
-            continue
-        nxt = seen.__cause__ or seen.__context__
-        if nxt is None and seen.args and isinstance(seen.args[0], BaseException):
-            nxt = seen.args[0]
-        seen = nxt
-    return False
+def _failed(exc: BaseException, attempt: _Attempt) -> Transient:
+    """The outcome of a request that raised: unreached only if it provably never left."""
+    name = type(exc).__name__
+    with attempt.lock:
+        expired, sent, ours = attempt.expired, attempt.sent, attempt.connected
+    if sent or (not ours and not _unsent_by_type(exc)):
+        if expired:
+            return Transient(f"no complete answer within {attempt.deadline:g} s", None, True)
+        return Transient(f"no complete answer: {name}", None, True)
+    if expired:
+        return Transient(f"{UNREACHED_PREFIX} within {attempt.deadline:g} s")
+    # A proxy or TLS failure is named as such, with what to check (see name_network_failure).
+    named = name_network_failure(exc)
+    return Transient(f"{UNREACHED_PREFIX}: {named or name}")
 
 
 #: What to check, said once for every proxy failure: the service manager passes on only

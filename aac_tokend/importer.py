@@ -322,11 +322,18 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
         assert claims is not None
         iat = claims.iat if claims.iat is not None and claims.iat <= now else now
         obtained, expires = min(iat, claims.exp), claims.exp
+    # AAC counts a refresh token's lifetime from the moment the pair was generated (rotation
+    # does not extend it), and shows the access token generated with it: its iat is that
+    # moment. Counting from the import instead would put the end days late for a pair pasted
+    # days after it was generated, and its natural end would look like a theft.
+    born = now
+    if claims is not None and claims.iat is not None and claims.iat <= now:
+        born = claims.iat
     refresh_expires = None
     if lifetime is not None:
-        refresh_expires = now + lifetime * DAY
+        refresh_expires = born + lifetime * DAY
     elif refresh_expires_in is not None:
-        refresh_expires = now + refresh_expires_in
+        refresh_expires = born + refresh_expires_in
     return ProfileState(
         profile=profile, kind=TokenKind.OAUTH, access_token=access, refresh_token=refresh,
         token_endpoint=endpoint, client_id=client_id, api_base_url=api,

@@ -26,8 +26,9 @@ __all__ = [
     "status_of",
 ]
 
-#: Refresh-token lifetimes are known only roughly (import time, not generation time): keep
-#: retrying transient failures this long past the estimate before calling the chain expired.
+#: Refresh-token lifetimes are known only roughly (from the access token's iat, or from the
+#: import when it has none): keep retrying transient failures this long past the estimate
+#: before calling the chain expired.
 REFRESH_EXPIRY_GRACE_SECONDS = 3600.0
 
 #: A served token must outlive the read by this much, so a reader never gets a token that
@@ -93,8 +94,9 @@ def refresh_token_expired(state: ProfileState, now: float) -> bool:
 def refresh_token_at_its_end(state: ProfileState, now: float) -> bool:
     """True once the refresh token may have reached its end, by the server's reckoning.
 
-    AAC counts the lifetime from generation, we from import, which came later by however
-    long the person took to paste the token: the true end precedes our estimate by that.
+    AAC counts the lifetime from generation. We count it from the pasted access token's
+    iat, which is that moment; an opaque token has none, and then we count from the import,
+    which came later by however long the person took to paste it. The slack covers that.
     """
     if state.refresh_expires_at is None:
         return False
@@ -194,13 +196,23 @@ def recover_interrupted(state: ProfileState, now: float) -> ProfileState:
 
 
 def classify_rejection(state: ProfileState, rejected: Rejected, now: float) -> RejectionReason:
-    """Why the chain broke, from what we know of our own history."""
+    """Why the chain broke, from what we know of our own history.
+
+    An invalid_grant is called a theft (reuse_suspected) only when the daemon knows the token
+    was alive and unspent by us: no answer of ours was lost with it, the server itself handed
+    it to us (a refresh since the import), and its known lifetime had not run out. Short of
+    that the verdict says what we cannot tell.
+    """
     if rejected.error == "invalid_grant":
         sent = token_hash(state.refresh_token) if state.refresh_token else None
         if sent is not None and state.ambiguous_rt_hash == sent:
             return RejectionReason.AFTER_LOST_RESPONSE
         if refresh_token_at_its_end(state, now):
             return RejectionReason.REFRESH_TOKEN_EXPIRED
+        if state.refresh_count == 0:
+            return RejectionReason.REFUSED_AFTER_IMPORT
+        if state.refresh_expires_at is None:
+            return RejectionReason.EXPIRED_OR_REUSED
         return RejectionReason.REUSE_SUSPECTED
     if rejected.error == "invalid_client":
         return RejectionReason.INVALID_CLIENT

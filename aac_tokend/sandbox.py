@@ -76,7 +76,8 @@ class SandboxServer:
     """An in-memory authorization server plus AAC API stub, serving on loopback (HTTPS with tls).
 
     Token-request log outcomes: rotated, reuse_revoked, unknown, revoked, expired,
-    invalid_client, invalid_request, failed_injected, dropped_after_rotation.
+    invalid_client, invalid_request, failed_injected, dropped_after_rotation,
+    failed_after_rotation.
     """
 
     def __init__(
@@ -235,20 +236,25 @@ class SandboxServer:
         retry_after: float | None = None,
         body: str | None = None,
         drop: bool = False,
+        forward: bool = False,
     ) -> None:
         """Make the next ``count`` token requests fail (queued after earlier injections).
 
         With ``drop`` a request is decided as usual (a valid refresh token rotates), then
-        its connection is closed without an answer: a lost response.
+        its connection is closed without an answer: a lost response. With ``forward`` it is
+        decided as usual, then answered with this failure instead of the server's answer:
+        a gateway that delivered the request and timed out (a 504 page) before the answer.
         """
         if count < 0 or not 200 <= status <= 599:
             raise InputError("fail_next needs count >= 0 and a status in 200..599")
+        if drop and forward:
+            raise InputError("fail_next: choose drop (no answer) or forward (an error answer)")
         if retry_after is not None and not 0 <= retry_after < math.inf:
             raise InputError("fail_next retry_after must be a finite number >= 0")
         with self._lock:
             retry = None if retry_after is None else float(retry_after)
             if count:
-                self._injections.append((_Injection(status, retry, body, drop), count))
+                self._injections.append((_Injection(status, retry, body, drop, forward), count))
 
     def set_answer_delay(self, seconds: float) -> None:
         """Wait this long between deciding (and logging) a token request and answering it."""
@@ -286,13 +292,16 @@ class SandboxServer:
             family = self._families.get(self._by_token.get(_digest(refresh_token), ""))
             injection = self._next_injection() if form is not None else None
             new_hash: str | None = None
-            if injection is not None and not injection.drop:
+            if injection is not None and not (injection.drop or injection.forward):
                 outcome, answer = "failed_injected", _injected_answer(injection)
             else:
                 outcome, answer, new_hash = self._decide(form, fields, family, now)
-                if injection is not None:
+                if injection is not None and injection.drop:
                     answer = _DROP
                     outcome = "dropped_after_rotation" if outcome == "rotated" else outcome
+                elif injection is not None:
+                    answer = _injected_answer(injection)
+                    outcome = "failed_after_rotation" if outcome == "rotated" else outcome
             entry = {
                 "seq": len(self._log) + 1,
                 "at": now,

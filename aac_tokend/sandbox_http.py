@@ -38,6 +38,7 @@ class _Injection:
     retry_after: float | None
     body: str | None
     drop: bool
+    forward: bool = False  # decide as usual (rotate), then answer this failure instead
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ def _route_fail(handler: _Handler, sandbox: SandboxServer, body: bytes) -> _Answ
         retry_after=_field(obj, "retry_after", (int, float), None),
         body=_field(obj, "body", (str,), None),
         drop=_field(obj, "drop", (bool,), False),
+        forward=_field(obj, "forward", (bool,), False),
     )
     return _json_answer(200, {"queued": True})
 

@@ -67,6 +67,11 @@ class RejectionReason(StrEnum):
 
     AFTER_LOST_RESPONSE = "after_lost_response"
     REFRESH_TOKEN_EXPIRED = "refresh_token_expired"  # noqa: S105 - a reason, not a secret
+    # invalid_grant with the refresh token's lifetime unknown: its natural end or a reuse.
+    EXPIRED_OR_REUSED = "expired_or_reused"
+    # invalid_grant on the first refresh after an import: the pasted pair never worked here.
+    REFUSED_AFTER_IMPORT = "refused_after_import"
+    # invalid_grant for a token we got from the server, alive by its lifetime, unspent by us.
     REUSE_SUSPECTED = "reuse_suspected"
     INVALID_CLIENT = "invalid_client"
     OAUTH_ERROR = "oauth_error"

@@ -6,13 +6,21 @@ and the in-process sandbox, with AAC_TOKEND_HOME in a short /tmp directory.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import pty
 import re
+import select
 import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 
+from aac_tokend.commands import ask_refresh_lifetime
+from aac_tokend.errors import InputError
 from tests.helpers_e2e import (
     E2EHome,
     RecordingSandbox,
@@ -166,3 +174,79 @@ class TestNeedsDaemon:
         assert_one_line_error(home.cli("refresh"), 4)
         daemon.start(profiles=["default"])  # a script's `aac-tokend stop && aac-tokend run`
         assert daemon.pid != first and daemon.profile_status()["refresh_count"] == 1
+
+
+def _import_at_a_terminal(home: E2EHome, endpoint: str, pair: dict[str, object], days: str) -> str:
+    """Run `import` on a pseudo-terminal, answering its prompts; its whole output."""
+    argv = home.command("import", "--profile", "work", "--token-endpoint", endpoint)
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes the command
+        os.execve(argv[0], argv, home.env)  # noqa: S606 - argv from the test, no shell
+    answers = [str(pair["access_token"]), str(pair["refresh_token"]), days]
+    prompts = ["Access token", "Refresh token", "lifetime in days"]
+    seen = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if prompts and prompts[0].encode() in seen:
+            prompts.pop(0)
+            os.write(fd, answers.pop(0).encode() + b"\n")
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(fd)
+    os.waitpid(pid, 0)
+    return seen.decode(errors="replace")
+
+
+class TestImportAsksForTheLifetime:
+    """At a terminal, import asks for the refresh lifetime when it is not given."""
+
+    def test_asks_and_counts_from_the_pairs_birth(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Two pasted lines and '30' at the prompt: the refresh end is iat + 30 days."""
+        sandbox = sandboxes()
+        pair = sandbox.generate()
+        output = _import_at_a_terminal(home, sandbox.token_endpoint, pair, "30")
+        assert "imported profile work" in output
+        row = json.loads(home.cli("status", "--json").stdout)["profiles"][0]
+        iat = json.loads(base64.urlsafe_b64decode(str(pair["access_token"]).split(".")[1] + "=="))[
+            "iat"
+        ]
+        assert row["refresh_expires_at"] == datetime.fromtimestamp(iat + 30 * 86400, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+
+    def test_enter_means_unknown(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Enter at the prompt imports with the lifetime unknown."""
+        sandbox = sandboxes()
+        output = _import_at_a_terminal(home, sandbox.token_endpoint, sandbox.generate(), "")
+        assert "imported profile work" in output
+        row = json.loads(home.cli("status", "--json").stdout)["profiles"][0]
+        assert row["refresh_expires_at"] is None
+
+
+class TestAskRefreshLifetime:
+    """The lifetime prompt's answer: a number of days, or nothing for unknown."""
+
+    @pytest.mark.parametrize(("answer", "days"), [("30", 30.0), (" 1.5 ", 1.5), ("", None)])
+    def test_answers(self, answer: str, days: float | None) -> None:
+        """A number is days; Enter (empty) is unknown."""
+        assert ask_refresh_lifetime(lambda _prompt: answer) == days
+
+    @pytest.mark.parametrize("answer", ["thirty", "-7", "0", "nan", "inf", "eyJhbGciOiJI.x.y"])
+    def test_bad_answer_is_one_line_without_echo(self, answer: str) -> None:
+        """Anything else is a one-line error that says what to do and does not echo it."""
+        with pytest.raises(InputError) as caught:
+            ask_refresh_lifetime(lambda _prompt: answer)
+        message = str(caught.value)
+        assert "\n" not in message and "press Enter" in message
+        assert answer not in message

@@ -66,6 +66,19 @@ class TestRejected:
         message = rejection_alert(rejected(RejectionReason.REFRESH_TOKEN_EXPIRED))
         assert "end of its lifetime" in message
 
+    def test_lifetime_unknown_names_both_and_what_to_do(self) -> None:
+        """expired_or_reused names the natural end and a reuse, and how to tell and avoid it."""
+        message = rejection_alert(rejected(RejectionReason.EXPIRED_OR_REUSED))
+        assert "lifetime is unknown" in message
+        assert "natural end" in message and "another party" in message
+        assert "--refresh-lifetime-days" in message
+
+    def test_refused_after_import_is_not_theft(self) -> None:
+        """A first refresh refused after import blames the pasted pair, not a thief."""
+        message = rejection_alert(rejected(RejectionReason.REFUSED_AFTER_IMPORT))
+        assert "first refresh after import" in message
+        assert "compromised" not in message
+
     def test_invalid_client(self) -> None:
         """invalid_client points at the client id and token endpoint."""
         message = rejection_alert(rejected(RejectionReason.INVALID_CLIENT, "invalid_client"))

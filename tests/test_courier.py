@@ -22,13 +22,23 @@ import pytest
 
 from aac_tokend.alerts import Alerter
 from aac_tokend.config import Config
-from aac_tokend.courier import CourierJob, CourierResult, carry
-from aac_tokend.endpoint import TokenEndpoint
+from aac_tokend.courier import (
+    LOCK_WAIT_SECONDS,
+    MAX_LIFE_SECONDS,
+    SAVE_RETRY_SECONDS,
+    CourierJob,
+    CourierResult,
+    ForkCourier,
+    _become_courier,
+    _disarm,
+    carry,
+)
+from aac_tokend.endpoint import TOTAL_DEADLINE_SECONDS, TokenEndpoint
 from aac_tokend.engine import Engine
 from aac_tokend.importer import build_state, parse_import_text
 from aac_tokend.sandbox import SandboxServer
 from aac_tokend.scheduling import SystemClock
-from aac_tokend.state import RejectionReason
+from aac_tokend.state import ProfileState, RejectionReason
 from aac_tokend.store import FileStore
 from aac_tokend.testing import FailingFileLayer, FakeScheduler
 from aac_tokend.tokens import token_hash
@@ -368,3 +378,88 @@ class _DeadCourier:
 
     def refresh(self, job: CourierJob) -> CourierResult:
         return CourierResult("lost", "the courier ended without an answer")
+
+
+_GATEWAY_TIMEOUT_PAGE = "<html><body><h1>504 Gateway Time-out</h1></body></html>"
+
+
+class TestGatewayVerdicts:
+    """Through a real forked courier: a gateway's failure is never called a theft."""
+
+    def test_gateway_504_after_rotation_is_after_lost_response(
+        self, quick_sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """The server rotates, the gateway answers 504: the retry's invalid_grant is ours."""
+        key = secrets.token_bytes(32)
+        store = FileStore(tmp_path, key)
+        rt = _stored(quick_sandbox, store)
+        job = CourierJob("p", rt, str(tmp_path), key)
+        quick_sandbox.fail_next(1, status=504, body=_GATEWAY_TIMEOUT_PAGE, forward=True)
+        assert ForkCourier().refresh(job).kind == "transient"
+        assert quick_sandbox.log()[-1]["outcome"] == "failed_after_rotation"
+        assert ForkCourier().refresh(job).kind == "rejected"
+        state = store.load("p")
+        assert state is not None and state.rejection is not None
+        assert state.rejection.reason is RejectionReason.AFTER_LOST_RESPONSE
+        assert [e["outcome"] for e in quick_sandbox.log()] == [
+            "failed_after_rotation",
+            "reuse_revoked",
+        ]
+
+    def test_server_error_once_and_the_chain_goes_on(
+        self, quick_sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A 400 server_error is a reason to try again, not the end of the chain."""
+        key = secrets.token_bytes(32)
+        store = FileStore(tmp_path, key)
+        rt = _stored(quick_sandbox, store)
+        job = CourierJob("p", rt, str(tmp_path), key)
+        quick_sandbox.fail_next(1, status=400, body='{"error": "server_error"}')
+        assert ForkCourier().refresh(job).kind == "transient"
+        state = store.load("p")
+        assert state is not None and state.rejection is None and state.consecutive_failures == 1
+        assert ForkCourier().refresh(job).kind == "refreshed"
+        state = store.load("p")
+        assert state is not None and state.refresh_count == 1 and state.rejection is None
+
+
+class _SlowSaveStore(FileStore):
+    """A store whose save of an outcome (not of a journal) takes ``delay`` seconds."""
+
+    def __init__(self, root: Path, key: bytes, delay: float) -> None:
+        super().__init__(root, key)
+        self.delay = delay
+
+    def save(self, state: ProfileState) -> None:
+        if state.in_flight is None:
+            time.sleep(self.delay)
+        super().save(state)
+
+
+class TestAlarmSparesTheAnswer:
+    """The courier's alarm bounds the wait for an answer, never the write after it."""
+
+    def test_deadline_fits_the_life(self) -> None:
+        """Lock wait, the request's one deadline and the saves fit well inside the alarm."""
+        budget = LOCK_WAIT_SECONDS + TOTAL_DEADLINE_SECONDS + SAVE_RETRY_SECONDS
+        assert budget + 5 <= MAX_LIFE_SECONDS
+
+    def test_alarm_due_during_the_write_does_not_fire(
+        self, quick_sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A courier whose alarm falls between answer and save still saves the new pair."""
+        key = secrets.token_bytes(32)
+        rt = _stored(quick_sandbox, FileStore(tmp_path, key))
+        job = CourierJob("p", rt, str(tmp_path), key)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                _become_courier(life=1)
+                store = _SlowSaveStore(tmp_path, key, delay=1.5)
+                carry(job, store, TokenEndpoint(), time.time, on_answer=_disarm)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status), f"the courier was killed by signal {os.WTERMSIG(status)}"
+        state = FileStore(tmp_path, key).load("p")
+        assert state is not None and state.refresh_count == 1 and state.in_flight is None

@@ -198,10 +198,12 @@ def _status(home: Path) -> tuple[bool, dict[str, Any]]:
     return answer["daemon_running"], rows[0]
 
 
-def _import(dot: DotServer, home: Path, pair: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+def _import(
+    dot: DotServer, home: Path, pair: dict[str, Any], *extra: str
+) -> subprocess.CompletedProcess[str]:
     return _tokend(
         home, "import", "--token-endpoint", dot.token_endpoint, "--client-id", CLIENT_ID,
-        stdin=json.dumps(pair),
+        *extra, stdin=json.dumps(pair),
     )  # fmt: skip
 
 
@@ -316,7 +318,9 @@ def chain_run(dot_server: DotServer) -> Iterator[ChainRun]:
     """Import a DOT pair, let the daemon rotate it, replay the original refresh token."""
     home, run = _make_home(), ChainRun()
     pair = dot_server.password_grant()
-    done = _import(dot_server, home, pair)
+    # DOT's answer has no refresh lifetime: without one, a replay could not be told from the
+    # token's natural end (expired_or_reused). DOT's default is far longer than a day.
+    done = _import(dot_server, home, pair, "--refresh-lifetime-days", "1")
     assert done.returncode == 0, done.stderr
     with (home / "daemon.log").open("wb") as log:
         daemon = subprocess.Popen(

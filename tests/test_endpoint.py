@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import gzip
+import ipaddress
 import json
 import math
+import os
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
 import requests
+import requests.adapters
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,13 +34,14 @@ from aac_tokend import __version__
 from aac_tokend.endpoint import (
     MAX_BODY_BYTES,
     MAX_RETRY_AFTER_SECONDS,
+    TERMINAL_OAUTH_ERRORS,
     TokenEndpoint,
     classify_response,
     parse_retry_after,
 )
 from aac_tokend.jwt_sign import sign_hs256
 from aac_tokend.outcome import Refreshed, RefreshOutcome, Rejected, Transient
-from aac_tokend.policy import apply_outcome
+from aac_tokend.policy import UNREACHED_PREFIX, apply_outcome
 from aac_tokend.sandbox import SandboxServer
 from aac_tokend.state import ProfileState, RejectionReason, TokenKind
 
@@ -225,26 +237,26 @@ class TestAgainstSandbox:
         assert outcome.error_description == "Invalid client or client credentials"
 
     def test_429_retry_after(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
-        """An injected 429 with Retry-After is Transient with that delay, not ambiguous."""
+        """An injected 429 with Retry-After is Transient with that delay, and ambiguous."""
         _, refresh = pair(sandbox)
         sandbox.fail_next(1, status=429, retry_after=7)
         outcome = sandbox_refresh(endpoint, sandbox, refresh)
-        assert outcome == Transient("token endpoint answered HTTP 429", 7.0, False)
+        assert outcome == Transient("token endpoint answered HTTP 429", 7.0, True)
 
     def test_503(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
-        """An injected 503 is Transient, not ambiguous, and the token still works after."""
+        """An injected 503 is Transient and ambiguous (a gateway may have forwarded it)."""
         _, refresh = pair(sandbox)
         sandbox.fail_next(1, status=503)
         outcome = sandbox_refresh(endpoint, sandbox, refresh)
-        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert isinstance(outcome, Transient) and outcome.ambiguous
         assert isinstance(sandbox_refresh(endpoint, sandbox, refresh), Refreshed)
 
     def test_400_without_oauth_error(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
-        """A 400 whose body is not an OAuth error is Transient, never a rejection."""
+        """A 400 whose body is not an OAuth error is Transient (ambiguous), never a rejection."""
         _, refresh = pair(sandbox)
         sandbox.fail_next(1, status=400, body="<html>Bad Request</html>")
         outcome = sandbox_refresh(endpoint, sandbox, refresh)
-        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert isinstance(outcome, Transient) and outcome.ambiguous
 
     def test_dropped_answer_is_ambiguous_then_after_lost_response(
         self, endpoint: TokenEndpoint, sandbox: SandboxServer
@@ -375,9 +387,9 @@ class TestOddAnswers:
     def test_not_an_oauth_rejection(
         self, endpoint: TokenEndpoint, odd: Any, answer: Answer
     ) -> None:
-        """A 4xx without a proper OAuth error (or not 400/401) is Transient, not ambiguous."""
+        """A 4xx without a proper OAuth error (or not 400/401) is Transient and ambiguous."""
         outcome = call(endpoint, odd(answer))
-        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert isinstance(outcome, Transient) and outcome.ambiguous
 
     def test_429_retry_after_seconds(self, endpoint: TokenEndpoint, odd: Any) -> None:
         """Retry-After in seconds is kept."""
@@ -393,9 +405,9 @@ class TestOddAnswers:
         assert isinstance(outcome, Transient) and outcome.retry_after == 120
 
     def test_503(self, endpoint: TokenEndpoint, odd: Any) -> None:
-        """A 503 is Transient and not ambiguous."""
+        """A 503 is Transient and ambiguous: the server behind a gateway may have rotated."""
         outcome = call(endpoint, odd(lambda h: h.reply(503, b"maintenance")))
-        assert outcome == Transient("token endpoint answered HTTP 503", None, False)
+        assert outcome == Transient("token endpoint answered HTTP 503", None, True)
 
     @pytest.mark.parametrize(
         "answer",
@@ -499,21 +511,265 @@ class TestOddAnswers:
 
     @pytest.mark.parametrize("status", [200, 400, 503])
     def test_body_over_64k(self, endpoint: TokenEndpoint, odd: Any, status: int) -> None:
-        """A body over 64 KiB is not read as a token response: Transient (ambiguous on 200)."""
+        """A body over 64 KiB is not read as a token response: Transient and ambiguous."""
         big = json.dumps({"access_token": "tok", "error": "invalid_grant",
                           "pad": "x" * MAX_BODY_BYTES}).encode()  # fmt: skip
         outcome = call(endpoint, odd(lambda h: h.reply(status, big)))
-        assert isinstance(outcome, Transient)
-        assert outcome.ambiguous is (status == 200)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
 
     def test_redirect_not_followed(self, endpoint: TokenEndpoint, odd: Any) -> None:
         """A redirect is not followed: the refresh token goes nowhere else."""
         target = odd(lambda h: h.reply_json(200, {"access_token": "stolen"}))
         server = odd(lambda h: h.reply(307, b"", {"Location": target.url}))
         outcome = call(endpoint, server)
-        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert isinstance(outcome, Transient) and outcome.ambiguous
         assert target.seen == []
         assert len(server.seen) == 1
+
+
+# -- OAuth errors that mean "try again" ---------------------------------------------------
+
+
+class TestRetryableOAuthErrors:
+    """Only an OAuth error that says the grant, client or request is bad ends a chain."""
+
+    @pytest.mark.parametrize(
+        "error", ["server_error", "temporarily_unavailable", "invalid_request", "slow_down"]
+    )
+    @pytest.mark.parametrize("status", [400, 401])
+    def test_retry_codes_are_transient(
+        self, endpoint: TokenEndpoint, odd: Any, error: str, status: int
+    ) -> None:
+        """server_error, temporarily_unavailable and unknown codes are transient, ambiguous."""
+        server = odd(lambda h: h.reply_json(status, {"error": error}, {"Retry-After": "30"}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert outcome.retry_after == 30 and error in outcome.reason
+
+    @pytest.mark.parametrize("error", sorted(TERMINAL_OAUTH_ERRORS))
+    def test_grant_codes_are_rejections(
+        self, endpoint: TokenEndpoint, odd: Any, error: str
+    ) -> None:
+        """invalid_grant, invalid_client and the other RFC 6749 verdicts stay rejections."""
+        outcome = call(endpoint, odd(lambda h: h.reply_json(400, {"error": error})))
+        assert outcome == Rejected(error, None, 400)
+
+
+# -- did the request leave? ---------------------------------------------------------------
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=3))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class _BrokenTLSServer:
+    """Completes the TLS handshake, reads the whole request, then breaks the TLS stream."""
+
+    def __init__(self, cert: Path, key: Path, *, stall: bool = False) -> None:
+        self.stall = stall  # stay silent after the request instead of breaking the stream
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.requests: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.listener.getsockname()[1]}/as/token"
+
+    def _serve(self) -> None:
+        raw, _ = self.listener.accept()
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as tls:
+                data = b""
+                while b"refresh_token=" not in data:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.requests.append(data)
+                if self.stall:
+                    time.sleep(3.0)
+                    return
+                # A TLS record of garbage under the encryption: the client's read fails with
+                # an SSL error, after the whole request has arrived.
+                os.write(tls.fileno(), b"\x17\x03\x03\x00\x10" + b"\x00" * 16)
+                time.sleep(0.5)
+        except (ssl.SSLError, OSError):
+            pass  # the client refused the handshake: that is the test's point
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+class TestDidTheRequestLeave:
+    """A failure is 'unreached' only if no byte of the request went out; else ambiguous."""
+
+    def test_tls_handshake_refused_is_unreached(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """https:// to a plain HTTP server fails in the handshake: nothing was sent."""
+        server = odd(lambda h: h.reply_json(200, {"access_token": "x"}))
+        url = server.url.replace("http://", "https://")
+        outcome = endpoint.refresh(url, "c", REFRESH, now=NOW)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert outcome.reason.startswith(UNREACHED_PREFIX)
+        assert server.seen == []
+
+    def test_untrusted_certificate_is_unreached(self, tmp_path: Path) -> None:
+        """A certificate the client refuses ends the handshake: nothing was sent."""
+        cert, key = _self_signed(tmp_path)
+        server = _BrokenTLSServer(cert, key)
+        try:
+            outcome = TokenEndpoint(session()).refresh(server.url, "c", REFRESH, now=NOW)
+        finally:
+            server.close()
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert server.requests == []
+
+    def test_tls_broken_after_sending_is_ambiguous(self, tmp_path: Path) -> None:
+        """A TLS error after the request went out is ambiguous, not 'cannot reach'."""
+        cert, key = _self_signed(tmp_path)
+        server = _BrokenTLSServer(cert, key)
+        tls_session = session()
+        tls_session.verify = str(cert)
+        try:
+            outcome = TokenEndpoint(tls_session).refresh(server.url, "c", REFRESH, now=NOW)
+        finally:
+            server.close()
+        assert len(server.requests) == 1
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert not outcome.reason.startswith(UNREACHED_PREFIX)
+
+
+class _OwnAdapter(requests.adapters.HTTPAdapter):
+    """A caller's own adapter: the endpoint keeps it, and judges its failures by type."""
+
+
+class TestFailuresJudgedByType:
+    """Through an adapter that is not ours, only pre-socket failures count as unreached."""
+
+    def own(self) -> TokenEndpoint:
+        s = session()
+        s.mount("http://", _OwnAdapter())
+        return TokenEndpoint(s, read_timeout=SHORT_READ_TIMEOUT)
+
+    def test_refused_is_unreached(self) -> None:
+        """A refused connect is provably unsent, by its type alone."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        outcome = self.own().refresh(f"http://127.0.0.1:{port}/as/token", "c", REFRESH, now=NOW)
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+
+    def test_cut_after_sending_is_ambiguous(self, odd: Any) -> None:
+        """A connection closed without an answer may have delivered the request."""
+        server = odd(lambda h: setattr(h, "close_connection", True))
+        outcome = call(self.own(), server)
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert len(server.seen) == 1
+
+
+class TestOneDeadline:
+    """The whole refresh has one deadline, however the server spreads its answer."""
+
+    def test_stalled_tls_answer_is_cut_and_ambiguous(self, tmp_path: Path) -> None:
+        """A TLS server silent after the request: cut at the deadline, ambiguous."""
+        cert, key = _self_signed(tmp_path)
+        server = _BrokenTLSServer(cert, key, stall=True)
+        tls_session = session()
+        tls_session.verify = str(cert)
+        started = time.monotonic()
+        try:
+            outcome = TokenEndpoint(tls_session, read_timeout=10.0, deadline=0.5).refresh(
+                server.url, "c", REFRESH, now=NOW
+            )
+            took = time.monotonic() - started
+        finally:
+            server.close()
+        assert len(server.requests) == 1
+        assert outcome == Transient("no complete answer within 0.5 s", None, True)
+        assert took < 2.0
+
+    def test_stalled_proxy_tunnel_is_cut_and_unreached(self) -> None:
+        """A proxy that never answers CONNECT: cut at the deadline, and nothing was sent."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        held: list[socket.socket] = []
+        threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+        s = session()
+        s.proxies = {"https": f"http://127.0.0.1:{listener.getsockname()[1]}"}
+        started = time.monotonic()
+        outcome = TokenEndpoint(s, read_timeout=10.0, deadline=0.5).refresh(
+            "https://127.0.0.1:9/as/token", "c", REFRESH, now=NOW
+        )
+        took = time.monotonic() - started
+        for conn in held:
+            conn.close()
+        listener.close()
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert outcome.reason == f"{UNREACHED_PREFIX} within 0.5 s"
+        assert took < 2.0
+
+    def test_dripping_answer_is_cut_at_the_deadline(self, odd: Any) -> None:
+        """A byte every 0.2 s never trips the read timeout; the total deadline cuts it."""
+
+        def drip(h: _Handler) -> None:
+            h.send_response(200)
+            h.send_header("Content-Length", "1000")
+            h.end_headers()
+            for _ in range(100):
+                if h.server.release.wait(0.2):
+                    return
+                h.wfile.write(b" ")
+                h.wfile.flush()
+
+        s = session()
+        endpoint = TokenEndpoint(s, read_timeout=5.0, deadline=1.0)
+        started = time.monotonic()
+        outcome = call(endpoint, odd(drip))
+        took = time.monotonic() - started
+        s.close()
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert outcome.reason == "no complete answer within 1 s"
+        assert 0.9 < took < 2.5
+
+    def test_stalled_headers_are_cut_at_the_deadline(self, odd: Any) -> None:
+        """No status line at all: the deadline, shorter than the read timeout, ends it."""
+        s = session()
+        endpoint = TokenEndpoint(s, read_timeout=10.0, deadline=0.5)
+        started = time.monotonic()
+        outcome = call(endpoint, odd(lambda h: h.server.release.wait(STALL_SECONDS)))
+        s.close()
+        assert time.monotonic() - started < 2.0
+        assert isinstance(outcome, Transient) and outcome.ambiguous
 
 
 # -- classify_response, fuzzed ------------------------------------------------------------
@@ -530,6 +786,7 @@ field_values = (
     | st.text(max_size=300)
     | st.integers(min_value=-(10**400), max_value=10**400)
     | st.from_regex(r"\s*[0-9\u00b2\u0661]{1,30}\s*", fullmatch=True)
+    | st.sampled_from([*sorted(TERMINAL_OAUTH_ERRORS), "server_error", "temporarily_unavailable"])
 )
 oauth_like = st.dictionaries(
     st.sampled_from(["access_token", "refresh_token", "expires_in", "error", "error_description",
@@ -593,7 +850,7 @@ class TestClassifyFuzzed:
         else:
             assert isinstance(outcome, Transient)
             assert "\n" not in outcome.reason
-            assert outcome.ambiguous is (status == 200)
+            assert outcome.ambiguous  # an answer came: the request reached something
             assert outcome.retry_after is None or 0 <= outcome.retry_after <= 3600
 
     @given(st.sampled_from([400, 401]), oauth_like)
@@ -601,12 +858,14 @@ class TestClassifyFuzzed:
     def test_oauth_errors_cleaned(self, status: int, payload: dict[str, Any]) -> None:
         """OAuth error strings from the server become one printable line of at most 200."""
         outcome = classify_response(status, {}, json.dumps(payload).encode(), NOW)
-        if isinstance(payload.get("error"), str):
+        error = payload.get("error")
+        if isinstance(error, str) and error in TERMINAL_OAUTH_ERRORS:
             assert isinstance(outcome, Rejected)
             assert one_clean_line(outcome.error)
             assert outcome.error_description is None or one_clean_line(outcome.error_description)
         else:
-            assert isinstance(outcome, Transient)
+            assert isinstance(outcome, Transient) and outcome.ambiguous
+            assert one_clean_line(outcome.reason)
 
     @given(retry_after_values, st.floats(min_value=0, max_value=4e9))
     @settings(max_examples=300)

@@ -21,7 +21,9 @@ from aac_tokend.importer import (
     parse_import_text,
 )
 from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.state import TokenKind
+from aac_tokend.outcome import Rejected
+from aac_tokend.policy import classify_rejection
+from aac_tokend.state import RejectionReason, TokenKind
 
 NOW = 1_800_000_000.0
 DAY = 86400.0
@@ -108,9 +110,9 @@ class TestTwoLines:
         assert state.api_base_url == "https://api.eu1.alteryxcloud.com"
 
     def test_refresh_lifetime_days(self) -> None:
-        """--refresh-lifetime-days sets the refresh token's end from now."""
+        """--refresh-lifetime-days counts from the access token's iat (the pair's birth)."""
         state = run_import(f"{ACCESS}\n{REFRESH}", refresh_lifetime_days=90)
-        assert state.refresh_expires_at == NOW + 90 * DAY
+        assert state.refresh_expires_at == NOW - 60 + 90 * DAY
 
     def test_loopback_endpoint_allowed(self) -> None:
         """An explicit http endpoint on loopback (the sandbox) is accepted."""
@@ -132,7 +134,7 @@ class TestJson:
         )  # fmt: skip
         state = run_import(text)
         assert (state.access_obtained_at, state.access_expires_at) == (NOW, NOW + 1800)
-        assert state.refresh_expires_at == NOW + 7 * DAY
+        assert state.refresh_expires_at == NOW - 60 + 7 * DAY  # from the JWT's iat
         assert state.refresh_token == REFRESH
 
     def test_stale_json_bounded_by_jwt_exp(self) -> None:
@@ -160,7 +162,40 @@ class TestJson:
         text = json.dumps(
             {"access_token": ACCESS, "refresh_token": REFRESH, "refresh_token_expires_in": 60}
         )
-        assert run_import(text, refresh_lifetime_days=2).refresh_expires_at == NOW + 2 * DAY
+        assert run_import(text, refresh_lifetime_days=2).refresh_expires_at == NOW - 60 + 2 * DAY
+
+
+class TestLifetimeOrigin:
+    """A refresh token's known lifetime counts from the pair's generation, not the import."""
+
+    def test_pair_pasted_days_later(self) -> None:
+        """A pair generated 3 days before the import ends 30 days after its generation."""
+        access = jwt(iat=NOW - 3 * DAY, exp=NOW - 3 * DAY + 3600)
+        state = run_import(f"{access}\n{REFRESH}", refresh_lifetime_days=30)
+        assert state.refresh_expires_at == NOW + 27 * DAY
+
+    def test_no_false_theft_at_the_natural_end(self) -> None:
+        """That pair's invalid_grant at its true end is refresh_token_expired, not theft."""
+        access = jwt(iat=NOW - 3 * DAY, exp=NOW - 3 * DAY + 3600)
+        state = replace(
+            run_import(f"{access}\n{REFRESH}", refresh_lifetime_days=30), refresh_count=40
+        )
+        reason = classify_rejection(state, Rejected("invalid_grant", None, 400), NOW + 27 * DAY)
+        assert reason is RejectionReason.REFRESH_TOKEN_EXPIRED
+
+    def test_iat_in_the_future_counts_from_now(self) -> None:
+        """A clock-skewed iat later than the import is not believed: count from the import."""
+        access = jwt(iat=NOW + 600, exp=NOW + 4200)
+        state = run_import(f"{access}\n{REFRESH}", refresh_lifetime_days=1)
+        assert state.refresh_expires_at == NOW + DAY
+
+    def test_opaque_token_counts_from_the_import(self) -> None:
+        """An opaque access token has no iat: the import is the best origin there is."""
+        text = json.dumps({"access_token": OPAQUE, "refresh_token": REFRESH, "expires_in": 900})
+        state = run_import(
+            text, token_endpoint="https://idp.example.com/t", client_id="c", refresh_lifetime_days=1
+        )
+        assert state.refresh_expires_at == NOW + DAY
 
 
 class TestOpaque:

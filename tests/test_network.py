@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from aac_tokend.endpoint import TokenEndpoint, name_network_failure
 from aac_tokend.outcome import Refreshed, Transient
+from aac_tokend.policy import UNREACHED_PREFIX
 from aac_tokend.sandbox import SandboxServer
 from tests.helpers_e2e import E2EHome, e2e_home, import_pair, running_sandbox
 
@@ -275,7 +276,9 @@ class TestThroughAProxy:
             outcome = refresh(sandbox)
             assert sandbox.log() == []  # nothing reached the token endpoint
         assert isinstance(outcome, Transient) and not outcome.ambiguous
-        assert outcome.reason.startswith("proxy failure: the proxy refused the connection; ")
+        assert outcome.reason.startswith(
+            f"{UNREACHED_PREFIX}: proxy failure: the proxy refused the connection; "
+        )
         assert "HTTPS_PROXY" in outcome.reason and "NO_PROXY" in outcome.reason
 
     def test_proxy_wanting_credentials(
@@ -288,7 +291,8 @@ class TestThroughAProxy:
             outcome = refresh(sandbox)
         assert isinstance(outcome, Transient) and not outcome.ambiguous
         assert outcome.reason.startswith(
-            "proxy failure: the proxy refused to open a tunnel (HTTP 407): it wants credentials"
+            f"{UNREACHED_PREFIX}: proxy failure: the proxy refused to open a tunnel (HTTP 407): "
+            "it wants credentials"
         )
 
     def test_no_proxy_bypasses(self, clean_env: pytest.MonkeyPatch, proxy: Proxy) -> None:
@@ -311,7 +315,7 @@ class TestTLS:
             assert sandbox.log() == []
         assert isinstance(outcome, Transient) and not outcome.ambiguous
         assert outcome.reason.startswith(
-            "TLS failure: the token endpoint's certificate was not accepted ("
+            f"{UNREACHED_PREFIX}: TLS failure: the token endpoint's certificate was not accepted ("
         )
         assert "REQUESTS_CA_BUNDLE" in outcome.reason
 
@@ -380,7 +384,9 @@ class TestStatusNamesTheFailure:
             import_pair(home, sandbox)
             home.env["REQUESTS_CA_BUNDLE"] = str(CA("other").write_bundle(tmp_path / "o.pem"))
             text = status_after_refresh(home)
-        assert "last_error: TLS failure: the token endpoint's certificate was not accepted" in text
+        assert (
+            f"last_error: {UNREACHED_PREFIX}: TLS failure: the token endpoint's certificate" in text
+        )
         assert "set REQUESTS_CA_BUNDLE to your organisation's CA bundle" in text
 
     def test_dead_proxy_in_status(self, home: E2EHome) -> None:
@@ -389,4 +395,7 @@ class TestStatusNamesTheFailure:
             import_pair(home, sandbox)
             home.env["HTTP_PROXY"] = f"http://127.0.0.1:{dead_port()}"
             text = status_after_refresh(home)
-        assert "last_error: proxy failure: the proxy refused the connection; check" in text
+        assert (
+            f"last_error: {UNREACHED_PREFIX}: proxy failure: the proxy refused the connection"
+            in text
+        )

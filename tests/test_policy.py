@@ -320,8 +320,9 @@ class TestApplyOutcome:
 
     def test_rejected_is_final(self) -> None:
         """A rejection is recorded with the server's words and never scheduled again."""
+        state = oauth(refresh_count=3, refresh_expires_at=T0 + 30 * DAY)
         after = apply_outcome(
-            begin_attempt(oauth(), T0), Rejected("invalid_grant", "expired token", 400), T0 + 1
+            begin_attempt(state, T0), Rejected("invalid_grant", "expired token", 400), T0 + 1
         )
         assert after.rejection == Rejection(
             RejectionReason.REUSE_SUSPECTED, "invalid_grant", "expired token", T0 + 1
@@ -373,7 +374,9 @@ class TestClassifyRejection:
 
     def test_ambiguity_about_another_token_does_not_count(self) -> None:
         """An ambiguity mark for a different token is not an excuse for this one."""
-        state = oauth(ambiguous_rt_hash="0000000000000000")
+        state = oauth(
+            ambiguous_rt_hash="0000000000000000", refresh_count=1, refresh_expires_at=T0 + DAY
+        )
         reason = classify_rejection(state, Rejected("invalid_grant", None, 400), T0)
         assert reason is RejectionReason.REUSE_SUSPECTED
 
@@ -384,10 +387,30 @@ class TestClassifyRejection:
         assert reason is RejectionReason.REFRESH_TOKEN_EXPIRED
 
     def test_reuse_suspected_otherwise(self) -> None:
-        """invalid_grant with no excuse of ours means someone else used the token."""
-        state = oauth(refresh_expires_at=T0 + DAY)
+        """invalid_grant for a token the server gave us, alive by its known lifetime: reuse."""
+        state = oauth(refresh_expires_at=T0 + DAY, refresh_count=1)
         reason = classify_rejection(state, Rejected("invalid_grant", "revoked", 400), T0)
         assert reason is RejectionReason.REUSE_SUSPECTED
+
+    def test_lifetime_unknown_cannot_tell(self) -> None:
+        """With the refresh lifetime unknown, invalid_grant is expired_or_reused, not theft."""
+        state = oauth(refresh_expires_at=None, refresh_count=5)
+        reason = classify_rejection(state, Rejected("invalid_grant", None, 400), T0 + 400 * DAY)
+        assert reason is RejectionReason.EXPIRED_OR_REUSED
+
+    def test_lifetime_known_and_run_out_is_expired(self) -> None:
+        """The same chain with its lifetime known is refresh_token_expired at its end."""
+        state = oauth(refresh_expires_at=T0 + 30 * DAY, refresh_count=5)
+        reason = classify_rejection(state, Rejected("invalid_grant", None, 400), T0 + 30 * DAY)
+        assert reason is RejectionReason.REFRESH_TOKEN_EXPIRED
+
+    @pytest.mark.parametrize("lifetime", [None, 30 * DAY])
+    def test_first_refresh_after_import_is_its_own_reason(self, lifetime: float | None) -> None:
+        """invalid_grant before any refresh succeeded: the pasted pair never worked here."""
+        expires = None if lifetime is None else T0 + lifetime
+        state = oauth(refresh_expires_at=expires, refresh_count=0)
+        reason = classify_rejection(state, Rejected("invalid_grant", None, 400), T0 + 60)
+        assert reason is RejectionReason.REFUSED_AFTER_IMPORT
 
     def test_invalid_client(self) -> None:
         """invalid_client is its own reason, whatever else is known."""

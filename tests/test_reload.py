@@ -207,7 +207,7 @@ class TestRestart:
     def test_a_rejected_profile_stays_rejected_across_restarts_without_requests(
         self, home: Path, sandbox: SandboxServer
     ) -> None:
-        """Rejected for reuse, restarted twice: still rejected with its reason, nothing sent."""
+        """Rejected (its pair spent elsewhere), restarted twice: still rejected, nothing sent."""
         write_config(home, "notifications = false\n")
         pair = import_pair(home, sandbox)
         assert third_party_refresh(sandbox, str(pair["refresh_token"])).status_code == 200
@@ -219,11 +219,11 @@ class TestRestart:
 
         offline = row(home)  # no daemon: read from the encrypted state file
         assert offline["state"] == "rejected"
-        assert offline["rejection"]["reason"] == "reuse_suspected"
+        assert offline["rejection"]["reason"] == "refused_after_import"  # spent before us
         with running_daemon(home) as daemon:
             r = row(home)
-            assert r["state"] == "rejected" and r["rejection"]["reason"] == "reuse_suspected"
-            assert "compromised" in r["alert"] and "aac-tokend import" in r["alert"]
+            assert r["state"] == "rejected" and r["rejection"]["reason"] == "refused_after_import"
+            assert "already used elsewhere" in r["alert"] and "aac-tokend import" in r["alert"]
             assert r["next_refresh_at"] is None
             time.sleep(5.0)  # a few scheduler ticks
             assert cli(home, "refresh", "-p", "work").returncode == 69

@@ -227,22 +227,31 @@ def _session_leading_children() -> list[int]:
 class TestRejectionReasons:
     """Each reason for an OAuth error is told apart, shown in status and alerted once."""
 
-    @pytest.mark.parametrize("theft", ["thief_spends_current_token", "replay_of_spent_token"])
-    def test_a_third_party_using_the_chain_is_reuse_suspected(
-        self, worlds: Callable[..., World], theft: str
+    def test_a_replay_after_our_rotation_is_reuse_suspected(
+        self, worlds: Callable[..., World]
     ) -> None:
-        """Someone else spends our refresh token (or replays a spent one): reuse_suspected."""
+        """A spent token replayed by someone else, lifetime known: reuse_suspected."""
         world = worlds()
-        pair = world.import_pair()
-        if theft == "thief_spends_current_token":
-            assert third_party_refresh(world.sandbox, pair["refresh_token"]).status_code == 200
-        else:
-            world.engine.refresh("work")  # our rotation spends the imported token...
-            replay = third_party_refresh(world.sandbox, pair["refresh_token"])
-            assert replay.status_code == 400  # ...its replay makes the server revoke the family
+        pair = world.import_pair()  # the sandbox's JSON gives the refresh lifetime
+        world.engine.refresh("work")  # our rotation spends the imported token...
+        replay = third_party_refresh(world.sandbox, pair["refresh_token"])
+        assert replay.status_code == 400  # ...its replay makes the server revoke the family
         world.run(HOUR, step=60)
         row = assert_rejected(world, "reuse_suspected", "invalid_grant")
         assert "compromised" in row["alert"] and "delete it" in row["alert"]  # type: ignore[operator]
+        assert world.recorder.events("work") == [AlertEvent.REJECTED]
+
+    def test_a_pair_spent_before_our_first_refresh_is_refused_after_import(
+        self, worlds: Callable[..., World]
+    ) -> None:
+        """The pasted pair was spent elsewhere before we ever refreshed: not called theft."""
+        world = worlds()
+        pair = world.import_pair()
+        assert third_party_refresh(world.sandbox, pair["refresh_token"]).status_code == 200
+        world.run(HOUR, step=60)
+        row = assert_rejected(world, "refused_after_import", "invalid_grant")
+        assert "first refresh after import" in row["alert"]  # type: ignore[operator]
+        assert "compromised" not in row["alert"]  # type: ignore[operator]
         assert world.recorder.events("work") == [AlertEvent.REJECTED]
 
     @pytest.mark.parametrize("loss", ["sandbox_drops_answer", "proxy_drops_answer"])
