@@ -23,6 +23,7 @@ from .courier import WAIT_SECONDS, CourierJob, CourierResult, Refresher
 from .errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
 from .importer import ImportRequest, build_state
 from .logs import register_secret
+from .ownership import claim, stored_states
 from .policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
 from .report import profile_report
 from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
@@ -71,6 +72,7 @@ class Engine:
         self._corrupt: dict[str, str] = {}
         self._waiting: set[str] = set()  # profiles whose earlier courier is still out
         self._lock = threading.Lock()
+        self._import_lock = threading.Lock()
 
     # -- the hot path ---------------------------------------------------------------
     def current_token(self, profile: str) -> bytes | None:
@@ -290,16 +292,48 @@ class Engine:
     # -- profile management (import, remove, status) ---------------------------------
     def import_profile(self, request: ImportRequest) -> ProfileState:
         """A new token pair takes effect at once; the old state is replaced durably."""
+        return self.claim_import(request)[0]
+
+    def claim_import(self, request: ImportRequest) -> tuple[ProfileState, bool]:
+        """Import unless another profile holds the pair or it is spent; (state, changed).
+
+        Re-importing the current pair changes nothing (False). TokenHeldError or
+        TokenSpentError leave every chain untouched.
+        """
         if request.refresh_lifetime_days is None and request.refresh_expires_in is None:
             days = self.config.policy_for(request.profile).refresh_lifetime_days
             request = dataclasses.replace(request, refresh_lifetime_days=days)
         state = build_state(request, self._clock.now())
-        with self._store.locked(state.profile, WAIT_SECONDS):
-            self._store.save(state)
-        self._install(state)  # the alerter hears the new condition: often a recovery
+        # One import at a time: two imports of one pair into two profiles must not both
+        # pass the check before either is saved.
+        with self._import_lock, self._store.locked(state.profile, WAIT_SECONDS):
+            own, others = self._holders(state.profile)
+            claimed = claim(state, own, others)
+            if claimed is None:
+                log.info("profile_import_unchanged", profile=state.profile)
+                return max(own, key=lambda s: s.generation), False
+            self._store.save(claimed)
+        self._install(claimed)  # the alerter hears the new condition: often a recovery
         self._on_profiles_changed()
-        log.info("profile_imported", profile=state.profile, kind=state.kind.value)
-        return state
+        log.info("profile_imported", profile=claimed.profile, kind=claimed.kind.value)
+        return claimed, True
+
+    def _holders(self, name: str) -> tuple[list[ProfileState], list[ProfileState]]:
+        """Every version of every profile we can see: ``name``'s own, and all others'.
+
+        Memory counts as well as disk: a refresh the disk refused leaves its newer pair
+        only here (``unsaved``), and a courier may have written a newer one than memory.
+        """
+        with self._lock:
+            memory = [entry.state for entry in self._profiles.values()]
+        own = [s for s in memory if s.profile == name]
+        with contextlib.suppress(AacTokendError):
+            on_disk = self._store.load(name)
+            if on_disk is not None:
+                own.append(on_disk)
+        others = [s for s in memory if s.profile != name]
+        others.extend(stored_states(self._store, skip=name))
+        return own, others
 
     def remove(self, name: str) -> None:
         """Stop serving and refreshing ``name`` and delete its state."""
