@@ -126,7 +126,7 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
             with store.locked(state.profile, 10.0):
                 current = store.load(state.profile)
                 own = [current] if current is not None else []
-                claimed = claim(state, own, stored_states(store, skip=state.profile))
+                claimed = claim(state, own, stored_states(store, skip={state.profile}))
                 if claimed is not None:
                     store.save(claimed)
         changed = claimed is not None

@@ -322,7 +322,11 @@ class Engine:
         """Every version of every profile we can see: ``name``'s own, and all others'.
 
         Memory counts as well as disk: a refresh the disk refused leaves its newer pair
-        only here (``unsaved``), and a courier may have written a newer one than memory.
+        only here (``unsaved``). Other profiles the engine holds are taken from memory only
+        (reading a thousand files costs most of a second, with token reads waiting on the
+        GIL): the only newer pair their files can hold is one a courier got a moment ago,
+        which nobody but that courier has seen, and memory already names its predecessor.
+        Profiles not in memory (still waiting for a courier, unreadable) are read from disk.
         """
         with self._lock:
             memory = [entry.state for entry in self._profiles.values()]
@@ -332,7 +336,8 @@ class Engine:
             if on_disk is not None:
                 own.append(on_disk)
         others = [s for s in memory if s.profile != name]
-        others.extend(stored_states(self._store, skip=name))
+        loaded = {s.profile for s in memory} | {name}
+        others.extend(stored_states(self._store, skip=loaded))
         return own, others
 
     def remove(self, name: str) -> None:

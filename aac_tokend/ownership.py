@@ -18,7 +18,7 @@ before it is saved:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .errors import AacTokendError, TokenHeldError, TokenSpentError
@@ -131,11 +131,11 @@ def _refuse_if_taken(
             )
 
 
-def stored_states(store: StateStore, *, skip: str) -> Iterator[ProfileState]:
-    """Every readable stored state except ``skip``'s (an unreadable one holds nothing we
-    can see, and is reported by ``status``)."""
+def stored_states(store: StateStore, *, skip: Collection[str]) -> Iterator[ProfileState]:
+    """Every readable stored state but those of ``skip`` (an unreadable one holds nothing
+    we can see, and is reported by ``status``)."""
     for name in store.profiles():
-        if name == skip:
+        if name in skip:
             continue
         try:
             state = store.load(name)

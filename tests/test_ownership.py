@@ -5,17 +5,29 @@ The end-to-end half (real daemon, real sandbox, offline CLI) is in test_ownershi
 
 from __future__ import annotations
 
+import errno
 import json
+import secrets
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aac_tokend.alerts import Alerter
+from aac_tokend.config import Config
+from aac_tokend.courier import CourierJob, CourierResult, carry
+from aac_tokend.endpoint import TokenEndpoint
+from aac_tokend.engine import Engine
 from aac_tokend.errors import StateCorruptError, TokenHeldError, TokenSpentError
+from aac_tokend.importer import ImportRequest, parse_import_text
 from aac_tokend.outcome import Refreshed, Transient
 from aac_tokend.ownership import SPENT_HISTORY, SPENT_IMPORTED_HISTORY, claim, remember_spent
 from aac_tokend.policy import apply_outcome, begin_attempt, recover_interrupted
+from aac_tokend.sandbox import SandboxServer
+from aac_tokend.scheduling import SystemClock
 from aac_tokend.state import (
     FORMAT_VERSION,
     InFlight,
@@ -24,7 +36,8 @@ from aac_tokend.state import (
     state_from_json,
     state_to_json,
 )
-from aac_tokend.testing import T0, oauth_state
+from aac_tokend.store import FileStore
+from aac_tokend.testing import T0, FailingFileLayer, FakeScheduler, oauth_state
 from aac_tokend.tokens import token_hash
 
 OLD = "refresh-token-rrrrrrrrrrrr"  # oauth_state's refresh token
@@ -221,3 +234,63 @@ class TestFormat:
             return
         assert isinstance(state.spent_rt_hashes, tuple)
         assert all(isinstance(h, str) for h in state.spent_rt_hashes)
+
+
+class _DiskFullAfterAnswer:
+    """A courier in this thread whose disk fills up once the server has answered."""
+
+    def __init__(self, store: FileStore, fs: FailingFileLayer) -> None:
+        self.store, self.fs = store, fs
+        self.results: list[CourierResult] = []
+
+    def _step(self, name: str) -> None:
+        if name == "answered":
+            self.fs.failures = {"write": errno.ENOSPC}
+
+    def refresh(self, job: CourierJob) -> CourierResult:
+        result = carry(job, self.store, TokenEndpoint(), time.time, trace=self._step)
+        self.results.append(result)
+        return result
+
+
+def _request(pair: dict[str, object], profile: str, endpoint: str) -> ImportRequest:
+    request = parse_import_text(json.dumps(pair), profile=profile)
+    return replace(request, token_endpoint=endpoint)
+
+
+class TestEngineHolders:
+    """The daemon's import sees the pair it holds in memory, not only the files."""
+
+    def test_a_pair_the_disk_refused_is_held(self, tmp_path: Path) -> None:
+        """After a refresh whose outcome could not be saved, its new pair is 'p''s alone."""
+        with SandboxServer() as sandbox:
+            key = secrets.token_bytes(32)
+            fs = FailingFileLayer()
+            store = FileStore(tmp_path, key, fs=fs)
+            refresher = _DiskFullAfterAnswer(store, fs)
+            engine = Engine(
+                store=store, key=key, refresher=refresher, scheduler=FakeScheduler(),
+                clock=SystemClock(), config=Config(), alerter=Alerter([]),
+                socket_path=lambda n: tmp_path / n,
+            )  # fmt: skip
+            engine.import_profile(_request(sandbox.generate(), "p", sandbox.token_endpoint))
+            old = store.load("p")
+            engine.refresh("p")
+            (result,) = refresher.results
+            assert result.kind == "storage_failed" and result.unsaved
+            fs.failures = {}
+            pending = store.decrypt("p", result.unsaved)
+            on_disk = store.load("p")  # the journal: only memory has the new pair
+            assert old is not None and on_disk is not None
+            assert on_disk.refresh_token == old.refresh_token != pending.refresh_token
+            new_pair = {
+                "access_token": pending.access_token,
+                "refresh_token": pending.refresh_token,
+            }
+            with pytest.raises(TokenHeldError, match="'p'"):
+                engine.claim_import(_request(new_pair, "q", sandbox.token_endpoint))
+            old_pair = {"access_token": old.access_token, "refresh_token": old.refresh_token}
+            with pytest.raises(TokenSpentError, match="'p'"):
+                engine.claim_import(_request(old_pair, "q", sandbox.token_endpoint))
+            assert engine.profiles() == ["p"] and store.profiles() == ["p"]
+            assert [e["outcome"] for e in sandbox.log()] == ["rotated"]
