@@ -12,6 +12,10 @@ before it is saved:
   write-ahead journal is written, i.e. before the request leaves, so a crash mid-refresh
   cannot lose the record.
 
+Hashes are ``token_hash`` (the first 64 bits of SHA-256), as the journal's: they sit inside
+the encrypted state anyway, and a false "spent" would need a 64-bit collision among a few
+hundred hashes.
+
 ``claim`` is pure; ``stored_states`` is the one edge (it reads the store).
 """
 

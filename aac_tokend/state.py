@@ -151,7 +151,8 @@ def state_from_json(raw: bytes) -> ProfileState:
         raise _corrupt("decrypted content is not JSON") from exc
     if not isinstance(data, dict):
         raise _corrupt("decrypted content is not an object")
-    if data.pop("format", None) not in _READABLE_FORMATS:
+    version = data.pop("format", None)
+    if type(version) is not int or version not in _READABLE_FORMATS:  # true == 1 otherwise
         raise _corrupt(f"unknown format (expected version {FORMAT_VERSION})")
     known = {f.name for f in fields(ProfileState)}
     if set(data) - known or not {"profile", "kind", "access_token"} <= set(data):
