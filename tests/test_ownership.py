@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import secrets
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from aac_tokend.alerts import Alerter
 from aac_tokend.config import Config
-from aac_tokend.courier import CourierJob, CourierResult, carry
+from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, carry
 from aac_tokend.endpoint import TokenEndpoint
 from aac_tokend.engine import Engine
 from aac_tokend.errors import StateCorruptError, TokenHeldError, TokenSpentError
@@ -294,3 +295,39 @@ class TestEngineHolders:
                 engine.claim_import(_request(old_pair, "q", sandbox.token_endpoint))
             assert engine.profiles() == ["p"] and store.profiles() == ["p"]
             assert [e["outcome"] for e in sandbox.log()] == ["rotated"]
+
+    def test_two_imports_of_one_pair_race_to_one_owner(self, tmp_path: Path) -> None:
+        """The same new pair imported into two profiles at once: one holds it, one is refused."""
+
+        class SlowStore(FileStore):
+            """A disk whose writes take 0.3 s: wide open for a check-then-save race."""
+
+            def save(self, state: ProfileState) -> None:
+                time.sleep(0.3)
+                super().save(state)
+
+        with SandboxServer() as sandbox:
+            key = secrets.token_bytes(32)
+            store = SlowStore(tmp_path, key)
+            engine = Engine(
+                store=store, key=key, refresher=InProcessRefresher(),
+                scheduler=FakeScheduler(), clock=SystemClock(), config=Config(),
+                alerter=Alerter([]), socket_path=lambda n: tmp_path / n,
+            )  # fmt: skip
+            pair = sandbox.generate()
+            outcomes: dict[str, str] = {}
+
+            def claim_as(profile: str) -> None:
+                try:
+                    engine.claim_import(_request(pair, profile, sandbox.token_endpoint))
+                    outcomes[profile] = "imported"
+                except TokenHeldError:
+                    outcomes[profile] = "held"
+
+            threads = [threading.Thread(target=claim_as, args=(p,)) for p in ("a", "b")]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            assert sorted(outcomes.values()) == ["held", "imported"], outcomes
+            assert len(store.profiles()) == 1

@@ -202,7 +202,7 @@ class TestRemove:
         sandbox = sandboxes()
         import_pair(home, sandbox, profile="work")
         daemon = home.daemon().start(profiles=["work"])
-        sandbox.set_answer_delay(3.0)  # the courier is out when the daemon dies
+        sandbox.set_answer_delay(5.0)  # the courier is still out when remove starts
         asker = threading.Thread(
             target=quiet_control, args=(daemon, "refresh"), kwargs={"profile": "work"}
         )
