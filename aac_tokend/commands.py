@@ -136,15 +136,25 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
     answer = _ask(paths, "import", **request.to_wire())
     if answer is None:
         from .owner import OwnerLock
+        from .ownership import claim, stored_states
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
             store = FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
             with store.locked(state.profile, 10.0):
-                store.save(state)
+                current = store.load(state.profile)
+                own = [current] if current is not None else []
+                claimed = claim(state, own, stored_states(store, skip={state.profile}))
+                if claimed is not None:
+                    store.save(claimed)
+        changed = claimed is not None
         where = "saved; `aac-tokend run` will keep it alive"
     else:
+        changed = bool(answer.get("changed", True))
         where = "handed to the running daemon"
+    if not changed:
+        print(f"profile {state.profile} already holds this token pair; nothing changed")
+        return 0
     print(f"imported profile {state.profile} ({state.kind.value}): {where}")
     return 0
 
@@ -214,13 +224,39 @@ def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
     return 0 if row["state"] in ("ok",) else 69
 
 
+def _confirm_remove(name: str, yes: bool) -> None:
+    """Ask on a terminal before deleting what may be the only copy of a refresh token."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise InputError(
+            f"remove: refusing to delete profile {name!r} without confirmation (its refresh "
+            "token cannot be recovered); pass --yes"
+        )
+    sys.stderr.write(
+        f"Remove profile {name!r}? Its refresh token is deleted for good (this may be the "
+        "only copy). [y/N] "
+    )
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise CommandError(f"remove: not confirmed; profile {name} was kept")
+
+
 def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:
+    _confirm_remove(args.name, args.yes)
     if _ask(paths, "remove", profile=args.name) is None:
+        from .courier import WAIT_SECONDS
         from .owner import OwnerLock
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
-            FileStore(paths.state_dir, load_or_create_key(paths.config_dir)).delete(args.name)
+            store = FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
+            # Like the daemon: a courier (of a daemon killed mid-refresh) holds the lock
+            # until its outcome is on disk; deleting under it would let it write back.
+            if not store.lock_is_free(args.name):
+                print(f"waiting for a refresh of {args.name} to finish...", file=sys.stderr)
+            with store.locked(args.name, WAIT_SECONDS):
+                store.delete(args.name)
     print(f"removed profile {args.name}")
     return 0
 
@@ -359,7 +395,9 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p = add("refresh", cmd_refresh, "refresh a profile now (through the daemon)")
     add_profile_option(p)
     p.add_argument("--json", action="store_true", help="print the profile's status as JSON")
-    add("remove", cmd_remove, "remove a profile and its state").add_argument("name")
+    p = add("remove", cmd_remove, "remove a profile and its state (asks first on a terminal)")
+    p.add_argument("name")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask (for scripts)")
     add("profiles", cmd_profiles, "list profile names").add_argument(
         "--json", action="store_true", help='print {"profiles": [names]} as JSON'
     )

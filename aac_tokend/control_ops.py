@@ -101,8 +101,8 @@ class ControlOps:
         return {"ok": True, "profile": self._report(name)}
 
     def op_import(self, request: dict[str, object]) -> dict[str, object]:
-        state = self._engine.import_profile(ImportRequest.from_wire(dict(request)))
-        return {"ok": True, "profile": self._report(state.profile)}
+        state, changed = self._engine.claim_import(ImportRequest.from_wire(dict(request)))
+        return {"ok": True, "profile": self._report(state.profile), "changed": changed}
 
     def op_remove(self, request: dict[str, object]) -> dict[str, object]:
         name = self._profile(request)

@@ -24,6 +24,7 @@ from .courier import WAIT_SECONDS, CourierJob, CourierResult, Refresher
 from .errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
 from .importer import ImportRequest, build_state
 from .logs import register_secret
+from .ownership import claim, stored_states
 from .policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
 from .report import profile_report
 from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
@@ -83,6 +84,7 @@ class Engine:
         self._corrupt: dict[str, str] = {}
         self._waiting: set[str] = set()  # profiles whose earlier courier is still out
         self._lock = threading.Lock()
+        self._import_lock = threading.Lock()
 
     # -- the hot path ---------------------------------------------------------------
     def current_token(self, profile: str) -> bytes | None:
@@ -342,16 +344,53 @@ class Engine:
     # -- profile management (import, remove, status) ---------------------------------
     def import_profile(self, request: ImportRequest) -> ProfileState:
         """A new token pair takes effect at once; the old state is replaced durably."""
+        return self.claim_import(request)[0]
+
+    def claim_import(self, request: ImportRequest) -> tuple[ProfileState, bool]:
+        """Import unless another profile holds the pair or it is spent; (state, changed).
+
+        Re-importing the current pair changes nothing (False). TokenHeldError or
+        TokenSpentError leave every chain untouched.
+        """
         if request.refresh_lifetime_days is None and request.refresh_expires_in is None:
             days = self.config.policy_for(request.profile).refresh_lifetime_days
             request = dataclasses.replace(request, refresh_lifetime_days=days)
         state = build_state(request, self._clock.now())
-        with self._store.locked(state.profile, WAIT_SECONDS):
-            self._store.save(state)
-        self._install(state)  # the alerter hears the new condition: often a recovery
+        # One import at a time: two imports of one pair into two profiles must not both
+        # pass the check before either is saved.
+        with self._import_lock, self._store.locked(state.profile, WAIT_SECONDS):
+            own, others = self._holders(state.profile)
+            claimed = claim(state, own, others)
+            if claimed is None:
+                log.info("profile_import_unchanged", profile=state.profile)
+                return max(own, key=lambda s: s.generation), False
+            self._store.save(claimed)
+        self._install(claimed)  # the alerter hears the new condition: often a recovery
         self._on_profiles_changed()
-        log.info("profile_imported", profile=state.profile, kind=state.kind.value)
-        return state
+        log.info("profile_imported", profile=claimed.profile, kind=claimed.kind.value)
+        return claimed, True
+
+    def _holders(self, name: str) -> tuple[list[ProfileState], list[ProfileState]]:
+        """Every version of every profile we can see: ``name``'s own, and all others'.
+
+        Memory counts as well as disk: a refresh the disk refused leaves its newer pair
+        only here (``unsaved``). Other profiles the engine holds are taken from memory only
+        (reading a thousand files costs most of a second, with token reads waiting on the
+        GIL): the only newer pair their files can hold is one a courier got a moment ago,
+        which nobody but that courier has seen, and memory already names its predecessor.
+        Profiles not in memory (still waiting for a courier, unreadable) are read from disk.
+        """
+        with self._lock:
+            memory = [entry.state for entry in self._profiles.values()]
+        own = [s for s in memory if s.profile == name]
+        with contextlib.suppress(AacTokendError):
+            on_disk = self._store.load(name)
+            if on_disk is not None:
+                own.append(on_disk)
+        others = [s for s in memory if s.profile != name]
+        loaded = {s.profile for s in memory} | {name}
+        others.extend(stored_states(self._store, skip=loaded))
+        return own, others
 
     def remove(self, name: str) -> None:
         """Stop serving and refreshing ``name`` and delete its state."""

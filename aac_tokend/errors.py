@@ -13,6 +13,8 @@
         ├── EndpointNotAllowedError     a token endpoint we refuse to send a refresh token to
         ├── ConfigError                 config.toml has an unknown key or a bad value
         ├── ProfileError                unknown profile, or a bad profile name
+        ├── TokenHeldError              another profile holds this refresh token
+        ├── TokenSpentError             this refresh token was already sent (it is spent)
         ├── AlreadyRunningError         another daemon owns the state (pid known)
         └── DaemonNotRunningError       the command needs a running daemon
 
@@ -38,6 +40,8 @@ __all__ = [
     "StateCorruptError",
     "StorageError",
     "TokenFormatError",
+    "TokenHeldError",
+    "TokenSpentError",
     "TransientError",
 ]
 
@@ -112,6 +116,14 @@ class ConfigError(InputError):
 
 class ProfileError(InputError):
     """An unknown profile, or a profile name that cannot be used."""
+
+
+class TokenHeldError(InputError):
+    """An import of a refresh token that another profile holds (a chain has one owner)."""
+
+
+class TokenSpentError(InputError):
+    """An import of a refresh token that a profile has already sent to the token endpoint."""
 
 
 class AlreadyRunningError(InputError):

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 
 from .outcome import Refreshed, RefreshOutcome, Rejected
+from .ownership import remember_spent
 from .state import InFlight, ProfileState, Rejection, RejectionReason, Status, TokenKind
 from .tokens import token_hash
 
@@ -173,7 +174,8 @@ def status_of(state: ProfileState, now: float) -> Status:
 def begin_attempt(state: ProfileState, now: float) -> ProfileState:
     """The write-ahead journal entry, made durable before the request leaves."""
     assert state.refresh_token is not None
-    return state.bumped(
+    # The token is recorded as spent here, durably before it leaves: see ownership.py.
+    return remember_spent(state, state.refresh_token).bumped(
         in_flight=InFlight(token_hash(state.refresh_token), now), last_attempt_at=now
     )
 

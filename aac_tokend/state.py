@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any, TypeVar, get_args, get_type_hints
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from .errors import ProfileError, StateCorruptError
 
@@ -30,7 +30,9 @@ __all__ = [
     "validate_profile_name",
 ]
 
-FORMAT_VERSION = 1
+#: Version 2 added the spent-token history; version 1 files (without it) are still read.
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)
 
 #: Profile names become file and socket names: keep them short and shell-safe.
 _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -120,6 +122,9 @@ class ProfileState:
     in_flight: InFlight | None = None
     ambiguous_rt_hash: str | None = None
     generation: int = field(default=0)
+    # Hashes of refresh tokens this profile has sent (see ownership.py for the bounds).
+    spent_rt_hashes: tuple[str, ...] = ()
+    spent_imported_rt_hashes: tuple[str, ...] = ()
 
     def bumped(self, **changes: Any) -> ProfileState:
         """A copy with ``changes`` applied and the generation counter advanced."""
@@ -135,7 +140,11 @@ class ProfileState:
 
 def state_to_json(state: ProfileState) -> bytes:
     """Serialise a state (tokens included: only ever passed to the encrypting store)."""
-    data = asdict(state)
+    # asdict copies a tuple element by element (~5 us each): the hash histories, hundreds
+    # long, are added as plain lists instead (1.5 ms -> 0.2 ms per save).
+    data = asdict(replace(state, spent_rt_hashes=(), spent_imported_rt_hashes=()))
+    data["spent_rt_hashes"] = list(state.spent_rt_hashes)
+    data["spent_imported_rt_hashes"] = list(state.spent_imported_rt_hashes)
     data["format"] = FORMAT_VERSION
     return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
@@ -152,7 +161,8 @@ def state_from_json(raw: bytes) -> ProfileState:
         raise _corrupt("decrypted content is not JSON") from exc
     if not isinstance(data, dict):
         raise _corrupt("decrypted content is not an object")
-    if data.pop("format", None) != FORMAT_VERSION:
+    version = data.pop("format", None)
+    if type(version) is not int or version not in _READABLE_FORMATS:  # true == 1 otherwise
         raise _corrupt(f"unknown format (expected version {FORMAT_VERSION})")
     known = {f.name for f in fields(ProfileState)}
     if set(data) - known or not {"profile", "kind", "access_token"} <= set(data):
@@ -172,11 +182,20 @@ def state_from_json(raw: bytes) -> ProfileState:
         inf = data.get("in_flight")
         if inf is not None:
             data["in_flight"] = _typed(InFlight(inf["rt_hash"], inf["started_at"]))
+        for name in ("spent_rt_hashes", "spent_imported_rt_hashes"):
+            if name in data:
+                data[name] = _hashes(data[name])
         state = _typed(ProfileState(**data))
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise _corrupt("a field has the wrong type") from exc
     validate_profile_name(state.profile)
     return state
+
+
+def _hashes(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+        raise TypeError("a token-hash history must be a list of strings")
+    return tuple(value)
 
 
 _Typed = TypeVar("_Typed", ProfileState, Rejection, InFlight)
@@ -203,6 +222,8 @@ def _typed(value: _Typed) -> _Typed:
     floats: dict[str, Any] = {}
     for f in fields(value):
         field_value = getattr(value, f.name)
+        if get_origin(hints[f.name]) is tuple:  # a hash history, checked by _hashes
+            continue
         allowed = get_args(hints[f.name]) or (hints[f.name],)
         if isinstance(field_value, bool) and bool not in allowed:
             raise TypeError(f.name)

@@ -117,11 +117,11 @@ class TestProfilesAndRemove:
         for name in ("work", "default"):
             import_pair(home, sandbox, profile=name)
         assert home.cli("profiles").stdout == "default\nwork\n"
-        result = home.cli("remove", "work")
+        result = home.cli("remove", "--yes", "work")
         assert result.returncode == 0, str(result)
         assert not home.state_file("work").exists() and home.state_file("default").exists()
         assert home.cli("profiles").stdout == "default\n"
-        assert_one_line_error(home.cli("remove", "work"), 65)
+        assert_one_line_error(home.cli("remove", "--yes", "work"), 65)
 
     def test_profiles_and_remove_with_daemon(
         self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
@@ -132,14 +132,14 @@ class TestProfilesAndRemove:
             import_pair(home, sandbox, profile=name)
         daemon = home.daemon().start(profiles=["default", "work"])
         assert home.cli("profiles").stdout == "default\nwork\n"
-        result = home.cli("remove", "work")
+        result = home.cli("remove", "--yes", "work")
         assert result.returncode == 0, str(result)
         assert not home.socket("work").exists()
         assert not home.state_file("work").exists()
         assert home.cli("profiles").stdout == "default\n"
         assert [r["profile"] for r in daemon.status()["profiles"]] == ["default"]
         assert daemon.token() and daemon.token("work") == ""
-        assert_one_line_error(home.cli("remove", "work"), 65)
+        assert_one_line_error(home.cli("remove", "--yes", "work"), 65)
         assert_one_line_error(home.cli("token", "-p", "work"), 65)
 
 

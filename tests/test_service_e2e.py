@@ -395,7 +395,7 @@ class TestSocketActivation:
         proc = self._activate(home, ["control", "default.token"], [home.control, home.token_sock])
         inode = socket_inode(home.token_sock)
         assert request(home.control, "status")["ok"] is True
-        removed = home.cli("remove", "default")
+        removed = home.cli("remove", "--yes", "default")
         assert removed.returncode == 0, removed.stderr
         access = home.import_pair(sandbox)
         assert read_all(home.token_sock) == access.encode() + b"\n", home.log()

@@ -152,7 +152,7 @@ class TestCorrupt:
 
     def test_wrong_format_version(self) -> None:
         """A future or missing format version is refused."""
-        for version in (2, None, "1"):
+        for version in (FORMAT_VERSION + 1, 0, None, "1", True, 1.0):
             data = as_dict(sample())
             data["format"] = version
             with pytest.raises(StateCorruptError, match="format"):
