@@ -66,10 +66,7 @@ def request_refresh(profile: str = "default") -> None:
 
 
 class TokendAuth(requests.auth.AuthBase):
-    """``requests`` auth: a fresh token per request; on 401, one refresh and one retry.
-
-    The token goes only to the origin of the URL being prepared (see the module docstring).
-    """
+    """``requests`` auth: a fresh token per request; on 401, one refresh and one retry."""
 
     def __init__(self, profile: str = "default") -> None:
         self.profile = profile
