@@ -479,6 +479,27 @@ class TestLimits:
         assert wait_for(lambda: server.connections == 0, timeout=2.0)
         assert time.monotonic() - started < 1.0
 
+    def test_requests_of_clients_that_hung_up_are_not_run(
+        self, make_server: Callable[..., ControlServer], handler: FakeHandler
+    ) -> None:
+        """Requests queued for a worker whose clients hung up are dropped, so a status
+        waits only for the handler call already running, not for the abandoned ones."""
+        srv = make_server(workers=1)
+        with ControlClient(str(srv.path)) as first:
+            runner = threading.Thread(target=first.request, args=("slow",), kwargs={"seconds": 1.0})
+            runner.start()
+            assert wait_for(lambda: len(handler.requests) == 1)
+            for _ in range(5):
+                with connect(srv.path) as quitter:
+                    quitter.sendall(b'{"op":"slow","seconds":1.0}\n')
+                    assert wait_for(lambda: srv.connections >= 2)
+            started = time.monotonic()
+            with ControlClient(str(srv.path)) as client:
+                assert client.request("status")["ok"] is True
+            assert time.monotonic() - started < 2.0
+            runner.join(WAIT)
+        assert [r["op"] for r in handler.requests] == ["slow", "status"]
+
     def test_half_closed_client_still_gets_its_answer(self, server: ControlServer) -> None:
         """Shutting down only the writing side (nc -N, socat) is not a hang-up."""
         with connect(server.path) as sock:
