@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aac_tokend import errors
+from aac_tokend import control_server, errors
 from aac_tokend.client import ControlClient, read_token
 from aac_tokend.control_server import (
     ERROR_CODES,
     MAX_CONNECTIONS,
+    MAX_DEPTH,
     MAX_REQUEST_BYTES,
     ControlServer,
     error_code,
@@ -319,6 +322,62 @@ class TestProtocol:
             out = subprocess.run(argv, input=request, capture_output=True, timeout=WAIT).stdout
             answers = [json.loads(line) for line in out.splitlines()]
             assert [a.get("id") for a in answers] == [None, 2]
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a JSON value: a scalar is 0, ``[]`` is 1."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+# strings full of what the depth count must skip: brackets, quotes and backslashes
+_tricky_text = st.text(alphabet='[]{}"\\ab', max_size=8)
+_scalars = (
+    st.none() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _tricky_text
+)
+
+
+@st.composite
+def _nested(draw: st.DrawFn) -> object:
+    """A value nested to a drawn depth around MAX_DEPTH, in lists and objects alike."""
+    value: object = draw(st.lists(_scalars, max_size=3))
+    for _ in range(draw(st.integers(min_value=0, max_value=MAX_DEPTH + 3))):
+        siblings = draw(st.lists(_scalars, max_size=2))
+        if draw(st.booleans()):
+            value = [*siblings, value]
+        else:
+            value = {draw(_tricky_text): value, **{f"s{i}": v for i, v in enumerate(siblings)}}
+    return value
+
+
+class TestRequestCheck:
+    """_parse refuses exactly the requests no handler should see and no answer could echo."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(value=_nested(), ascii_only=st.booleans())
+    def test_depth_is_counted_outside_strings(self, value: object, ascii_only: bool) -> None:
+        """A request is refused for nesting exactly when it is deeper than MAX_DEPTH."""
+        request = {"op": "status", "x": value}
+        line = json.dumps(request, ensure_ascii=ascii_only).encode()
+        _, _, problem = control_server._parse(line)
+        too_deep = _depth(request) > MAX_DEPTH
+        assert (problem is not None and "nests deeper" in problem) == too_deep, problem
+
+    @settings(max_examples=300, deadline=None)
+    @given(text=st.text(st.characters(exclude_categories=[]), max_size=20))
+    def test_lone_surrogates_and_only_they_are_refused(self, text: str) -> None:
+        """Any Unicode string passes; one holding a lone surrogate is refused."""
+        line = json.dumps({"op": "status", "s": text}).encode()
+        _, _, problem = control_server._parse(line)
+        try:
+            text.encode()
+            valid = True
+        except UnicodeEncodeError:
+            valid = False
+        assert (problem is None) == valid, problem
 
 
 class TestErrorCodes:
