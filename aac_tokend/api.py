@@ -3,15 +3,21 @@
 Both ask the running daemon per request (a token read costs a socket round trip), and on
 a 401 ask it for one refresh and retry once: enough to ride out a token revoked or
 expired a moment early, never a loop.
+
+The bearer token goes only to the origin (scheme, host, port, as urllib3 reads them) of
+the URL it was asked for: a redirect elsewhere carries no token, and the 401 retry adds
+one only on that origin, so a redirect to a server that answers 401 cannot harvest it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from typing import Any
+from urllib.parse import urljoin
 
 import requests
 
@@ -19,7 +25,7 @@ from .client import ControlClient, read_token
 from .errors import AlertError, DaemonNotRunningError, InputError
 from .paths import resolve_paths
 from .rundir import PROFILE_ENV
-from .tokens import check_endpoint
+from .tokens import check_endpoint, url_origin
 
 __all__ = ["TokendAuth", "add_arguments", "get_token", "request_refresh", "run_cli"]
 
@@ -73,19 +79,45 @@ class TokendAuth(requests.auth.AuthBase):
         self.profile = _profile(profile)
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {get_token(self.profile)}"
-        request.register_hook("response", self._retry_once_on_401)  # type: ignore[no-untyped-call]
+        origin = url_origin(request.url or "")
+        self._attach(request, origin)
+        # The hook goes with the request into every redirect (requests copies hooks), so
+        # the origin it binds is the one asked for, not wherever a redirect leads.
+        hook = functools.partial(self._on_response, origin)
+        request.register_hook("response", hook)  # type: ignore[no-untyped-call]
         return request
 
-    def _retry_once_on_401(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+    def _attach(
+        self, request: requests.PreparedRequest, origin: tuple[str, str, int] | None
+    ) -> None:
+        """Put the bearer token on ``request`` if it goes to ``origin``, else make sure it
+        carries none: the one place the header is set."""
+        if origin is None or url_origin(request.url or "") != origin:
+            request.headers.pop("Authorization", None)
+            return
+        request.headers["Authorization"] = f"Bearer {get_token(self.profile)}"
+
+    def _on_response(
+        self, origin: tuple[str, str, int] | None, response: requests.Response, **kwargs: Any
+    ) -> requests.Response:
+        if response.is_redirect:
+            # requests builds the next hop from a copy of this very request, after the hooks
+            # run; strip the token here when the next hop leaves the origin. (requests' own
+            # check reads the URL with another parser and lets http -> https keep it.)
+            target = urljoin(response.url, response.headers.get("location", ""))
+            if url_origin(target) != origin:
+                response.request.headers.pop("Authorization", None)
+            return response
         if response.status_code != 401 or getattr(response.request, "_tokend_retried", False):
             return response
+        retry = response.request.copy()
+        if url_origin(retry.url or "") != origin:
+            return response  # a 401 from elsewhere is no reason to hand it our token
         request_refresh(self.profile)
         _ = response.content  # drain, so the connection can be reused
         response.close()
-        retry = response.request.copy()
         retry._tokend_retried = True  # type: ignore[attr-defined]
-        retry.headers["Authorization"] = f"Bearer {get_token(self.profile)}"
+        self._attach(retry, origin)
         second: requests.Response = response.connection.send(retry, **kwargs)
         second.history.append(response)
         second.request = retry

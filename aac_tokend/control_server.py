@@ -4,6 +4,12 @@ One I/O thread owns every socket (non-blocking, in a selector); handler calls ru
 small thread pool, so a slow refresh, a client that sends nothing, or one that floods never
 delays anyone else. Each connection has bounded input (one line at a time, at most
 MAX_REQUEST_BYTES), bounded output (MAX_OUTPUT_BYTES), a request rate and an idle timeout.
+
+No request can wedge a connection: ``_parse`` refuses what no answer could echo or no
+handler should see (nesting past MAX_DEPTH, NaN, lone surrogates, an ``id`` past
+MAX_ID_BYTES) and encodes the ``id`` once; ``_respond`` turns any handler result or
+exception into one encodable line. A client that hangs up is dropped at once, and a new
+client takes the slot of the longest-idle one when all MAX_CONNECTIONS are taken.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import select
 import selectors
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +37,8 @@ __all__ = [
     "ERROR_CODES",
     "IDLE_TIMEOUT",
     "MAX_CONNECTIONS",
+    "MAX_DEPTH",
+    "MAX_ID_BYTES",
     "MAX_OUTPUT_BYTES",
     "MAX_REQUEST_BYTES",
     "RATE_LIMIT",
@@ -54,6 +65,14 @@ MAX_CONNECTIONS = 64
 
 # A client that stops reading its answers is dropped once this much is queued for it.
 MAX_OUTPUT_BYTES = 1024 * 1024
+
+# An id only pairs an answer with its request: 1 KiB of JSON holds any UUID or counter many
+# times over, and keeps an echo from inflating every answer (error answers included).
+MAX_ID_BYTES = 1024
+
+# No real request nests deeper than an object holding a list. 32 leaves room and keeps every
+# value a handler sees, or an answer echoes, far below the interpreter's recursion limit.
+MAX_DEPTH = 32
 
 _RECV_SIZE = 64 * 1024  # one read per readiness event, so one client cannot hog the loop
 _LINES_PER_PASS = 32  # answered-inline lines (errors) per connection before others get a turn
@@ -100,31 +119,106 @@ class ControlHandler(Protocol):
         ...
 
 
-def _encode(response: dict[str, object]) -> bytes:
-    return json.dumps(response, separators=(",", ":")).encode() + b"\n"
+def _dumps(value: object) -> bytes:
+    # allow_nan=False: NaN and Infinity are not JSON, and strict clients choke on them
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _failure(code: str, message: str, request: dict[str, object] | None = None) -> bytes:
-    response: dict[str, object] = {"ok": False, "code": code, "message": message}
-    if request is not None and "id" in request:
-        response["id"] = request["id"]
-    return _encode(response)
+# The last resort when an answer cannot be encoded: a constant cannot fail.
+_UNENCODABLE = b'{"ok":false,"code":"internal_error","message":"the answer could not be encoded"}'
 
 
-def _parse(line: bytes) -> tuple[dict[str, object] | None, str | None]:
-    """Return (request, None), or (whatever parsed, why it is a bad request)."""
+def _answer(response: Mapping[str, object], echo: bytes) -> bytes:
+    """Return the wire line for ``response`` with the encoded id ``echo`` spliced in.
+
+    Never raises: an answer that is not a mapping with a boolean "ok", or that cannot be
+    encoded, becomes internal_error (keeping the echo, which _parse has already encoded).
+    """
+    try:
+        body = {key: value for key, value in response.items() if not (echo and key == "id")}
+        encoded = _dumps(body) if isinstance(body.get("ok"), bool) else _UNENCODABLE
+    except Exception:  # TypeError, ValueError (NaN), RecursionError, a hostile __iter__
+        encoded = _UNENCODABLE
+    if echo:
+        encoded = encoded[:-1] + b',"id":' + echo + b"}"  # encoded always holds "ok"
+    return encoded + b"\n"
+
+
+def _failure(code: str, message: str, echo: bytes = b"") -> bytes:
+    return _answer({"ok": False, "code": code, "message": message}, echo)
+
+
+def _respond(handler: ControlHandler, request: dict[str, object], echo: bytes) -> bytes:
+    """Return the answer line to ``request``; whatever the handler does, never raises."""
+    try:
+        return _answer(handler.handle(request), echo)
+    except errors.AacTokendError as exc:
+        try:
+            message = str(exc)
+        except Exception:
+            message = type(exc).__name__
+        return _failure(error_code(exc), message, echo)
+    except Exception as exc:
+        # str(exc) of a foreign exception might quote a token; its class name cannot.
+        return _failure("internal_error", type(exc).__name__, echo)
+
+
+# What _unsafe_value needs of a line that parsed as JSON, at C speed: its strings (an escaped
+# quote inside one included), the bytes that are not brackets, and innermost bracket pairs.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+def _unsafe_value(line: bytes, obj: object) -> str | None:
+    """Why ``obj``, parsed from ``line``, is unfit for a handler or an echo, or None.
+
+    No Python-level walk of the value: a 64 KiB list of 20,000 numbers would cost the I/O
+    thread ten times what parsing it did. Depth comes from the brackets outside strings
+    (each pass strips the innermost pairs, so it takes one pass per level); NaN, infinities
+    and lone surrogates are what a strict encoding refuses.
+    """
+    brackets = _JSON_STRING.sub(b"", line).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            break
+        brackets = _INNERMOST_PAIR.sub(b"", brackets)
+    if brackets:
+        return f"the request nests deeper than {MAX_DEPTH} levels; flatten it"
+    try:
+        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode()
+    except UnicodeEncodeError:
+        return "a string holds a lone surrogate (a \\udXXX escape); send valid Unicode"
+    except ValueError:
+        return "a number is NaN or out of range; send finite numbers"
+    return None
+
+
+def _parse(line: bytes) -> tuple[dict[str, object] | None, bytes, str | None]:
+    """Return (request, encoded id or b"", None), or (what parsed, echo, why it is bad)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        return None, f"the request is not valid JSON ({exc.msg} at column {exc.colno})"
+        return None, b"", f"the request is not valid JSON ({exc.msg} at column {exc.colno})"
     except (ValueError, RecursionError):  # bad UTF-8, nesting too deep, a 5000-digit number
-        return None, "the request could not be parsed as JSON"
+        return None, b"", "the request could not be parsed as JSON"
     if not isinstance(obj, dict):
-        return None, "the request must be a JSON object"
+        return None, b"", "the request must be a JSON object"
+    problem = _unsafe_value(line, obj)
+    if problem is not None:
+        return obj, b"", problem
+    echo = b""
+    if "id" in obj:
+        try:
+            echo = _dumps(obj["id"])
+        except (ValueError, TypeError, RecursionError):  # cannot happen after _unsafe_value
+            echo = b"\0" * (MAX_ID_BYTES + 1)
+        if len(echo) > MAX_ID_BYTES:
+            return obj, b"", f'the "id" is over {MAX_ID_BYTES} bytes of JSON; use a short one'
     op = obj.get("op")
     if not isinstance(op, str) or not op:
-        return obj, 'the request needs an "op" string'
-    return obj, None
+        return obj, echo, 'the request needs an "op" string'
+    return obj, echo, None
 
 
 @dataclass(eq=False)
@@ -135,11 +229,22 @@ class _Conn:
     refilled: float
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
-    busy: bool = False  # a request is with the handler; nothing more is read meanwhile
+    busy: bool = False  # a request is with the handler; later lines wait in inbuf
     eof: bool = False  # the peer shut down writing: answer complete lines, then close
     closing: bool = False  # close once outbuf is flushed
     closed: bool = False
     events: int = 0  # what the selector watches for this socket now
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Return whether the peer closed its socket, not merely shut down its writing side.
+
+    Both read as end-of-file; only a closed peer makes the kernel report POLLHUP, and a
+    client that shut down writing (``nc -N``, ``socat``) still waits for its answers.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 _LISTEN = object()
@@ -178,8 +283,10 @@ class ControlServer:
         self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        #: connections closed at once: foreign uid or over MAX_CONNECTIONS
+        #: connections closed at once: foreign uid, or over MAX_CONNECTIONS with none idle
         self.rejected = 0
+        #: idle connections closed to make room for a new one
+        self.evicted = 0
 
     @property
     def connections(self) -> int:
@@ -283,7 +390,7 @@ class ControlServer:
                 time.sleep(_ACCEPT_ERROR_PAUSE)
                 return
             try:
-                allowed = peer_uid(sock) == self._uid and len(self._conns) < MAX_CONNECTIONS
+                allowed = peer_uid(sock) == self._uid and self._make_room()
             except OSError:
                 allowed = False
             if not allowed:
@@ -295,6 +402,22 @@ class ControlServer:
             conn = _Conn(sock, deadline=now + self._idle, tokens=self._rate, refilled=now)
             self._conns.add(conn)
             self._update(conn)
+
+    def _make_room(self) -> bool:
+        """Return whether a new connection fits, closing the longest-idle one if need be.
+
+        Otherwise 64 clients that connect and say nothing would lock every other client out
+        for IDLE_TIMEOUT. A connection with a request in flight or answers queued is never
+        taken: it is doing work, which its handler's own time bounds.
+        """
+        if len(self._conns) < MAX_CONNECTIONS:
+            return True
+        idle = [c for c in self._conns if not (c.busy or c.outbuf)]
+        if not idle:
+            return False
+        self._close(min(idle, key=lambda c: c.deadline))  # earliest deadline: idle longest
+        self.evicted += 1
+        return True
 
     def _on_ready(self, conn: _Conn, mask: int) -> None:
         if conn.closed:
@@ -313,6 +436,11 @@ class ControlServer:
                 conn.inbuf += data
             else:
                 conn.eof = True
+                if conn.busy and _hung_up(conn.sock):
+                    # Nobody is left to read the answer: free the slot now, not when the
+                    # handler returns (a refresh can take a minute). Its answer is dropped.
+                    self._close(conn)
+                    return
             self._pump(conn)
 
     def _pump(self, conn: _Conn) -> None:
@@ -344,11 +472,11 @@ class ControlServer:
             if not self._take_token(conn, now):
                 self._queue(conn, _failure("rate_limited", "too many requests; slow down"))
                 continue
-            request, problem = _parse(line)
+            request, echo, problem = _parse(line)
             if problem is not None or request is None:
-                self._queue(conn, _failure("bad_request", problem or "bad request", request))
+                self._queue(conn, _failure("bad_request", problem or "bad request", echo))
                 continue
-            self._submit(conn, request)
+            self._submit(conn, request, echo)
         self._update(conn)
 
     def _too_large(self, conn: _Conn) -> None:
@@ -364,10 +492,10 @@ class ControlServer:
         conn.tokens -= 1.0
         return True
 
-    def _submit(self, conn: _Conn, request: dict[str, object]) -> None:
+    def _submit(self, conn: _Conn, request: dict[str, object], echo: bytes) -> None:
         assert self._executor is not None
         try:
-            self._executor.submit(self._call, conn, request)
+            self._executor.submit(self._call, conn, request, echo)
         except RuntimeError:  # the executor is shutting down
             self._close(conn)
             return
@@ -418,7 +546,10 @@ class ControlServer:
             self._close(conn)
             return
         want = 0
-        if not (conn.busy or conn.eof or conn.closing or self._stopping or conn in self._ready):
+        # While busy, read on (up to one request's worth, so memory stays bounded) only to
+        # see the end of the stream: a client that hangs up mid-request is noticed at once.
+        reading = not conn.busy or len(conn.inbuf) <= MAX_REQUEST_BYTES
+        if reading and not (conn.eof or conn.closing or self._stopping or conn in self._ready):
             want |= selectors.EVENT_READ
         if conn.outbuf:
             want |= selectors.EVENT_WRITE
@@ -450,18 +581,16 @@ class ControlServer:
 
     # -- worker threads -----------------------------------------------------------------------
 
-    def _call(self, conn: _Conn, request: dict[str, object]) -> None:
-        payload = _failure("internal_error", "the handler did not answer", request)
+    def _call(self, conn: _Conn, request: dict[str, object], echo: bytes) -> None:
+        if conn.closed:
+            # Its client hung up while this waited for a worker: nobody is left to answer,
+            # and running it would keep the clients still connected waiting for nothing.
+            return
+        # _respond never raises an Exception; the finally frees the connection even if a
+        # BaseException (a handler's SystemExit) escapes, so it cannot stay busy forever.
+        payload = _failure("internal_error", "the handler did not answer", echo)
         try:
-            response = dict(self._handler.handle(request))
-            if "id" in request:
-                response["id"] = request["id"]
-            payload = _encode(response)
-        except errors.AacTokendError as exc:
-            payload = _failure(error_code(exc), str(exc), request)
-        except Exception as exc:
-            # str(exc) of a foreign exception might quote a token; its class name cannot.
-            payload = _failure("internal_error", type(exc).__name__, request)
+            payload = _respond(self._handler, request, echo)
         finally:
             self._done.append((conn, payload))
             self._wake()

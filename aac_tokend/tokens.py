@@ -13,9 +13,13 @@ import hashlib
 import ipaddress
 import json
 import math
+import string
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
+
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from .errors import EndpointNotAllowedError, TokenFormatError
 
@@ -27,10 +31,16 @@ __all__ = [
     "is_loopback_host",
     "parse_jwt",
     "token_hash",
+    "url_origin",
 ]
 
 #: Hosts under this domain are AAC's own; regional hosts differ, so match the suffix.
 AAC_DOMAIN = "alteryxcloud.com"
+
+#: All an endpoint's authority may hold: a DNS name or IP address, a port, brackets for IPv6.
+#: Anything else (a backslash, "%", "@", whitespace, control or non-ASCII characters) is
+#: where URL parsers disagree about the host, so it is refused rather than interpreted.
+_AUTHORITY_CHARS = frozenset(string.ascii_letters + string.digits + ".-:[]")
 
 #: A JWT larger than this is not an access token but an attack or an accident.
 MAX_JWT_BYTES = 16 * 1024
@@ -145,37 +155,103 @@ def _is_aac_host(host: str) -> bool:
     return host == AAC_DOMAIN or host.endswith("." + AAC_DOMAIN)
 
 
+def _is_host_name(host: str) -> bool:
+    """True for an IP address or a DNS name of non-empty labels (a trailing dot allowed)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(
+        0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
+        and label.replace("-", "").isalnum()
+        for label in labels
+    )  # fmt: skip
+
+
+def _refuse(why: str) -> EndpointNotAllowedError:
+    return EndpointNotAllowedError(f"token endpoint: {why}")
+
+
+def url_origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of ``url`` as urllib3 (the parser that connects) reads it,
+    with the default port filled in; None when it is not an http(s) URL with a host."""
+    try:
+        parsed = parse_url(url)
+    except (LocationParseError, ValueError):
+        return None
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in ("https", "http") or not parsed.host:
+        return None
+    port = parsed.port or (443 if scheme == "https" else 80)
+    return scheme, parsed.host.lower().strip("[]").rstrip("."), port
+
+
+def _split_agreeing(text: str, origin: tuple[str, str, int] | None) -> SplitResult | None:
+    """urlsplit's reading of ``text`` if it names the same host and port as ``origin``.
+
+    Defence in depth: with the characters check_endpoint refuses, the two must agree.
+    """
+    if origin is None:
+        return None
+    try:
+        split = urlsplit(text)
+        port = split.port or origin[2]
+    except ValueError:  # a port out of range or not a number
+        return None
+    if (split.hostname or "").rstrip(".") != origin[1] or port != origin[2]:
+        return None
+    return split
+
+
 def check_endpoint(url: str, *, explicit: bool) -> str:
     """Vet a token endpoint URL and return it normalised.
 
     A derived endpoint must be https under alteryxcloud.com. An explicit one may be any
-    https URL, or http on a loopback address (tests, the sandbox).
+    https URL, or http on a loopback address (tests, the sandbox). The URL is judged as
+    urllib3 reads it (requests connects through urllib3), and refused outright when it
+    holds anything two parsers could read differently: backslashes, whitespace or control
+    characters anywhere, percent-encoding, userinfo or non-ASCII in the authority.
     """
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname or ""
-        _ = parts.port  # raises on a malformed port
-    except ValueError as exc:
-        raise EndpointNotAllowedError(
-            "token endpoint: not a valid URL; pass --token-endpoint https://..."
-        ) from exc
-    if parts.scheme not in ("https", "http") or not host:
-        raise EndpointNotAllowedError(
-            "token endpoint: must be an https:// URL with a host; pass --token-endpoint"
+    text = url.strip()
+    if "\\" in text or not text.isprintable() or any(c.isspace() for c in text):
+        raise _refuse(
+            "the URL holds a backslash, whitespace or a control character; "
+            "pass a plain https:// URL"
         )
-    if parts.username or parts.password:
-        raise EndpointNotAllowedError("token endpoint: credentials in the URL are not allowed")
-    if parts.scheme == "http" and not is_loopback_host(host):
-        raise EndpointNotAllowedError(
-            f"token endpoint: plain http to {host} is refused; use https "
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in ("https", "http"):
+        raise _refuse("must be an https:// URL with a host; pass --token-endpoint")
+    authority = rest
+    for stop in "/?#":
+        authority = authority.partition(stop)[0]
+    if "@" in authority:
+        raise _refuse("credentials in the URL are not allowed")
+    if not authority or not set(authority) <= _AUTHORITY_CHARS:
+        raise _refuse(
+            "the host part may hold only letters, digits, dots, hyphens and a port "
+            "(no percent-encoding; an international name in its xn-- form)"
+        )
+    origin = url_origin(text)
+    split = _split_agreeing(text, origin)
+    if origin is None or split is None:
+        raise _refuse("not a valid URL with a host and port; pass --token-endpoint https://...")
+    scheme, host, _ = origin
+    if not _is_host_name(host):
+        raise _refuse(f"{host[:80]!r} is not a host name; pass --token-endpoint https://...")
+    if scheme == "http" and not is_loopback_host(host):
+        raise _refuse(
+            f"plain http to {host} is refused; use https "
             "(http is allowed only on a loopback address)"
         )
-    if not explicit and not (parts.scheme == "https" and _is_aac_host(host)):
-        raise EndpointNotAllowedError(
-            f"token endpoint: the token's issuer host {host} is not under {AAC_DOMAIN}; "
+    if not explicit and not (scheme == "https" and _is_aac_host(host)):
+        raise _refuse(
+            f"the token's issuer host {host} is not under {AAC_DOMAIN}; "
             "if you trust it, pass --token-endpoint explicitly"
         )
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+    query = f"?{split.query}" if split.query else ""
+    return f"{scheme}://{authority}{split.path}{query}"
 
 
 def derive_endpoint(issuer: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -84,13 +85,66 @@ def fuzz_parse_config(data: bytes) -> None:
 def fuzz_control_line(data: bytes) -> None:
     """The control server's line parser, its error answer (built on the I/O thread), and
     ImportRequest.from_wire for an import."""
-    request, problem = control_server._parse(data)
+    request, echo, problem = control_server._parse(data)
     if problem is not None:
-        control_server._failure("bad_request", problem, request)
+        control_server._failure("bad_request", problem, echo)
         return
     assert request is not None
     if request.get("op") == "import":
         importer.ImportRequest.from_wire(dict(request))
+
+
+class _AnswerHandler:
+    """A handler whose result is hostile too: it echoes the request, returns whatever JSON
+    ``tail`` parses to (NaN, lone surrogates, 900 levels deep: nothing validates it), or
+    raises, as ``mode`` picks."""
+
+    def __init__(self, mode: int, tail: bytes) -> None:
+        self.mode = mode
+        self.tail = tail
+
+    def handle(self, request: dict[str, object]) -> dict[str, object]:
+        if self.mode == 0:
+            return {"ok": True, "got": request}
+        if self.mode == 1:
+            raise AacTokendError(f"refused {request!r}"[:200])
+        if self.mode == 2:
+            raise RuntimeError("a bug")
+        try:
+            value: object = json.loads(self.tail)
+        except (ValueError, RecursionError):
+            value = self.tail.decode("utf-8", "surrogateescape")
+        if self.mode == 3:
+            return {"ok": True, "value": value}
+        return value  # type: ignore[return-value]  # not even a dict, perhaps
+
+
+def _refuse_constant(name: str) -> object:
+    raise AssertionError(f"the answer holds {name}, which is not JSON")
+
+
+def fuzz_control_answer(data: bytes) -> None:
+    """The whole answer path of the control server for one request line: _parse, then the
+    error answer or _respond with a hostile handler. Input: a mode byte, the request line, a
+    newline, the handler's raw answer. The answer must be one strict-JSON object with a
+    boolean ok, echo the id exactly when it was accepted, and stay bounded."""
+    mode, rest = (data[0] % 5, data[1:]) if data else (0, b"")
+    line, _, tail = rest.partition(b"\n")
+    request, echo, problem = control_server._parse(line)
+    if problem is not None or request is None:
+        answer = control_server._failure("bad_request", problem or "bad request", echo)
+    else:
+        answer = control_server._respond(_AnswerHandler(mode, tail), request, echo)
+    assert answer.endswith(b"\n") and answer.count(b"\n") == 1, answer[:200]
+    parsed = json.loads(answer, parse_constant=_refuse_constant)
+    assert isinstance(parsed, dict) and isinstance(parsed.get("ok"), bool), answer[:200]
+    if echo:
+        assert len(echo) <= control_server.MAX_ID_BYTES
+        assert request is not None and parsed["id"] == request["id"]
+    if problem is not None:
+        assert parsed["ok"] is False and "id" not in parsed, answer[:200]
+    if problem is not None or mode in (1, 2):
+        assert len(answer) <= 2 * control_server.MAX_ID_BYTES + 400, len(answer)
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -99,6 +153,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "import": fuzz_import,
     "parse_config": fuzz_parse_config,
     "control_line": fuzz_control_line,
+    "control_answer": fuzz_control_answer,
 }
 
 

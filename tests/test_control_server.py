@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aac_tokend import errors
+from aac_tokend import control_server, errors
 from aac_tokend.client import ControlClient, read_token
 from aac_tokend.control_server import (
     ERROR_CODES,
     MAX_CONNECTIONS,
+    MAX_DEPTH,
     MAX_REQUEST_BYTES,
     ControlServer,
     error_code,
@@ -61,6 +64,10 @@ class FakeHandler:
             return {"ok": True, "stopping": True}
         if op == "unserializable":
             return {"ok": True, "when": object()}
+        if op == "nan":
+            return {"ok": True, "ratio": float("nan")}
+        if op == "no_ok":
+            return {"profiles": []}
         return {"ok": False, "code": "unknown_op", "message": f"no op {op}"}
 
 
@@ -111,6 +118,15 @@ def read_lines(sock: socket.socket, count: int) -> list[dict[str, object]]:
             break
         data += chunk
     return [json.loads(line) for line in data.splitlines()[:count]]
+
+
+def strict_loads(line: bytes) -> object:
+    """Parse ``line`` as strict JSON: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
 
 
 def at_eof(sock: socket.socket) -> bool:
@@ -225,6 +241,77 @@ class TestProtocol:
         with ControlClient(str(server.path)) as client:
             assert client.request("unserializable")["code"] == "internal_error"
 
+    def test_answers_are_strict_json_with_a_boolean_ok(self, server: ControlServer) -> None:
+        """A handler answer holding NaN, or lacking a boolean ok, becomes internal_error."""
+        with connect(server.path) as sock:
+            sock.sendall(b'{"op":"nan","id":1}\n{"op":"no_ok","id":2}\n')
+            data = b""
+            while data.count(b"\n") < 2:
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+        answers = [strict_loads(line) for line in data.splitlines()]
+        assert answers == [
+            {
+                "ok": False,
+                "code": "internal_error",
+                "message": "the answer could not be encoded",
+                "id": i,
+            }
+            for i in (1, 2)
+        ]
+
+    @pytest.mark.parametrize(
+        ("field", "why"),
+        [
+            (b"[" * 40 + b"]" * 40, "nests deeper"),
+            (b"[" * 988 + b"]" * 988, "nests deeper"),  # parsed, but 0.1.0 could not echo it
+            (b"NaN", "NaN"),
+            (b"-Infinity", "NaN"),
+            (b"1e999", "NaN"),
+            (b'"\\ud800"', "lone surrogate"),
+            (b'["ok", "\\udfff"]', "lone surrogate"),
+            (b'"' + b"x" * 2000 + b'"', "over 1024 bytes"),
+        ],
+    )
+    def test_unechoable_id_gets_a_short_error_without_it(
+        self, server: ControlServer, handler: FakeHandler, field: bytes, why: str
+    ) -> None:
+        """An id that nests too deep, is not finite, is not Unicode or is too long is refused
+        with a bounded bad_request that does not echo it, and the request is not run."""
+        with connect(server.path) as sock:
+            sock.sendall(b'{"op":"status","id":' + field + b'}\n{"op":"status","id":2}\n')
+            data = b""
+            while data.count(b"\n") < 2:
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+        bad_line, good_line = data.splitlines()
+        bad, good = strict_loads(bad_line), strict_loads(good_line)
+        assert isinstance(bad, dict)
+        assert bad["code"] == "bad_request"
+        assert why in str(bad["message"])
+        assert "id" not in bad
+        assert len(bad_line) < 200
+        assert good == {"ok": True, "profiles": ["default"], "id": 2}
+        assert len(handler.requests) == 1
+
+    def test_same_values_elsewhere_in_a_request_are_refused(
+        self, server: ControlServer, handler: FakeHandler
+    ) -> None:
+        """NaN, lone surrogates and deep nesting never reach the handler in any field."""
+        lines = [
+            b'{"op":"echo","wait":NaN}',
+            b'{"op":"echo","profile":"\\ud83d"}',
+            b'{"op":"echo","x":' + b"[" * 40 + b"]" * 40 + b"}",
+            b'{"op":"echo","\\udc00":1}',
+        ]
+        with connect(server.path) as sock:
+            sock.sendall(b"".join(line + b"\n" for line in lines))
+            answers = read_lines(sock, len(lines))
+        assert [a["code"] for a in answers] == ["bad_request"] * len(lines)
+        assert handler.requests == []
+
     def test_nc_and_socat_can_talk_to_it(self, server: ControlServer) -> None:
         """Shell tools work, including a last line without its newline."""
         request = b'{"op":"status"}\n{"op":"echo","id":2}'
@@ -235,6 +322,62 @@ class TestProtocol:
             out = subprocess.run(argv, input=request, capture_output=True, timeout=WAIT).stdout
             answers = [json.loads(line) for line in out.splitlines()]
             assert [a.get("id") for a in answers] == [None, 2]
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a JSON value: a scalar is 0, ``[]`` is 1."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+# strings full of what the depth count must skip: brackets, quotes and backslashes
+_tricky_text = st.text(alphabet='[]{}"\\ab', max_size=8)
+_scalars = (
+    st.none() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _tricky_text
+)
+
+
+@st.composite
+def _nested(draw: st.DrawFn) -> object:
+    """A value nested to a drawn depth around MAX_DEPTH, in lists and objects alike."""
+    value: object = draw(st.lists(_scalars, max_size=3))
+    for _ in range(draw(st.integers(min_value=0, max_value=MAX_DEPTH + 3))):
+        siblings = draw(st.lists(_scalars, max_size=2))
+        if draw(st.booleans()):
+            value = [*siblings, value]
+        else:
+            value = {draw(_tricky_text): value, **{f"s{i}": v for i, v in enumerate(siblings)}}
+    return value
+
+
+class TestRequestCheck:
+    """_parse refuses exactly the requests no handler should see and no answer could echo."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(value=_nested(), ascii_only=st.booleans())
+    def test_depth_is_counted_outside_strings(self, value: object, ascii_only: bool) -> None:
+        """A request is refused for nesting exactly when it is deeper than MAX_DEPTH."""
+        request = {"op": "status", "x": value}
+        line = json.dumps(request, ensure_ascii=ascii_only).encode()
+        _, _, problem = control_server._parse(line)
+        too_deep = _depth(request) > MAX_DEPTH
+        assert (problem is not None and "nests deeper" in problem) == too_deep, problem
+
+    @settings(max_examples=300, deadline=None)
+    @given(text=st.text(st.characters(exclude_categories=[]), max_size=20))
+    def test_lone_surrogates_and_only_they_are_refused(self, text: str) -> None:
+        """Any Unicode string passes; one holding a lone surrogate is refused."""
+        line = json.dumps({"op": "status", "s": text}).encode()
+        _, _, problem = control_server._parse(line)
+        try:
+            text.encode()
+            valid = True
+        except UnicodeEncodeError:
+            valid = False
+        assert (problem is None) == valid, problem
 
 
 class TestErrorCodes:
@@ -344,22 +487,84 @@ class TestLimits:
         with ControlClient(str(srv.path)) as client:
             assert client.request("slow", seconds=1.0) == {"ok": True, "slept": True}
 
-    def test_connection_limit(self, server: ControlServer) -> None:
-        """Connections beyond MAX_CONNECTIONS are closed at once; the others keep working."""
+    def test_connection_limit_evicts_the_longest_idle(self, server: ControlServer) -> None:
+        """With MAX_CONNECTIONS idle clients, a new one is served in place of the longest idle."""
         clients = [ControlClient(str(server.path)) for _ in range(MAX_CONNECTIONS)]
         try:
-            assert clients[-1].request("status")["ok"] is True  # all accepted by now
-            with connect(server.path) as extra:
-                assert extra.recv(100) == b""
-            assert server.rejected == 1
-            assert clients[0].request("status")["ok"] is True
-            clients.pop().close()
-            assert wait_for(lambda: server.connections == MAX_CONNECTIONS - 1)
-            with ControlClient(str(server.path)) as again:
-                assert again.request("status")["ok"] is True
+            for client in clients[1:]:
+                assert client.request("status")["ok"] is True  # clients[0] idles longest
+            started = time.monotonic()
+            with ControlClient(str(server.path)) as extra:
+                assert extra.request("status")["ok"] is True
+            assert time.monotonic() - started < 1.0
+            assert server.evicted == 1
+            assert server.rejected == 0
+            with pytest.raises(ConnectionError):
+                clients[0].request("status")
+            assert clients[1].request("status")["ok"] is True
         finally:
             for client in clients:
                 client.close()
+
+    def test_connection_limit_with_every_slot_at_work(
+        self, make_server: Callable[..., ControlServer]
+    ) -> None:
+        """When every connection has a request in flight, a new one is closed unanswered."""
+        srv = make_server(workers=MAX_CONNECTIONS)
+        busy = [connect(srv.path) for _ in range(MAX_CONNECTIONS)]
+        try:
+            for sock in busy:
+                sock.sendall(b'{"op":"slow","seconds":1.5}\n')
+            assert wait_for(lambda: srv.connections == MAX_CONNECTIONS)
+            time.sleep(0.2)  # every request handed to the handler
+            with connect(srv.path) as extra:
+                assert extra.recv(100) == b""
+            assert srv.rejected == 1
+            assert srv.evicted == 0
+            assert all(read_lines(sock, 1) == [{"ok": True, "slept": True}] for sock in busy)
+        finally:
+            for sock in busy:
+                sock.close()
+
+    def test_client_that_hangs_up_mid_request_is_dropped_at_once(
+        self, server: ControlServer
+    ) -> None:
+        """Closing the socket while the handler works frees the connection before it answers."""
+        with connect(server.path) as sock:
+            sock.sendall(b'{"op":"slow","seconds":3}\n')
+            assert wait_for(lambda: server.connections == 1)
+            time.sleep(0.1)  # the request is with the handler
+        started = time.monotonic()
+        assert wait_for(lambda: server.connections == 0, timeout=2.0)
+        assert time.monotonic() - started < 1.0
+
+    def test_requests_of_clients_that_hung_up_are_not_run(
+        self, make_server: Callable[..., ControlServer], handler: FakeHandler
+    ) -> None:
+        """Requests queued for a worker whose clients hung up are dropped, so a status
+        waits only for the handler call already running, not for the abandoned ones."""
+        srv = make_server(workers=1)
+        with ControlClient(str(srv.path)) as first:
+            runner = threading.Thread(target=first.request, args=("slow",), kwargs={"seconds": 1.0})
+            runner.start()
+            assert wait_for(lambda: len(handler.requests) == 1)
+            for _ in range(5):
+                with connect(srv.path) as quitter:
+                    quitter.sendall(b'{"op":"slow","seconds":1.0}\n')
+                    assert wait_for(lambda: srv.connections >= 2)
+            started = time.monotonic()
+            with ControlClient(str(srv.path)) as client:
+                assert client.request("status")["ok"] is True
+            assert time.monotonic() - started < 2.0
+            runner.join(WAIT)
+        assert [r["op"] for r in handler.requests] == ["slow", "status"]
+
+    def test_half_closed_client_still_gets_its_answer(self, server: ControlServer) -> None:
+        """Shutting down only the writing side (nc -N, socat) is not a hang-up."""
+        with connect(server.path) as sock:
+            sock.sendall(b'{"op":"slow","seconds":0.3}\n')
+            sock.shutdown(socket.SHUT_WR)
+            assert read_lines(sock, 1) == [{"ok": True, "slept": True}]
 
     def test_client_that_does_not_read_is_dropped(self, server: ControlServer) -> None:
         """A client flooding requests without reading answers is cut off past 1 MiB queued."""
