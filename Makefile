@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The demo needs the package and its runtime dependencies only: no test, lint or fuzz tools.
+DEMO_STAMP := $(VENV)/.demo-installed
 
 .PHONY: demo test lint typecheck unit bench crash fuzz sysdeps clean
 
@@ -11,10 +13,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
+$(DEMO_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	@touch $(DEMO_STAMP)
+
 sysdeps:
 	@bash .ci/sysdeps
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m aac_tokend demo
 
 lint: $(STAMP)

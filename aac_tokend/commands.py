@@ -67,9 +67,10 @@ def _need_daemon(paths: Paths, op: str, **fields: Any) -> dict[str, Any]:
 
 
 def _offline_store(paths: Paths) -> Any:
+    from .keystore import KEYRING_POINTER
     from .store import FileStore, load_or_create_key
 
-    if not paths.key_file.exists():
+    if not paths.key_file.exists() and not (paths.config_dir / KEYRING_POINTER).exists():
         return None
     return FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
 
@@ -413,6 +414,7 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     _mount(sub, "api", "api", "call the AAC API with the current token", wanted)
     _mount(sub, "exec", "execwrap", "run a command with AAC_ACCESS_TOKEN set", wanted)
     _mount(sub, "completion", "completion", "print shell completions or the man page", wanted)
+    _mount(sub, "key", "keystore", "keep the state key in the OS keyring or in its file", wanted)
     return parser
 
 

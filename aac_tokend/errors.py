@@ -3,7 +3,8 @@
     AacTokendError
     ├── TransientError              retry later: the chain is fine, the world is not
     │   ├── EndpointUnavailableError    network, TLS, timeout, 408/429/5xx, a garbled answer
-    │   └── BusyError                   a refresh of this profile is already in flight
+    │   ├── BusyError                   a refresh of this profile is already in flight
+    │   └── KeyringUnavailableError     the OS keyring holding the state key is locked or absent
     ├── AlertError                  stop and alert: a person has to act
     │   ├── RefreshRejectedError        the token endpoint refused the refresh (OAuth error)
     │   ├── StateCorruptError           a state file cannot be read back; it is left untouched
@@ -35,6 +36,7 @@ __all__ = [
     "EndpointNotAllowedError",
     "EndpointUnavailableError",
     "InputError",
+    "KeyringUnavailableError",
     "ProfileError",
     "RefreshRejectedError",
     "StateCorruptError",
@@ -69,6 +71,10 @@ class EndpointUnavailableError(TransientError):
 
 class BusyError(TransientError):
     """A refresh of this profile is already in flight."""
+
+
+class KeyringUnavailableError(TransientError):
+    """The OS keyring that holds the state key is locked, not running, or not answering."""
 
 
 class AlertError(AacTokendError):

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -27,6 +27,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .errors import BusyError, ProfileError, StateCorruptError, StorageError
 from .fileio import FileLayer, OsFileLayer, ensure_private_dir
 from .state import ProfileState, state_from_json, state_to_json, validate_profile_name
+
+if TYPE_CHECKING:
+    from .keystore import SecretBackend
 
 __all__ = ["CRYPTO_LOCK", "FileStore", "StateStore", "load_or_create_key"]
 
@@ -52,14 +55,24 @@ class StateStore(Protocol):
     def locked(self, profile: str, timeout: float) -> contextlib.AbstractContextManager[None]: ...
 
 
-def load_or_create_key(config_dir: Path, fs: FileLayer | None = None) -> bytes:
-    """The state key: created on first use (0600, atomically), checked on every later use."""
+def load_or_create_key(
+    config_dir: Path, fs: FileLayer | None = None, *, keyring: SecretBackend | None = None
+) -> bytes:
+    """The state key: created on first use (0600, atomically), checked on every later use.
+
+    When ``aac-tokend key move-to-keyring`` has put it in the OS keyring, it comes from there
+    (from ``keyring``, for tests; by default the OS keyring).
+    """
     fs = fs or OsFileLayer()
     ensure_private_dir(config_dir)
     path = config_dir / "state.key"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
+        from .keystore import KEYRING_POINTER, load_keyring_key
+
+        if (config_dir / KEYRING_POINTER).exists():  # never a new key: it would orphan the state
+            return load_keyring_key(config_dir, keyring)
         key = secrets.token_bytes(KEY_BYTES)
         tmp = config_dir / f".state.key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
@@ -70,7 +83,7 @@ def load_or_create_key(config_dir: Path, fs: FileLayer | None = None) -> bytes:
                 tmp.unlink(missing_ok=True)  # also after a failed write: no stray key copy
             fs.fsync_dir(config_dir)
         except FileExistsError:
-            return load_or_create_key(config_dir, fs)
+            return load_or_create_key(config_dir, fs, keyring=keyring)
         except OSError as exc:
             raise StorageError(f"cannot create the state key {path}: {exc.strerror}") from exc
         return key

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .conditions import AlertEvent
-from .errors import BusyError, ProfileError
+from .errors import BusyError, KeyringUnavailableError, ProfileError
 from .fileio import OsFileLayer
 from .state import ProfileState, TokenKind, validate_profile_name
 
@@ -24,6 +24,7 @@ __all__ = [
     "FailingFileLayer",
     "FakeClock",
     "FakeScheduler",
+    "MemorySecrets",
     "MemoryStore",
     "RecordingSink",
     "oauth_state",
@@ -226,3 +227,27 @@ def oauth_state(**changes: Any) -> ProfileState:
         imported_at=T0,
     )
     return replace(base, **changes)
+
+
+class MemorySecrets:
+    """An in-memory keystore.SecretBackend: fails on demand, like a locked keyring."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.fail: set[str] = set()  # of "get", "set", "delete"
+
+    def _check(self, op: str) -> None:
+        if op in self.fail:
+            raise KeyringUnavailableError(f"the OS keyring refused a {op} (test: locked)")
+
+    def get(self, name: str) -> str | None:
+        self._check("get")
+        return self.values.get(name)
+
+    def set(self, name: str, value: str) -> None:
+        self._check("set")
+        self.values[name] = value
+
+    def delete(self, name: str) -> None:
+        self._check("delete")
+        self.values.pop(name, None)

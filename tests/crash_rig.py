@@ -7,7 +7,8 @@ the sandbox's log and from /proc, never from the daemon's own account.
 
 The rig makes its process a child subreaper: a courier whose daemon was killed is re-parented
 to us rather than to PID 1 (which, in some containers, never reaps), so it can be reaped, and
-killed at the end if it is still running.
+killed at the end if it is still running. Only while a rig is open: ``close`` reaps what was
+adopted and gives the role up, or every later test's orphans would become our zombies.
 """
 
 from __future__ import annotations
@@ -184,9 +185,9 @@ class Rig:
         self._become_subreaper()
 
     @staticmethod
-    def _become_subreaper() -> None:
+    def _become_subreaper(on: bool = True) -> None:
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
     # -- profiles and state ----------------------------------------------------------------
     def import_profile(self, profile: str = "default") -> str:
@@ -327,13 +328,18 @@ class Rig:
         return pids
 
     def reap(self) -> None:
-        """Collect couriers that died after their daemon (they were re-parented to us)."""
-        me = os.getpid()
-        for pid in self._pids():
-            info = proc_info(pid)
-            if info and info.ppid == me and info.state == "Z":
+        """Collect couriers that died after their daemon (they were re-parented to us).
+
+        A zombie's environment is gone, so it cannot be told by its AAC_TOKEND_HOME: it is
+        told by its session. A courier runs in a session of its own (setsid); the children
+        we started ourselves (and wait for through their Popen) share ours.
+        """
+        me, ours = os.getpid(), os.getsid(0)
+        for entry in os.listdir("/proc"):
+            info = proc_info(int(entry)) if entry.isdigit() else None
+            if info and info.ppid == me and info.state == "Z" and info.sid != ours:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
+                    os.waitpid(info.pid, os.WNOHANG)
 
     def wait_couriers_gone(self) -> None:
         """Until no courier of this home is alive (orphans included)."""
@@ -369,6 +375,7 @@ class Rig:
             self.reap()
             time.sleep(0.01)
         self.reap()
+        self._become_subreaper(False)
         self._log.close()
         shutil.rmtree(self.home, ignore_errors=True)
 

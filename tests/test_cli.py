@@ -31,7 +31,7 @@ from tests.helpers_e2e import (
 
 COMMANDS = [
     "run", "import", "token", "status", "refresh", "remove", "profiles", "reload", "stop",
-    "sandbox", "demo", "service", "api", "exec", "completion",
+    "sandbox", "demo", "service", "api", "exec", "completion", "key",
 ]  # fmt: skip
 #: The fields `status --json` documents for every profile (README), and the timestamps.
 STATUS_FIELDS = {
