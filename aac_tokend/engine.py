@@ -23,12 +23,14 @@ from .courier import WAIT_SECONDS, CourierJob, CourierResult, Refresher
 from .errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
 from .importer import ImportRequest, build_state
 from .logs import register_secret
+from .pending import PendingStore
 from .policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
 from .report import profile_report
 from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
-from .state import ProfileState, TokenKind
-from .store import FileStore
+from .state import ProfileState, TokenKind, validate_profile_name
+from .store import SUFFIX, FileStore
 from .tokens import token_hash
+from .unixsock import check_path_length
 
 __all__ = ["Engine"]
 
@@ -36,6 +38,9 @@ log = structlog.get_logger("aac_tokend.engine")
 TICK_KEY = "__tick__"
 #: Courier results after which the state file holds the attempt's outcome.
 DURABLE_OUTCOMES = frozenset({"refreshed", "rejected", "transient"})
+#: What ``status`` says of a state file the daemon cannot use (each row also says what to do):
+#: cannot be decrypted or parsed, cannot be read (EIO, a directory), not a profile's name.
+UNUSABLE_STATES = frozenset({"corrupt", "unreadable", "misnamed"})
 
 
 @dataclass
@@ -61,14 +66,19 @@ class Engine:
         alerter: Alerter,
         socket_path: Callable[[str], Path],
         on_profiles_changed: Callable[[], None] = lambda: None,
+        pending: PendingStore | None = None,
     ) -> None:
         self._store, self._key, self._refresher = store, key, refresher
         self._scheduler, self._clock, self.config = scheduler, clock, config
         self._alerter, self._socket_path = alerter, socket_path
         self._on_profiles_changed = on_profiles_changed
+        self._pending = pending
         self._profiles: dict[str, _Profile] = {}
         self._serving: dict[str, tuple[bytes, float | None]] = {}
-        self._corrupt: dict[str, str] = {}
+        # State files we cannot use, by file stem: (status state, what is wrong and what to
+        # do). Each tick tries them again, so a fixed file is served without a restart.
+        self._unusable: dict[str, tuple[str, str]] = {}
+        self._socket_problems: dict[str, str] = {}
         self._waiting: set[str] = set()  # profiles whose earlier courier is still out
         self._lock = threading.Lock()
 
@@ -86,8 +96,32 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
         """Adopt every stored profile (waiting for a courier of an earlier life) and tick."""
-        for name in self._store.profiles():
-            if self._store.lock_is_free(name):
+        self._scan()
+        self._scheduler.every(TICK_KEY, WAKE_CAP_SECONDS, self.tick)
+
+    def _scan(self) -> None:
+        """Adopt each state file not served yet; one that cannot be used is only reported."""
+        try:
+            names = self._store.profiles()
+        except OSError as exc:
+            log.error("state_dir_unreadable", error=str(exc))
+            return
+        for gone in set(self._unusable) - set(names):
+            self._unusable.pop(gone, None)  # moved aside or renamed: nothing left to report
+        for name in names:
+            if name in self._profiles or name in self._waiting:
+                continue
+            try:
+                validate_profile_name(name)
+            except ProfileError as exc:
+                self._mark_unusable(name, "misnamed", _misnamed(self._store.state_dir, name, exc))
+                continue
+            try:
+                free = self._store.lock_is_free(name)
+            except AacTokendError as exc:
+                self._mark_unusable(name, "unreadable", str(exc))
+                continue
+            if free:
                 self._adopt(name)
             else:
                 log.info("waiting_for_courier", profile=name)
@@ -95,7 +129,11 @@ class Engine:
                 adopt = threading.Thread(target=self._adopt_after_courier, args=(name,))
                 adopt.daemon = True
                 adopt.start()
-        self._scheduler.every(TICK_KEY, WAKE_CAP_SECONDS, self.tick)
+
+    def _mark_unusable(self, name: str, state: str, error: str) -> None:
+        if self._unusable.get(name) != (state, error):  # logged once, not on every tick
+            log.error("profile_unusable", profile=name, state=state, error=error)
+        self._unusable[name] = (state, error)
 
     def _adopt_after_courier(self, name: str) -> None:
         try:
@@ -121,25 +159,70 @@ class Engine:
                 log.warning("still_waiting_for_courier", profile=name)
 
     def _adopt_once(self, name: str) -> None:
+        unsaved = None
         try:
             with self._store.locked(name, WAIT_SECONDS):
                 state = self._store.load(name)
+                if state is not None:
+                    state, unsaved = self._take_pending(name, state)
                 if state is not None and state.in_flight is not None:
                     state = recover_interrupted(state, self._clock.now())
                     self._store.save(state)
                     log.warning("refresh_outcome_unknown", profile=name)
         except StateCorruptError as exc:
-            self._corrupt[name] = str(exc)
-            log.error("state_unreadable", profile=name, error=str(exc))
+            self._mark_unusable(name, "corrupt", str(exc))
             return
         except BusyError:
             raise
         except AacTokendError as exc:
-            log.error("profile_not_loaded", profile=name, error=str(exc))
+            self._mark_unusable(name, "unreadable", str(exc))
             return
         if state is not None:
-            self._install(state)
+            self._install(state, unsaved)
             self._on_profiles_changed()
+
+    def _take_pending(self, name: str, disk: ProfileState) -> tuple[ProfileState, bytes | None]:
+        """The state to serve: the pending record if it follows ``disk``, else ``disk``.
+
+        A pending record is the outcome of the attempt whose journal the state file still
+        holds: it wins only then (``in_flight`` set, newer generation). A state file that
+        moved on (saved late, imported anew) wins, and the record is dropped. Returns the
+        blob still to be saved when the state disk refuses it again.
+        """
+        if self._pending is None:
+            return disk, None
+        blob = self._pending.get(name)  # StorageError: the profile waits, nothing is resent
+        if blob is None:
+            return disk, None
+        held = self._store.decrypt(name, blob, where=self._pending.path(name))
+        if disk.in_flight is None or held.generation <= disk.generation:
+            self._clear_pending(name)
+            log.info("pending_state_dropped", profile=name, reason="the state file moved on")
+            return disk, None
+        try:
+            self._store.save(held)
+        except StorageError as exc:
+            log.error("state_not_saved", profile=name, error=str(exc))
+            return held, blob
+        self._clear_pending(name)
+        log.warning("pending_state_adopted", profile=name)
+        return held, None
+
+    def _keep_pending(self, name: str, blob: bytes) -> None:
+        if self._pending is None:
+            return
+        try:
+            self._pending.put(name, blob)
+        except StorageError as exc:
+            log.error("pending_state_not_kept", profile=name, error=str(exc))
+
+    def _clear_pending(self, name: str) -> None:
+        if self._pending is None:
+            return
+        try:
+            self._pending.clear(name)
+        except StorageError as exc:  # harmless: the next start drops it as outdated
+            log.error("pending_state_not_cleared", profile=name, error=str(exc))
 
     def _install(self, state: ProfileState, unsaved: bytes | None = None) -> None:
         """Make ``state`` current: serve it, watch it, schedule its next refresh."""
@@ -151,7 +234,7 @@ class Engine:
                 entry = self._profiles[state.profile] = _Profile(state)
             entry.state, entry.unsaved = state, unsaved
             self._serving[state.profile] = (state.access_token.encode(), state.access_expires_at)
-            self._corrupt.pop(state.profile, None)
+            self._unusable.pop(state.profile, None)
         self._alerter.observe(
             state.profile, condition_of(state, self._clock.now()), self._clock.now()
         )
@@ -172,7 +255,11 @@ class Engine:
             self._schedule(entry.state)
 
     def tick(self) -> None:
-        """Catch what a sleeping scheduler missed (suspend, clock jump); retry unsaved state."""
+        """Catch what a sleeping scheduler missed (suspend, clock jump); retry unsaved state.
+
+        Also looks for state files not served yet: a fixed or new file is adopted here.
+        """
+        self._scan()
         now = self._clock.now()
         for name, entry in list(self._profiles.items()):
             if entry.unsaved is not None:
@@ -190,6 +277,7 @@ class Engine:
             with self._store.locked(name, 0):
                 self._store.save_blob(name, entry.unsaved)
             entry.unsaved = None
+            self._clear_pending(name)
             log.warning("state_saved_late", profile=name)
         except (StorageError, BusyError) as exc:
             log.error("state_not_saved", profile=name, error=str(exc))
@@ -218,7 +306,10 @@ class Engine:
             # last error, and the log gets only the power-of-two failure lines below.
             started = log.info if state.consecutive_failures == 0 else log.debug
             started("refresh_started", profile=name, refresh_token=token_hash(state.refresh_token))
-            job = CourierJob(name, state.refresh_token, str(self._store.state_dir), self._key)
+            pending_dir = str(self._pending.directory) if self._pending else ""
+            job = CourierJob(
+                name, state.refresh_token, str(self._store.state_dir), self._key, pending_dir
+            )
             result = self._refresher.refresh(job)
             return self._absorb(name, result)
         finally:
@@ -232,6 +323,8 @@ class Engine:
         if result.kind == "storage_failed" and result.unsaved:
             state = self._store.decrypt(name, result.unsaved)
             unsaved = result.unsaved
+            # The courier kept it already; again here, in case its write failed.
+            self._keep_pending(name, unsaved)
         else:
             before = self._profiles[name].state
             detail = result.detail
@@ -294,8 +387,11 @@ class Engine:
             days = self.config.policy_for(request.profile).refresh_lifetime_days
             request = dataclasses.replace(request, refresh_lifetime_days=days)
         state = build_state(request, self._clock.now())
+        # Everything that can fail at serve time fails here, before anything is saved.
+        check_path_length(self._socket_path(state.profile))
         with self._store.locked(state.profile, WAIT_SECONDS):
             self._store.save(state)
+            self._clear_pending(state.profile)  # a new chain: an old one's pair is moot
         self._install(state)  # the alerter hears the new condition: often a recovery
         self._on_profiles_changed()
         log.info("profile_imported", profile=state.profile, kind=state.kind.value)
@@ -305,6 +401,7 @@ class Engine:
         """Stop serving and refreshing ``name`` and delete its state."""
         with self._store.locked(name, WAIT_SECONDS):
             self._store.delete(name)
+            self._clear_pending(name)
         self._forget(name)
         log.info("profile_removed", profile=name)
 
@@ -314,7 +411,15 @@ class Engine:
             self._profiles.pop(name, None)
             self._serving.pop(name, None)
         self._alerter.forget(name)
+        self._socket_problems.pop(name, None)
         self._on_profiles_changed()
+
+    def note_socket_problem(self, name: str, problem: str | None) -> None:
+        """Record why ``name`` has no token socket (None: it has one); status shows it."""
+        if problem is None:
+            self._socket_problems.pop(name, None)
+        else:
+            self._socket_problems[name] = problem
 
     def status(self, only: str | None = None) -> list[dict[str, Any]]:
         """Each profile's report, as ``status --json`` prints it; with ``only``, just its.
@@ -328,16 +433,27 @@ class Engine:
             if only is not None and name != only:
                 continue
             at = next_refresh_at(entry.state, now, self.config.policy_for(name))
-            rows.append(
-                profile_report(
-                    entry.state,
-                    now,
-                    next_refresh=at,
-                    token_socket=str(self._socket_path(name)),
-                    storage_error=entry.unsaved is not None,
-                )
+            row = profile_report(
+                entry.state,
+                now,
+                next_refresh=at,
+                token_socket=str(self._socket_path(name)),
+                storage_error=entry.unsaved is not None,
             )
-        for name, error in sorted(self._corrupt.items()):
+            problem = self._socket_problems.get(name)
+            if problem is not None:
+                row["token_socket"], row["alert"] = None, problem
+            rows.append(row)
+        for name, (state, error) in sorted(self._unusable.items()):
             if only is None or name == only:
-                rows.append({"profile": name, "state": "corrupt", "alert": error})
+                rows.append({"profile": name, "state": state, "alert": error})
         return rows
+
+
+def _misnamed(state_dir: Path, name: str, exc: ProfileError) -> str:
+    """What to do about a state file whose name is not a profile's (often a sync conflict)."""
+    return (
+        f"state file {state_dir / (name + SUFFIX)} is not named like a profile ({exc}); if a "
+        "sync tool made it, compare it with the profile's own file and move one aside, "
+        "else rename it to <profile>.state"
+    )

@@ -41,6 +41,11 @@ class Paths:
     def control_socket(self) -> Path:
         return self.runtime_dir / "control.sock"
 
+    @property
+    def pending_dir(self) -> Path:
+        """Token pairs the state disk refused (pending.py): the runtime dir's file system."""
+        return self.runtime_dir / "pending"
+
     def token_socket(self, profile: str) -> Path:
         return self.runtime_dir / f"{profile}.token.sock"
 
