@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__
 from .client import ControlClient
 from .errors import AacTokendError, DaemonNotRunningError, InputError, ProfileError
-from .paths import Paths, resolve_paths
+from .paths import Paths, check_token_socket, resolve_paths
 
 __all__ = ["build_parser", "dispatch"]
 
@@ -115,6 +115,7 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         days = load_config(paths.config_dir).policy_for(args.profile).refresh_lifetime_days
         request = dataclasses.replace(request, refresh_lifetime_days=days)
     state = build_state(request, time.time())  # every input error surfaces before any write
+    check_token_socket(state.profile, paths.token_socket(state.profile))
     answer = _ask(paths, "import", **request.to_wire())
     if answer is None:
         from .owner import OwnerLock

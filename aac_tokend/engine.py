@@ -23,6 +23,7 @@ from .courier import WAIT_SECONDS, CourierJob, CourierResult, Refresher
 from .errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
 from .importer import ImportRequest, build_state
 from .logs import register_secret
+from .paths import check_token_socket
 from .pending import PendingStore
 from .policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
 from .report import profile_report
@@ -30,7 +31,6 @@ from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
 from .state import ProfileState, TokenKind, validate_profile_name
 from .store import SUFFIX, FileStore
 from .tokens import token_hash
-from .unixsock import check_path_length
 
 __all__ = ["Engine"]
 
@@ -388,7 +388,7 @@ class Engine:
             request = dataclasses.replace(request, refresh_lifetime_days=days)
         state = build_state(request, self._clock.now())
         # Everything that can fail at serve time fails here, before anything is saved.
-        check_path_length(self._socket_path(state.profile))
+        check_token_socket(state.profile, self._socket_path(state.profile))
         with self._store.locked(state.profile, WAIT_SECONDS):
             self._store.save(state)
             self._clear_pending(state.profile)  # a new chain: an old one's pair is moot
