@@ -319,8 +319,10 @@ class Engine:
 
     def _absorb(self, name: str, result: CourierResult) -> ProfileState:
         """Read back what the courier made durable, then log, serve and reschedule."""
-        unsaved = None
-        if result.kind == "storage_failed" and result.unsaved:
+        unsaved = self._recover_lost(name) if result.kind == "lost" else None
+        if unsaved is not None:
+            state = self._store.decrypt(name, unsaved)
+        elif result.kind == "storage_failed" and result.unsaved:
             state = self._store.decrypt(name, result.unsaved)
             unsaved = result.unsaved
             # The courier kept it already; again here, in case its write failed.
@@ -328,8 +330,6 @@ class Engine:
         else:
             before = self._profiles[name].state
             detail = result.detail
-            if result.kind == "lost":
-                self._recover_lost(name)
             try:
                 loaded = self._store.load(name)
             except (StorageError, StateCorruptError) as exc:
@@ -353,11 +353,18 @@ class Engine:
         self._log_result(state, result)
         return state
 
-    def _recover_lost(self, name: str) -> None:
+    def _recover_lost(self, name: str) -> bytes | None:
+        """Settle a courier that died: its pending record first; the blob still unsaved."""
         with contextlib.suppress(AacTokendError), self._store.locked(name, WAIT_SECONDS):
             state = self._store.load(name)
+            if state is not None:
+                # A courier killed after keeping a refused pair, before it could report.
+                state, unsaved = self._take_pending(name, state)
+                if unsaved is not None:
+                    return unsaved
             if state is not None and state.in_flight is not None:
                 self._store.save(recover_interrupted(state, self._clock.now()))
+        return None
 
     def _log_result(self, state: ProfileState, result: CourierResult) -> None:
         fields: dict[str, Any] = {"profile": state.profile, "courier": result.kind}
@@ -444,7 +451,7 @@ class Engine:
             if problem is not None:
                 row["token_socket"], row["alert"] = None, problem
             rows.append(row)
-        for name, (state, error) in sorted(self._unusable.items()):
+        for name, (state, error) in sorted(dict(self._unusable).items()):
             if only is None or name == only:
                 rows.append({"profile": name, "state": state, "alert": error})
         return rows

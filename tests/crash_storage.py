@@ -181,6 +181,8 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
             if engine.refresh(fault.name) is not state or len(chain.entries) != 1:
                 out.problems.append("a refresh was sent while the newest pair was unsaved")
         if fault.daemon_dies:  # the daemon dies holding the unsaved pair; restart on a good disk
+            if not fault.pending_fails and not any(pending.directory.glob("*.pending")):
+                out.problems.append("the refused pair was not kept in the pending directory")
             del engine
             fs.failures, fs.remaining = {}, None
             healed = FileStore(home / "state", key)
@@ -189,6 +191,8 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
             engine = _engine(healed, key, refresher, home, pending)
         fs.failures, fs.remaining = {}, None
         engine.tick()  # retries an unsaved state
+        if any(pending.directory.glob("*.pending")):
+            out.problems.append("the pending record outlived the save of its state")
         state = engine.refresh(fault.name)
         (chain,) = chains(sandbox.log(), [first])
         out.lost = chain.lost or state.rejection is not None
@@ -200,8 +204,6 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
             out.problems.append(f"chain lost ({out.reason}); the pending copy should have kept it")
         if fault.pending_fails and out.reason != RejectionReason.AFTER_LOST_RESPONSE.value:
             out.problems.append(f"loss reported as {out.reason}, not after_lost_response")
-        if any(pending.directory.glob("*.pending")):
-            out.problems.append("the pending record outlived the save of its state")
         if not out.lost and token_hash(state.refresh_token or "") != chain.current_rt_hash:
             out.problems.append("after the heal the state is not the chain's newest pair")
     except Exception as exc:  # a crash of the scenario itself is a finding, not a stop

@@ -23,7 +23,7 @@ import pytest
 
 from aac_tokend.alerts import Alerter
 from aac_tokend.config import Config
-from aac_tokend.courier import CourierJob, InProcessRefresher, carry
+from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, carry
 from aac_tokend.endpoint import TokenEndpoint
 from aac_tokend.engine import Engine
 from aac_tokend.errors import StorageError
@@ -191,6 +191,40 @@ class TestAdoption:
         request = parse_import_text(json.dumps(sandbox.generate()), profile="work")
         engine.import_profile(dataclasses.replace(request, token_endpoint=sandbox.token_endpoint))
         assert pending.get("work") is None
+
+
+class TestCourierLostAfterKeeping:
+    """A courier killed after it kept the refused pair, before it reported, loses nothing."""
+
+    def test_lost_courier_pending_record_is_used(
+        self, root: Path, key: bytes, sandbox: SandboxServer
+    ) -> None:
+        """The daemon takes the pending record instead of marking the attempt ambiguous."""
+        fs = FailingFileLayer()
+        store, pending = FileStore(root / "state", key, fs), PendingStore(root / "run")
+        _import(sandbox, store)
+
+        class DiesAfterKeeping:
+            """Carries the refresh on a disk that fails after the journal, then 'dies'."""
+
+            def refresh(self, job: CourierJob) -> CourierResult:
+                def step(name: str) -> None:
+                    if name == "journaled":
+                        fs.failures = {"write": errno.EROFS}
+
+                carry(job, store, TokenEndpoint(), time.time, trace=step, pending=pending)
+                return CourierResult("lost", "the courier ended without an answer")
+
+        engine = _engine(store, pending, key, refresher=DiesAfterKeeping())
+        state = engine.refresh("work")
+        assert state.rejection is None and state.in_flight is None
+        assert state.refresh_token is not None
+        assert token_hash(state.refresh_token) == sandbox.log()[-1]["new_rt_hash"]
+        fs.failures = {}
+        engine.tick()
+        assert store.load("work") == state and pending.get("work") is None
+        assert engine.refresh("work").refresh_count == state.refresh_count + 1
+        assert [e["outcome"] for e in sandbox.log()] == ["rotated", "rotated"]
 
 
 class TestDaemonKill:
