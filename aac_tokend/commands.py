@@ -21,7 +21,13 @@ from typing import Any
 
 from . import __version__
 from .client import ControlClient
-from .errors import AacTokendError, DaemonNotRunningError, InputError, ProfileError
+from .errors import (
+    AacTokendError,
+    DaemonNotRunningError,
+    InputError,
+    ProfileError,
+    StateCorruptError,
+)
 from .paths import Paths, check_token_socket, resolve_paths
 
 __all__ = ["build_parser", "dispatch"]
@@ -162,7 +168,13 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
         try:
             state = store.load(name)
         except AacTokendError as exc:
-            rows.append({"profile": name, "state": "corrupt", "alert": str(exc)})
+            # The daemon's words for it (engine.UNUSABLE_STATES), without importing it.
+            state = "unreadable"
+            if isinstance(exc, StateCorruptError):
+                state = "corrupt"
+            elif isinstance(exc, ProfileError):
+                state = "misnamed"
+            rows.append({"profile": name, "state": state, "alert": str(exc)})
             continue
         if state is not None:
             rows.append(profile_report(state, time.time(), next_refresh=None, token_socket=None))

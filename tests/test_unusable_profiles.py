@@ -58,9 +58,6 @@ class TestBadStateFiles:
         if unreadable:
             (state_dir / "locked.state").chmod(0)
 
-        daemon = home.daemon().start(profiles=["good"])
-        rows = _rows(home, daemon)
-        assert rows["good"]["state"] == "ok"
         expected = {
             "trunc": "corrupt",
             "good (conflicted copy)": "misnamed",
@@ -69,6 +66,14 @@ class TestBadStateFiles:
         }
         if unreadable:
             expected["locked"] = "unreadable"
+        offline = home.cli("status", "--json")  # no daemon: the same words, and no hang
+        assert offline.returncode == 0, offline
+        offline_rows = {r["profile"]: r["state"] for r in json.loads(offline.stdout)["profiles"]}
+        assert {name: offline_rows[name] for name in expected} == expected
+
+        daemon = home.daemon().start(profiles=["good"])
+        rows = _rows(home, daemon)
+        assert rows["good"]["state"] == "ok"
         for name, state in expected.items():
             assert rows[name]["state"] == state, rows[name]
             alert = rows[name]["alert"]
