@@ -21,8 +21,14 @@ from typing import Any
 
 from . import __version__
 from .client import ControlClient, format_token
-from .errors import AacTokendError, DaemonNotRunningError, InputError, ProfileError
-from .paths import Paths, resolve_paths
+from .errors import (
+    AacTokendError,
+    DaemonNotRunningError,
+    InputError,
+    ProfileError,
+    StateCorruptError,
+)
+from .paths import Paths, check_token_socket, resolve_paths
 from .rundir import PROFILE_ENV
 
 __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profile", "dispatch"]
@@ -134,6 +140,7 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
             days = ask_refresh_lifetime(input)
         request = dataclasses.replace(request, refresh_lifetime_days=days)
     state = build_state(request, time.time())  # every input error surfaces before any write
+    check_token_socket(state.profile, paths.token_socket(state.profile))
     answer = _ask(paths, "import", **request.to_wire())
     if answer is None:
         from .owner import OwnerLock
@@ -190,7 +197,13 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
         try:
             state = store.load(name)
         except AacTokendError as exc:
-            rows.append({"profile": name, "state": "corrupt", "alert": str(exc)})
+            # The daemon's words for it (engine.UNUSABLE_STATES), without importing it.
+            state = "unreadable"
+            if isinstance(exc, StateCorruptError):
+                state = "corrupt"
+            elif isinstance(exc, ProfileError):
+                state = "misnamed"
+            rows.append({"profile": name, "state": state, "alert": str(exc)})
             continue
         if state is not None:
             rows.append(profile_report(state, time.time(), next_refresh=None, token_socket=None))

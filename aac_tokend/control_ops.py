@@ -11,13 +11,14 @@ from typing import Any
 
 from . import __version__
 from .control_server import error_code
-from .engine import Engine
+from .engine import UNUSABLE_STATES, Engine
 from .errors import (
     AacTokendError,
     BusyError,
     InputError,
     ProfileError,
     StateCorruptError,
+    StorageError,
 )
 from .importer import ImportRequest
 
@@ -67,9 +68,11 @@ class ControlOps:
                     "finishing; try again in a few seconds"
                 )
             # A profile whose file cannot be read exists: say so, not "no profile".
-            for row in self._engine.status():
-                if row["profile"] == name and row["state"] == "corrupt":
+            for row in self._engine.status(only=name):
+                if row["state"] == "corrupt":
                     raise StateCorruptError(str(row["alert"]))
+                if row["state"] in UNUSABLE_STATES:
+                    raise StorageError(str(row["alert"]))
             raise ProfileError(f"no profile named {name[:70]!r}; import one first")
         return name
 

@@ -39,6 +39,7 @@ from typing import Protocol
 from .endpoint import TokenEndpoint
 from .errors import BusyError, StateCorruptError, StorageError
 from .outcome import Refreshed, Rejected
+from .pending import PendingStore
 from .policy import apply_outcome, begin_attempt, recover_interrupted
 from .state import ProfileState, TokenKind
 from .store import CRYPTO_LOCK, FileStore
@@ -85,6 +86,8 @@ class CourierJob:
     refresh_token: str
     state_dir: str
     key: bytes
+    #: Where an outcome the state disk refuses is kept (pending.py); "" for nowhere.
+    pending_dir: str = ""
 
     def to_bytes(self) -> bytes:
         data = {
@@ -92,6 +95,7 @@ class CourierJob:
             "refresh_token": self.refresh_token,
             "state_dir": self.state_dir,
             "key": base64.b64encode(self.key).decode(),
+            "pending_dir": self.pending_dir,
         }
         return json.dumps(data).encode()
 
@@ -99,8 +103,16 @@ class CourierJob:
     def from_bytes(cls, raw: bytes) -> CourierJob:
         data = json.loads(raw)
         return cls(
-            data["profile"], data["refresh_token"], data["state_dir"], base64.b64decode(data["key"])
+            data["profile"],
+            data["refresh_token"],
+            data["state_dir"],
+            base64.b64decode(data["key"]),
+            data.get("pending_dir", ""),
         )
+
+    def pending(self) -> PendingStore | None:
+        """The job's pending store, if it has one."""
+        return PendingStore(Path(self.pending_dir)) if self.pending_dir else None
 
     def __repr__(self) -> str:
         return f"CourierJob(profile={self.profile!r})"
@@ -131,7 +143,9 @@ class CourierResult:
             return cls("lost", "courier ended without an answer")
 
 
-def _persist(store: FileStore, state: ProfileState, kind: str) -> CourierResult:
+def _persist(
+    store: FileStore, state: ProfileState, kind: str, pending: PendingStore | None
+) -> CourierResult:
     deadline = time.monotonic() + SAVE_RETRY_SECONDS
     delay = 0.25
     while True:
@@ -140,7 +154,13 @@ def _persist(store: FileStore, state: ProfileState, kind: str) -> CourierResult:
             return CourierResult(kind)
         except StorageError as exc:
             if time.monotonic() + delay > deadline:
-                return CourierResult("storage_failed", str(exc), store.encrypt(state))
+                blob = store.encrypt(state)
+                if pending is not None:
+                    # Before the daemon hears of it: a daemon killed before it could keep
+                    # the pair itself must not take the only copy with it.
+                    with contextlib.suppress(StorageError):  # the daemon tries again
+                        pending.put(state.profile, blob)
+                return CourierResult("storage_failed", str(exc), blob)
             time.sleep(delay)
             delay *= 2
 
@@ -153,13 +173,15 @@ def carry(
     *,
     trace: Callable[[str], None] | None = None,
     on_answer: Callable[[], None] | None = None,
+    pending: PendingStore | None = None,
 ) -> CourierResult:
     """The refresh transaction: lock, journal, request, durable outcome.
 
     ``trace`` (tests and the crash campaign only) hears each step as it ends: "journaled"
     (the request is about to leave), "answered" (the outcome is known, only in memory) and
-    "persisted" (the outcome is durable, or handed over unsaved). ``on_answer`` runs as soon
-    as the request has ended, before anything else: a courier cancels its alarm there.
+    "persisted" (the outcome is durable, or handed over unsaved and kept in ``pending``).
+    ``on_answer`` runs as soon as the request has ended, before anything else: a courier
+    cancels its alarm there.
     """
     step = trace or (lambda _name: None)
     try:
@@ -192,7 +214,7 @@ def carry(
                 if isinstance(outcome, Rejected)
                 else "transient"
             )
-            result = _persist(store, after, kind)
+            result = _persist(store, after, kind, pending)
             step("persisted")
             return result
     except BusyError as exc:
@@ -219,7 +241,8 @@ class InProcessRefresher:
         self._clock = clock
 
     def refresh(self, job: CourierJob) -> CourierResult:
-        return carry(job, FileStore(Path(job.state_dir), job.key), self._endpoint, self._clock)
+        store = FileStore(Path(job.state_dir), job.key)
+        return carry(job, store, self._endpoint, self._clock, pending=job.pending())
 
 
 def _become_courier(life: int = MAX_LIFE_SECONDS) -> None:
@@ -283,7 +306,14 @@ class ForkCourier:
                     os.close(devnull)
                 # A fresh lock: the inherited one was held by this very thread at fork time.
                 store = FileStore(Path(job.state_dir), job.key, crypto_lock=threading.Lock())
-                result = carry(job, store, TokenEndpoint(), self._clock, on_answer=_disarm)
+                result = carry(
+                    job,
+                    store,
+                    TokenEndpoint(),
+                    self._clock,
+                    on_answer=_disarm,
+                    pending=job.pending(),
+                )
                 os.write(write_fd, result.to_bytes())
             finally:
                 os._exit(0)
@@ -336,7 +366,7 @@ def main() -> int:
     _become_courier()
     job = CourierJob.from_bytes(sys.stdin.buffer.read(65536))
     store = FileStore(Path(job.state_dir), job.key)
-    result = carry(job, store, TokenEndpoint(), time.time, on_answer=_disarm)
+    result = carry(job, store, TokenEndpoint(), time.time, on_answer=_disarm, pending=job.pending())
     sys.stdout.buffer.write(result.to_bytes())
     sys.stdout.flush()
     return 0

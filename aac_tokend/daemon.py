@@ -22,11 +22,12 @@ from .control_ops import ControlOps
 from .control_server import ControlServer
 from .courier import MAX_FD, Refresher, default_refresher
 from .engine import Engine
-from .errors import ConfigError
+from .errors import AacTokendError, ConfigError
 from .fileio import ensure_private_dir
 from .logs import configure_logging
 from .owner import OwnerLock
 from .paths import Paths
+from .pending import PendingStore
 from .scheduling import APScheduler, Clock, Scheduler, SystemClock
 from .store import FileStore, load_or_create_key
 from .token_server import TokenServer
@@ -90,6 +91,7 @@ class Daemon:
         key = load_or_create_key(paths.config_dir)
         store = FileStore(paths.state_dir, key)
         ensure_private_dir(paths.runtime_dir)
+        _check_second_file_system(paths)
         passed = listen_fds()
         sdnotify.claim_environment()  # before any courier: no child may inherit them
         scheduler = self._scheduler or APScheduler()
@@ -110,6 +112,7 @@ class Daemon:
             alerter=self._alerter,
             socket_path=token_server.socket_path,
             on_profiles_changed=lambda: self._sync_sockets(token_server, passed),
+            pending=PendingStore(paths.pending_dir),
         )
         control_listener = passed["control"][0] if passed.get("control") else None
         control = ControlServer(
@@ -158,7 +161,16 @@ class Daemon:
                 given = passed.get(f"{name}.token")
                 # A copy: removing the profile closes what the server holds, and the passed
                 # socket (the manager's, never unlinked) must serve it again if it comes back.
-                server.add_profile(name, given[0].dup() if given else None)
+                try:
+                    server.add_profile(name, given[0].dup() if given else None)
+                except (AacTokendError, OSError) as exc:
+                    # One profile's socket (a path too long, a live socket of someone else)
+                    # never stops the others: it is refreshed still, and status says why.
+                    problem = f"no token socket: {exc}; `aac-tokend token` still works"
+                    log.error("token_socket_failed", profile=name, error=str(exc))
+                    self._engine.note_socket_problem(name, problem)
+                else:
+                    self._engine.note_socket_problem(name, None)
             for name in sorted(have - wanted):
                 server.remove_profile(name)
         sdnotify.status(f"serving {len(wanted)} profile(s)")
@@ -214,6 +226,20 @@ def _raise_nofile_limit() -> None:
         with contextlib.suppress(ValueError, OSError):  # macOS refuses more than OPEN_MAX
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             return
+
+
+def _check_second_file_system(paths: Paths) -> None:
+    """Warn when pending pairs (pending.py) would share the state directory's file system."""
+    try:
+        same = os.stat(paths.runtime_dir).st_dev == os.stat(paths.state_dir).st_dev
+    except OSError:
+        return
+    if same:
+        log.warning(
+            "pending_on_state_file_system",
+            runtime_dir=str(paths.runtime_dir),
+            detail="a failing state disk also fails the pending copy of a new token pair",
+        )
 
 
 def run_daemon(paths: Paths) -> int:

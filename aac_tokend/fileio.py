@@ -6,6 +6,7 @@ crash campaign replaces this layer with one that fails with ENOSPC or EIO on dem
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -32,8 +33,15 @@ class OsFileLayer:
     """The real thing: O_NOFOLLOW everywhere, 0600 files, fsync before rename."""
 
     def read(self, path: Path) -> bytes:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in place of a state file would otherwise block the open (and
+        # the daemon) until someone writes to it; it is refused below like a directory.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
+            kind = os.fstat(fd).st_mode
+            if stat.S_ISDIR(kind):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            if not stat.S_ISREG(kind):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
             return f.read(MAX_READ_BYTES)
 
     def write_durably(self, path: Path, data: bytes) -> None:

@@ -14,7 +14,14 @@ from pathlib import Path
 # Apart, so that `aac-tokend token` finds its socket without this module's imports.
 from .rundir import APP_NAME, HOME_ENV, runtime_dir_fast
 
-__all__ = ["APP_NAME", "HOME_ENV", "Paths", "resolve_paths", "runtime_dir_fast"]
+__all__ = [
+    "APP_NAME",
+    "HOME_ENV",
+    "Paths",
+    "check_token_socket",
+    "resolve_paths",
+    "runtime_dir_fast",
+]
 
 
 @dataclass(frozen=True)
@@ -41,8 +48,27 @@ class Paths:
     def control_socket(self) -> Path:
         return self.runtime_dir / "control.sock"
 
+    @property
+    def pending_dir(self) -> Path:
+        """Token pairs the state disk refused (pending.py): the runtime dir's file system."""
+        return self.runtime_dir / "pending"
+
     def token_socket(self, profile: str) -> Path:
         return self.runtime_dir / f"{profile}.token.sock"
+
+
+def check_token_socket(profile: str, path: Path) -> None:
+    """InputError if ``profile``'s token socket ``path`` is too long to bind (checked at import)."""
+    from .errors import InputError
+    from .unixsock import UNIX_PATH_MAX
+
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX - 1:
+        raise InputError(
+            f"profile {profile}: its token socket {path} would be {size} bytes, over the "
+            f"{UNIX_PATH_MAX - 1}-byte limit of Unix sockets; choose a shorter profile name "
+            "or set AAC_TOKEND_HOME to a shorter directory"
+        )
 
 
 def resolve_paths(env: Mapping[str, str] = os.environ) -> Paths:

@@ -19,6 +19,7 @@ from .errors import ProfileError, StateCorruptError
 
 __all__ = [
     "FORMAT_VERSION",
+    "RESERVED_PROFILE_NAMES",
     "InFlight",
     "ProfileState",
     "Rejection",
@@ -36,6 +37,11 @@ _READABLE_FORMATS = (1, 2)
 
 #: Profile names become file and socket names: keep them short and shell-safe.
 _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Names whose files would be the daemon's own: ``daemon`` + ``.lock`` is the single-owner
+#: lock in the state directory. Compared without case, because macOS file systems ignore it
+#: (``Daemon.lock`` is ``daemon.lock`` there). tests/test_paths.py derives every profile file
+#: name from every daemon file name, so a new daemon file cannot collide unnoticed.
+RESERVED_PROFILE_NAMES = frozenset({"daemon"})
 
 
 def validate_profile_name(name: str) -> str:
@@ -44,6 +50,10 @@ def validate_profile_name(name: str) -> str:
         raise ProfileError(
             f"profile name {name[:70]!r} is not allowed; use 1-64 letters, digits, '-', '_' "
             "or '.', starting with a letter or digit"
+        )
+    if name.lower() in RESERVED_PROFILE_NAMES:
+        raise ProfileError(
+            f"profile name {name!r} is reserved: the daemon's own files use it; choose another name"
         )
     return name
 

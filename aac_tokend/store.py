@@ -134,9 +134,12 @@ class FileStore:
             sealed = self._aead.encrypt(nonce, state_to_json(state), aad)
         return MAGIC + nonce + sealed
 
-    def decrypt(self, profile: str, blob: bytes) -> ProfileState:
-        """The state in a file's content; StateCorruptError if it is not ours or damaged."""
-        where = self.path(profile)
+    def decrypt(self, profile: str, blob: bytes, where: Path | None = None) -> ProfileState:
+        """The state in a file's content; StateCorruptError if it is not ours or damaged.
+
+        ``where`` names the file in errors (default: the profile's state file).
+        """
+        where = where or self.path(profile)
         if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + NONCE_BYTES + 16:
             raise StateCorruptError(
                 f"state file {where} is not an aac-tokend state file; it was left untouched: "
@@ -170,7 +173,10 @@ class FileStore:
                 raise StateCorruptError(
                     f"state file {path} is a symlink; it is never followed: remove it"
                 ) from exc
-            raise StorageError(f"cannot read state file {path}: {exc.strerror}") from exc
+            raise StorageError(
+                f"cannot read state file {path}: {exc.strerror}; fix or replace it (a running "
+                "daemon retries it every few seconds) or move it aside and import again"
+            ) from exc
         return self.decrypt(profile, blob)
 
     def save(self, state: ProfileState) -> None:

@@ -12,7 +12,9 @@
    their request, inside that window, or anywhere; a chain must be lost exactly when the
    kill was inside the window, and the loss must be reported ``after_lost_response``.
 3. Disk faults, in process (tests/crash_storage.py): ENOSPC, EIO on fsync or rename,
-   EROFS, under the journal and under the outcome.
+   EROFS, under the journal and under the outcome, and the daemon dying while it holds a
+   pair the disk refused: its pending copy (pending.py) must keep the chain, so 0 chains
+   are lost to daemon kills; only where the pending directory fails too is one lost.
 4. The window's width, timed inside the courier transaction over real refreshes.
 
 The referee is the sandbox's request log: a chain is lost when its family is revoked, which
@@ -96,7 +98,7 @@ class Tally:
             f"chains lost: {_losses(self.courier_losses)}",
             f"disk faults:   {len(self.faults)} faults, "
             f"{sum(not f.lost for f in self.faults)} chains kept; chains lost: "
-            f"{_losses(fault_losses)} (only where the daemon died holding the unsaved pair)",
+            f"{_losses(fault_losses)} (only where the pending copy failed too)",
         ]
         out += self.window.lines() if self.window else []
         out.append(f"duration: {self.seconds:.0f} s")

@@ -2,9 +2,14 @@
 
 Each fault runs the real engine and the real courier transaction (``carry``) in this
 process, with a ``FileStore`` over a ``FailingFileLayer`` and the loopback sandbox as the
-token endpoint. A fault either leaves the chain alive (nothing sent while the journal cannot
-be written; an unsaved new state held by the engine until the disk takes it) or, when the
-daemon dies holding that unsaved state, loses it and says so: ``after_lost_response``.
+token endpoint. Every fault leaves the chain alive: nothing is sent while the journal cannot
+be written, and a new state the disk refuses is held by the engine until the disk takes it,
+and kept encrypted in the pending directory (another file system), so a daemon that dies
+holding it loses nothing: the next one adopts it.
+
+``python -m tests.crash_storage hold CONFIG_DIR STATE_DIR PENDING_DIR PROFILE`` is that
+dying daemon as a real process: it refreshes PROFILE while the state disk fails after the
+journal, prints "held" once it holds the unsaved pair, and waits to be killed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import secrets
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,10 +34,12 @@ from aac_tokend.courier import CourierJob, CourierResult, carry
 from aac_tokend.endpoint import TokenEndpoint
 from aac_tokend.engine import Engine
 from aac_tokend.importer import build_state, parse_import_text
+from aac_tokend.logs import configure_logging
+from aac_tokend.pending import PendingStore
 from aac_tokend.sandbox import SandboxServer
 from aac_tokend.scheduling import SystemClock
 from aac_tokend.state import RejectionReason
-from aac_tokend.store import FileStore
+from aac_tokend.store import FileStore, load_or_create_key
 from aac_tokend.testing import FailingFileLayer, FakeScheduler
 from aac_tokend.tokens import token_hash
 
@@ -49,6 +57,7 @@ class Fault:
     after_journal: bool  # False: the journal itself fails (nothing may be sent)
     remaining: int | None = None  # None: until the disk is healed
     daemon_dies: bool = False  # the daemon dies holding the unsaved state, before the heal
+    pending_fails: bool = False  # the pending directory fails too: the loss is then reported
 
 
 FAULTS = (
@@ -62,6 +71,14 @@ FAULTS = (
     Fault("outcome-eio-rename", {"rename": errno.EIO}, after_journal=True),
     Fault("outcome-eio-fsyncdir", {"fsync_dir": errno.EIO}, after_journal=True),
     Fault("outcome-erofs-then-crash", {"write": errno.EROFS}, after_journal=True, daemon_dies=True),
+    Fault("outcome-eio-then-crash", {"fsync": errno.EIO}, after_journal=True, daemon_dies=True),
+    Fault(
+        "outcome-and-pending-enospc-then-crash",
+        {"write": errno.ENOSPC},
+        after_journal=True,
+        daemon_dies=True,
+        pending_fails=True,
+    ),
 )
 
 
@@ -78,22 +95,28 @@ class FaultResult:
 class _FaultyRefresher:
     """Carries each refresh in this thread through the faulty store, arming the fault."""
 
-    def __init__(self, store: FileStore, arm: Callable[[], None]) -> None:
-        self._store, self._arm = store, arm
+    def __init__(
+        self, store: FileStore, arm: Callable[[], None], pending: PendingStore | None = None
+    ) -> None:
+        self._store, self._arm, self._pending = store, arm, pending
 
     def refresh(self, job: CourierJob) -> CourierResult:
         def step(name: str) -> None:
             if name == "journaled":
                 self._arm()
 
-        return carry(job, self._store, TokenEndpoint(), time.time, trace=step)
+        return carry(
+            job, self._store, TokenEndpoint(), time.time, trace=step, pending=self._pending
+        )
 
 
 def _no_fault() -> None:
     """Arms nothing: the fault, if any, is already in place."""
 
 
-def _engine(store: FileStore, key: bytes, refresher: object, home: Path) -> Engine:
+def _engine(
+    store: FileStore, key: bytes, refresher: object, home: Path, pending: PendingStore | None
+) -> Engine:
     engine = Engine(
         store=store,
         key=key,
@@ -103,6 +126,7 @@ def _engine(store: FileStore, key: bytes, refresher: object, home: Path) -> Engi
         config=Config(),
         alerter=Alerter([]),
         socket_path=lambda name: home / name,
+        pending=pending,
     )
     engine.start()
     return engine
@@ -123,15 +147,17 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
     try:
         key = secrets.token_bytes(32)
         fs = FailingFileLayer()
-        store = FileStore(home, key, fs=fs)
+        store = FileStore(home / "state", key, fs=fs)
+        # The pending directory is another file system: it fails only where the fault says.
+        pending_fs = fs if fault.pending_fails else None
+        pending = PendingStore(home / "run" / "pending", pending_fs)
         first = _import(sandbox, store, fault.name)
 
         def arm() -> None:
             fs.failures, fs.remaining = dict(fault.failures), fault.remaining
 
-        engine = _engine(
-            store, key, _FaultyRefresher(store, arm if fault.after_journal else _no_fault), home
-        )
+        refresher = _FaultyRefresher(store, arm if fault.after_journal else _no_fault, pending)
+        engine = _engine(store, key, refresher, home, pending)
         if not fault.after_journal:
             arm()
         state = engine.refresh(fault.name)
@@ -154,11 +180,19 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
                 out.problems.append("status does not report the unsaved state")
             if engine.refresh(fault.name) is not state or len(chain.entries) != 1:
                 out.problems.append("a refresh was sent while the newest pair was unsaved")
-        if fault.daemon_dies:  # the unsaved pair dies with the daemon; restart on a good disk
+        if fault.daemon_dies:  # the daemon dies holding the unsaved pair; restart on a good disk
+            if not fault.pending_fails and not any(pending.directory.glob("*.pending")):
+                out.problems.append("the refused pair was not kept in the pending directory")
             del engine
-            engine = _engine(FileStore(home, key), key, _FaultyRefresher(store, _no_fault), home)
+            fs.failures, fs.remaining = {}, None
+            healed = FileStore(home / "state", key)
+            pending = PendingStore(home / "run" / "pending")
+            refresher = _FaultyRefresher(healed, _no_fault, pending)
+            engine = _engine(healed, key, refresher, home, pending)
         fs.failures, fs.remaining = {}, None
         engine.tick()  # retries an unsaved state
+        if any(pending.directory.glob("*.pending")):
+            out.problems.append("the pending record outlived the save of its state")
         state = engine.refresh(fault.name)
         (chain,) = chains(sandbox.log(), [first])
         out.lost = chain.lost or state.rejection is not None
@@ -166,9 +200,9 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
             out.problems.extend(chain.problems())
         if state.rejection is not None:
             out.reason = state.rejection.reason.value
-        if out.lost and not fault.daemon_dies:
-            out.problems.append(f"chain lost ({out.reason}) although the daemon lived")
-        if fault.daemon_dies and out.reason != RejectionReason.AFTER_LOST_RESPONSE.value:
+        if out.lost and not fault.pending_fails:
+            out.problems.append(f"chain lost ({out.reason}); the pending copy should have kept it")
+        if fault.pending_fails and out.reason != RejectionReason.AFTER_LOST_RESPONSE.value:
             out.problems.append(f"loss reported as {out.reason}, not after_lost_response")
         if not out.lost and token_hash(state.refresh_token or "") != chain.current_rt_hash:
             out.problems.append("after the heal the state is not the chain's newest pair")
@@ -236,3 +270,30 @@ def measure_window(sandbox: SandboxServer, samples: int) -> Window:
     finally:
         shutil.rmtree(home, ignore_errors=True)
     return window
+
+
+def hold(config_dir: Path, state_dir: Path, pending_dir: Path, profile: str) -> None:
+    """The dying daemon: refresh ``profile`` while the state disk fails after the journal."""
+    configure_logging("json", "critical", stream=sys.stderr)  # stdout says "held", only
+    key = load_or_create_key(config_dir)
+    fs = FailingFileLayer()
+    store = FileStore(state_dir, key, fs=fs)
+    pending = PendingStore(pending_dir)
+
+    def arm() -> None:
+        fs.failures = {"write": errno.EROFS}
+
+    engine = _engine(store, key, _FaultyRefresher(store, arm, pending), state_dir, pending)
+    state = engine.refresh(profile)
+    print("held" if engine.status(only=profile)[0]["alert"] else "not held", flush=True)
+    del state
+    while True:  # the test SIGKILLs us: the daemon dies holding the unsaved pair
+        time.sleep(60)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 6 or sys.argv[1] != "hold":
+        sys.exit(
+            f"usage: python -m tests.crash_storage hold CONFIG STATE PENDING PROFILE; {__doc__}"
+        )
+    hold(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5])

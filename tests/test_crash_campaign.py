@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 
-from .crash_campaign import Tally, judge, run_campaign
+from aac_tokend.sandbox import SandboxServer
+
+from .crash_campaign import COURIER_ACCESS_TTL, Tally, judge, run_campaign
 from .crash_rig import Chain, chains
+from .crash_storage import FAULTS, run_faults
 
 
 def _entry(seq: int, rt: str, outcome: str, new: str | None = None) -> dict[str, Any]:
@@ -53,6 +56,22 @@ class TestReferee:
         """Any finding turns the verdict to FAIL (``make crash`` then exits 1)."""
         tally = Tally(problems=["a courier killed before the request lost the chain"])
         assert not tally.ok and tally.lines()[-1] == "FAIL (1 findings)"
+
+
+class TestDiskFaults:
+    """The disk-fault phase: a daemon that dies holding a pair the disk refused loses nothing."""
+
+    def test_daemon_deaths_on_a_failing_disk_lose_no_chain(self) -> None:
+        """Its pending copy is adopted; only a failing pending directory too loses the chain."""
+        dying = tuple(f for f in FAULTS if f.daemon_dies)
+        with SandboxServer(access_ttl=COURIER_ACCESS_TTL) as sandbox:
+            results = run_faults(sandbox, dying)
+        report = [(r.fault.name, r.lost, r.reason, r.problems) for r in results]
+        assert [r.fault.name for r in results if r.lost] == [
+            f.name for f in dying if f.pending_fails
+        ], report
+        assert all(not r.problems for r in results), report
+        assert any(not f.pending_fails for f in dying), "no fault kills the daemon on a bad disk"
 
 
 class TestShortCampaign:

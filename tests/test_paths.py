@@ -11,8 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from aac_tokend.errors import ProfileError
 from aac_tokend.paths import APP_NAME, HOME_ENV, Paths, resolve_paths, runtime_dir_fast
+from aac_tokend.pending import PendingStore
+from aac_tokend.state import validate_profile_name
+from aac_tokend.store import FileStore
 
 # Generous bound for one short python subprocess; only a hang detector.
 SUBPROCESS_TIMEOUT = 30.0
@@ -190,3 +196,58 @@ class TestRuntimeDirMirrorsPlatformdirs:
         answer = compare({"XDG_RUNTIME_DIR": value})
         assert answer["fast"] is None
         assert answer["resolved"] == answer["platformdirs"]
+
+
+class TestProfileFilesNeverCollide:
+    """No profile name gives a file that is one of the daemon's own (issue 11, item 5)."""
+
+    @staticmethod
+    def _daemon_files(paths: Paths) -> set[str]:
+        own = [paths.daemon_lock, paths.control_socket, paths.key_file, paths.config_file]
+        return {str(p).lower() for p in [*own, paths.pending_dir]}
+
+    @staticmethod
+    def _profile_files(paths: Paths, name: str) -> set[str]:
+        store = FileStore(paths.state_dir, bytes(32))
+        files = [
+            store.path(name),
+            paths.state_dir / f"{name}.lock",  # FileStore.locked
+            paths.token_socket(name),
+            PendingStore(paths.pending_dir).path(name),
+        ]
+        return {str(p).lower() for p in files}  # macOS file systems ignore case
+
+    @pytest.fixture
+    def paths(self, tmp_path: Path) -> Paths:
+        return resolve_paths({HOME_ENV: str(tmp_path)})
+
+    def test_every_name_that_would_collide_is_refused(self, paths: Paths) -> None:
+        """Each daemon file, read back as a profile file, gives a name the importer refuses."""
+        suffixes = {
+            paths.state_dir: (".state", ".lock"),
+            paths.runtime_dir: (".token.sock",),
+            paths.pending_dir: (".pending",),
+        }
+        colliding = []
+        for own in self._daemon_files(paths):
+            path = Path(own)
+            for suffix in suffixes.get(path.parent, ()):
+                if path.name.endswith(suffix):
+                    colliding.append(path.name[: -len(suffix)])
+        assert colliding == ["daemon"]
+        for name in colliding + [n.upper() for n in colliding] + ["Daemon"]:
+            with pytest.raises(ProfileError, match="reserved"):
+                validate_profile_name(name)
+
+    @settings(
+        max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(name=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True))
+    def test_accepted_names_never_share_a_daemon_file(self, tmp_path: Path, name: str) -> None:
+        """Any name validate_profile_name accepts has files apart from the daemon's."""
+        paths = resolve_paths({HOME_ENV: str(tmp_path)})
+        try:
+            validate_profile_name(name)
+        except ProfileError:
+            return
+        assert not self._profile_files(paths, name) & self._daemon_files(paths)

@@ -643,3 +643,32 @@ class TestWriteOrder:
         assert Path(temp).parent == state_dir and temp.endswith(".tmp")
         assert ("fsync", temp) in events[:rename_at], events
         assert ("fsync", str(state_dir)) in events[rename_at + 1 :], events
+
+
+class TestNotARegularFile:
+    """A FIFO or a directory named like a state file is reported, never waited on."""
+
+    def test_fifo_is_refused_at_once(self, fstore: FileStore, state_dir: Path) -> None:
+        """Loading over a FIFO raises StorageError instead of blocking the daemon for ever."""
+        os.mkfifo(state_dir / "work.state", 0o600)
+        outcome: list[BaseException | None] = []
+
+        def load() -> None:
+            try:
+                fstore.load("work")
+                outcome.append(None)
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(5.0)
+        assert outcome, "load() blocked on a FIFO"
+        assert isinstance(outcome[0], StorageError) and "not a regular file" in str(outcome[0])
+
+    def test_directory_is_refused(self, fstore: FileStore, state_dir: Path) -> None:
+        """A directory in a state file's place is a one-line StorageError that says what to do."""
+        (state_dir / "work.state").mkdir()
+        with pytest.raises(StorageError, match=r"directory.*move it aside") as info:
+            fstore.load("work")
+        assert "\n" not in str(info.value)
