@@ -25,7 +25,7 @@ from .client import ControlClient, read_token
 from .errors import AlertError, DaemonNotRunningError, InputError
 from .paths import resolve_paths
 from .rundir import PROFILE_ENV
-from .tokens import check_endpoint, url_origin
+from .tokens import check_endpoint, direct_proxies, url_origin
 
 __all__ = ["TokendAuth", "add_arguments", "get_token", "request_refresh", "run_cli"]
 
@@ -153,7 +153,7 @@ def run_cli(args: argparse.Namespace) -> int:
     path = args.path if args.path.startswith("/") else "/" + args.path
     response = requests.request(
         args.method.upper(), base + path, json=body, auth=TokendAuth(args.profile),
-        timeout=API_TIMEOUT_SECONDS,
+        timeout=API_TIMEOUT_SECONDS, proxies=direct_proxies(base),
     )  # fmt: skip
     try:
         print(json.dumps(response.json(), indent=2))

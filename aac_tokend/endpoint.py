@@ -29,7 +29,7 @@ from . import __version__
 from .errors import TokenFormatError
 from .outcome import Refreshed, RefreshOutcome, Rejected, Transient
 from .policy import ASSUMED_LIFETIME_SECONDS, UNREACHED_PREFIX
-from .tokens import parse_jwt
+from .tokens import direct_proxies, parse_jwt
 
 __all__ = [
     "TERMINAL_OAUTH_ERRORS",
@@ -402,6 +402,7 @@ class TokenEndpoint:
                 timeout=self._timeouts,
                 stream=True,
                 allow_redirects=False,
+                proxies=direct_proxies(endpoint),  # plain http (loopback): never via a proxy
             ) as response:
                 body = response.raw.read(MAX_BODY_BYTES + 1, decode_content=True)
                 return classify_response(response.status_code, response.headers, body or b"", now)

@@ -28,6 +28,7 @@ __all__ = [
     "TokenClaims",
     "check_endpoint",
     "derive_endpoint",
+    "direct_proxies",
     "is_loopback_host",
     "parse_jwt",
     "token_hash",
@@ -252,6 +253,21 @@ def check_endpoint(url: str, *, explicit: bool) -> str:
         )
     query = f"?{split.query}" if split.query else ""
     return f"{scheme}://{authority}{split.path}{query}"
+
+
+def direct_proxies(url: str) -> dict[str, str] | None:
+    """requests' ``proxies`` for a request carrying a token to ``url``.
+
+    None (the environment's proxies) for https. Plain http, which check_endpoint allows only
+    on a loopback address, must never go through a proxy: an HTTP_PROXY from the environment
+    (``service install`` records it) would carry the token off the machine in cleartext. A
+    ``no_proxy`` entry rather than a None per scheme, because requests reads it again for each
+    redirect hop, where it would otherwise look the environment's proxies up afresh.
+    """
+    split = urlsplit(url)
+    if split.scheme.lower() != "http":
+        return None
+    return {"no_proxy": split.hostname or "*"}
 
 
 def derive_endpoint(issuer: str) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.server
 import itertools
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from urllib3.util import parse_url
 
 from aac_tokend import TokendAuth
+from aac_tokend.api import run_cli
 from aac_tokend.control_server import ControlServer
 from aac_tokend.errors import EndpointNotAllowedError
 from aac_tokend.importer import ImportRequest, build_state
@@ -272,3 +274,28 @@ class TestBearerStaysAtItsOrigin:
         assert response.status_code == 200
         assert _bearers(elsewhere) == []
         assert _bearers(home)[-1] == f"Bearer {daemon.current}"
+
+
+class TestApiCommandAvoidsProxies:
+    """``aac-tokend api`` on a plain-http (loopback) base never hands the bearer to a proxy."""
+
+    @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+    def test_plain_http_base_is_asked_directly(
+        self,
+        origins: tuple[_Origin, _Origin],
+        daemon: _Daemon,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        variable: str,
+    ) -> None:
+        """With a proxy in the environment, the call and its same-origin redirect go direct."""
+        home, proxy = origins  # a proxied request would reach `proxy` in absolute form
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(variable, proxy.url)
+        args = argparse.Namespace(
+            method="GET", path="/redirect?to=/ok", data=None, base_url=home.url, profile="default"
+        )
+        assert run_cli(args) == 0, capsys.readouterr().err
+        assert proxy.seen == []
+        assert _bearers(home) == ["Bearer tok-0", "Bearer tok-0"]
