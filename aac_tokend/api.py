@@ -25,7 +25,7 @@ from .client import ControlClient, read_token
 from .errors import AlertError, DaemonNotRunningError, InputError
 from .paths import resolve_paths
 from .rundir import PROFILE_ENV
-from .tokens import check_endpoint, url_origin
+from .tokens import check_endpoint, direct_proxies, url_origin
 
 __all__ = ["TokendAuth", "add_arguments", "get_token", "request_refresh", "run_cli"]
 
@@ -101,12 +101,7 @@ class TokendAuth(requests.auth.AuthBase):
         self, origin: tuple[str, str, int] | None, response: requests.Response, **kwargs: Any
     ) -> requests.Response:
         if response.is_redirect:
-            # requests builds the next hop from a copy of this very request, after the hooks
-            # run; strip the token here when the next hop leaves the origin. (requests' own
-            # check reads the URL with another parser and lets http -> https keep it.)
-            target = urljoin(response.url, response.headers.get("location", ""))
-            if url_origin(target) != origin:
-                response.request.headers.pop("Authorization", None)
+            self._guard_redirect(origin, response, response.request)
             return response
         if response.status_code != 401 or getattr(response.request, "_tokend_retried", False):
             return response
@@ -121,7 +116,30 @@ class TokendAuth(requests.auth.AuthBase):
         second: requests.Response = response.connection.send(retry, **kwargs)
         second.history.append(response)
         second.request = retry
+        if second.is_redirect:
+            # requests builds the next hop from the request it sent first, not from this
+            # retry (which it never saw): that one takes the retry's header, the fresh token,
+            # and then the same check as any redirect. Without this the next hop carried the
+            # old token wherever requests' own, looser check let it (http -> https).
+            original = response.request
+            original.headers.pop("Authorization", None)
+            if "Authorization" in retry.headers:
+                original.headers["Authorization"] = retry.headers["Authorization"]
+            self._guard_redirect(origin, second, original)
         return second
+
+    @staticmethod
+    def _guard_redirect(
+        origin: tuple[str, str, int] | None,
+        response: requests.Response,
+        carrier: requests.PreparedRequest,
+    ) -> None:
+        """Strip the token from ``carrier``, the request requests copies into the next hop
+        (after the hooks run), when the redirect in ``response`` leaves the origin.
+        (requests' own check reads the URL with another parser and lets http -> https keep it.)"""
+        target = urljoin(response.url, response.headers.get("location", ""))
+        if url_origin(target) != origin:
+            carrier.headers.pop("Authorization", None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,7 +171,7 @@ def run_cli(args: argparse.Namespace) -> int:
     path = args.path if args.path.startswith("/") else "/" + args.path
     response = requests.request(
         args.method.upper(), base + path, json=body, auth=TokendAuth(args.profile),
-        timeout=API_TIMEOUT_SECONDS,
+        timeout=API_TIMEOUT_SECONDS, proxies=direct_proxies(base),
     )  # fmt: skip
     try:
         print(json.dumps(response.json(), indent=2))

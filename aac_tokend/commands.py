@@ -431,9 +431,19 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that may hold a token: read from you (import), from the daemon (token, api,
+#: exec) or from the encrypted store when the daemon is not running (token, status, remove).
+#: No core file may carry it off. (``run`` sets the daemon's own limit in daemon.py.)
+TOKEN_COMMANDS = frozenset({"import", "token", "api", "exec", "status", "remove"})
+
+
 def dispatch(argv: list[str]) -> int:
     """Parse and run; errors become one line on stderr and an exit status."""
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    if args.command in TOKEN_COMMANDS:
+        from .coredump import forbid_core_dumps
+
+        forbid_core_dumps()
     try:
         _check_profile_env(args)
         result: int = args.func(args, resolve_paths(os.environ))

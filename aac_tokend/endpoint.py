@@ -16,7 +16,7 @@ import math
 import socket
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import requests
@@ -29,7 +29,7 @@ from . import __version__
 from .errors import TokenFormatError
 from .outcome import Refreshed, RefreshOutcome, Rejected, Transient
 from .policy import ASSUMED_LIFETIME_SECONDS, UNREACHED_PREFIX
-from .tokens import parse_jwt
+from .tokens import direct_proxies, mask_tokens, parse_jwt
 
 __all__ = [
     "TERMINAL_OAUTH_ERRORS",
@@ -57,10 +57,10 @@ MAX_EXPIRES_IN_SECONDS = 366 * 86400.0
 _TEXT_LIMIT = 200
 
 
-def _clean(text: object) -> str:
-    """A server-supplied string made safe for one log line."""
+def _clean(text: object, secrets: Collection[str] = ()) -> str:
+    """A server-supplied string made safe for one log line, tokens masked before the cut."""
     s = "".join(ch if ch.isprintable() else " " for ch in str(text))
-    return s[:_TEXT_LIMIT]
+    return mask_tokens(s, secrets)[:_TEXT_LIMIT]
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -128,9 +128,17 @@ TERMINAL_OAUTH_ERRORS = frozenset(
 
 
 def classify_response(
-    status: int, headers: Mapping[str, str], body: bytes, now: float
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: float,
+    *,
+    secrets: Collection[str] = (),
 ) -> RefreshOutcome:
     """What an HTTP answer from the token endpoint means for the chain.
+
+    The server's error text is kept with ``secrets`` (the refresh token just sent) and
+    anything token-shaped masked: it goes to the state, ``status`` and the log.
 
     Every answer but a success or a terminal OAuth error is ambiguous: the request reached
     something, and a gateway or proxy may have delivered it (and the server rotated) before
@@ -157,9 +165,11 @@ def classify_response(
     if status in (400, 401) and isinstance(error, str):
         if error in TERMINAL_OAUTH_ERRORS:
             desc = payload.get("error_description") if payload is not None else None
-            return Rejected(error, _clean(desc) if isinstance(desc, str) else None, status)
+            desc = _clean(desc, secrets) if isinstance(desc, str) else None
+            return Rejected(error, desc, status)
         return Transient(
-            f"token endpoint answered HTTP {status} {_clean(error) or 'with an empty error'}"
+            f"token endpoint answered HTTP {status} "
+            f"{_clean(error, secrets) or 'with an empty error'}"
             " (not a verdict on the grant: retrying)",
             retry_after,
             True,
@@ -402,9 +412,13 @@ class TokenEndpoint:
                 timeout=self._timeouts,
                 stream=True,
                 allow_redirects=False,
+                proxies=direct_proxies(endpoint),  # plain http (loopback): never via a proxy
             ) as response:
                 body = response.raw.read(MAX_BODY_BYTES + 1, decode_content=True)
-                return classify_response(response.status_code, response.headers, body or b"", now)
+                return classify_response(
+                    response.status_code, response.headers, body or b"", now,
+                    secrets=(refresh_token,),
+                )  # fmt: skip
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             # Reading the body (response.raw) raises urllib3's own errors, unwrapped.
             return _failed(exc, attempt)

@@ -33,8 +33,12 @@ def run_cli(args: argparse.Namespace) -> int:
 
     env = dict(os.environ, AAC_ACCESS_TOKEN=get_token(args.profile))
     env[PROFILE_ENV] = args.profile  # fresh tokens later come from the same profile
+    from .coredump import allow_core_dumps_after_exec, forbid_core_dumps
+
+    allow_core_dumps_after_exec()  # CMD is the user's: it gets the user's core limit back
     try:
         os.execvpe(cmd[0], cmd, env)  # noqa: S606 - running the user's own command is the point
     except OSError as exc:
+        forbid_core_dumps()  # still us, still holding the token
         raise InputError(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
     return 127

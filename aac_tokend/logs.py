@@ -18,7 +18,6 @@ import fcntl
 import io
 import logging
 import os
-import re
 import shutil
 import stat
 import sys
@@ -30,7 +29,7 @@ from typing import Any, TextIO, cast
 
 import structlog
 
-from .tokens import token_hash
+from .tokens import JWT_SHAPE, token_hash
 
 __all__ = [
     "configure_logging",
@@ -41,11 +40,6 @@ __all__ = [
     "register_secret",
 ]
 
-#: Three dot-joined base64url segments, plus any further non-empty ones: a run of JWT-like
-#: text glued to a JWT is one match, so it cannot leave that JWT's payload and signature.
-JWT_SHAPE = re.compile(
-    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*"
-)
 #: Secrets registered without an owner: keep the most recent only.
 MAX_SECRETS = 8192
 #: A profile's chain has two live tokens; a few more cover the instant of a rotation. Older
@@ -57,9 +51,11 @@ MIN_SECRET_LEN = 12
 _loose: deque[str] = deque(maxlen=MAX_SECRETS)
 _owned: dict[str, deque[str]] = {}
 _secrets_lock = threading.Lock()
-#: What redact() scans for, and the shortest of it: rebuilt on each change, read without a
-#: lock. Scanning is the hot part of logging, so it must not grow with every refresh.
-_snapshot: tuple[tuple[str, ...], int] = ((), 0)
+#: What redact() scans for: each secret with its first MIN_SECRET_LEN characters (what is
+#: looked for, so a copy cut short is found too), and the shortest text worth scanning.
+#: Rebuilt on each change, read without a lock. Scanning is the hot part of logging, so it
+#: must not grow with every refresh.
+_snapshot: tuple[tuple[tuple[str, str], ...], int] = ((), 0)
 
 
 def _rebuild() -> None:
@@ -67,7 +63,7 @@ def _rebuild() -> None:
     known = set(_loose)
     for bucket in _owned.values():
         known.update(bucket)
-    _snapshot = (tuple(known), min(map(len, known), default=0))
+    _snapshot = (tuple((s, s[:MIN_SECRET_LEN]) for s in known), MIN_SECRET_LEN if known else 0)
 
 
 def register_secret(secret: str | None, owner: str | None = None) -> None:
@@ -97,8 +93,26 @@ def redact(text: str) -> str:
     text = JWT_SHAPE.sub(lambda m: f"<token:{token_hash(m.group(0))}>", text)
     secrets, shortest = _snapshot
     if secrets and len(text) >= shortest:
-        for secret in [s for s in secrets if s in text]:
-            text = text.replace(secret, f"<token:{token_hash(secret)}>")
+        for secret, head in [pair for pair in secrets if pair[1] in text]:
+            text = _mask_secret(text, secret, head)
+    return text
+
+
+def _mask_secret(text: str, secret: str, head: str) -> str:
+    """Every copy of ``secret`` in ``text`` as ``<token:hash>``, also a copy cut short (a
+    field truncated somewhere): its first MIN_SECRET_LEN characters or more, ending where the
+    text or a token-like run ends (so a sibling token sharing a prefix is not taken for it)."""
+    mask = f"<token:{token_hash(secret)}>"
+    text = text.replace(secret, mask)
+    start = text.find(head)
+    while start != -1:
+        end = start + len(head)
+        while end < len(text) and end - start < len(secret) and text[end] == secret[end - start]:
+            end += 1
+        if end == len(text) or not (text[end].isalnum() or text[end] in "-_"):
+            text = text[:start] + mask + text[end:]
+            end = start + len(mask)
+        start = text.find(head, end)
     return text
 
 

@@ -13,7 +13,9 @@ import hashlib
 import ipaddress
 import json
 import math
+import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -25,10 +27,13 @@ from .errors import EndpointNotAllowedError, TokenFormatError
 
 __all__ = [
     "AAC_DOMAIN",
+    "JWT_SHAPE",
     "TokenClaims",
     "check_endpoint",
     "derive_endpoint",
+    "direct_proxies",
     "is_loopback_host",
+    "mask_tokens",
     "parse_jwt",
     "token_hash",
     "url_origin",
@@ -63,6 +68,44 @@ class TokenClaims:
 def token_hash(token: str) -> str:
     """A short, stable, non-reversible name for a token, safe for logs and state."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+#: A JWT: three dot-joined base64url segments (the last may be empty), plus any further
+#: non-empty ones, so JWT-like text glued to a JWT is one match and cannot leave that JWT's
+#: payload and signature. "=" padding is admitted: some issuers write it. Or a JWT cut short
+#: (a field truncated somewhere): "eyJ" and 8 more characters, and any dotted rest.
+JWT_SHAPE = re.compile(
+    r"eyJ[A-Za-z0-9_=-]{4,}\.[A-Za-z0-9_=-]{4,}\.[A-Za-z0-9_=-]*(?:\.[A-Za-z0-9_=-]+)*"
+    r"|eyJ[A-Za-z0-9_=-]{8,}(?:\.[A-Za-z0-9_=-]+)*"
+)
+#: Token-shaped text in a server's words: a JWT, or a long base64url run.
+_TOKEN_SHAPE = re.compile(rf"{JWT_SHAPE.pattern}|[A-Za-z0-9_-]{{32,}}=*")
+#: A run this long of mixed letters or digits is a random secret, not a word: AAC's opaque
+#: refresh tokens are 43 characters; words, hyphenated phrases and error codes are one case.
+_MIN_RUN = 32
+#: Secrets shorter than this are not looked for (they would mask ordinary words).
+_MIN_SECRET = 8
+
+
+def _masked(match: re.Match[str]) -> str:
+    text = match.group(0)
+    mixed = sum((any(c.isupper() for c in text), any(c.islower() for c in text),
+                 any(c.isdigit() for c in text)))  # fmt: skip
+    if text.startswith("eyJ") or (len(text) >= _MIN_RUN and mixed >= 2):
+        return f"<token:{token_hash(text)}>"
+    return text
+
+
+def mask_tokens(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` (from a server) with ``secrets`` and anything token-shaped as ``<token:hash>``.
+
+    Applied before any cut, so a cut cannot leave a partial token behind for the log
+    redactor, which knows only whole tokens, to miss.
+    """
+    for secret in secrets:
+        if len(secret) >= _MIN_SECRET and secret in text:
+            text = text.replace(secret, f"<token:{token_hash(secret)}>")
+    return _TOKEN_SHAPE.sub(_masked, text)
 
 
 def _b64url_decode(part: str, which: str) -> bytes:
@@ -252,6 +295,21 @@ def check_endpoint(url: str, *, explicit: bool) -> str:
         )
     query = f"?{split.query}" if split.query else ""
     return f"{scheme}://{authority}{split.path}{query}"
+
+
+def direct_proxies(url: str) -> dict[str, str] | None:
+    """requests' ``proxies`` for a request carrying a token to ``url``.
+
+    None (the environment's proxies) for https. Plain http, which check_endpoint allows only
+    on a loopback address, must never go through a proxy: an HTTP_PROXY from the environment
+    (``service install`` records it) would carry the token off the machine in cleartext. A
+    ``no_proxy`` entry rather than a None per scheme, because requests reads it again for each
+    redirect hop, where it would otherwise look the environment's proxies up afresh.
+    """
+    split = urlsplit(url)
+    if split.scheme.lower() != "http":
+        return None
+    return {"no_proxy": split.hostname or "*"}
 
 
 def derive_endpoint(issuer: str) -> str:

@@ -896,3 +896,85 @@ class TestClassifyFuzzed:
         body = json.dumps({"access_token": "opaque-token", "expires_in": raw}).encode()
         outcome = classify_response(200, {}, body, NOW)
         assert outcome == replace(Refreshed("opaque-token", None, 0.0), expires_in=expected)
+
+
+#: An opaque refresh token as AAC issues them: 43 base64url characters.
+OPAQUE = "YFY0w1ocUd3va2YtmqBf22TugJeHaHG4ikasrFugWW0"
+
+
+def no_part_of(secret: str, text: str) -> bool:
+    """True if no 12-character piece of ``secret`` (what a cut can leave) is in ``text``."""
+    return all(secret[i : i + 12] not in text for i in range(max(len(secret) - 11, 1)))
+
+
+class TestServerTextMasked:
+    """Tokens echoed in the server's error text are masked before it is cut and stored."""
+
+    def test_refresh_token_just_sent_is_masked(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """invalid_grant naming the refresh token sent keeps the sentence, not the token."""
+        desc = f"refresh token {REFRESH} not accepted"
+        server = odd(
+            lambda h: h.reply_json(400, {"error": "invalid_grant", "error_description": desc})
+        )
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Rejected) and outcome.error_description is not None
+        assert (
+            REFRESH not in outcome.error_description
+            and "+Token/with" not in outcome.error_description
+        )
+        assert outcome.error_description.startswith("refresh token <token:")
+        assert outcome.error_description.endswith("> not accepted")
+
+    def test_token_at_the_cut_leaves_no_prefix(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A token straddling the 200-character cut leaves none of itself behind."""
+        desc = "x" * 170 + " token=" + OPAQUE
+        server = odd(
+            lambda h: h.reply_json(400, {"error": "invalid_grant", "error_description": desc})
+        )
+        outcome = call(endpoint, server, refresh=OPAQUE)
+        assert isinstance(outcome, Rejected) and outcome.error_description is not None
+        assert no_part_of(OPAQUE, outcome.error_description)
+
+    @pytest.mark.parametrize(
+        "token",
+        [access_jwt(), access_jwt() + "==", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0=.c2ln", OPAQUE,
+         access_jwt()[:60]],
+    )  # fmt: skip
+    def test_token_shaped_text_is_masked(self, token: str) -> None:
+        """JWTs (padded or cut) and long base64url runs are masked though never sent by us."""
+        body = json.dumps({"error": "invalid_grant", "error_description": f"bad: {token} (x)"})
+        outcome = classify_response(400, {}, body.encode(), NOW)
+        assert isinstance(outcome, Rejected) and outcome.error_description is not None
+        assert no_part_of(token, outcome.error_description)
+        assert outcome.error_description.startswith("bad: <token:")
+        assert outcome.error_description.endswith("> (x)")
+
+    def test_ordinary_text_kept(self) -> None:
+        """Words, codes and URLs in the server's text stay readable."""
+        desc = "grant expired; see https://pingauth.alteryxcloud.com/as/token (code 4001-b)"
+        body = json.dumps({"error": "invalid_grant", "error_description": desc})
+        outcome = classify_response(400, {}, body.encode(), NOW)
+        assert isinstance(outcome, Rejected) and outcome.error_description == desc
+
+    def test_error_code_of_a_retryable_answer_is_masked(
+        self, endpoint: TokenEndpoint, odd: Any
+    ) -> None:
+        """A non-terminal error code echoing the token reaches the reason masked."""
+        server = odd(lambda h: h.reply_json(400, {"error": f"bad_token_{REFRESH}"}))
+        outcome = call(endpoint, server)
+        assert isinstance(outcome, Transient) and REFRESH not in outcome.reason
+        assert "bad_token_<token:" in outcome.reason
+
+    @given(
+        st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/=",
+                min_size=16, max_size=300),
+        st.text(max_size=250), st.text(max_size=50),
+    )  # fmt: skip
+    @settings(max_examples=300)
+    def test_any_secret_anywhere(self, secret: str, before: str, after: str) -> None:
+        """No 12-character piece of the refresh token sent survives, wherever the server puts it."""
+        body = json.dumps({"error": "invalid_grant", "error_description": before + secret + after})
+        outcome = classify_response(400, {}, body.encode(), NOW, secrets=(secret,))
+        assert isinstance(outcome, Rejected) and outcome.error_description is not None
+        assert one_clean_line(outcome.error_description)
+        assert no_part_of(secret, outcome.error_description)

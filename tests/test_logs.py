@@ -237,6 +237,28 @@ class TestRedactFunction:
         """A sentence ending right after a JWT keeps the JWT's own hash and the full stop."""
         assert redact(f"got {JWT}.") == f"got <token:{token_hash(JWT)}>."
 
+    def test_padded_jwt(self) -> None:
+        """A JWT written with base64 "=" padding is redacted whole, padding and all."""
+        header, payload, signature = JWT.split(".")
+        padded = f"{header}==.{payload}=.{signature}="
+        text = redact(f"got {padded} ok")
+        assert payload not in text and signature not in text and "=" not in text
+        assert text.startswith("got <token:") and text.endswith("> ok")
+
+    @pytest.mark.parametrize("cut", [20, 45, 60, -5])
+    def test_cut_jwt(self, cut: int) -> None:
+        """A JWT cut short (a field truncated somewhere) leaves none of its payload."""
+        text = redact(f"detail: {JWT[:cut]}")
+        assert text.startswith("detail: <token:")
+        assert JWT[12:cut] not in text
+
+    def test_cut_registered_secret(self, out: io.StringIO) -> None:
+        """A registered secret cut short at the end of a value leaves nothing of itself."""
+        structlog.get_logger().info("x", detail=f"server said: rt={OPAQUE[:20]}")
+        (line,) = lines(out)
+        assert OPAQUE[:12] not in json.dumps(line)
+        assert line["detail"] == f"server said: rt=<token:{token_hash(OPAQUE)}>"
+
     def test_plain_text_untouched(self) -> None:
         """Ordinary text is left as is."""
         text = "refresh_succeeded profile=work eyJ short.no"

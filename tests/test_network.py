@@ -244,15 +244,18 @@ def refresh(sandbox: SandboxServer) -> object:
 class TestThroughAProxy:
     """HTTP(S)_PROXY in the environment carry the refresh; a dead proxy is named."""
 
-    def test_plain_http_through_a_forwarding_proxy(
-        self, clean_env: pytest.MonkeyPatch, proxy: Proxy
+    @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+    def test_plain_http_never_goes_through_a_proxy(
+        self, clean_env: pytest.MonkeyPatch, proxy: Proxy, variable: str
     ) -> None:
-        """With HTTP_PROXY set, the refresh goes through the proxy and succeeds."""
+        """A plain-http (loopback) endpoint is asked directly: a proxy would see the refresh
+        token in cleartext, and carry it off the machine."""
         with SandboxServer(access_ttl=600) as sandbox:
-            clean_env.setenv("HTTP_PROXY", proxy.url)
+            clean_env.setenv(variable, proxy.url)
             outcome = refresh(sandbox)
+            assert len(sandbox.log()) == 1
         assert isinstance(outcome, Refreshed), outcome
-        assert proxy.seen == [f"POST {sandbox.token_endpoint}"]
+        assert proxy.seen == []
 
     def test_tls_through_a_connect_tunnel(
         self, clean_env: pytest.MonkeyPatch, proxy: Proxy, tmp_path: Path
@@ -266,12 +269,12 @@ class TestThroughAProxy:
         assert isinstance(outcome, Refreshed), outcome
         assert proxy.seen == [f"CONNECT {urllib.parse.urlsplit(sandbox.url).netloc}"]
 
-    @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+    @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "ALL_PROXY"])
     def test_dead_proxy_is_a_proxy_failure(
-        self, clean_env: pytest.MonkeyPatch, variable: str
+        self, clean_env: pytest.MonkeyPatch, variable: str, tmp_path: Path
     ) -> None:
         """A proxy nobody listens on is named a proxy failure that says what to check."""
-        with SandboxServer(access_ttl=600) as sandbox:
+        with tls_sandbox(CA("corp root"), tmp_path) as sandbox:
             clean_env.setenv(variable, f"http://127.0.0.1:{dead_port()}")
             outcome = refresh(sandbox)
             assert sandbox.log() == []  # nothing reached the token endpoint
@@ -295,11 +298,13 @@ class TestThroughAProxy:
             "it wants credentials"
         )
 
-    def test_no_proxy_bypasses(self, clean_env: pytest.MonkeyPatch, proxy: Proxy) -> None:
+    def test_no_proxy_bypasses(self, clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
         """NO_PROXY naming the endpoint's host sends the refresh around the proxy."""
-        with SandboxServer(access_ttl=600) as sandbox:
-            clean_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead_port()}")
+        ca = CA("corp root")
+        with tls_sandbox(ca, tmp_path) as sandbox:
+            clean_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{dead_port()}")
             clean_env.setenv("NO_PROXY", "127.0.0.1")
+            clean_env.setenv("REQUESTS_CA_BUNDLE", str(ca.write_bundle(tmp_path / "ca.pem")))
             assert isinstance(refresh(sandbox), Refreshed)
 
 
@@ -337,10 +342,10 @@ class TestNaming:
             session.post(f"http://127.0.0.1:{dead_port()}/as/token", timeout=5)
         assert name_network_failure(caught.value) is None
 
-    def test_no_url_in_the_text(self, clean_env: pytest.MonkeyPatch) -> None:
+    def test_no_url_in_the_text(self, clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
         """A proxy URL's credentials never reach the reason (it goes to status and the log)."""
-        with SandboxServer(access_ttl=600) as sandbox:
-            clean_env.setenv("HTTP_PROXY", f"http://alice:s3cret@127.0.0.1:{dead_port()}")
+        with tls_sandbox(CA("corp root"), tmp_path) as sandbox:
+            clean_env.setenv("HTTPS_PROXY", f"http://alice:s3cret@127.0.0.1:{dead_port()}")
             outcome = refresh(sandbox)
         assert isinstance(outcome, Transient)
         assert "s3cret" not in outcome.reason and "alice" not in outcome.reason
@@ -369,13 +374,24 @@ def status_after_refresh(home: E2EHome) -> str:
 class TestStatusNamesTheFailure:
     """The daemon, run with the variables a service unit would give it, says what broke."""
 
-    def test_refresh_through_a_proxy(self, home: E2EHome, proxy: Proxy) -> None:
-        """The daemon's courier refreshes through HTTP_PROXY; status shows no error."""
+    def test_refresh_through_a_proxy(self, home: E2EHome, proxy: Proxy, tmp_path: Path) -> None:
+        """The daemon's courier refreshes through HTTPS_PROXY; status shows no error."""
+        ca = CA("corp root")
+        with tls_sandbox(ca, tmp_path) as sandbox:
+            import_pair(home, sandbox)
+            home.env["HTTPS_PROXY"] = proxy.url
+            home.env["REQUESTS_CA_BUNDLE"] = str(ca.write_bundle(tmp_path / "ca.pem"))
+            text = status_after_refresh(home)
+        assert f"CONNECT {urllib.parse.urlsplit(sandbox.url).netloc}" in proxy.seen
+        assert "refresh_count: 1" in text and "last_error" not in text
+
+    def test_plain_http_refresh_bypasses_the_proxy(self, home: E2EHome, proxy: Proxy) -> None:
+        """With HTTP_PROXY set, the courier asks a plain-http loopback endpoint directly."""
         with running_sandbox(access_ttl=600) as sandbox:
             import_pair(home, sandbox)
             home.env["HTTP_PROXY"] = proxy.url
             text = status_after_refresh(home)
-        assert f"POST {sandbox.token_endpoint}" in proxy.seen
+        assert proxy.seen == []
         assert "refresh_count: 1" in text and "last_error" not in text
 
     def test_wrong_ca_in_status(self, home: E2EHome, tmp_path: Path) -> None:
@@ -389,11 +405,11 @@ class TestStatusNamesTheFailure:
         )
         assert "set REQUESTS_CA_BUNDLE to your organisation's CA bundle" in text
 
-    def test_dead_proxy_in_status(self, home: E2EHome) -> None:
-        """With HTTP_PROXY pointing at nothing, status names a proxy failure and what to check."""
-        with running_sandbox(access_ttl=600) as sandbox:
+    def test_dead_proxy_in_status(self, home: E2EHome, tmp_path: Path) -> None:
+        """With HTTPS_PROXY pointing at nothing, status names a proxy failure and what to check."""
+        with tls_sandbox(CA("corp root"), tmp_path) as sandbox:
             import_pair(home, sandbox)
-            home.env["HTTP_PROXY"] = f"http://127.0.0.1:{dead_port()}"
+            home.env["HTTPS_PROXY"] = f"http://127.0.0.1:{dead_port()}"
             text = status_after_refresh(home)
         assert (
             f"last_error: {UNREACHED_PREFIX}: proxy failure: the proxy refused the connection"

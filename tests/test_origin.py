@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.server
 import itertools
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +21,13 @@ from hypothesis import strategies as st
 from urllib3.util import parse_url
 
 from aac_tokend import TokendAuth
+from aac_tokend.api import run_cli
 from aac_tokend.control_server import ControlServer
 from aac_tokend.errors import EndpointNotAllowedError
 from aac_tokend.importer import ImportRequest, build_state
 from aac_tokend.jwt_sign import sign_hs256
 from aac_tokend.tokens import AAC_DOMAIN, check_endpoint, is_loopback_host, url_origin
+from tests.test_network import CA
 
 NOW = 1_800_000_000.0
 #: Generous bound of one HTTP exchange on loopback.
@@ -139,10 +143,11 @@ class TestEndpointJudge:
 
 class _Origin:
     """A loopback HTTP server that records the Authorization header of every request and
-    answers by path: /redirect?to=URL is a 302 there, /ok is 200 when the bearer token is
-    the current one (401 otherwise), anything else is 401."""
+    answers by path: /redirect?to=URL is a 302 there, /deny-once?to=URL is 401 the first
+    time and a 302 there after, /ok is 200 when the bearer token is the current one (401
+    otherwise), anything else is 401."""
 
-    def __init__(self, tokens: _Daemon) -> None:
+    def __init__(self, tokens: _Daemon, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.seen: list[tuple[str, str | None]] = []
         origin = self
 
@@ -150,7 +155,13 @@ class _Origin:
             def do_GET(self) -> None:
                 auth = self.headers.get("Authorization")
                 origin.seen.append((self.path, auth))
-                if self.path.startswith("/redirect?to="):
+                denied = (
+                    self.path.startswith("/deny-once?to=")
+                    and [path for path, _ in origin.seen].count(self.path) == 1
+                )
+                if denied:
+                    self.send_response(401)
+                elif self.path.startswith(("/redirect?to=", "/deny-once?to=")):
                     self.send_response(302)
                     self.send_header("Location", self.path.split("=", 1)[1])
                 elif self.path == "/ok" and auth == f"Bearer {tokens.current}":
@@ -163,8 +174,13 @@ class _Origin:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        if port:  # the default port, as a user would write it (and requests' check reads it)
+            self.url = f"{scheme}://127.0.0.1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -214,6 +230,25 @@ def origins(daemon: _Daemon) -> Iterator[tuple[_Origin, _Origin]]:
     second.close()
 
 
+@pytest.fixture
+def default_ports(daemon: _Daemon, tmp_path: Path) -> Iterator[tuple[_Origin, _Origin, Path]]:
+    """http://127.0.0.1 and https://127.0.0.1 on ports 80 and 443, and the CA bundle: the
+    one pair of origins requests' own redirect check lets a token cross."""
+    ca = CA("test root")
+    try:
+        plain = _Origin(daemon, 80)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on 127.0.0.1:80 (needs root, port free): {exc}")
+    try:
+        secure = _Origin(daemon, 443, ca.server_context(tmp_path))
+    except OSError as exc:
+        plain.close()
+        pytest.skip(f"cannot listen on 127.0.0.1:443 (needs root, port free): {exc}")
+    yield plain, secure, ca.write_bundle(tmp_path / "ca.pem")
+    plain.close()
+    secure.close()
+
+
 def _bearers(origin: _Origin) -> list[str]:
     return [auth for _, auth in origin.seen if auth is not None]
 
@@ -259,6 +294,44 @@ class TestBearerStaysAtItsOrigin:
         assert _bearers(home) == ["Bearer tok-0", "Bearer tok-0"]
         assert daemon.refreshes == 0
 
+    def test_redirect_answered_to_the_401_retry_leaves_the_origin(
+        self, origins: tuple[_Origin, _Origin], daemon: _Daemon
+    ) -> None:
+        """A 302 to another origin answered to the retry carries no token, old or new."""
+        home, elsewhere = origins
+        response = requests.get(
+            f"{home.url}/deny-once?to={elsewhere.url}/steal", auth=TokendAuth(), timeout=TIMEOUT
+        )
+        assert response.status_code == 401
+        assert elsewhere.seen and _bearers(elsewhere) == []
+        assert _bearers(home) == ["Bearer tok-0", "Bearer tok-1"]
+        assert daemon.refreshes == 1
+
+    def test_redirect_answered_to_the_401_retry_within_the_origin(
+        self, origins: tuple[_Origin, _Origin], daemon: _Daemon
+    ) -> None:
+        """A 302 within the origin answered to the retry carries the fresh token: no 2nd refresh."""
+        home, _ = origins
+        response = requests.get(f"{home.url}/deny-once?to=/ok", auth=TokendAuth(), timeout=TIMEOUT)
+        assert response.status_code == 200
+        assert _bearers(home) == ["Bearer tok-0", "Bearer tok-1", "Bearer tok-1"]
+        assert daemon.refreshes == 1
+
+    def test_retry_redirected_from_http_to_https(
+        self, default_ports: tuple[_Origin, _Origin, Path], daemon: _Daemon
+    ) -> None:
+        """http://H/ -> https://H/ answered to the retry is another origin: no token goes."""
+        plain, secure, bundle = default_ports
+        response = requests.get(
+            f"{plain.url}/deny-once?to={secure.url}/landing",
+            auth=TokendAuth(),
+            timeout=TIMEOUT,
+            verify=str(bundle),
+        )
+        assert response.status_code == 401
+        assert secure.seen and _bearers(secure) == []
+        assert _bearers(plain) == ["Bearer tok-0", "Bearer tok-1"]
+
     def test_there_and_back_again(self, origins: tuple[_Origin, _Origin], daemon: _Daemon) -> None:
         """Via another origin and back: the other never sees the token, home gets it again
         (by the 401 retry, the only way back in)."""
@@ -272,3 +345,28 @@ class TestBearerStaysAtItsOrigin:
         assert response.status_code == 200
         assert _bearers(elsewhere) == []
         assert _bearers(home)[-1] == f"Bearer {daemon.current}"
+
+
+class TestApiCommandAvoidsProxies:
+    """``aac-tokend api`` on a plain-http (loopback) base never hands the bearer to a proxy."""
+
+    @pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+    def test_plain_http_base_is_asked_directly(
+        self,
+        origins: tuple[_Origin, _Origin],
+        daemon: _Daemon,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        variable: str,
+    ) -> None:
+        """With a proxy in the environment, the call and its same-origin redirect go direct."""
+        home, proxy = origins  # a proxied request would reach `proxy` in absolute form
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(variable, proxy.url)
+        args = argparse.Namespace(
+            method="GET", path="/redirect?to=/ok", data=None, base_url=home.url, profile="default"
+        )
+        assert run_cli(args) == 0, capsys.readouterr().err
+        assert proxy.seen == []
+        assert _bearers(home) == ["Bearer tok-0", "Bearer tok-0"]
