@@ -79,12 +79,17 @@ FORK_LOCK = CRYPTO_LOCK
 
 @dataclass(frozen=True)
 class CourierJob:
-    """What a courier needs: the profile, the refresh token the daemon believes current."""
+    """What a courier needs: the profile, the refresh token the daemon believes current.
+
+    ``lifetime_days`` is config.toml's refresh_lifetime_days for the profile: the verdict on
+    an invalid_grant needs it when the state has no lifetime of its own.
+    """
 
     profile: str
     refresh_token: str
     state_dir: str
     key: bytes
+    lifetime_days: float | None = None
 
     def to_bytes(self) -> bytes:
         data = {
@@ -92,14 +97,20 @@ class CourierJob:
             "refresh_token": self.refresh_token,
             "state_dir": self.state_dir,
             "key": base64.b64encode(self.key).decode(),
+            "lifetime_days": self.lifetime_days,
         }
         return json.dumps(data).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CourierJob:
         data = json.loads(raw)
+        days = data.get("lifetime_days")
         return cls(
-            data["profile"], data["refresh_token"], data["state_dir"], base64.b64decode(data["key"])
+            data["profile"],
+            data["refresh_token"],
+            data["state_dir"],
+            base64.b64decode(data["key"]),
+            float(days) if days is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -145,6 +156,20 @@ def _persist(store: FileStore, state: ProfileState, kind: str) -> CourierResult:
             delay *= 2
 
 
+def _unjournal(store: FileStore, before: ProfileState) -> None:
+    """Take back a journal whose save failed: nothing was sent, so nothing is in flight.
+
+    The save may have failed after its rename (the directory's fsync), leaving the journal
+    on disk; recovery would then mark a token we never sent as ambiguous and call a later
+    theft of it our own lost answer. The state before the journal goes back as it was (its
+    generation too: the daemon sees that nothing durable happened, and backs off). Best
+    effort: if this save fails too, we cannot tell what the disk holds, and the journal (an
+    ambiguity we cannot rule out) stays.
+    """
+    with contextlib.suppress(StorageError):
+        store.save(before)
+
+
 def carry(
     job: CourierJob,
     store: FileStore,
@@ -178,13 +203,17 @@ def carry(
             if state.in_flight is not None:
                 state = recover_interrupted(state, clock())
             journal = begin_attempt(state, clock())
-            store.save(journal)  # durable before the request leaves
+            try:
+                store.save(journal)  # durable before the request leaves
+            except StorageError:
+                _unjournal(store, state)
+                raise
             step("journaled")
             outcome = endpoint.refresh(endpoint_url, client_id, job.refresh_token, now=clock())
             if on_answer is not None:
                 on_answer()
             step("answered")
-            after = apply_outcome(journal, outcome, clock())
+            after = apply_outcome(journal, outcome, clock(), job.lifetime_days)
             kind = (
                 "refreshed"
                 if isinstance(outcome, Refreshed)

@@ -189,7 +189,9 @@ class Engine:
             self._serving[state.profile] = self._served(state)
             self._corrupt.pop(state.profile, None)
         self._alerter.observe(
-            state.profile, condition_of(state, self._clock.now()), self._clock.now()
+            state.profile,
+            condition_of(state, self._clock.now(), self._lifetime_days(state.profile)),
+            self._clock.now(),
         )
         self._schedule(state)
 
@@ -217,11 +219,18 @@ class Engine:
         else:
             self._scheduler.schedule(state.profile, at, lambda: self.refresh(state.profile))
 
+    def _lifetime_days(self, name: str) -> float | None:
+        return self.config.policy_for(name).refresh_lifetime_days
+
     def set_config(self, config: Config) -> None:
-        """Adopt a reloaded config: every schedule is recomputed."""
+        """Adopt a reloaded config: every schedule is recomputed, every alert looked at again."""
         self.config = config
-        for entry in list(self._profiles.values()):
+        now = self._clock.now()
+        for name, entry in list(self._profiles.items()):
             self._schedule(entry.state)
+            self._alerter.observe(
+                name, condition_of(entry.state, now, self._lifetime_days(name)), now
+            )
 
     def tick(self) -> None:
         """Catch what a sleeping scheduler missed (suspend, clock jump); retry unsaved state."""
@@ -236,7 +245,9 @@ class Engine:
             at = next_refresh_at(entry.state, state_now, self.config.policy_for(name))
             if at is not None and at <= state_now:
                 self._scheduler.schedule(name, now, lambda n=name: self.refresh(n))  # type: ignore[misc]
-            self._alerter.observe(name, condition_of(entry.state, now), now)
+            self._alerter.observe(
+                name, condition_of(entry.state, now, self._lifetime_days(name)), now
+            )
 
     def _retry_unsaved(self, name: str, entry: _Profile) -> None:
         assert entry.unsaved is not None
@@ -272,7 +283,8 @@ class Engine:
             # last error, and the log gets only the power-of-two failure lines below.
             started = log.info if state.consecutive_failures == 0 else log.debug
             started("refresh_started", profile=name, refresh_token=token_hash(state.refresh_token))
-            job = CourierJob(name, state.refresh_token, str(self._store.state_dir), self._key)
+            days = self._lifetime_days(name)
+            job = CourierJob(name, state.refresh_token, str(self._store.state_dir), self._key, days)
             result = self._refresher.refresh(job)
             return self._absorb(name, result)
         finally:
@@ -430,6 +442,7 @@ class Engine:
                     next_refresh=at,
                     token_socket=str(self._socket_path(name)),
                     storage_error=entry.unsaved is not None,
+                    lifetime_days=self.config.policy_for(name).refresh_lifetime_days,
                 )
             )
             # What a reader gets, by both clocks (the report alone knows only the wall clock).
