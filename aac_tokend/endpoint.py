@@ -169,11 +169,12 @@ def classify_response(
         if error in TERMINAL_OAUTH_ERRORS:
             desc = payload.get("error_description") if payload is not None else None
             return Rejected(error, _clean(desc) if isinstance(desc, str) else None, status)
+        said = _clean(error).strip()
         return Transient(
-            f"token endpoint answered HTTP {status} {_clean(error) or 'with an empty error'}"
+            f"token endpoint answered HTTP {status} {said or 'with an empty error'}"
             " (not a verdict on the grant: retrying)",
             retry_after,
-            not error.strip(),  # an empty error is no OAuth answer: who wrote it is unknown
+            not said,  # an empty error is no OAuth answer: who wrote it is unknown
         )
     if status in (408, 429) or 500 <= status <= 599:
         return Transient(f"token endpoint answered HTTP {status}", retry_after, True)

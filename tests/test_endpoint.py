@@ -870,6 +870,12 @@ def one_clean_line(text: str) -> bool:
     return text.isprintable() and len(text) <= 200
 
 
+def _usable(token: str) -> bool:
+    """What a token must be to go on the wire again: printable ASCII without spaces."""
+    token = token.strip()
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token
+
+
 class TestClassifyFuzzed:
     """classify_response always returns an outcome, with clean strings, for any answer."""
 
@@ -891,8 +897,38 @@ class TestClassifyFuzzed:
         else:
             assert isinstance(outcome, Transient)
             assert "\n" not in outcome.reason
-            assert outcome.ambiguous  # an answer came: the request reached something
+            # An answer came: the request reached something, and may have rotated, unless
+            # the server itself said it did not (an OAuth error in a 400/401) or did (a new
+            # refresh token came with it).
+            assert outcome.ambiguous is not (
+                (
+                    status in (400, 401)
+                    and "not a verdict on the grant" in outcome.reason
+                    and "with an empty error" not in outcome.reason
+                )
+                or outcome.rotated_refresh_token is not None
+            )
             assert outcome.retry_after is None or 0 <= outcome.retry_after <= 3600
+
+    @given(
+        st.one_of(st.none(), json_values, st.text(max_size=40)),
+        st.one_of(st.none(), json_values, st.text(max_size=40)),
+    )
+    @settings(max_examples=300)
+    def test_success_keeps_only_a_usable_refresh_token(
+        self, access: object, refresh: object
+    ) -> None:
+        """A 200's refresh token is kept only when it can be sent again; else the doubt stays."""
+        body = {"access_token": access, "refresh_token": refresh, "expires_in": 60}
+        outcome = classify_response(200, {}, json.dumps(body).encode(), NOW)
+        usable = isinstance(refresh, str) and _usable(refresh)
+        kept = refresh.strip() if isinstance(refresh, str) and usable else None
+        if isinstance(outcome, Refreshed):
+            assert outcome.refresh_token == kept
+        else:
+            assert isinstance(outcome, Transient)
+            assert outcome.rotated_refresh_token == kept
+            assert outcome.ambiguous is (kept is None)
 
     @given(st.sampled_from([400, 401]), oauth_like)
     @settings(max_examples=300)
@@ -906,7 +942,8 @@ class TestClassifyFuzzed:
             assert outcome.error_description is None or one_clean_line(outcome.error_description)
         else:
             assert isinstance(outcome, Transient)
-            assert outcome.ambiguous is not (isinstance(error, str) and bool(error.strip()))
+            said = isinstance(error, str) and "".join(c for c in error if c.isprintable()).strip()
+            assert outcome.ambiguous is not bool(said)
             assert one_clean_line(outcome.reason)
 
     @given(retry_after_values, st.floats(min_value=0, max_value=4e9))
