@@ -189,9 +189,14 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _offline_status(paths: Paths) -> list[dict[str, Any]]:
+    from .config import load_config
     from .report import profile_report
 
     store = _offline_store(paths)
+    try:
+        config = load_config(paths.config_dir)
+    except AacTokendError:
+        config = None  # status still answers; `aac-tokend run` says what is wrong with it
     rows = []
     for name in store.profiles() if store else []:
         try:
@@ -206,7 +211,12 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
             rows.append({"profile": name, "state": state, "alert": str(exc)})
             continue
         if state is not None:
-            rows.append(profile_report(state, time.time(), next_refresh=None, token_socket=None))
+            days = config.policy_for(name).refresh_lifetime_days if config else None
+            rows.append(
+                profile_report(
+                    state, time.time(), next_refresh=None, token_socket=None, lifetime_days=days
+                )
+            )
     return rows
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .policy import access_valid, may_retry
+from .policy import access_valid, may_retry, refresh_token_end
 from .state import ProfileState, RejectionReason, TokenKind
 
 __all__ = ["AlertEvent", "Condition", "condition_of", "rejection_alert"]
@@ -88,8 +88,14 @@ def _days(seconds: float) -> str:
     return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
 
 
-def condition_of(state: ProfileState, now: float) -> Condition | None:
-    """The profile's alertable condition at ``now``, or None when all is well."""
+def condition_of(
+    state: ProfileState, now: float, lifetime_days: float | None = None
+) -> Condition | None:
+    """The profile's alertable condition at ``now``, or None when all is well.
+
+    ``lifetime_days`` is config.toml's refresh_lifetime_days: it gives the warnings for a
+    profile imported without a lifetime.
+    """
     todo = _GENERATE.format(profile=state.profile)
     if state.rejection is not None:
         return Condition(
@@ -100,7 +106,19 @@ def condition_of(state: ProfileState, now: float) -> Condition | None:
     ):
         what = "legacy access token" if state.kind is TokenKind.LEGACY else "token chain"
         return Condition(AlertEvent.EXPIRED, "expired", f"the {what} has expired; {todo}")
-    end = state.access_expires_at if state.kind is TokenKind.LEGACY else state.refresh_expires_at
+    if state.kind is TokenKind.LEGACY:
+        end = state.access_expires_at
+    else:
+        estimate = refresh_token_end(state, lifetime_days)
+        end = estimate.at if estimate is not None else None
+        if end is not None and now >= end:
+            # Only an estimate: the chain keeps refreshing until the server refuses it.
+            return Condition(
+                AlertEvent.REFRESH_EXPIRES_SOON,
+                "expires_soon:past",
+                "the refresh token's estimated lifetime has passed; refreshes go on until the "
+                f"server refuses them; {todo} now",
+            )
     if end is not None:
         left = end - now
         for threshold in WARN_BEFORE:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -80,14 +80,23 @@ FORK_LOCK = CRYPTO_LOCK
 
 @dataclass(frozen=True)
 class CourierJob:
-    """What a courier needs: the profile, the refresh token the daemon believes current."""
+    """What a courier needs: the profile, the refresh token the daemon believes current.
+
+    ``lifetime_days`` is config.toml's refresh_lifetime_days for the profile: the verdict on
+    an invalid_grant needs it when the state has no lifetime of its own.
+    """
 
     profile: str
     refresh_token: str
     state_dir: str
     key: bytes
+    # The optional fields are keyword-only: two of them, of different kinds, once took
+    # each other's place in a positional call.
+    _: KW_ONLY
     #: Where an outcome the state disk refuses is kept (pending.py); "" for nowhere.
     pending_dir: str = ""
+    #: The configured refresh lifetime, for the verdict when the state has none.
+    lifetime_days: float | None = None
 
     def to_bytes(self) -> bytes:
         data = {
@@ -96,18 +105,21 @@ class CourierJob:
             "state_dir": self.state_dir,
             "key": base64.b64encode(self.key).decode(),
             "pending_dir": self.pending_dir,
+            "lifetime_days": self.lifetime_days,
         }
         return json.dumps(data).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CourierJob:
         data = json.loads(raw)
+        days = data.get("lifetime_days")
         return cls(
             data["profile"],
             data["refresh_token"],
             data["state_dir"],
             base64.b64decode(data["key"]),
-            data.get("pending_dir", ""),
+            pending_dir=data.get("pending_dir", ""),
+            lifetime_days=float(days) if days is not None else None,
         )
 
     def pending(self) -> PendingStore | None:
@@ -165,6 +177,20 @@ def _persist(
             delay *= 2
 
 
+def _unjournal(store: FileStore, before: ProfileState) -> None:
+    """Take back a journal whose save failed: nothing was sent, so nothing is in flight.
+
+    The save may have failed after its rename (the directory's fsync), leaving the journal
+    on disk; recovery would then mark a token we never sent as ambiguous and call a later
+    theft of it our own lost answer. The state before the journal goes back as it was (its
+    generation too: the daemon sees that nothing durable happened, and backs off). Best
+    effort: if this save fails too, we cannot tell what the disk holds, and the journal (an
+    ambiguity we cannot rule out) stays.
+    """
+    with contextlib.suppress(StorageError):
+        store.save(before)
+
+
 def carry(
     job: CourierJob,
     store: FileStore,
@@ -200,13 +226,17 @@ def carry(
             if state.in_flight is not None:
                 state = recover_interrupted(state, clock())
             journal = begin_attempt(state, clock())
-            store.save(journal)  # durable before the request leaves
+            try:
+                store.save(journal)  # durable before the request leaves
+            except StorageError:
+                _unjournal(store, state)
+                raise
             step("journaled")
             outcome = endpoint.refresh(endpoint_url, client_id, job.refresh_token, now=clock())
             if on_answer is not None:
                 on_answer()
             step("answered")
-            after = apply_outcome(journal, outcome, clock())
+            after = apply_outcome(journal, outcome, clock(), job.lifetime_days)
             kind = (
                 "refreshed"
                 if isinstance(outcome, Refreshed)

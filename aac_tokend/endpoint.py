@@ -140,22 +140,33 @@ def classify_response(
     The server's error text is kept with ``secrets`` (the refresh token just sent) and
     anything token-shaped masked: it goes to the state, ``status`` and the log.
 
-    Every answer but a success or a terminal OAuth error is ambiguous: the request reached
-    something, and a gateway or proxy may have delivered it (and the server rotated) before
-    it answered 5xx, 429 or an HTML error page of its own.
+    Every answer but a success or an OAuth error in a 400/401 is ambiguous: the request
+    reached something, and a gateway or proxy may have delivered it (and the server rotated)
+    before it answered 5xx, 429, 403 or an HTML error page of its own. An OAuth error JSON in
+    a 400/401 is the authorization server's own answer (RFC 6749 s5.2), and a server that
+    answers with an error has not rotated: retryable ones are not ambiguous. Only a 400/401
+    carries a verdict on the grant; the same error under any other status is retried (and
+    stays ambiguous), the safe side when we cannot tell who wrote it.
     """
     payload = _json_object(body) if len(body) <= MAX_BODY_BYTES else None
     retry_after = parse_retry_after(headers.get("Retry-After"), now)
     if status == 200:
         token = payload.get("access_token") if payload else None
+        refresh = payload.get("refresh_token") if payload else None
+        if not isinstance(refresh, str) or not _servable(refresh.strip()):
+            refresh = None  # absent, null, empty or garbled: no new refresh token
         if not isinstance(token, str) or not _servable(token.strip()):
+            if refresh is not None:
+                # Rotated, and the new refresh token is here: keep it, the old one is spent.
+                return Transient(
+                    "token endpoint answered 200 with a new refresh token but no usable "
+                    "access_token",
+                    rotated_refresh_token=refresh.strip(),
+                )
             # The server may have rotated the refresh token before the answer got garbled.
             return Transient(
                 "token endpoint answered 200 without a usable access_token", None, True
             )
-        refresh = payload.get("refresh_token") if payload else None
-        if not isinstance(refresh, str) or not refresh.strip():
-            refresh = None
         return Refreshed(
             token.strip(),
             refresh.strip() if refresh else None,
@@ -167,12 +178,12 @@ def classify_response(
             desc = payload.get("error_description") if payload is not None else None
             desc = _clean(desc, secrets) if isinstance(desc, str) else None
             return Rejected(error, desc, status)
+        said = _clean(error, secrets).strip()
         return Transient(
-            f"token endpoint answered HTTP {status} "
-            f"{_clean(error, secrets) or 'with an empty error'}"
+            f"token endpoint answered HTTP {status} {said or 'with an empty error'}"
             " (not a verdict on the grant: retrying)",
             retry_after,
-            True,
+            not said,  # an empty error is no OAuth answer: who wrote it is unknown
         )
     if status in (408, 429) or 500 <= status <= 599:
         return Transient(f"token endpoint answered HTTP {status}", retry_after, True)

@@ -289,7 +289,9 @@ class Engine:
             self._serving[state.profile] = self._served(state)
             self._unusable.pop(state.profile, None)
         self._alerter.observe(
-            state.profile, condition_of(state, self._clock.now()), self._clock.now()
+            state.profile,
+            condition_of(state, self._clock.now(), self._lifetime_days(state.profile)),
+            self._clock.now(),
         )
         self._schedule(state)
 
@@ -317,11 +319,18 @@ class Engine:
         else:
             self._scheduler.schedule(state.profile, at, lambda: self.refresh(state.profile))
 
+    def _lifetime_days(self, name: str) -> float | None:
+        return self.config.policy_for(name).refresh_lifetime_days
+
     def set_config(self, config: Config) -> None:
-        """Adopt a reloaded config: every schedule is recomputed."""
+        """Adopt a reloaded config: every schedule is recomputed, every alert looked at again."""
         self.config = config
-        for entry in list(self._profiles.values()):
+        now = self._clock.now()
+        for name, entry in list(self._profiles.items()):
             self._schedule(entry.state)
+            self._alerter.observe(
+                name, condition_of(entry.state, now, self._lifetime_days(name)), now
+            )
 
     def tick(self) -> None:
         """Catch what a sleeping scheduler missed (suspend, clock jump); retry unsaved state.
@@ -340,7 +349,9 @@ class Engine:
             at = next_refresh_at(entry.state, state_now, self.config.policy_for(name))
             if at is not None and at <= state_now:
                 self._scheduler.schedule(name, now, lambda n=name: self.refresh(n))  # type: ignore[misc]
-            self._alerter.observe(name, condition_of(entry.state, now), now)
+            self._alerter.observe(
+                name, condition_of(entry.state, now, self._lifetime_days(name)), now
+            )
 
     def _retry_unsaved(self, name: str, entry: _Profile) -> None:
         assert entry.unsaved is not None
@@ -379,7 +390,12 @@ class Engine:
             started("refresh_started", profile=name, refresh_token=token_hash(state.refresh_token))
             pending_dir = str(self._pending.directory) if self._pending else ""
             job = CourierJob(
-                name, state.refresh_token, str(self._store.state_dir), self._key, pending_dir
+                name,
+                state.refresh_token,
+                str(self._store.state_dir),
+                self._key,
+                pending_dir=pending_dir,
+                lifetime_days=self._lifetime_days(name),
             )
             result = self._refresher.refresh(job)
             return self._absorb(name, result)
@@ -558,6 +574,7 @@ class Engine:
                 next_refresh=at,
                 token_socket=str(self._socket_path(name)),
                 storage_error=entry.unsaved is not None,
+                lifetime_days=self._lifetime_days(name),
             )
             # What a reader gets, by both clocks (the report alone knows only the wall clock).
             row["token_valid"] = row["token_valid"] and self.current_token(name) is not None

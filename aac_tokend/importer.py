@@ -326,9 +326,10 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
     # does not extend it), and shows the access token generated with it: its iat is that
     # moment. Counting from the import instead would put the end days late for a pair pasted
     # days after it was generated, and its natural end would look like a theft.
-    born = now
+    issued = None
     if claims is not None and claims.iat is not None and claims.iat <= now:
-        born = claims.iat
+        issued = claims.iat
+    born = issued if issued is not None else now
     refresh_expires = None
     if lifetime is not None:
         refresh_expires = born + lifetime * DAY
@@ -338,5 +339,5 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
         profile=profile, kind=TokenKind.OAUTH, access_token=access, refresh_token=refresh,
         token_endpoint=endpoint, client_id=client_id, api_base_url=api,
         access_obtained_at=obtained, access_expires_at=expires,
-        refresh_expires_at=refresh_expires, imported_at=now,
+        refresh_expires_at=refresh_expires, imported_at=now, pair_issued_at=issued,
     )  # fmt: skip

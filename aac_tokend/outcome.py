@@ -34,11 +34,18 @@ class Transient:
 
     ``ambiguous`` is True when the request may have reached the server (a read timeout,
     a reset after sending, a garbled success): the server may have rotated the token.
+    ``rotated_refresh_token`` is a new refresh token from a success without a usable access
+    token: the server rotated, the old one is spent, retry with this one.
     """
 
     reason: str
     retry_after: float | None = None
     ambiguous: bool = False
+    rotated_refresh_token: str | None = None
+
+    def __repr__(self) -> str:
+        rotated = self.rotated_refresh_token is not None
+        return f"Transient(reason={self.reason!r}, ambiguous={self.ambiguous}, rotated={rotated})"
 
 
 RefreshOutcome = Refreshed | Rejected | Transient

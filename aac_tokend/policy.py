@@ -15,6 +15,7 @@ from .state import InFlight, ProfileState, Rejection, RejectionReason, Status, T
 from .tokens import token_hash
 
 __all__ = [
+    "LifetimeEnd",
     "PolicySettings",
     "access_valid",
     "apply_outcome",
@@ -24,13 +25,11 @@ __all__ = [
     "may_retry",
     "next_refresh_at",
     "recover_interrupted",
+    "refresh_token_end",
     "status_of",
 ]
 
-#: Refresh-token lifetimes are known only roughly (from the access token's iat, or from the
-#: import when it has none): keep retrying transient failures this long past the estimate
-#: before calling the chain expired.
-REFRESH_EXPIRY_GRACE_SECONDS = 3600.0
+DAY = 86400.0
 
 #: A served token must outlive the read by this much, so a reader never gets a token that
 #: dies while its API call is in flight.
@@ -51,11 +50,14 @@ ASSUMED_LIFETIME_SECONDS = 300.0
 UNREACHED_RETRY_CAP_SECONDS = 5.0
 
 #: An invalid_grant this close before our estimate of the refresh token's end is its natural
-#: end, not a theft (see ``refresh_token_at_its_end``): people paste a token within minutes or
-#: hours of generating it. At most a day, and at most a tenth of the lifetime, so that a
-#: theft early in a short-lived chain is still called one.
-IMPORT_LAG_SECONDS = 86400.0
-IMPORT_LAG_FRACTION = 0.1
+#: end, not a theft (see ``refresh_token_at_its_end``). The end is AAC's own instant, read on
+#: its clock; ours may differ. A synchronised host is off by well under a second, one whose
+#: clock drifts freely by seconds a day, i.e. minutes over a chain's months: an hour covers
+#: that with room, and still calls a theft one unless it falls in the chain's last hour.
+#: At most a tenth of the lifetime, so that a short-lived chain (a refresh_token_expires_in
+#: of minutes) keeps its early part for the theft verdict.
+CLOCK_SKEW_SLACK_SECONDS = 3600.0
+CLOCK_SKEW_SLACK_FRACTION = 0.1
 
 #: How ``endpoint.TokenEndpoint`` starts the reason of an attempt that never reached the
 #: server; the only trace of that fact in the state (a scenario test pins the pairing).
@@ -87,32 +89,60 @@ def access_valid(state: ProfileState, now: float) -> bool:
     return now + SERVE_MARGIN_SECONDS < state.access_expires_at
 
 
-def refresh_token_expired(state: ProfileState, now: float) -> bool:
-    """True once the refresh token's known lifetime has passed."""
-    return state.refresh_expires_at is not None and now >= state.refresh_expires_at
+@dataclass(frozen=True)
+class LifetimeEnd:
+    """Our estimate of the refresh token's end, and what it counts from."""
+
+    at: float
+    origin: float
+    # Counted from the pair's iat, AAC's own origin. False: from the import, which came
+    # later by however long the paste took, so the estimate is late by that much.
+    from_issue: bool
 
 
-def refresh_token_at_its_end(state: ProfileState, now: float) -> bool:
+def refresh_token_end(
+    state: ProfileState, lifetime_days: float | None = None
+) -> LifetimeEnd | None:
+    """The refresh token's estimated end: stored at import, else from the configured days.
+
+    ``lifetime_days`` is config.toml's refresh_lifetime_days: it counts for a profile imported
+    without a lifetime (also one imported before the key was set), from the same origin the
+    import would have used.
+    """
+    from_issue = state.pair_issued_at is not None
+    origin = state.pair_issued_at if state.pair_issued_at is not None else state.imported_at
+    if state.refresh_expires_at is not None:
+        return LifetimeEnd(state.refresh_expires_at, origin, from_issue)
+    if lifetime_days is not None:
+        return LifetimeEnd(origin + lifetime_days * DAY, origin, from_issue)
+    return None
+
+
+def refresh_token_at_its_end(
+    state: ProfileState, now: float, lifetime_days: float | None = None
+) -> bool:
     """True once the refresh token may have reached its end, by the server's reckoning.
 
-    AAC counts the lifetime from generation. We count it from the pasted access token's
-    iat, which is that moment; an opaque token has none, and then we count from the import,
-    which came later by however long the person took to paste it. The slack covers that.
+    AAC counts the lifetime from generation. Counted from the pair's iat, our estimate is
+    that instant, give or take the clocks' skew (the slack). Counted from the import, it
+    is late by the paste delay, so past it the end has surely come.
     """
-    if state.refresh_expires_at is None:
+    end = refresh_token_end(state, lifetime_days)
+    if end is None:
         return False
-    lifetime = max(state.refresh_expires_at - state.imported_at, 0.0)
-    slack = min(IMPORT_LAG_SECONDS, lifetime * IMPORT_LAG_FRACTION)
-    return now >= state.refresh_expires_at - slack
+    lifetime = max(end.at - end.origin, 0.0)
+    slack = min(CLOCK_SKEW_SLACK_SECONDS, lifetime * CLOCK_SKEW_SLACK_FRACTION)
+    return now >= end.at - slack
 
 
 def may_retry(state: ProfileState, now: float) -> bool:
-    """True while a refresh can still succeed: OAuth, not rejected, refresh token maybe alive."""
-    if state.kind is not TokenKind.OAUTH or state.rejection is not None:
-        return False
-    if state.refresh_expires_at is None:
-        return True
-    return now < state.refresh_expires_at + REFRESH_EXPIRY_GRACE_SECONDS
+    """True while the server may still refresh: an OAuth chain it has not refused.
+
+    Our estimate of the refresh token's end never stops refreshes: it is a guess (a lifetime
+    typed at import, a config default), and only the server knows. Past it the chain keeps
+    refreshing, and an invalid_grant then ends it with the verdict refresh_token_expired.
+    """
+    return state.kind is TokenKind.OAUTH and state.rejection is None
 
 
 def backoff_delay(state: ProfileState, settings: PolicySettings) -> float:
@@ -159,12 +189,14 @@ def next_refresh_at(state: ProfileState, now: float, settings: PolicySettings) -
 
 
 def status_of(state: ProfileState, now: float) -> Status:
-    """The status a person sees: rejected, expired, retrying or ok."""
+    """The status a person sees: rejected, expired, retrying or ok.
+
+    Expired is a legacy token past its expiry: an OAuth chain ends only when the server
+    refuses it (rejected), never on our estimate of its lifetime.
+    """
     if state.rejection is not None:
         return Status.REJECTED
-    if not access_valid(state, now) and (
-        state.kind is TokenKind.LEGACY or not may_retry(state, now)
-    ):
+    if not access_valid(state, now) and not may_retry(state, now):
         return Status.EXPIRED
     if state.consecutive_failures > 0:
         return Status.RETRYING
@@ -197,23 +229,28 @@ def recover_interrupted(state: ProfileState, now: float) -> ProfileState:
     )
 
 
-def classify_rejection(state: ProfileState, rejected: Rejected, now: float) -> RejectionReason:
+def classify_rejection(
+    state: ProfileState, rejected: Rejected, now: float, lifetime_days: float | None = None
+) -> RejectionReason:
     """Why the chain broke, from what we know of our own history.
 
     An invalid_grant is called a theft (reuse_suspected) only when the daemon knows the token
     was alive and unspent by us: no answer of ours was lost with it, the server itself handed
-    it to us (a refresh since the import), and its known lifetime had not run out. Short of
-    that the verdict says what we cannot tell.
+    it to us (a refresh since the import), and its lifetime, counted from the pair's
+    generation, had not run out. Short of that the verdict says what we cannot tell.
     """
     if rejected.error == "invalid_grant":
         sent = token_hash(state.refresh_token) if state.refresh_token else None
         if sent is not None and state.ambiguous_rt_hash == sent:
             return RejectionReason.AFTER_LOST_RESPONSE
-        if refresh_token_at_its_end(state, now):
+        if refresh_token_at_its_end(state, now, lifetime_days):
             return RejectionReason.REFRESH_TOKEN_EXPIRED
         if state.refresh_count == 0:
             return RejectionReason.REFUSED_AFTER_IMPORT
-        if state.refresh_expires_at is None:
+        end = refresh_token_end(state, lifetime_days)
+        if end is None or not end.from_issue:
+            # Counted from the import, the true end came earlier by the paste delay, which
+            # we do not know: before our estimate a natural end and a theft look the same.
             return RejectionReason.EXPIRED_OR_REUSED
         return RejectionReason.REUSE_SUSPECTED
     if rejected.error == "invalid_client":
@@ -221,8 +258,14 @@ def classify_rejection(state: ProfileState, rejected: Rejected, now: float) -> R
     return RejectionReason.OAUTH_ERROR
 
 
-def apply_outcome(state: ProfileState, outcome: RefreshOutcome, now: float) -> ProfileState:
-    """The state after a refresh attempt that started from ``state``."""
+def apply_outcome(
+    state: ProfileState, outcome: RefreshOutcome, now: float, lifetime_days: float | None = None
+) -> ProfileState:
+    """The state after a refresh attempt that started from ``state``.
+
+    ``lifetime_days`` is config.toml's refresh_lifetime_days (see ``refresh_token_end``).
+    """
+    sent = token_hash(state.refresh_token) if state.refresh_token else None
     if isinstance(outcome, Refreshed):
         return state.bumped(
             access_token=outcome.access_token,
@@ -237,17 +280,34 @@ def apply_outcome(state: ProfileState, outcome: RefreshOutcome, now: float) -> P
             retry_not_before=None,
             rejection=None,
             in_flight=None,
-            ambiguous_rt_hash=None,
+            # A success without a new refresh token: the server kept the old one (RFC 6749
+            # s6 allows it), or it rotated and the new one was lost on the way (a gateway
+            # rewriting the body). We cannot tell which, so the token just sent stays
+            # marked: if it is refused later, our own lost rotation is the likely cause.
+            ambiguous_rt_hash=None if outcome.refresh_token else sent,
         )
     if isinstance(outcome, Rejected):
-        reason = classify_rejection(state, outcome, now)
+        reason = classify_rejection(state, outcome, now, lifetime_days)
         return state.bumped(
             rejection=Rejection(reason, outcome.error, outcome.error_description, now),
             in_flight=None,
             last_attempt_at=now,
             last_error=f"rejected: {outcome.error}",
         )
-    sent = token_hash(state.refresh_token) if state.refresh_token else None
+    if outcome.rotated_refresh_token is not None:
+        # The server rotated and handed us the new refresh token, but no usable access token:
+        # keep the new refresh token (the old one is spent) and retry for the access token.
+        # It came from the server, so it counts as a refresh for the verdicts.
+        return state.bumped(
+            refresh_token=outcome.rotated_refresh_token,
+            refresh_count=state.refresh_count + 1,
+            consecutive_failures=state.consecutive_failures + 1,
+            last_error=outcome.reason,
+            last_attempt_at=now,
+            retry_not_before=None,
+            in_flight=None,
+            ambiguous_rt_hash=None,
+        )
     return state.bumped(
         consecutive_failures=state.consecutive_failures + 1,
         last_error=outcome.reason,

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .conditions import condition_of
-from .policy import access_valid, status_of
-from .state import ProfileState
+from .policy import access_valid, refresh_token_end, status_of
+from .state import ProfileState, TokenKind
 
 __all__ = ["CHECK_EXIT", "check_rows", "iso", "profile_report", "status_text"]
 
@@ -70,9 +70,15 @@ def profile_report(
     next_refresh: float | None,
     token_socket: str | None,
     storage_error: bool = False,
+    lifetime_days: float | None = None,
 ) -> dict[str, Any]:
-    """The status of one profile; no token, only facts about it."""
-    condition = condition_of(state, now)
+    """The status of one profile; no token, only facts about it.
+
+    ``lifetime_days`` is config.toml's refresh_lifetime_days: the refresh token's end for a
+    profile imported without a lifetime.
+    """
+    condition = condition_of(state, now, lifetime_days)
+    end = refresh_token_end(state, lifetime_days) if state.kind is TokenKind.OAUTH else None
     alert = condition.message if condition else None
     if storage_error:
         alert = "the newest tokens could not be written to disk; free space or fix the state dir"
@@ -92,7 +98,7 @@ def profile_report(
         "access_expires_at": iso(state.access_expires_at),
         "next_refresh_at": iso(next_refresh),
         "last_refresh_at": iso(state.last_refresh_at),
-        "refresh_expires_at": iso(state.refresh_expires_at),
+        "refresh_expires_at": iso(end.at if end is not None else state.refresh_expires_at),
         "refresh_count": state.refresh_count,
         "consecutive_failures": state.consecutive_failures,
         "last_error": state.last_error,

@@ -31,9 +31,10 @@ __all__ = [
     "validate_profile_name",
 ]
 
-#: Version 2 added the spent-token history; version 1 files (without it) are still read.
-FORMAT_VERSION = 2
-_READABLE_FORMATS = (1, 2)
+#: Version 2 added the spent-token history, version 3 the pair's issue time; older files
+#: (without them) are still read.
+FORMAT_VERSION = 3
+_READABLE_FORMATS = (1, 2, 3)
 
 #: Profile names become file and socket names: keep them short and shell-safe.
 _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -122,6 +123,10 @@ class ProfileState:
     access_expires_at: float | None  # None: a legacy token without expiry
     refresh_expires_at: float | None = None  # None: lifetime not known
     imported_at: float = 0.0
+    # The pasted pair's iat: when AAC generated it, where it counts the refresh token's
+    # lifetime from. None: not known (an opaque token, no iat, a state from before format 3);
+    # then the lifetime counts from imported_at, later by however long the paste took.
+    pair_issued_at: float | None = None
     last_refresh_at: float | None = None
     refresh_count: int = 0
     consecutive_failures: int = 0

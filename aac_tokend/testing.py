@@ -225,6 +225,7 @@ def oauth_state(**changes: Any) -> ProfileState:
         access_obtained_at=T0,
         access_expires_at=T0 + 3600,
         imported_at=T0,
+        pair_issued_at=T0,  # a pasted JWT pair: its iat, the import at once
     )
     return replace(base, **changes)
 

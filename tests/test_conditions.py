@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aac_tokend.conditions import AlertEvent, condition_of, rejection_alert
-from aac_tokend.policy import REFRESH_EXPIRY_GRACE_SECONDS
 from aac_tokend.state import ProfileState, Rejection, RejectionReason, TokenKind
 from aac_tokend.testing import oauth_state
 
@@ -97,15 +96,20 @@ class TestRejected:
 
 
 class TestExpired:
-    """A chain that can no longer give a token is expired."""
+    """A token that can no longer be had is expired; an OAuth chain only by the server's word."""
 
-    def test_chain_expired(self) -> None:
-        """Access dead and refresh token past its lifetime plus grace: expired, with import."""
-        now = T0 + 30 * DAY + REFRESH_EXPIRY_GRACE_SECONDS + 1
-        condition = condition_of(oauth(), now)
+    @given(st.floats(min_value=0.0, max_value=400 * DAY))
+    @settings(max_examples=100)
+    def test_chain_past_its_estimate_is_not_expired(self, late: float) -> None:
+        """Past the estimated end the chain keeps refreshing: the alert says so, not expired."""
+        condition = condition_of(oauth(), T0 + 30 * DAY + late)
         assert condition is not None
-        assert (condition.event, condition.key) == (AlertEvent.EXPIRED, "expired")
-        assert "token chain has expired" in condition.message
+        assert (condition.event, condition.key) == (
+            AlertEvent.REFRESH_EXPIRES_SOON,
+            "expires_soon:past",
+        )
+        assert "estimated lifetime has passed" in condition.message
+        assert "until the server refuses them" in condition.message
         assert IMPORT_HINT in condition.message
 
     def test_legacy_expired(self) -> None:
@@ -144,18 +148,30 @@ class TestExpiresSoon:
         assert condition.key == "expires_soon:1d"
         assert "5.0 hours" in condition.message
 
-    @given(st.floats(min_value=-REFRESH_EXPIRY_GRACE_SECONDS + 1, max_value=40 * DAY))
+    @given(st.floats(min_value=-10 * DAY, max_value=40 * DAY))
     @settings(max_examples=200)
     def test_key_by_time_left(self, left: float) -> None:
         """The key depends only on which threshold the time left is under."""
         state = oauth(access_expires_at=T0 + 60 * DAY)  # keep the access token alive
-        condition = condition_of(state, T0 + 30 * DAY - left)
+        now = T0 + 30 * DAY - left
+        left = T0 + 30 * DAY - now  # as the epoch's float rounding leaves it
+        condition = condition_of(state, now)
         if left > 7 * DAY:
             assert condition is None
         else:
             assert condition is not None
-            assert condition.key == ("expires_soon:1d" if left <= DAY else "expires_soon:7d")
+            keys = {True: "expires_soon:1d", False: "expires_soon:7d"}
+            expected = "expires_soon:past" if left <= 0 else keys[left <= DAY]
+            assert condition.key == expected
             assert "expires in -" not in condition.message
+
+    def test_configured_lifetime_warns_for_a_profile_without_one(self) -> None:
+        """config.toml's lifetime counts for a profile imported without one, from its iat."""
+        state = oauth(refresh_expires_at=None, pair_issued_at=T0 - 2 * DAY)
+        condition = condition_of(state, T0 + 25 * DAY, lifetime_days=30)
+        assert condition is not None
+        assert condition.key == "expires_soon:7d"
+        assert "refresh token expires in 3.0 days" in condition.message
 
     def test_unknown_refresh_lifetime_is_quiet(self) -> None:
         """Without a known refresh-token lifetime there is nothing to warn about."""

@@ -318,8 +318,9 @@ def chain_run(dot_server: DotServer) -> Iterator[ChainRun]:
     """Import a DOT pair, let the daemon rotate it, replay the original refresh token."""
     home, run = _make_home(), ChainRun()
     pair = dot_server.password_grant()
-    # DOT's answer has no refresh lifetime: without one, a replay could not be told from the
-    # token's natural end (expired_or_reused). DOT's default is far longer than a day.
+    # DOT's answer has no refresh lifetime, and its tokens are opaque (no iat): the lifetime
+    # counts from the import, so a replay cannot be told from the token's natural end
+    # (expired_or_reused) even with a lifetime given. DOT's default is far longer than a day.
     done = _import(dot_server, home, pair, "--refresh-lifetime-days", "1")
     assert done.returncode == 0, done.stderr
     with (home / "daemon.log").open("wb") as log:
@@ -378,14 +379,14 @@ class TestRotationAgainstDot:
         assert chain_run.replay_status == 400
         assert chain_run.replay_body.get("error") == "invalid_grant"
 
-    def test_next_refresh_reports_reuse_suspected(self, chain_run: ChainRun) -> None:
-        """The daemon's next refresh is rejected and reported as suspected reuse."""
+    def test_next_refresh_reports_expired_or_reused(self, chain_run: ChainRun) -> None:
+        """The next refresh is rejected; without an iat it cannot be called theft for sure."""
         assert chain_run.refresh_cli is not None
         assert chain_run.refresh_cli.returncode == 69
         assert chain_run.refresh_cli.stdout.startswith("default: rejected")
         assert chain_run.rejected["state"] == "rejected"
         rejection = chain_run.rejected["rejection"]
-        assert (rejection["reason"], rejection["error"]) == ("reuse_suspected", "invalid_grant")
+        assert (rejection["reason"], rejection["error"]) == ("expired_or_reused", "invalid_grant")
 
     def test_reuse_revokes_the_whole_family(self, chain_run: ChainRun) -> None:
         """DOT revoked every token of the chain: the daemon's own refresh and access tokens too."""

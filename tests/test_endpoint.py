@@ -414,7 +414,7 @@ class TestOddAnswers:
         [
             lambda h: h.reply(200, b"<html>welcome</html>"),
             lambda h: h.reply(200, b""),
-            lambda h: h.reply_json(200, {"refresh_token": "new-rt"}),
+            lambda h: h.reply_json(200, {"refresh_token": ""}),
             lambda h: h.reply_json(200, {"access_token": ""}),
             lambda h: h.reply_json(200, {"access_token": 12345}),
             lambda h: h.reply_json(200, {"access_token": "has space inside"}),
@@ -431,6 +431,33 @@ class TestOddAnswers:
         """A 200 without a usable access token is ambiguous: the server may have rotated."""
         outcome = call(endpoint, odd(answer))
         assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert outcome.rotated_refresh_token is None
+
+    @pytest.mark.parametrize(
+        "access", [None, "", 12345, "has space inside", "ctrl\u0007char"], ids=repr
+    )
+    def test_new_refresh_token_without_access_token_is_kept(
+        self, endpoint: TokenEndpoint, odd: Any, access: object
+    ) -> None:
+        """A 200 with a new refresh token but no usable access token keeps the new one."""
+        body: dict[str, Any] = {"refresh_token": " new-rt ", "expires_in": 3600}
+        if access is not None:
+            body["access_token"] = access
+        outcome = call(endpoint, odd(lambda h: h.reply_json(200, body)))
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
+        assert outcome.rotated_refresh_token == "new-rt"
+        assert "new-rt" not in repr(outcome)
+
+    @pytest.mark.parametrize("refresh", [None, "", "   ", 7, "two words"], ids=repr)
+    def test_success_without_usable_refresh_token(
+        self, endpoint: TokenEndpoint, odd: Any, refresh: object
+    ) -> None:
+        """A 200 whose refresh token is absent, null, empty or garbled carries none."""
+        body: dict[str, Any] = {"access_token": "good-at", "expires_in": 3600}
+        if refresh is not None:
+            body["refresh_token"] = refresh
+        outcome = call(endpoint, odd(lambda h: h.reply_json(200, body)))
+        assert isinstance(outcome, Refreshed) and outcome.refresh_token is None
 
     def test_closed_without_answer(self, endpoint: TokenEndpoint, odd: Any) -> None:
         """A server that reads the request and closes without answering: ambiguous."""
@@ -540,11 +567,25 @@ class TestRetryableOAuthErrors:
     def test_retry_codes_are_transient(
         self, endpoint: TokenEndpoint, odd: Any, error: str, status: int
     ) -> None:
-        """server_error, temporarily_unavailable and unknown codes are transient, ambiguous."""
+        """A retryable OAuth error in a 400/401 is the server's own: transient, not ambiguous."""
         server = odd(lambda h: h.reply_json(status, {"error": error}, {"Retry-After": "30"}))
         outcome = call(endpoint, server)
-        assert isinstance(outcome, Transient) and outcome.ambiguous
+        assert isinstance(outcome, Transient) and not outcome.ambiguous
         assert outcome.retry_after == 30 and error in outcome.reason
+
+    @pytest.mark.parametrize("error", ["server_error", "temporarily_unavailable", "invalid_grant"])
+    @pytest.mark.parametrize("status", [403, 429, 500, 502, 503])
+    def test_other_statuses_stay_ambiguous(
+        self, endpoint: TokenEndpoint, odd: Any, error: str, status: int
+    ) -> None:
+        """The same JSON under another status may be a gateway's: retried, ambiguous."""
+        outcome = call(endpoint, odd(lambda h: h.reply_json(status, {"error": error})))
+        assert isinstance(outcome, Transient) and outcome.ambiguous
+
+    def test_empty_error_stays_ambiguous(self, endpoint: TokenEndpoint, odd: Any) -> None:
+        """A 400 whose error is empty is no OAuth answer: who wrote it is unknown."""
+        outcome = call(endpoint, odd(lambda h: h.reply_json(400, {"error": " "})))
+        assert isinstance(outcome, Transient) and outcome.ambiguous
 
     @pytest.mark.parametrize("error", sorted(TERMINAL_OAUTH_ERRORS))
     def test_grant_codes_are_rejections(
@@ -829,6 +870,12 @@ def one_clean_line(text: str) -> bool:
     return text.isprintable() and len(text) <= 200
 
 
+def _usable(token: str) -> bool:
+    """What a token must be to go on the wire again: printable ASCII without spaces."""
+    token = token.strip()
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token
+
+
 class TestClassifyFuzzed:
     """classify_response always returns an outcome, with clean strings, for any answer."""
 
@@ -850,8 +897,38 @@ class TestClassifyFuzzed:
         else:
             assert isinstance(outcome, Transient)
             assert "\n" not in outcome.reason
-            assert outcome.ambiguous  # an answer came: the request reached something
+            # An answer came: the request reached something, and may have rotated, unless
+            # the server itself said it did not (an OAuth error in a 400/401) or did (a new
+            # refresh token came with it).
+            assert outcome.ambiguous is not (
+                (
+                    status in (400, 401)
+                    and "not a verdict on the grant" in outcome.reason
+                    and "with an empty error" not in outcome.reason
+                )
+                or outcome.rotated_refresh_token is not None
+            )
             assert outcome.retry_after is None or 0 <= outcome.retry_after <= 3600
+
+    @given(
+        st.one_of(st.none(), json_values, st.text(max_size=40)),
+        st.one_of(st.none(), json_values, st.text(max_size=40)),
+    )
+    @settings(max_examples=300)
+    def test_success_keeps_only_a_usable_refresh_token(
+        self, access: object, refresh: object
+    ) -> None:
+        """A 200's refresh token is kept only when it can be sent again; else the doubt stays."""
+        body = {"access_token": access, "refresh_token": refresh, "expires_in": 60}
+        outcome = classify_response(200, {}, json.dumps(body).encode(), NOW)
+        usable = isinstance(refresh, str) and _usable(refresh)
+        kept = refresh.strip() if isinstance(refresh, str) and usable else None
+        if isinstance(outcome, Refreshed):
+            assert outcome.refresh_token == kept
+        else:
+            assert isinstance(outcome, Transient)
+            assert outcome.rotated_refresh_token == kept
+            assert outcome.ambiguous is (kept is None)
 
     @given(st.sampled_from([400, 401]), oauth_like)
     @settings(max_examples=300)
@@ -864,7 +941,9 @@ class TestClassifyFuzzed:
             assert one_clean_line(outcome.error)
             assert outcome.error_description is None or one_clean_line(outcome.error_description)
         else:
-            assert isinstance(outcome, Transient) and outcome.ambiguous
+            assert isinstance(outcome, Transient)
+            said = isinstance(error, str) and "".join(c for c in error if c.isprintable()).strip()
+            assert outcome.ambiguous is not bool(said)
             assert one_clean_line(outcome.reason)
 
     @given(retry_after_values, st.floats(min_value=0, max_value=4e9))
