@@ -163,9 +163,12 @@ def _respond(handler: ControlHandler, request: dict[str, object], echo: bytes) -
         return _failure("internal_error", type(exc).__name__, echo)
 
 
-# What _unsafe_value needs of a line that parsed as JSON, at C speed: its strings (an escaped
-# quote inside one included), the bytes that are not brackets, and innermost bracket pairs.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# What _unsafe_value needs of a line that parsed as strict UTF-8 JSON, at C speed: its
+# strings (an escaped quote inside one included), the bytes that are not brackets, and
+# innermost bracket pairs. The quantifiers are possessive, so no match ever backtracks: on a
+# line that parsed, every quote outside a string opens one that closes, and one sub() is one
+# linear pass.
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
 
@@ -195,12 +198,26 @@ def _unsafe_value(line: bytes, obj: object) -> str | None:
 
 
 def _parse(line: bytes) -> tuple[dict[str, object] | None, bytes, str | None]:
-    """Return (request, encoded id or b"", None), or (what parsed, echo, why it is bad)."""
+    """Return (request, encoded id or b"", None), or (what parsed, echo, why it is bad).
+
+    The line is decoded as strict UTF-8 before anything else looks at it: json.loads of bytes
+    would also take UTF-16 and UTF-32, where the byte scan of _unsafe_value reads brackets
+    and quotes that are not there (and its regex could be made to backtrack).
+    """
+    # A NUL is valid UTF-8 but never valid JSON; it is what UTF-16 and UTF-32 text is full of.
+    bad = line.find(b"\0")
+    if bad < 0:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = exc.start
+    if bad >= 0:
+        return None, b"", f"the request is not UTF-8 JSON (byte {bad} is wrong); send UTF-8"
     try:
-        obj = json.loads(line)
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, b"", f"the request is not valid JSON ({exc.msg} at column {exc.colno})"
-    except (ValueError, RecursionError):  # bad UTF-8, nesting too deep, a 5000-digit number
+    except (ValueError, RecursionError):  # nesting too deep, a 5000-digit number
         return None, b"", "the request could not be parsed as JSON"
     if not isinstance(obj, dict):
         return None, b"", "the request must be a JSON object"
@@ -469,10 +486,12 @@ class ControlServer:
                 self._too_large(conn)
                 break
             answered += 1
-            if not self._take_token(conn, now):
-                self._queue(conn, _failure("rate_limited", "too many requests; slow down"))
-                continue
+            # Parsed before the rate check, so a rate_limited answer echoes its id too: the
+            # parse is linear and C-speed, costing no more than reading the line did.
             request, echo, problem = _parse(line)
+            if not self._take_token(conn, now):
+                self._queue(conn, _failure("rate_limited", "too many requests; slow down", echo))
+                continue
             if problem is not None or request is None:
                 self._queue(conn, _failure("bad_request", problem or "bad request", echo))
                 continue

@@ -203,6 +203,20 @@ class TestProtocol:
         assert bad["code"] == "bad_request"
         assert good["ok"] is True
 
+    def test_utf16_request_cannot_smuggle_nesting(
+        self, server: ControlServer, handler: FakeHandler
+    ) -> None:
+        """A UTF-16 request nested 300 deep is refused as not UTF-8, never run or echoed."""
+        nested = "[" * 300 + "]" * 300
+        line = ('{"a":"\u5c00","id":' + nested + ',"op":"status"}').encode("utf-16-le")
+        with connect(server.path) as sock:
+            sock.sendall(line + b"\n")
+            (answer,) = read_lines(sock, 1)
+        assert answer["code"] == "bad_request"
+        assert "not UTF-8" in str(answer["message"])
+        assert "id" not in answer
+        assert handler.requests == []
+
     def test_id_is_echoed(self, server: ControlServer, handler: FakeHandler) -> None:
         """The request's id comes back in the answer, also on errors."""
         with connect(server.path) as sock:
@@ -379,6 +393,42 @@ class TestRequestCheck:
             valid = False
         assert (problem is None) == valid, problem
 
+    @settings(max_examples=200, deadline=None)
+    @given(
+        value=_nested(),
+        encoding=st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"]),
+    )
+    def test_only_utf8_is_read(self, value: object, encoding: str) -> None:
+        """A request in UTF-16 or UTF-32 (which json.loads of bytes would take) is refused."""
+        line = json.dumps({"op": "status", "x": value}, ensure_ascii=False).encode(encoding)
+        request, echo, problem = control_server._parse(line)
+        assert problem is not None and "not UTF-8" in problem
+        assert (request, echo) == (None, b"")
+
+    def test_hostile_lines_parse_in_linear_time(self) -> None:
+        """64 KiB lines built to make the string scan backtrack parse about as fast as a plain
+        64 KiB string (a quadratic scan took seconds for 16 KiB)."""
+
+        def parse_time(line: bytes) -> float:
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                control_server._parse(line)
+                best = min(best, time.perf_counter() - started)
+            return best
+
+        size = MAX_REQUEST_BYTES - 64
+        baseline = parse_time(b'{"op":"status","x":"' + b"a" * size + b'"}')
+        hostile = [
+            # '"\\"\\...' as bytes: a quote and a backslash in every UTF-16 character
+            ('{"op":"status","x":"' + "\u5c22" * (size // 2) + '"}').encode("utf-16-le"),
+            ('{"op":"status","x":"' + "\u5c22" * (size // 3) + '"}').encode(),
+            b'{"op":"status","x":"' + b'\\"' * (size // 4) + b'"}',
+            b'{"op":"status","x":["' + b'\\",[' * (size // 5) + b'"]}',
+        ]
+        for line in hostile:
+            assert parse_time(line) < max(50 * baseline, 0.05), line[:40]
+
 
 class TestErrorCodes:
     def test_codes_follow_the_error_tree(self) -> None:
@@ -458,6 +508,14 @@ class TestLimits:
         assert len(handler.requests) == len(served)
         ids = [int(str(a["id"])) for a in served]
         assert ids == sorted(ids)
+
+    def test_rate_limited_answers_echo_the_id(self, server: ControlServer) -> None:
+        """A rate_limited answer carries its request's id, so a pipelining client can pair it."""
+        with connect(server.path) as sock:
+            sock.sendall(b"".join(b'{"op":"status","id":%d}\n' % i for i in range(150)))
+            answers = read_lines(sock, 150)
+        assert [a["id"] for a in answers] == list(range(150))
+        assert any(a.get("code") == "rate_limited" for a in answers)
 
     def test_idle_connection_is_closed(self, make_server: Callable[..., ControlServer]) -> None:
         """A connection without a complete request for idle_timeout is closed."""
