@@ -1,9 +1,10 @@
 """The control socket: JSON lines in, JSON lines out, answers in request order.
 
 One I/O thread owns every socket (non-blocking, in a selector); handler calls run on a
-small thread pool, so a slow refresh, a client that sends nothing, or one that floods never
-delays anyone else. Each connection has bounded input (one line at a time, at most
-MAX_REQUEST_BYTES), bounded output (MAX_OUTPUT_BYTES), a request rate and an idle timeout.
+small thread pool, and the ops that wait (a refresh) on threads of their own, so a slow
+refresh, a client that sends nothing, or one that floods never delays anyone else. Each
+connection has bounded input (one line at a time, at most MAX_REQUEST_BYTES), bounded output
+(MAX_OUTPUT_BYTES), a request rate and an idle timeout.
 
 No request can wedge a connection: ``_parse`` refuses what no answer could echo or no
 handler should see (nesting past MAX_DEPTH, NaN, lone surrogates, an ``id`` past
@@ -24,7 +25,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_ID_BYTES",
     "MAX_OUTPUT_BYTES",
     "MAX_REQUEST_BYTES",
+    "MAX_WAITING",
     "RATE_LIMIT",
     "ControlHandler",
     "ControlServer",
@@ -62,6 +64,14 @@ RATE_LIMIT = 50.0
 # Every CLI command uses one short connection; 64 leaves room for monitors and scripts while
 # bounding the descriptors and buffers a runaway script can pin.
 MAX_CONNECTIONS = 64
+
+# Requests of the ops named in ``waiting_ops`` (a refresh waits for the token endpoint, an
+# import or remove for the profile lock a refresh holds: up to a minute) run on threads of
+# their own, never on the shared workers, so status, token and profiles never queue behind
+# them. One per connection would do, but a request whose client hung up still runs to its
+# end (a refresh may be writing its journal) while the slot goes to a new client; this bound
+# keeps such leftovers from adding threads without end (the excess waits its turn).
+MAX_WAITING = MAX_CONNECTIONS
 
 # A client that stops reading its answers is dropped once this much is queued for it.
 MAX_OUTPUT_BYTES = 1024 * 1024
@@ -279,6 +289,7 @@ class ControlServer:
         uid: int | None = None,
         listener: socket.socket | None = None,
         workers: int = 4,
+        waiting_ops: Collection[str] = (),
         idle_timeout: float = IDLE_TIMEOUT,
         rate_limit: float = RATE_LIMIT,
     ) -> None:
@@ -287,11 +298,13 @@ class ControlServer:
         self._uid = os.getuid() if uid is None else uid
         self._inherited = listener
         self._workers = workers
+        self._waiting_ops = frozenset(waiting_ops)
         self._idle = idle_timeout
         self._rate = rate_limit
         self._listener: socket.socket | None = None
         self._selector = selectors.DefaultSelector()
         self._executor: ThreadPoolExecutor | None = None
+        self._waiters: ThreadPoolExecutor | None = None  # for waiting_ops, see MAX_WAITING
         self._conns: set[_Conn] = set()
         self._ready: set[_Conn] = set()  # complete lines left over for the next pass
         self._done: deque[tuple[_Conn, bytes]] = deque()  # filled by workers
@@ -319,6 +332,7 @@ class ControlServer:
         else:
             self._listener = bind_listener(self.path)
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="control")
+        self._waiters = ThreadPoolExecutor(MAX_WAITING, thread_name_prefix="control-wait")
         self._selector.register(self._listener, selectors.EVENT_READ, _LISTEN)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._thread = threading.Thread(target=self._run, name="control-server", daemon=True)
@@ -332,8 +346,9 @@ class ControlServer:
             self._thread.join(_STOP_TIMEOUT)
         else:
             self._shutdown()  # never started: nothing bound, only the wake-up pair to close
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._waiters):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     # -- I/O thread ---------------------------------------------------------------------------
 
@@ -512,9 +527,10 @@ class ControlServer:
         return True
 
     def _submit(self, conn: _Conn, request: dict[str, object], echo: bytes) -> None:
-        assert self._executor is not None
+        pool = self._waiters if request["op"] in self._waiting_ops else self._executor
+        assert pool is not None
         try:
-            self._executor.submit(self._call, conn, request, echo)
+            pool.submit(self._call, conn, request, echo)
         except RuntimeError:  # the executor is shutting down
             self._close(conn)
             return

@@ -40,6 +40,7 @@ class FakeHandler:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, object]] = []
+        self.finished: list[dict[str, object]] = []  # slow requests that ran to their end
         self.on_shutdown: Callable[[], None] = lambda: None
 
     def handle(self, request: dict[str, object]) -> dict[str, object]:
@@ -51,6 +52,7 @@ class FakeHandler:
             return {"ok": True, "got": request}
         if op == "slow":
             time.sleep(float(str(request.get("seconds", 2.0))))
+            self.finished.append(request)
             return {"ok": True, "slept": True}
         if op == "unknown_profile":
             raise errors.ProfileError("unknown profile nope; see `aac-tokend status`")
@@ -672,6 +674,35 @@ class TestIsolation:
             silent.close()
             flooder.close()
             tokens.stop()
+
+    def test_waiting_ops_never_hold_the_workers(
+        self, make_server: Callable[..., ControlServer], handler: FakeHandler
+    ) -> None:
+        """More waiting requests than workers (a refresh each) all run at once, and a status
+        is answered at once meanwhile, also after their clients hung up."""
+        srv = make_server(workers=2, waiting_ops={"slow"})
+        waiting = [connect(srv.path) for _ in range(6)]
+        try:
+            for sock in waiting:
+                sock.sendall(b'{"op":"slow","seconds":3}\n')
+            wait_for(lambda: len(handler.requests) == 6, timeout=1.0)
+            for hang_up in (False, True):
+                if hang_up:
+                    for sock in waiting[:3]:
+                        sock.close()
+                    assert wait_for(lambda: srv.connections == 3, timeout=1.0)
+                started = time.monotonic()
+                with ControlClient(str(srv.path)) as client:
+                    assert client.request("status")["ok"] is True
+                    assert client.request("profiles")["ok"] is False  # unknown_op, answered
+                assert time.monotonic() - started < 1.0
+            assert len(handler.requests) == 6 + 4
+            assert all(read_lines(sock, 1) == [{"ok": True, "slept": True}] for sock in waiting[3:])
+            # the ones whose clients hung up still ran to their end (a refresh must)
+            assert wait_for(lambda: len(handler.finished) == 6, timeout=2.0)
+        finally:
+            for sock in waiting:
+                sock.close()
 
     def test_slow_handler_does_not_block_other_clients(self, server: ControlServer) -> None:
         """While one client's request sleeps 2 s, another client's status is answered."""
