@@ -43,6 +43,7 @@ __all__ = [
     "MAX_OUTPUT_BYTES",
     "MAX_REQUEST_BYTES",
     "MAX_WAITING",
+    "OUTPUT_STALL_TIMEOUT",
     "RATE_LIMIT",
     "ControlHandler",
     "ControlServer",
@@ -73,8 +74,21 @@ MAX_CONNECTIONS = 64
 # keeps such leftovers from adding threads without end (the excess waits its turn).
 MAX_WAITING = MAX_CONNECTIONS
 
-# A client that stops reading its answers is dropped once this much is queued for it.
-MAX_OUTPUT_BYTES = 1024 * 1024
+# No further request of a connection is read while this much of its answers is unsent: a
+# client that pipelines without reading is slowed to its own reading pace instead of making
+# us queue for it. Answers are small (an import's is under 2 KiB); the largest, a status of
+# a thousand profiles, is about 600 KiB (measured: ~570 bytes a profile) and is queued
+# whole, so what one connection pins stays under one such answer plus this.
+MAX_OUTPUT_BYTES = 64 * 1024
+
+# A connection whose queued answers make no progress (not one byte taken) for this long is
+# closed: a client that stopped reading. A reader on this machine takes its answer in
+# microseconds; a suspended `less` is not worth holding a slot for.
+OUTPUT_STALL_TIMEOUT = 5.0
+
+# ... and after this long without progress it is already fair game for a newcomer, like an
+# idle one: 64 clients that never read cannot hold every slot even for OUTPUT_STALL_TIMEOUT.
+_STALL_EVICTABLE = 0.5
 
 # An id only pairs an answer with its request: 1 KiB of JSON holds any UUID or counter many
 # times over, and keeps an echo from inflating every answer (error answers included).
@@ -256,6 +270,7 @@ class _Conn:
     refilled: float
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
+    progress: float = 0.0  # when outbuf was last empty or last shrank
     busy: bool = False  # a request is with the handler; later lines wait in inbuf
     eof: bool = False  # the peer shut down writing: answer complete lines, then close
     closing: bool = False  # close once outbuf is flushed
@@ -391,6 +406,7 @@ class ControlServer:
         if self._ready:
             return 0.0
         deadlines = [c.deadline for c in self._conns if not c.busy]
+        deadlines += [c.progress + OUTPUT_STALL_TIMEOUT for c in self._conns if c.outbuf]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -439,12 +455,19 @@ class ControlServer:
         """Return whether a new connection fits, closing the longest-idle one if need be.
 
         Otherwise 64 clients that connect and say nothing would lock every other client out
-        for IDLE_TIMEOUT. A connection with a request in flight or answers queued is never
-        taken: it is doing work, which its handler's own time bounds.
+        for IDLE_TIMEOUT. A connection with a request in flight, or with answers its client
+        is taking, is never taken: it is doing work, which its handler's own time bounds.
+        One whose answers have not moved for _STALL_EVICTABLE is not reading: it counts as
+        idle.
         """
         if len(self._conns) < MAX_CONNECTIONS:
             return True
-        idle = [c for c in self._conns if not (c.busy or c.outbuf)]
+        stalled_since = time.monotonic() - _STALL_EVICTABLE
+        idle = [
+            c
+            for c in self._conns
+            if not c.busy and (not c.outbuf or c.progress <= stalled_since)  # see _STALL_EVICTABLE
+        ]
         if not idle:
             return False
         self._close(min(idle, key=lambda c: c.deadline))  # earliest deadline: idle longest
@@ -479,6 +502,8 @@ class ControlServer:
         """Handle complete lines until one goes to the handler, then fix the interest set."""
         answered = 0
         while not (conn.busy or conn.closing or conn.closed or self._stopping):
+            if len(conn.outbuf) > MAX_OUTPUT_BYTES:
+                break  # it is not reading its answers: read no more until it does (_flush)
             end = conn.inbuf.find(b"\n")
             if end < 0:
                 if len(conn.inbuf) > MAX_REQUEST_BYTES:
@@ -555,10 +580,9 @@ class ControlServer:
     def _queue(self, conn: _Conn, payload: bytes) -> None:
         if conn.closed:
             return
+        if not conn.outbuf:
+            conn.progress = time.monotonic()
         conn.outbuf += payload
-        if len(conn.outbuf) > MAX_OUTPUT_BYTES:
-            self._close(conn)  # it is not reading its answers
-            return
         self._flush(conn)
 
     def _flush(self, conn: _Conn) -> None:
@@ -570,7 +594,11 @@ class ControlServer:
             except OSError:
                 self._close(conn)
                 return
-            del conn.outbuf[:sent]
+            if sent:
+                del conn.outbuf[:sent]
+                conn.progress = time.monotonic()
+                if len(conn.outbuf) <= MAX_OUTPUT_BYTES and conn.inbuf and not conn.busy:
+                    self._ready.add(conn)  # lines held back by _pump while output was full
         self._update(conn)
 
     def _update(self, conn: _Conn) -> None:
@@ -583,7 +611,9 @@ class ControlServer:
         want = 0
         # While busy, read on (up to one request's worth, so memory stays bounded) only to
         # see the end of the stream: a client that hangs up mid-request is noticed at once.
-        reading = not conn.busy or len(conn.inbuf) <= MAX_REQUEST_BYTES
+        reading = (not conn.busy or len(conn.inbuf) <= MAX_REQUEST_BYTES) and len(
+            conn.outbuf
+        ) <= MAX_OUTPUT_BYTES
         if reading and not (conn.eof or conn.closing or self._stopping or conn in self._ready):
             want |= selectors.EVENT_READ
         if conn.outbuf:
@@ -600,7 +630,12 @@ class ControlServer:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for conn in [c for c in self._conns if not c.busy and c.deadline <= now]:
+        stalled = now - OUTPUT_STALL_TIMEOUT
+        for conn in [
+            c
+            for c in self._conns
+            if (not c.busy and c.deadline <= now) or (c.outbuf and c.progress <= stalled)
+        ]:
             self._close(conn)
 
     def _close(self, conn: _Conn) -> None:

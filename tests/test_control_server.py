@@ -627,11 +627,53 @@ class TestLimits:
             assert read_lines(sock, 1) == [{"ok": True, "slept": True}]
 
     def test_client_that_does_not_read_is_dropped(self, server: ControlServer) -> None:
-        """A client flooding requests without reading answers is cut off past 1 MiB queued."""
+        """A client flooding requests without reading answers is closed once they stall."""
         with connect(server.path) as sock:
             sender = send_quietly(sock, b"{}\n" * 600_000)
             assert wait_for(lambda: server.connections == 0)
             sender.join(WAIT)
+
+    def test_non_readers_cannot_hold_every_slot(self, server: ControlServer) -> None:
+        """MAX_CONNECTIONS clients that pipeline requests and never read their answers give
+        way to a new client, and are closed once their output has stalled."""
+        hostile = [connect(server.path) for _ in range(MAX_CONNECTIONS)]
+        try:
+            for sock in hostile:
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(b"{}\n" * 3000)
+            assert wait_for(lambda: server.connections == MAX_CONNECTIONS)
+            time.sleep(control_server._STALL_EVICTABLE + 0.2)
+            with ControlClient(str(server.path), timeout=WAIT) as client:
+                assert client.request("status")["ok"] is True
+            assert server.evicted >= 1
+            assert wait_for(
+                lambda: server.connections == 0, timeout=control_server.OUTPUT_STALL_TIMEOUT + 2
+            )
+        finally:
+            for sock in hostile:
+                sock.close()
+
+    def test_a_slow_reader_gets_every_answer(
+        self, make_server: Callable[..., ControlServer]
+    ) -> None:
+        """Pipelined answers past the output bound wait for the reader: none is lost."""
+        server = make_server(rate_limit=1e9)  # the rate limit is not under test
+        count = 2000  # ~150 KiB of answers, over MAX_OUTPUT_BYTES
+        with connect(server.path) as sock:
+            lines = b"".join(b'{"op":"echo","id":%d,"pad":"xxxxxxxxx"}\n' % i for i in range(count))
+            sender = send_quietly(sock, lines)
+            time.sleep(0.5)  # the server fills its output bound and stops reading
+            ids = []
+            data = b""
+            while len(ids) < count:
+                chunk = sock.recv(65536)
+                assert chunk
+                data += chunk
+                *done, data = data.split(b"\n")
+                ids += [json.loads(line)["id"] for line in done]
+            sender.join(WAIT)
+        assert ids == list(range(count))
 
     @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid (setpriv)")
     @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv from util-linux")
