@@ -58,6 +58,12 @@ MAX_REQUEST_BYTES = 64 * 1024
 # request at once, so only a stuck or hostile client stays this quiet.
 IDLE_TIMEOUT = 30.0
 
+# A connection is never evicted before its first read pass, unless it has said nothing for
+# this long: an accept burst takes up to MAX_CONNECTIONS connections before any is read, and
+# a connect-and-hang-up flood in it must not push out a client whose request is waiting to
+# be read. A CLI client sends within a millisecond of connecting.
+_EVICT_GRACE = 0.5
+
 # Requests per second per connection, and the burst allowed: far above what a person or a
 # status poller needs, low enough that one looping client cannot monopolise the handlers.
 RATE_LIMIT = 50.0
@@ -271,6 +277,8 @@ class _Conn:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     progress: float = 0.0  # when outbuf was last empty or last shrank
+    born: float = 0.0  # when it was accepted
+    seen: bool = False  # it has had a read pass (see _EVICT_GRACE)
     busy: bool = False  # a request is with the handler; later lines wait in inbuf
     eof: bool = False  # the peer shut down writing: answer complete lines, then close
     closing: bool = False  # close once outbuf is flushed
@@ -447,7 +455,7 @@ class ControlServer:
                 continue
             sock.setblocking(False)
             now = time.monotonic()
-            conn = _Conn(sock, deadline=now + self._idle, tokens=self._rate, refilled=now)
+            conn = _Conn(sock, deadline=now + self._idle, tokens=self._rate, refilled=now, born=now)
             self._conns.add(conn)
             self._update(conn)
 
@@ -458,15 +466,17 @@ class ControlServer:
         for IDLE_TIMEOUT. A connection with a request in flight, or with answers its client
         is taking, is never taken: it is doing work, which its handler's own time bounds.
         One whose answers have not moved for _STALL_EVICTABLE is not reading: it counts as
-        idle.
+        idle. One not yet read is not idle (see _EVICT_GRACE): the newcomer is refused.
         """
         if len(self._conns) < MAX_CONNECTIONS:
             return True
-        stalled_since = time.monotonic() - _STALL_EVICTABLE
+        now = time.monotonic()
         idle = [
             c
             for c in self._conns
-            if not c.busy and (not c.outbuf or c.progress <= stalled_since)  # see _STALL_EVICTABLE
+            if not c.busy
+            and (c.seen or c.born <= now - _EVICT_GRACE)
+            and (not c.outbuf or c.progress <= now - _STALL_EVICTABLE)
         ]
         if not idle:
             return False
@@ -480,6 +490,7 @@ class ControlServer:
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
         if mask & selectors.EVENT_READ and not conn.closed:
+            conn.seen = True
             try:
                 data = conn.sock.recv(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):

@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -553,6 +555,7 @@ class TestLimits:
         try:
             for client in clients[1:]:
                 assert client.request("status")["ok"] is True  # clients[0] idles longest
+            time.sleep(control_server._EVICT_GRACE)  # clients[0], silent, is now evictable
             started = time.monotonic()
             with ControlClient(str(server.path)) as extra:
                 assert extra.request("status")["ok"] is True
@@ -585,6 +588,42 @@ class TestLimits:
         finally:
             for sock in busy:
                 sock.close()
+
+    def test_connect_flood_does_not_evict_a_client_not_yet_read(self, sockdir: Path) -> None:
+        """A burst of connect-and-hang-up clients accepted together with a real one, all
+        slots taken, pushes out idle clients or is refused, never the unread real client."""
+        path = sockdir / "control.sock"
+        code = (
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from aac_tokend.control_server import ControlServer\n"
+            "class H:\n"
+            "    def handle(self, request):\n"
+            "        return {'ok': True}\n"
+            "ControlServer(Path(sys.argv[1]), H()).start()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+        idle: list[ControlClient] = []
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+            idle = [ControlClient(str(path)) for _ in range(MAX_CONNECTIONS - 1)]
+            for client in idle:
+                assert client.request("status")["ok"] is True
+            proc.send_signal(signal.SIGSTOP)  # what follows reaches it as one accept burst
+            with connect(path) as real:
+                real.sendall(b'{"op":"status","id":"real"}\n')
+                for _ in range(2 * MAX_CONNECTIONS):
+                    connect(path).close()
+                proc.send_signal(signal.SIGCONT)
+                assert read_lines(real, 1) == [{"ok": True, "id": "real"}]
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(WAIT)
+            for client in idle:
+                client.close()
 
     def test_client_that_hangs_up_mid_request_is_dropped_at_once(
         self, server: ControlServer
