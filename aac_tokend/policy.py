@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from .errors import TokenFormatError
 from .outcome import Refreshed, RefreshOutcome, Rejected
 from .ownership import remember_spent
 from .state import InFlight, ProfileState, Rejection, RejectionReason, Status, TokenKind
-from .tokens import token_hash
+from .tokens import parse_jwt, token_hash
 
 __all__ = [
     "PolicySettings",
@@ -221,6 +222,21 @@ def classify_rejection(state: ProfileState, rejected: Rejected, now: float) -> R
     return RejectionReason.OAUTH_ERROR
 
 
+def _access_expiry(journal: ProfileState, outcome: Refreshed, now: float) -> float:
+    """When the new access token expires: never later than the server can have meant.
+
+    The server counts ``expires_in`` from when it issued the token, which is before its answer
+    arrived (a slow answer took seconds to minutes): so count from when the request left
+    (the journal's start), and never past the token's own ``exp`` when it is a readable JWT.
+    """
+    sent_at = journal.in_flight.started_at if journal.in_flight is not None else now
+    expires = min(sent_at, now) + outcome.expires_in
+    try:
+        return min(expires, parse_jwt(outcome.access_token).exp)
+    except TokenFormatError:
+        return expires
+
+
 def apply_outcome(state: ProfileState, outcome: RefreshOutcome, now: float) -> ProfileState:
     """The state after a refresh attempt that started from ``state``."""
     if isinstance(outcome, Refreshed):
@@ -228,7 +244,7 @@ def apply_outcome(state: ProfileState, outcome: RefreshOutcome, now: float) -> P
             access_token=outcome.access_token,
             refresh_token=outcome.refresh_token or state.refresh_token,
             access_obtained_at=now,
-            access_expires_at=now + outcome.expires_in,
+            access_expires_at=_access_expiry(state, outcome, now),
             last_refresh_at=now,
             refresh_count=state.refresh_count + 1,
             consecutive_failures=0,

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aac_tokend.jwt_sign import sign_hs256
 from aac_tokend.outcome import Refreshed, Rejected, Transient
 from aac_tokend.policy import (
     REFRESH_EXPIRY_GRACE_SECONDS,
@@ -359,6 +360,39 @@ class TestApplyOutcome:
         state = oauth()
         apply_outcome(state, Refreshed("a", "b", 1.0), T0)
         assert state == oauth()
+
+
+class TestAccessExpiry:
+    """A refreshed access token never counts as valid past what the server meant."""
+
+    def test_expires_in_counts_from_when_the_request_left(self) -> None:
+        """An answer that took 50 s to arrive leaves 600 - 50 s, not 600 s, of life."""
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed("opaque-access", "r2", 600.0), T0 + 50)
+        assert after.access_expires_at == T0 + 600
+
+    def test_never_past_the_jwt_exp(self) -> None:
+        """A JWT whose exp comes before sent + expires_in expires at its exp."""
+        token = sign_hs256({"exp": T0 + 300, "iat": T0 - 10}, b"k" * 32)
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed(token, "r2", 600.0), T0 + 5)
+        assert after.access_expires_at == T0 + 300
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        delay=st.floats(min_value=0.0, max_value=120.0),
+        expires_in=st.floats(min_value=1.0, max_value=DAY),
+        exp_offset=st.none() | st.floats(min_value=-60.0, max_value=DAY),
+    )
+    def test_expiry_is_the_earliest_bound(
+        self, delay: float, expires_in: float, exp_offset: float | None
+    ) -> None:
+        """The expiry is min(request sent + expires_in, the JWT's exp when it has one)."""
+        token = "opaque" if exp_offset is None else sign_hs256({"exp": T0 + exp_offset}, b"k" * 32)
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed(token, "r2", expires_in), T0 + delay)
+        bounds = [T0 + expires_in] + ([] if exp_offset is None else [T0 + exp_offset])
+        assert after.access_expires_at == pytest.approx(min(bounds), abs=EPS)
 
 
 class TestClassifyRejection:
