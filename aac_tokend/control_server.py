@@ -336,6 +336,8 @@ class ControlServer:
         self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._held_back = False  # the listener is out of the selector: see _hold_back
+        self._resume_at = 0.0
         #: connections closed at once: foreign uid, or over MAX_CONNECTIONS with none idle
         self.rejected = 0
         #: idle connections closed to make room for a new one
@@ -389,6 +391,8 @@ class ControlServer:
                     self._ready.discard(conn)
                     self._pump(conn)
                 self._expire()
+                if self._held_back and time.monotonic() >= self._resume_at:
+                    self._resume_accepting()
             self._drain()
         finally:
             self._shutdown()
@@ -396,7 +400,7 @@ class ControlServer:
     def _drain(self) -> None:
         """Deliver answers finishing within _DRAIN_TIMEOUT; read and start nothing new."""
         deadline = time.monotonic() + _DRAIN_TIMEOUT
-        if self._listener is not None:
+        if self._listener is not None and not self._held_back:
             self._selector.unregister(self._listener)
         for conn in list(self._conns):
             self._update(conn)  # now watching for writes only
@@ -415,6 +419,8 @@ class ControlServer:
             return 0.0
         deadlines = [c.deadline for c in self._conns if not c.busy]
         deadlines += [c.progress + OUTPUT_STALL_TIMEOUT for c in self._conns if c.outbuf]
+        if self._held_back:
+            deadlines.append(self._resume_at)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -438,6 +444,9 @@ class ControlServer:
     def _accept(self) -> None:
         assert self._listener is not None
         for _ in range(MAX_CONNECTIONS):  # a connect flood must not starve the others
+            full = len(self._conns) >= MAX_CONNECTIONS
+            if full and not self._evictable() and self._hold_back():
+                return  # newcomers wait in the listen queue until a slot frees up
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -459,6 +468,30 @@ class ControlServer:
             self._conns.add(conn)
             self._update(conn)
 
+    def _hold_back(self) -> bool:
+        """With every slot taken, stop accepting while some connection is not yet read.
+
+        Such a connection is soon either served or gone (a connect-and-hang-up flood reads
+        as end-of-file at its first read pass), so the newcomer waits in the listen queue
+        for its slot instead of being refused. Accepting resumes when a connection closes,
+        or when the oldest unread one reaches _EVICT_GRACE and may be evicted.
+        """
+        unread = [c.born for c in self._conns if not (c.seen or c.busy)]
+        if not unread:
+            return False  # every slot is at work: refusing the newcomer is all we can do
+        if not self._held_back:
+            assert self._listener is not None
+            self._selector.unregister(self._listener)
+            self._held_back = True
+        self._resume_at = min(unread) + _EVICT_GRACE
+        return True
+
+    def _resume_accepting(self) -> None:
+        if self._held_back and not self._stopping:
+            assert self._listener is not None
+            self._selector.register(self._listener, selectors.EVENT_READ, _LISTEN)
+            self._held_back = False
+
     def _make_room(self) -> bool:
         """Return whether a new connection fits, closing the longest-idle one if need be.
 
@@ -470,19 +503,24 @@ class ControlServer:
         """
         if len(self._conns) < MAX_CONNECTIONS:
             return True
+        idle = self._evictable()
+        if not idle:
+            return False
+        self._close(min(idle, key=lambda c: c.deadline))  # earliest deadline: idle longest
+        self.evicted += 1
+        return True
+
+    def _evictable(self) -> list[_Conn]:
+        """The connections _make_room may close: idle, read at least once (or silent past
+        _EVICT_GRACE), and not in the middle of taking their answers."""
         now = time.monotonic()
-        idle = [
+        return [
             c
             for c in self._conns
             if not c.busy
             and (c.seen or c.born <= now - _EVICT_GRACE)
             and (not c.outbuf or c.progress <= now - _STALL_EVICTABLE)
         ]
-        if not idle:
-            return False
-        self._close(min(idle, key=lambda c: c.deadline))  # earliest deadline: idle longest
-        self.evicted += 1
-        return True
 
     def _on_ready(self, conn: _Conn, mask: int) -> None:
         if conn.closed:
@@ -659,6 +697,7 @@ class ControlServer:
         conn.sock.close()
         self._conns.discard(conn)
         self._ready.discard(conn)
+        self._resume_accepting()  # a slot is free
 
     # -- worker threads -----------------------------------------------------------------------
 

@@ -569,6 +569,20 @@ class TestLimits:
             for client in clients:
                 client.close()
 
+    def test_newcomer_waits_while_slots_are_not_yet_read(self, server: ControlServer) -> None:
+        """With every slot taken by connections not yet read, a newcomer waits in the listen
+        queue (served once one is read, closed or past the grace) instead of being refused."""
+        silent = [connect(server.path) for _ in range(MAX_CONNECTIONS)]
+        try:
+            with connect(server.path) as newcomer:
+                newcomer.sendall(b'{"op":"status","id":1}\n')
+                assert read_lines(newcomer, 1) == [{"ok": True, "profiles": ["default"], "id": 1}]
+            assert server.rejected == 0
+            assert server.evicted == 1
+        finally:
+            for sock in silent:
+                sock.close()
+
     def test_connection_limit_with_every_slot_at_work(
         self, make_server: Callable[..., ControlServer]
     ) -> None:
@@ -590,8 +604,9 @@ class TestLimits:
                 sock.close()
 
     def test_connect_flood_does_not_evict_a_client_not_yet_read(self, sockdir: Path) -> None:
-        """A burst of connect-and-hang-up clients accepted together with a real one, all
-        slots taken, pushes out idle clients or is refused, never the unread real client."""
+        """Real clients inside a burst of connect-and-hang-up clients (more than the free
+        slots) are neither evicted before their request is read nor refused: newcomers wait
+        in the listen queue while unread connections hold the slots."""
         path = sockdir / "control.sock"
         code = (
             "import sys, time\n"
@@ -612,12 +627,16 @@ class TestLimits:
             for client in idle:
                 assert client.request("status")["ok"] is True
             proc.send_signal(signal.SIGSTOP)  # what follows reaches it as one accept burst
-            with connect(path) as real:
+            for _ in range(2 * MAX_CONNECTIONS):
+                connect(path).close()
+            with connect(path) as real, connect(path) as late:
                 real.sendall(b'{"op":"status","id":"real"}\n')
+                late.sendall(b'{"op":"status","id":"late"}\n')
                 for _ in range(2 * MAX_CONNECTIONS):
                     connect(path).close()
                 proc.send_signal(signal.SIGCONT)
                 assert read_lines(real, 1) == [{"ok": True, "id": "real"}]
+                assert read_lines(late, 1) == [{"ok": True, "id": "late"}]
         finally:
             proc.send_signal(signal.SIGCONT)
             proc.kill()
