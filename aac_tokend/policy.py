@@ -222,19 +222,34 @@ def classify_rejection(state: ProfileState, rejected: Rejected, now: float) -> R
     return RejectionReason.OAUTH_ERROR
 
 
+# The token's own ``exp`` is read on our clock only when its ``iat`` says the server's clock
+# and ours agree to within this (NTP keeps both within milliseconds; a minute is generous).
+# A server or a wall clock off by more than that (a step, a skew) would otherwise make every
+# new token look expired at once, and the daemon refresh in a loop.
+CLOCK_AGREEMENT_SECONDS = 60.0
+
+
 def _access_expiry(journal: ProfileState, outcome: Refreshed, now: float) -> float:
     """When the new access token expires: never later than the server can have meant.
 
     The server counts ``expires_in`` from when it issued the token, which is before its answer
     arrived (a slow answer took seconds to minutes): so count from when the request left
-    (the journal's start), and never past the token's own ``exp`` when it is a readable JWT.
+    (the journal's start), and never past the token's own ``exp`` when it is a JWT issued
+    (``iat``) while the request was out, by a clock that agrees with ours.
     """
-    sent_at = journal.in_flight.started_at if journal.in_flight is not None else now
-    expires = min(sent_at, now) + outcome.expires_in
+    sent_at = min(journal.in_flight.started_at if journal.in_flight is not None else now, now)
+    expires = sent_at + outcome.expires_in
     try:
-        return min(expires, parse_jwt(outcome.access_token).exp)
+        claims = parse_jwt(outcome.access_token)
     except TokenFormatError:
         return expires
+    issued = claims.iat
+    if (
+        issued is not None
+        and sent_at - CLOCK_AGREEMENT_SECONDS <= issued <= now + CLOCK_AGREEMENT_SECONDS
+    ):
+        return min(expires, claims.exp)
+    return expires
 
 
 def apply_outcome(state: ProfileState, outcome: RefreshOutcome, now: float) -> ProfileState:

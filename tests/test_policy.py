@@ -373,25 +373,39 @@ class TestAccessExpiry:
 
     def test_never_past_the_jwt_exp(self) -> None:
         """A JWT whose exp comes before sent + expires_in expires at its exp."""
-        token = sign_hs256({"exp": T0 + 300, "iat": T0 - 10}, b"k" * 32)
+        token = sign_hs256({"exp": T0 + 300, "iat": T0 + 1}, b"k" * 32)
         journal = begin_attempt(oauth(), T0)
         after = apply_outcome(journal, Refreshed(token, "r2", 600.0), T0 + 5)
         assert after.access_expires_at == T0 + 300
+
+    def test_jwt_of_a_clock_that_disagrees_is_not_read_on_ours(self) -> None:
+        """A server (or our wall clock) a day off: its exp is ignored, no refresh loop."""
+        token = sign_hs256({"exp": T0 - DAY + 3600, "iat": T0 - DAY}, b"k" * 32)
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed(token, "r2", 3600.0), T0 + 1)
+        assert after.access_expires_at == T0 + 3600
 
     @settings(max_examples=200, deadline=None)
     @given(
         delay=st.floats(min_value=0.0, max_value=120.0),
         expires_in=st.floats(min_value=1.0, max_value=DAY),
         exp_offset=st.none() | st.floats(min_value=-60.0, max_value=DAY),
+        iat_offset=st.none() | st.floats(min_value=-2 * DAY, max_value=2 * DAY),
     )
     def test_expiry_is_the_earliest_bound(
-        self, delay: float, expires_in: float, exp_offset: float | None
+        self, delay: float, expires_in: float, exp_offset: float | None, iat_offset: float | None
     ) -> None:
-        """The expiry is min(request sent + expires_in, the JWT's exp when it has one)."""
-        token = "opaque" if exp_offset is None else sign_hs256({"exp": T0 + exp_offset}, b"k" * 32)
+        """The expiry is min(request sent + expires_in, the JWT's exp when its iat agrees)."""
+        claims = {"exp": T0 + (exp_offset or 0.0)}
+        if iat_offset is not None:
+            claims["iat"] = T0 + iat_offset
+        token = "opaque" if exp_offset is None else sign_hs256(claims, b"k" * 32)
         journal = begin_attempt(oauth(), T0)
         after = apply_outcome(journal, Refreshed(token, "r2", expires_in), T0 + delay)
-        bounds = [T0 + expires_in] + ([] if exp_offset is None else [T0 + exp_offset])
+        bounds = [T0 + expires_in]
+        agree = iat_offset is not None and -60.0 <= iat_offset <= delay + 60.0
+        if exp_offset is not None and agree:
+            bounds.append(T0 + exp_offset)
         assert after.access_expires_at == pytest.approx(min(bounds), abs=EPS)
 
 
