@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from aac_tokend.api import get_token
 from aac_tokend.client import ControlClient, read_token
 
 #: Generous: only a stalled machine gets near it.
@@ -192,6 +193,29 @@ class TestFullListenQueue:
             listener.close()
             for filler in fillers:
                 filler.close()
+
+
+class TestGetTokenFallback:
+    """get_token asks the control socket whenever the token socket fails, however it fails."""
+
+    def test_broken_token_socket_falls_back_to_control(
+        self, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A token socket that cuts its answer short (ConnectionError) is not the last word."""
+        run = sockdir / "run"
+        run.mkdir(mode=0o700)
+        broken = OneShotServer(run / "default.token.sock", lambda conn: conn.sendall(b"a.b"))
+        control = OneShotServer(
+            run / "control.sock",
+            json_lines(lambda request: {"ok": True, "profile": "default", "token": "c.d.e"}),
+        )
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(sockdir))
+        monkeypatch.delenv("AAC_TOKEND_PROFILE", raising=False)
+        try:
+            assert get_token("default") == "c.d.e"
+        finally:
+            broken.close()
+            control.close()
 
 
 class TestControlClient:
