@@ -55,7 +55,7 @@ def get_token(profile: str | None = None) -> str:
     path = str(resolve_paths(os.environ).token_socket(profile))
     try:
         token = read_token(path)
-    except (FileNotFoundError, ConnectionRefusedError):
+    except OSError:  # not served, busy, cut short: the control socket says why, or has it
         token = ""
     if token:
         return token

@@ -11,6 +11,7 @@ sends a request; ``pathlib`` is not used at all.
 from __future__ import annotations
 
 import _socket
+import time  # built into the interpreter: no import cost
 
 # Not `from typing import TYPE_CHECKING`: importing typing alone costs milliseconds.
 TYPE_CHECKING = False
@@ -27,16 +28,41 @@ _MAX_ANSWER_BYTES = 16 * 1024 * 1024
 _RECV_SIZE = 64 * 1024  # a token (< 8 KiB) or a typical answer arrives in one read
 
 
+# While the listen queue is full, a connect with a timeout fails at once with EAGAIN (a
+# non-blocking AF_UNIX connect does not wait for room); it is retried after this pause,
+# doubled up to the cap, until the timeout. The daemon empties its queue in microseconds, so
+# the first pause is short, and the cap keeps a wait for a busy daemon from oversleeping.
+_RETRY_FIRST = 0.0005
+_RETRY_CAP = 0.02
+
+
+def _connect(sock: _socket.socket, path: str, timeout: float) -> None:
+    """Connect ``sock`` to ``path`` within ``timeout``, waiting out a full listen queue."""
+    deadline = time.monotonic() + timeout
+    pause = _RETRY_FIRST
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the socket {path} stayed too busy to connect") from None
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, _RETRY_CAP)
+
+
 def read_token(path: str, timeout: float = 2.0) -> str:
     """Return the token served on ``path``, or "" when the daemon has no valid token.
 
     Raises OSError when no daemon listens (FileNotFoundError, ConnectionRefusedError),
-    on timeout (TimeoutError), and ConnectionError when the answer is cut short.
+    on timeout (TimeoutError), and ConnectionError when the answer is cut short. A full
+    listen queue is waited out, up to ``timeout``.
     """
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        sock.connect(path)
+        _connect(sock, path, timeout)
         data = sock.recv(_RECV_SIZE)
         if data and not data.endswith(b"\n"):
             chunks = [data]
@@ -74,7 +100,7 @@ class ControlClient:
         self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout)
-            self._sock.connect(path)
+            _connect(self._sock, path, timeout)
         except BaseException:
             self._sock.close()
             raise

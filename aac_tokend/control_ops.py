@@ -35,6 +35,10 @@ def _fail(code: str, message: str) -> dict[str, object]:
 class ControlOps:
     """Dispatches control requests to the engine (and to the daemon for reload/shutdown)."""
 
+    #: Ops that can wait up to a minute: a refresh for the token endpoint, an import or a
+    #: remove for the profile lock a refresh holds. The server keeps them off its workers.
+    WAITING_OPS = frozenset({"refresh", "import", "remove"})
+
     def __init__(
         self,
         engine: Engine,

@@ -1,9 +1,10 @@
 """The control socket: JSON lines in, JSON lines out, answers in request order.
 
 One I/O thread owns every socket (non-blocking, in a selector); handler calls run on a
-small thread pool, so a slow refresh, a client that sends nothing, or one that floods never
-delays anyone else. Each connection has bounded input (one line at a time, at most
-MAX_REQUEST_BYTES), bounded output (MAX_OUTPUT_BYTES), a request rate and an idle timeout.
+small thread pool, and the ops that wait (a refresh) on threads of their own, so a slow
+refresh, a client that sends nothing, or one that floods never delays anyone else. Each
+connection has bounded input (one line at a time, at most MAX_REQUEST_BYTES), bounded output
+(MAX_OUTPUT_BYTES), a request rate and an idle timeout.
 
 No request can wedge a connection: ``_parse`` refuses what no answer could echo or no
 handler should see (nesting past MAX_DEPTH, NaN, lone surrogates, an ``id`` past
@@ -24,7 +25,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ __all__ = [
     "MAX_ID_BYTES",
     "MAX_OUTPUT_BYTES",
     "MAX_REQUEST_BYTES",
+    "MAX_WAITING",
+    "OUTPUT_STALL_TIMEOUT",
     "RATE_LIMIT",
     "ControlHandler",
     "ControlServer",
@@ -55,6 +58,12 @@ MAX_REQUEST_BYTES = 64 * 1024
 # request at once, so only a stuck or hostile client stays this quiet.
 IDLE_TIMEOUT = 30.0
 
+# A connection is never evicted before its first read pass, unless it has said nothing for
+# this long: an accept burst takes up to MAX_CONNECTIONS connections before any is read, and
+# a connect-and-hang-up flood in it must not push out a client whose request is waiting to
+# be read. A CLI client sends within a millisecond of connecting.
+_EVICT_GRACE = 0.5
+
 # Requests per second per connection, and the burst allowed: far above what a person or a
 # status poller needs, low enough that one looping client cannot monopolise the handlers.
 RATE_LIMIT = 50.0
@@ -63,8 +72,29 @@ RATE_LIMIT = 50.0
 # bounding the descriptors and buffers a runaway script can pin.
 MAX_CONNECTIONS = 64
 
-# A client that stops reading its answers is dropped once this much is queued for it.
-MAX_OUTPUT_BYTES = 1024 * 1024
+# Requests of the ops named in ``waiting_ops`` (a refresh waits for the token endpoint, an
+# import or remove for the profile lock a refresh holds: up to a minute) run on threads of
+# their own, never on the shared workers, so status, token and profiles never queue behind
+# them. One per connection would do, but a request whose client hung up still runs to its
+# end (a refresh may be writing its journal) while the slot goes to a new client; this bound
+# keeps such leftovers from adding threads without end (the excess waits its turn).
+MAX_WAITING = MAX_CONNECTIONS
+
+# No further request of a connection is read while this much of its answers is unsent: a
+# client that pipelines without reading is slowed to its own reading pace instead of making
+# us queue for it. Answers are small (an import's is under 2 KiB); the largest, a status of
+# a thousand profiles, is about 600 KiB (measured: ~570 bytes a profile) and is queued
+# whole, so what one connection pins stays under one such answer plus this.
+MAX_OUTPUT_BYTES = 64 * 1024
+
+# A connection whose queued answers make no progress (not one byte taken) for this long is
+# closed: a client that stopped reading. A reader on this machine takes its answer in
+# microseconds; a suspended `less` is not worth holding a slot for.
+OUTPUT_STALL_TIMEOUT = 5.0
+
+# ... and after this long without progress it is already fair game for a newcomer, like an
+# idle one: 64 clients that never read cannot hold every slot even for OUTPUT_STALL_TIMEOUT.
+_STALL_EVICTABLE = 0.5
 
 # An id only pairs an answer with its request: 1 KiB of JSON holds any UUID or counter many
 # times over, and keeps an echo from inflating every answer (error answers included).
@@ -163,9 +193,12 @@ def _respond(handler: ControlHandler, request: dict[str, object], echo: bytes) -
         return _failure("internal_error", type(exc).__name__, echo)
 
 
-# What _unsafe_value needs of a line that parsed as JSON, at C speed: its strings (an escaped
-# quote inside one included), the bytes that are not brackets, and innermost bracket pairs.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# What _unsafe_value needs of a line that parsed as strict UTF-8 JSON, at C speed: its
+# strings (an escaped quote inside one included), the bytes that are not brackets, and
+# innermost bracket pairs. The quantifiers are possessive, so no match ever backtracks: on a
+# line that parsed, every quote outside a string opens one that closes, and one sub() is one
+# linear pass.
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
 
@@ -195,12 +228,26 @@ def _unsafe_value(line: bytes, obj: object) -> str | None:
 
 
 def _parse(line: bytes) -> tuple[dict[str, object] | None, bytes, str | None]:
-    """Return (request, encoded id or b"", None), or (what parsed, echo, why it is bad)."""
+    """Return (request, encoded id or b"", None), or (what parsed, echo, why it is bad).
+
+    The line is decoded as strict UTF-8 before anything else looks at it: json.loads of bytes
+    would also take UTF-16 and UTF-32, where the byte scan of _unsafe_value reads brackets
+    and quotes that are not there (and its regex could be made to backtrack).
+    """
+    # A NUL is valid UTF-8 but never valid JSON; it is what UTF-16 and UTF-32 text is full of.
+    bad = line.find(b"\0")
+    if bad < 0:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = exc.start
+    if bad >= 0:
+        return None, b"", f"the request is not UTF-8 JSON (byte {bad} is wrong); send UTF-8"
     try:
-        obj = json.loads(line)
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, b"", f"the request is not valid JSON ({exc.msg} at column {exc.colno})"
-    except (ValueError, RecursionError):  # bad UTF-8, nesting too deep, a 5000-digit number
+    except (ValueError, RecursionError):  # nesting too deep, a 5000-digit number
         return None, b"", "the request could not be parsed as JSON"
     if not isinstance(obj, dict):
         return None, b"", "the request must be a JSON object"
@@ -229,6 +276,9 @@ class _Conn:
     refilled: float
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
+    progress: float = 0.0  # when outbuf was last empty or last shrank
+    born: float = 0.0  # when it was accepted
+    seen: bool = False  # it has had a read pass (see _EVICT_GRACE)
     busy: bool = False  # a request is with the handler; later lines wait in inbuf
     eof: bool = False  # the peer shut down writing: answer complete lines, then close
     closing: bool = False  # close once outbuf is flushed
@@ -262,6 +312,7 @@ class ControlServer:
         uid: int | None = None,
         listener: socket.socket | None = None,
         workers: int = 4,
+        waiting_ops: Collection[str] = (),
         idle_timeout: float = IDLE_TIMEOUT,
         rate_limit: float = RATE_LIMIT,
     ) -> None:
@@ -270,11 +321,13 @@ class ControlServer:
         self._uid = os.getuid() if uid is None else uid
         self._inherited = listener
         self._workers = workers
+        self._waiting_ops = frozenset(waiting_ops)
         self._idle = idle_timeout
         self._rate = rate_limit
         self._listener: socket.socket | None = None
         self._selector = selectors.DefaultSelector()
         self._executor: ThreadPoolExecutor | None = None
+        self._waiters: ThreadPoolExecutor | None = None  # for waiting_ops, see MAX_WAITING
         self._conns: set[_Conn] = set()
         self._ready: set[_Conn] = set()  # complete lines left over for the next pass
         self._done: deque[tuple[_Conn, bytes]] = deque()  # filled by workers
@@ -283,6 +336,8 @@ class ControlServer:
         self._wake_w.setblocking(False)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._held_back = False  # the listener is out of the selector: see _hold_back
+        self._resume_at = 0.0
         #: connections closed at once: foreign uid, or over MAX_CONNECTIONS with none idle
         self.rejected = 0
         #: idle connections closed to make room for a new one
@@ -302,6 +357,7 @@ class ControlServer:
         else:
             self._listener = bind_listener(self.path)
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="control")
+        self._waiters = ThreadPoolExecutor(MAX_WAITING, thread_name_prefix="control-wait")
         self._selector.register(self._listener, selectors.EVENT_READ, _LISTEN)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self._thread = threading.Thread(target=self._run, name="control-server", daemon=True)
@@ -315,8 +371,9 @@ class ControlServer:
             self._thread.join(_STOP_TIMEOUT)
         else:
             self._shutdown()  # never started: nothing bound, only the wake-up pair to close
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._waiters):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     # -- I/O thread ---------------------------------------------------------------------------
 
@@ -334,6 +391,8 @@ class ControlServer:
                     self._ready.discard(conn)
                     self._pump(conn)
                 self._expire()
+                if self._held_back and time.monotonic() >= self._resume_at:
+                    self._resume_accepting()
             self._drain()
         finally:
             self._shutdown()
@@ -341,7 +400,7 @@ class ControlServer:
     def _drain(self) -> None:
         """Deliver answers finishing within _DRAIN_TIMEOUT; read and start nothing new."""
         deadline = time.monotonic() + _DRAIN_TIMEOUT
-        if self._listener is not None:
+        if self._listener is not None and not self._held_back:
             self._selector.unregister(self._listener)
         for conn in list(self._conns):
             self._update(conn)  # now watching for writes only
@@ -359,6 +418,9 @@ class ControlServer:
         if self._ready:
             return 0.0
         deadlines = [c.deadline for c in self._conns if not c.busy]
+        deadlines += [c.progress + OUTPUT_STALL_TIMEOUT for c in self._conns if c.outbuf]
+        if self._held_back:
+            deadlines.append(self._resume_at)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -382,6 +444,9 @@ class ControlServer:
     def _accept(self) -> None:
         assert self._listener is not None
         for _ in range(MAX_CONNECTIONS):  # a connect flood must not starve the others
+            full = len(self._conns) >= MAX_CONNECTIONS
+            if full and not self._evictable() and self._hold_back():
+                return  # newcomers wait in the listen queue until a slot frees up
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -399,25 +464,63 @@ class ControlServer:
                 continue
             sock.setblocking(False)
             now = time.monotonic()
-            conn = _Conn(sock, deadline=now + self._idle, tokens=self._rate, refilled=now)
+            conn = _Conn(sock, deadline=now + self._idle, tokens=self._rate, refilled=now, born=now)
             self._conns.add(conn)
             self._update(conn)
+
+    def _hold_back(self) -> bool:
+        """With every slot taken, stop accepting while some connection is not yet read.
+
+        Such a connection is soon either served or gone (a connect-and-hang-up flood reads
+        as end-of-file at its first read pass), so the newcomer waits in the listen queue
+        for its slot instead of being refused. Accepting resumes when a connection closes,
+        or when the oldest unread one reaches _EVICT_GRACE and may be evicted.
+        """
+        unread = [c.born for c in self._conns if not (c.seen or c.busy)]
+        if not unread:
+            return False  # every slot is at work: refusing the newcomer is all we can do
+        if not self._held_back:
+            assert self._listener is not None
+            self._selector.unregister(self._listener)
+            self._held_back = True
+        self._resume_at = min(unread) + _EVICT_GRACE
+        return True
+
+    def _resume_accepting(self) -> None:
+        if self._held_back and not self._stopping:
+            assert self._listener is not None
+            self._selector.register(self._listener, selectors.EVENT_READ, _LISTEN)
+            self._held_back = False
 
     def _make_room(self) -> bool:
         """Return whether a new connection fits, closing the longest-idle one if need be.
 
         Otherwise 64 clients that connect and say nothing would lock every other client out
-        for IDLE_TIMEOUT. A connection with a request in flight or answers queued is never
-        taken: it is doing work, which its handler's own time bounds.
+        for IDLE_TIMEOUT. A connection with a request in flight, or with answers its client
+        is taking, is never taken: it is doing work, which its handler's own time bounds.
+        One whose answers have not moved for _STALL_EVICTABLE is not reading: it counts as
+        idle. One not yet read is not idle (see _EVICT_GRACE): the newcomer is refused.
         """
         if len(self._conns) < MAX_CONNECTIONS:
             return True
-        idle = [c for c in self._conns if not (c.busy or c.outbuf)]
+        idle = self._evictable()
         if not idle:
             return False
         self._close(min(idle, key=lambda c: c.deadline))  # earliest deadline: idle longest
         self.evicted += 1
         return True
+
+    def _evictable(self) -> list[_Conn]:
+        """The connections _make_room may close: idle, read at least once (or silent past
+        _EVICT_GRACE), and not in the middle of taking their answers."""
+        now = time.monotonic()
+        return [
+            c
+            for c in self._conns
+            if not c.busy
+            and (c.seen or c.born <= now - _EVICT_GRACE)
+            and (not c.outbuf or c.progress <= now - _STALL_EVICTABLE)
+        ]
 
     def _on_ready(self, conn: _Conn, mask: int) -> None:
         if conn.closed:
@@ -425,6 +528,7 @@ class ControlServer:
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
         if mask & selectors.EVENT_READ and not conn.closed:
+            conn.seen = True
             try:
                 data = conn.sock.recv(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -447,6 +551,8 @@ class ControlServer:
         """Handle complete lines until one goes to the handler, then fix the interest set."""
         answered = 0
         while not (conn.busy or conn.closing or conn.closed or self._stopping):
+            if len(conn.outbuf) > MAX_OUTPUT_BYTES:
+                break  # it is not reading its answers: read no more until it does (_flush)
             end = conn.inbuf.find(b"\n")
             if end < 0:
                 if len(conn.inbuf) > MAX_REQUEST_BYTES:
@@ -469,10 +575,12 @@ class ControlServer:
                 self._too_large(conn)
                 break
             answered += 1
-            if not self._take_token(conn, now):
-                self._queue(conn, _failure("rate_limited", "too many requests; slow down"))
-                continue
+            # Parsed before the rate check, so a rate_limited answer echoes its id too: the
+            # parse is linear and C-speed, costing no more than reading the line did.
             request, echo, problem = _parse(line)
+            if not self._take_token(conn, now):
+                self._queue(conn, _failure("rate_limited", "too many requests; slow down", echo))
+                continue
             if problem is not None or request is None:
                 self._queue(conn, _failure("bad_request", problem or "bad request", echo))
                 continue
@@ -493,9 +601,10 @@ class ControlServer:
         return True
 
     def _submit(self, conn: _Conn, request: dict[str, object], echo: bytes) -> None:
-        assert self._executor is not None
+        pool = self._waiters if request["op"] in self._waiting_ops else self._executor
+        assert pool is not None
         try:
-            self._executor.submit(self._call, conn, request, echo)
+            pool.submit(self._call, conn, request, echo)
         except RuntimeError:  # the executor is shutting down
             self._close(conn)
             return
@@ -520,10 +629,9 @@ class ControlServer:
     def _queue(self, conn: _Conn, payload: bytes) -> None:
         if conn.closed:
             return
+        if not conn.outbuf:
+            conn.progress = time.monotonic()
         conn.outbuf += payload
-        if len(conn.outbuf) > MAX_OUTPUT_BYTES:
-            self._close(conn)  # it is not reading its answers
-            return
         self._flush(conn)
 
     def _flush(self, conn: _Conn) -> None:
@@ -535,7 +643,11 @@ class ControlServer:
             except OSError:
                 self._close(conn)
                 return
-            del conn.outbuf[:sent]
+            if sent:
+                del conn.outbuf[:sent]
+                conn.progress = time.monotonic()
+                if len(conn.outbuf) <= MAX_OUTPUT_BYTES and conn.inbuf and not conn.busy:
+                    self._ready.add(conn)  # lines held back by _pump while output was full
         self._update(conn)
 
     def _update(self, conn: _Conn) -> None:
@@ -548,7 +660,9 @@ class ControlServer:
         want = 0
         # While busy, read on (up to one request's worth, so memory stays bounded) only to
         # see the end of the stream: a client that hangs up mid-request is noticed at once.
-        reading = not conn.busy or len(conn.inbuf) <= MAX_REQUEST_BYTES
+        reading = (not conn.busy or len(conn.inbuf) <= MAX_REQUEST_BYTES) and len(
+            conn.outbuf
+        ) <= MAX_OUTPUT_BYTES
         if reading and not (conn.eof or conn.closing or self._stopping or conn in self._ready):
             want |= selectors.EVENT_READ
         if conn.outbuf:
@@ -565,7 +679,12 @@ class ControlServer:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for conn in [c for c in self._conns if not c.busy and c.deadline <= now]:
+        stalled = now - OUTPUT_STALL_TIMEOUT
+        for conn in [
+            c
+            for c in self._conns
+            if (not c.busy and c.deadline <= now) or (c.outbuf and c.progress <= stalled)
+        ]:
             self._close(conn)
 
     def _close(self, conn: _Conn) -> None:
@@ -578,6 +697,7 @@ class ControlServer:
         conn.sock.close()
         self._conns.discard(conn)
         self._ready.discard(conn)
+        self._resume_accepting()  # a slot is free
 
     # -- worker threads -----------------------------------------------------------------------
 

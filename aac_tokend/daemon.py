@@ -119,6 +119,7 @@ class Daemon:
             paths.control_socket,
             ControlOps(engine, reload=self.reload, shutdown=self._stop.set),
             listener=control_listener,
+            waiting_ops=ControlOps.WAITING_OPS,
         )
         token_server.start()
         self._install_signals()

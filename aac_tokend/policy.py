@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from .errors import TokenFormatError
 from .outcome import Refreshed, RefreshOutcome, Rejected
 from .ownership import remember_spent
 from .state import InFlight, ProfileState, Rejection, RejectionReason, Status, TokenKind
-from .tokens import token_hash
+from .tokens import parse_jwt, token_hash
 
 __all__ = [
     "LifetimeEnd",
@@ -258,6 +259,36 @@ def classify_rejection(
     return RejectionReason.OAUTH_ERROR
 
 
+# The token's own ``exp`` is read on our clock only when its ``iat`` says the server's clock
+# and ours agree to within this (NTP keeps both within milliseconds; a minute is generous).
+# A server or a wall clock off by more than that (a step, a skew) would otherwise make every
+# new token look expired at once, and the daemon refresh in a loop.
+CLOCK_AGREEMENT_SECONDS = 60.0
+
+
+def _access_expiry(journal: ProfileState, outcome: Refreshed, now: float) -> float:
+    """When the new access token expires: never later than the server can have meant.
+
+    The server counts ``expires_in`` from when it issued the token, which is before its answer
+    arrived (a slow answer took seconds to minutes): so count from when the request left
+    (the journal's start), and never past the token's own ``exp`` when it is a JWT issued
+    (``iat``) while the request was out, by a clock that agrees with ours.
+    """
+    sent_at = min(journal.in_flight.started_at if journal.in_flight is not None else now, now)
+    expires = sent_at + outcome.expires_in
+    try:
+        claims = parse_jwt(outcome.access_token)
+    except TokenFormatError:
+        return expires
+    issued = claims.iat
+    if (
+        issued is not None
+        and sent_at - CLOCK_AGREEMENT_SECONDS <= issued <= now + CLOCK_AGREEMENT_SECONDS
+    ):
+        return min(expires, claims.exp)
+    return expires
+
+
 def apply_outcome(
     state: ProfileState, outcome: RefreshOutcome, now: float, lifetime_days: float | None = None
 ) -> ProfileState:
@@ -271,7 +302,7 @@ def apply_outcome(
             access_token=outcome.access_token,
             refresh_token=outcome.refresh_token or state.refresh_token,
             access_obtained_at=now,
-            access_expires_at=now + outcome.expires_in,
+            access_expires_at=_access_expiry(state, outcome, now),
             last_refresh_at=now,
             refresh_count=state.refresh_count + 1,
             consecutive_failures=0,

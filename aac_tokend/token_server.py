@@ -12,9 +12,11 @@ The token is never logged: failures are only counted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import selectors
 import socket
+import termios
 import threading
 import time
 from collections import deque
@@ -47,6 +49,14 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 
 # If the one non-blocking send() ever comes up short, the rest may block this long at most.
 _SEND_TIMEOUT = 0.05
+
+# Input a reader sent (`echo | nc -U`, a client that writes first) is read and dropped before
+# close, up to this much: closing a Unix socket with unread input makes the kernel report
+# ECONNRESET to the peer, which then loses the token it was sent. Only FIONREAD is asked on
+# every connection (about a microsecond); a reader sending more than this is not a reader.
+_DRAIN_BYTES = 64 * 1024
+_FIONREAD = getattr(termios, "FIONREAD", 0x541B)
+_NO_BYTES = bytes(4)  # ioctl's in-out buffer for an int
 
 # Connections answered per listener per pass before the loop looks at the others again:
 # readers that reconnect at once could otherwise keep one listener ready forever, starving
@@ -305,6 +315,7 @@ class TokenServer:
         current_token = self._source.current_token
         profile = entry.profile
         uid = self._uid
+        ioctl = fcntl.ioctl
         for _ in range(_ACCEPTS_PER_PASS):
             try:
                 conn = accept()
@@ -333,4 +344,19 @@ class TokenServer:
             except Exception:
                 self.errors += 1  # source failure or a reader that hung up: it reads ""
             finally:
+                try:
+                    if ioctl(conn.fileno(), _FIONREAD, _NO_BYTES) != _NO_BYTES:
+                        _drain(conn)
+                except OSError:
+                    pass
                 conn.close()
+
+
+def _drain(conn: socket.SocketType) -> None:
+    """Read and drop what ``conn`` has pending, without blocking, up to _DRAIN_BYTES."""
+    left = _DRAIN_BYTES
+    while left > 0:
+        chunk = conn.recv(min(left, 16 * 1024), socket.MSG_DONTWAIT)  # EAGAIN ends it
+        if not chunk:
+            return
+        left -= len(chunk)

@@ -13,6 +13,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def _clear_stale(path: Path) -> None:
     raise AlreadyRunningError(None)
 
 
+_FCHMOD_BEFORE_BIND = sys.platform.startswith("linux")
+_UMASK_LOCK = threading.Lock()
+
+
 def bind_listener(path: Path) -> socket.socket:
     """Bind a non-blocking, 0600 listening Unix socket at ``path``.
 
@@ -96,13 +101,21 @@ def bind_listener(path: Path) -> socket.socket:
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        # umask is process-wide, but this keeps the socket from ever existing with a wider
-        # mode, which a chmod after bind() alone cannot promise.
-        old_umask = os.umask(0o177)
-        try:
+        # The socket must never exist with a wider mode, which a chmod after bind() alone
+        # cannot promise. Linux creates it with the socket inode's mode (less the umask), so
+        # an fchmod before bind() does it without touching the umask, which is process-wide:
+        # a swap would hit every thread's mkdir and open (and a courier forked meanwhile).
+        # Elsewhere the swap stays, under a lock, and the runtime directory is 0700 anyway.
+        if _FCHMOD_BEFORE_BIND:
+            os.fchmod(sock.fileno(), 0o600)
             sock.bind(os.fspath(path))
-        finally:
-            os.umask(old_umask)
+        else:
+            with _UMASK_LOCK:
+                old_umask = os.umask(0o177)
+                try:
+                    sock.bind(os.fspath(path))
+                finally:
+                    os.umask(old_umask)
         os.chmod(path, 0o600)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)

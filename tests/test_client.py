@@ -8,11 +8,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from aac_tokend.api import get_token
 from aac_tokend.client import ControlClient, read_token
 
 #: Generous: only a stalled machine gets near it.
@@ -117,6 +119,103 @@ class TestReadToken:
             stuck.listen()
             with pytest.raises(TimeoutError):
                 read_token(str(sockdir / "stuck.sock"), timeout=0.2)
+
+
+def full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener with a one-slot queue that nobody accepts from, filled until connects fail."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    while True:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        fillers.append(filler)
+        try:
+            filler.connect(str(path))
+        except BlockingIOError:
+            return listener, fillers
+        assert len(fillers) < 100, "the listen queue never filled"
+
+
+def accept_later(listener: socket.socket, delay: float, answer: bytes) -> threading.Thread:
+    """After ``delay``, accept every queued connection and send each ``answer``."""
+
+    def serve() -> None:
+        time.sleep(delay)
+        listener.settimeout(WAIT)
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+class TestFullListenQueue:
+    """A momentarily full listen queue is waited out, as a blocking reader would."""
+
+    def test_read_token_waits_for_room(self, sockdir: Path) -> None:
+        """read_token connects once the daemon drains its queue, instead of failing at once."""
+        listener, fillers = full_listener(sockdir / "busy.sock")
+        try:
+            accept_later(listener, 0.3, b"a.b.c\n")
+            assert read_token(str(sockdir / "busy.sock"), timeout=WAIT) == "a.b.c"
+        finally:
+            listener.close()
+            for filler in fillers:
+                filler.close()
+
+    def test_control_client_waits_for_room(self, sockdir: Path) -> None:
+        """ControlClient connects once the daemon drains its queue."""
+        listener, fillers = full_listener(sockdir / "busy.sock")
+        try:
+            accept_later(listener, 0.3, b'{"ok":true}\n')
+            with ControlClient(str(sockdir / "busy.sock"), timeout=WAIT) as client:
+                assert client.request("status") == {"ok": True}
+        finally:
+            listener.close()
+            for filler in fillers:
+                filler.close()
+
+    def test_queue_that_stays_full_times_out(self, sockdir: Path) -> None:
+        """A queue that never drains ends in TimeoutError once the timeout has passed."""
+        listener, fillers = full_listener(sockdir / "busy.sock")
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                read_token(str(sockdir / "busy.sock"), timeout=0.3)
+            assert time.monotonic() - started >= 0.3
+        finally:
+            listener.close()
+            for filler in fillers:
+                filler.close()
+
+
+class TestGetTokenFallback:
+    """get_token asks the control socket whenever the token socket fails, however it fails."""
+
+    def test_broken_token_socket_falls_back_to_control(
+        self, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A token socket that cuts its answer short (ConnectionError) is not the last word."""
+        run = sockdir / "run"
+        run.mkdir(mode=0o700)
+        broken = OneShotServer(run / "default.token.sock", lambda conn: conn.sendall(b"a.b"))
+        control = OneShotServer(
+            run / "control.sock",
+            json_lines(lambda request: {"ok": True, "profile": "default", "token": "c.d.e"}),
+        )
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(sockdir))
+        monkeypatch.delenv("AAC_TOKEND_PROFILE", raising=False)
+        try:
+            assert get_token("default") == "c.d.e"
+        finally:
+            broken.close()
+            control.close()
 
 
 class TestControlClient:

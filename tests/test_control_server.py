@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +42,7 @@ class FakeHandler:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, object]] = []
+        self.finished: list[dict[str, object]] = []  # slow requests that ran to their end
         self.on_shutdown: Callable[[], None] = lambda: None
 
     def handle(self, request: dict[str, object]) -> dict[str, object]:
@@ -51,6 +54,7 @@ class FakeHandler:
             return {"ok": True, "got": request}
         if op == "slow":
             time.sleep(float(str(request.get("seconds", 2.0))))
+            self.finished.append(request)
             return {"ok": True, "slept": True}
         if op == "unknown_profile":
             raise errors.ProfileError("unknown profile nope; see `aac-tokend status`")
@@ -202,6 +206,20 @@ class TestProtocol:
             bad, good = read_lines(sock, 2)
         assert bad["code"] == "bad_request"
         assert good["ok"] is True
+
+    def test_utf16_request_cannot_smuggle_nesting(
+        self, server: ControlServer, handler: FakeHandler
+    ) -> None:
+        """A UTF-16 request nested 300 deep is refused as not UTF-8, never run or echoed."""
+        nested = "[" * 300 + "]" * 300
+        line = ('{"a":"\u5c00","id":' + nested + ',"op":"status"}').encode("utf-16-le")
+        with connect(server.path) as sock:
+            sock.sendall(line + b"\n")
+            (answer,) = read_lines(sock, 1)
+        assert answer["code"] == "bad_request"
+        assert "not UTF-8" in str(answer["message"])
+        assert "id" not in answer
+        assert handler.requests == []
 
     def test_id_is_echoed(self, server: ControlServer, handler: FakeHandler) -> None:
         """The request's id comes back in the answer, also on errors."""
@@ -379,6 +397,42 @@ class TestRequestCheck:
             valid = False
         assert (problem is None) == valid, problem
 
+    @settings(max_examples=200, deadline=None)
+    @given(
+        value=_nested(),
+        encoding=st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"]),
+    )
+    def test_only_utf8_is_read(self, value: object, encoding: str) -> None:
+        """A request in UTF-16 or UTF-32 (which json.loads of bytes would take) is refused."""
+        line = json.dumps({"op": "status", "x": value}, ensure_ascii=False).encode(encoding)
+        request, echo, problem = control_server._parse(line)
+        assert problem is not None and "not UTF-8" in problem
+        assert (request, echo) == (None, b"")
+
+    def test_hostile_lines_parse_in_linear_time(self) -> None:
+        """64 KiB lines built to make the string scan backtrack parse about as fast as a plain
+        64 KiB string (a quadratic scan took seconds for 16 KiB)."""
+
+        def parse_time(line: bytes) -> float:
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                control_server._parse(line)
+                best = min(best, time.perf_counter() - started)
+            return best
+
+        size = MAX_REQUEST_BYTES - 64
+        baseline = parse_time(b'{"op":"status","x":"' + b"a" * size + b'"}')
+        hostile = [
+            # '"\\"\\...' as bytes: a quote and a backslash in every UTF-16 character
+            ('{"op":"status","x":"' + "\u5c22" * (size // 2) + '"}').encode("utf-16-le"),
+            ('{"op":"status","x":"' + "\u5c22" * (size // 3) + '"}').encode(),
+            b'{"op":"status","x":"' + b'\\"' * (size // 4) + b'"}',
+            b'{"op":"status","x":["' + b'\\",[' * (size // 5) + b'"]}',
+        ]
+        for line in hostile:
+            assert parse_time(line) < max(50 * baseline, 0.05), line[:40]
+
 
 class TestErrorCodes:
     def test_codes_follow_the_error_tree(self) -> None:
@@ -459,6 +513,14 @@ class TestLimits:
         ids = [int(str(a["id"])) for a in served]
         assert ids == sorted(ids)
 
+    def test_rate_limited_answers_echo_the_id(self, server: ControlServer) -> None:
+        """A rate_limited answer carries its request's id, so a pipelining client can pair it."""
+        with connect(server.path) as sock:
+            sock.sendall(b"".join(b'{"op":"status","id":%d}\n' % i for i in range(150)))
+            answers = read_lines(sock, 150)
+        assert [a["id"] for a in answers] == list(range(150))
+        assert any(a.get("code") == "rate_limited" for a in answers)
+
     def test_idle_connection_is_closed(self, make_server: Callable[..., ControlServer]) -> None:
         """A connection without a complete request for idle_timeout is closed."""
         srv = make_server(idle_timeout=0.5)
@@ -493,6 +555,7 @@ class TestLimits:
         try:
             for client in clients[1:]:
                 assert client.request("status")["ok"] is True  # clients[0] idles longest
+            time.sleep(control_server._EVICT_GRACE)  # clients[0], silent, is now evictable
             started = time.monotonic()
             with ControlClient(str(server.path)) as extra:
                 assert extra.request("status")["ok"] is True
@@ -505,6 +568,20 @@ class TestLimits:
         finally:
             for client in clients:
                 client.close()
+
+    def test_newcomer_waits_while_slots_are_not_yet_read(self, server: ControlServer) -> None:
+        """With every slot taken by connections not yet read, a newcomer waits in the listen
+        queue (served once one is read, closed or past the grace) instead of being refused."""
+        silent = [connect(server.path) for _ in range(MAX_CONNECTIONS)]
+        try:
+            with connect(server.path) as newcomer:
+                newcomer.sendall(b'{"op":"status","id":1}\n')
+                assert read_lines(newcomer, 1) == [{"ok": True, "profiles": ["default"], "id": 1}]
+            assert server.rejected == 0
+            assert server.evicted == 1
+        finally:
+            for sock in silent:
+                sock.close()
 
     def test_connection_limit_with_every_slot_at_work(
         self, make_server: Callable[..., ControlServer]
@@ -525,6 +602,47 @@ class TestLimits:
         finally:
             for sock in busy:
                 sock.close()
+
+    def test_connect_flood_does_not_evict_a_client_not_yet_read(self, sockdir: Path) -> None:
+        """Real clients inside a burst of connect-and-hang-up clients (more than the free
+        slots) are neither evicted before their request is read nor refused: newcomers wait
+        in the listen queue while unread connections hold the slots."""
+        path = sockdir / "control.sock"
+        code = (
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from aac_tokend.control_server import ControlServer\n"
+            "class H:\n"
+            "    def handle(self, request):\n"
+            "        return {'ok': True}\n"
+            "ControlServer(Path(sys.argv[1]), H()).start()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+        idle: list[ControlClient] = []
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+            idle = [ControlClient(str(path)) for _ in range(MAX_CONNECTIONS - 1)]
+            for client in idle:
+                assert client.request("status")["ok"] is True
+            proc.send_signal(signal.SIGSTOP)  # what follows reaches it as one accept burst
+            for _ in range(2 * MAX_CONNECTIONS):
+                connect(path).close()
+            with connect(path) as real, connect(path) as late:
+                real.sendall(b'{"op":"status","id":"real"}\n')
+                late.sendall(b'{"op":"status","id":"late"}\n')
+                for _ in range(2 * MAX_CONNECTIONS):
+                    connect(path).close()
+                proc.send_signal(signal.SIGCONT)
+                assert read_lines(real, 1) == [{"ok": True, "id": "real"}]
+                assert read_lines(late, 1) == [{"ok": True, "id": "late"}]
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(WAIT)
+            for client in idle:
+                client.close()
 
     def test_client_that_hangs_up_mid_request_is_dropped_at_once(
         self, server: ControlServer
@@ -567,11 +685,53 @@ class TestLimits:
             assert read_lines(sock, 1) == [{"ok": True, "slept": True}]
 
     def test_client_that_does_not_read_is_dropped(self, server: ControlServer) -> None:
-        """A client flooding requests without reading answers is cut off past 1 MiB queued."""
+        """A client flooding requests without reading answers is closed once they stall."""
         with connect(server.path) as sock:
             sender = send_quietly(sock, b"{}\n" * 600_000)
             assert wait_for(lambda: server.connections == 0)
             sender.join(WAIT)
+
+    def test_non_readers_cannot_hold_every_slot(self, server: ControlServer) -> None:
+        """MAX_CONNECTIONS clients that pipeline requests and never read their answers give
+        way to a new client, and are closed once their output has stalled."""
+        hostile = [connect(server.path) for _ in range(MAX_CONNECTIONS)]
+        try:
+            for sock in hostile:
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(b"{}\n" * 3000)
+            assert wait_for(lambda: server.connections == MAX_CONNECTIONS)
+            time.sleep(control_server._STALL_EVICTABLE + 0.2)
+            with ControlClient(str(server.path), timeout=WAIT) as client:
+                assert client.request("status")["ok"] is True
+            assert server.evicted >= 1
+            assert wait_for(
+                lambda: server.connections == 0, timeout=control_server.OUTPUT_STALL_TIMEOUT + 2
+            )
+        finally:
+            for sock in hostile:
+                sock.close()
+
+    def test_a_slow_reader_gets_every_answer(
+        self, make_server: Callable[..., ControlServer]
+    ) -> None:
+        """Pipelined answers past the output bound wait for the reader: none is lost."""
+        server = make_server(rate_limit=1e9)  # the rate limit is not under test
+        count = 2000  # ~150 KiB of answers, over MAX_OUTPUT_BYTES
+        with connect(server.path) as sock:
+            lines = b"".join(b'{"op":"echo","id":%d,"pad":"xxxxxxxxx"}\n' % i for i in range(count))
+            sender = send_quietly(sock, lines)
+            time.sleep(0.5)  # the server fills its output bound and stops reading
+            ids = []
+            data = b""
+            while len(ids) < count:
+                chunk = sock.recv(65536)
+                assert chunk
+                data += chunk
+                *done, data = data.split(b"\n")
+                ids += [json.loads(line)["id"] for line in done]
+            sender.join(WAIT)
+        assert ids == list(range(count))
 
     @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid (setpriv)")
     @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv from util-linux")
@@ -614,6 +774,35 @@ class TestIsolation:
             silent.close()
             flooder.close()
             tokens.stop()
+
+    def test_waiting_ops_never_hold_the_workers(
+        self, make_server: Callable[..., ControlServer], handler: FakeHandler
+    ) -> None:
+        """More waiting requests than workers (a refresh each) all run at once, and a status
+        is answered at once meanwhile, also after their clients hung up."""
+        srv = make_server(workers=2, waiting_ops={"slow"})
+        waiting = [connect(srv.path) for _ in range(6)]
+        try:
+            for sock in waiting:
+                sock.sendall(b'{"op":"slow","seconds":3}\n')
+            wait_for(lambda: len(handler.requests) == 6, timeout=1.0)
+            for hang_up in (False, True):
+                if hang_up:
+                    for sock in waiting[:3]:
+                        sock.close()
+                    assert wait_for(lambda: srv.connections == 3, timeout=1.0)
+                started = time.monotonic()
+                with ControlClient(str(srv.path)) as client:
+                    assert client.request("status")["ok"] is True
+                    assert client.request("profiles")["ok"] is False  # unknown_op, answered
+                assert time.monotonic() - started < 1.0
+            assert len(handler.requests) == 6 + 4
+            assert all(read_lines(sock, 1) == [{"ok": True, "slept": True}] for sock in waiting[3:])
+            # the ones whose clients hung up still ran to their end (a refresh must)
+            assert wait_for(lambda: len(handler.finished) == 6, timeout=2.0)
+        finally:
+            for sock in waiting:
+                sock.close()
 
     def test_slow_handler_does_not_block_other_clients(self, server: ControlServer) -> None:
         """While one client's request sleeps 2 s, another client's status is answered."""

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aac_tokend.jwt_sign import sign_hs256
 from aac_tokend.outcome import Refreshed, Rejected, Transient
 from aac_tokend.policy import (
     REFRESH_SLACK_SECONDS,
@@ -363,6 +364,53 @@ class TestApplyOutcome:
         state = oauth()
         apply_outcome(state, Refreshed("a", "b", 1.0), T0)
         assert state == oauth()
+
+
+class TestAccessExpiry:
+    """A refreshed access token never counts as valid past what the server meant."""
+
+    def test_expires_in_counts_from_when_the_request_left(self) -> None:
+        """An answer that took 50 s to arrive leaves 600 - 50 s, not 600 s, of life."""
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed("opaque-access", "r2", 600.0), T0 + 50)
+        assert after.access_expires_at == T0 + 600
+
+    def test_never_past_the_jwt_exp(self) -> None:
+        """A JWT whose exp comes before sent + expires_in expires at its exp."""
+        token = sign_hs256({"exp": T0 + 300, "iat": T0 + 1}, b"k" * 32)
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed(token, "r2", 600.0), T0 + 5)
+        assert after.access_expires_at == T0 + 300
+
+    def test_jwt_of_a_clock_that_disagrees_is_not_read_on_ours(self) -> None:
+        """A server (or our wall clock) a day off: its exp is ignored, no refresh loop."""
+        token = sign_hs256({"exp": T0 - DAY + 3600, "iat": T0 - DAY}, b"k" * 32)
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed(token, "r2", 3600.0), T0 + 1)
+        assert after.access_expires_at == T0 + 3600
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        delay=st.floats(min_value=0.0, max_value=120.0),
+        expires_in=st.floats(min_value=1.0, max_value=DAY),
+        exp_offset=st.none() | st.floats(min_value=-60.0, max_value=DAY),
+        iat_offset=st.none() | st.floats(min_value=-2 * DAY, max_value=2 * DAY),
+    )
+    def test_expiry_is_the_earliest_bound(
+        self, delay: float, expires_in: float, exp_offset: float | None, iat_offset: float | None
+    ) -> None:
+        """The expiry is min(request sent + expires_in, the JWT's exp when its iat agrees)."""
+        claims = {"exp": T0 + (exp_offset or 0.0)}
+        if iat_offset is not None:
+            claims["iat"] = T0 + iat_offset
+        token = "opaque" if exp_offset is None else sign_hs256(claims, b"k" * 32)
+        journal = begin_attempt(oauth(), T0)
+        after = apply_outcome(journal, Refreshed(token, "r2", expires_in), T0 + delay)
+        bounds = [T0 + expires_in]
+        agree = iat_offset is not None and -60.0 <= iat_offset <= delay + 60.0
+        if exp_offset is not None and agree:
+            bounds.append(T0 + exp_offset)
+        assert after.access_expires_at == pytest.approx(min(bounds), abs=EPS)
 
 
 class TestClassifyRejection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -131,6 +132,68 @@ class TestReading:
         for thread in threads:
             thread.join(WAIT)
         assert results == [TOKEN.decode()] * 800
+
+
+class GatedSource(FakeSource):
+    """Answers only once the test opens the gate, so a reader's input is surely pending."""
+
+    def __init__(self, tokens: dict[str, bytes | None]) -> None:
+        super().__init__(tokens)
+        self.gate = threading.Event()
+
+    def current_token(self, profile: str) -> bytes | None:
+        self.gate.wait(WAIT)
+        return super().current_token(profile)
+
+
+class TestReadersThatSend:
+    """A reader that writes something first still gets the token, not a reset."""
+
+    @pytest.mark.parametrize("sent", [b"\n", b"GET token\r\n", b"x" * 20_000])
+    def test_input_pending_at_close_is_drained(self, sockdir: Path, sent: bytes) -> None:
+        """Input the reader sent before the answer is read and dropped before the close."""
+        source = GatedSource({"default": TOKEN})
+        srv = TokenServer(sockdir, source)
+        srv.add_profile("default")
+        srv.start()
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(WAIT)
+                sock.connect(str(srv.socket_path("default")))
+                sock.sendall(sent)
+                source.gate.set()
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            assert data == TOKEN + b"\n"
+        finally:
+            srv.stop()
+
+    @pytest.mark.skipif(shutil.which("nc") is None, reason="needs nc (netcat-openbsd)")
+    def test_echo_into_nc_reads_the_token(self, server: TokenServer) -> None:
+        """`echo | nc -U sock` prints the token (nc sends the newline it read)."""
+        path = str(server.socket_path("default"))
+        for _ in range(20):
+            assert run(["nc", "-U", path], b"\n") == TOKEN + b"\n"
+
+    def test_flooding_reader_does_not_hold_up_others(self, sockdir: Path) -> None:
+        """A reader sending far more than the drain bound is closed; the next is served."""
+        source = GatedSource({"default": TOKEN})
+        srv = TokenServer(sockdir, source)
+        srv.add_profile("default")
+        srv.start()
+        path = str(srv.socket_path("default"))
+        try:
+            with socket.socket(socket.AF_UNIX) as flood:
+                flood.connect(path)
+                flood.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        flood.send(b"x" * 65536)
+                source.gate.set()
+                assert read_token(path, timeout=WAIT) == TOKEN.decode()
+        finally:
+            srv.stop()
 
 
 class TestFiles:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,32 @@ class TestBindListener:
             assert os.umask(0o022) == 0o022
         finally:
             os.umask(old)
+
+    @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Umask in /proc")
+    def test_umask_of_other_threads_never_changes(self, sockdir: Path) -> None:
+        """Binding never swaps the process-wide umask, which other threads' files and
+        directories (and a courier forked meanwhile) would be created with."""
+        old = os.umask(0o077)
+        seen: set[str] = set()
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("Umask:"):
+                        seen.add(line.split()[1])
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            for i in range(300):
+                bind_listener(sockdir / f"s{i}.sock").close()
+        finally:
+            done.set()
+            watcher.join(10)
+            os.umask(old)
+        assert seen == {"0077"}
+        assert all(mode(sockdir / f"s{i}.sock") == 0o600 for i in range(300))
 
     def test_stale_socket_is_replaced(self, sockdir: Path) -> None:
         """A socket file nobody listens on (a crashed daemon's) is unlinked and rebound."""
