@@ -103,8 +103,9 @@ class TestKilledMidRefresh:
         kills = 15
         for i in range(kills):
             # Every third answer outlasts a restart, so the new daemon must wait for the
-            # courier's lock; the others end inside the kill window or before it.
-            sandbox.set_answer_delay(2.0 if i % 3 == 0 else 0.25)
+            # courier's lock; the others end inside the kill window or before it. (4 s: a
+            # restart on a loaded 2-core machine took over 2 s, and the courier was gone.)
+            sandbox.set_answer_delay(4.0 if i % 3 == 0 else 0.25)
             offset = (i * 7 % kills) / (kills - 1) * 0.5
             daemon.start(profiles=["default"])
             assert api_accepts(sandbox, daemon.token()), f"kill {i}: restart served a bad token"
