@@ -562,7 +562,8 @@ class Engine:
         (reading a thousand files costs most of a second, with token reads waiting on the
         GIL): the only newer pair their files can hold is one a courier got a moment ago,
         which nobody but that courier has seen, and memory already names its predecessor.
-        Profiles not in memory (still waiting for a courier, unreadable) are read from disk.
+        Profiles not in memory (still waiting for a courier) are read from disk; while a
+        state file cannot be read at all, HolderUnknownError refuses the import.
         """
         with self._lock:
             memory = [entry.state for entry in self._profiles.values()]

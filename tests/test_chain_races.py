@@ -24,7 +24,7 @@ from aac_tokend.config import Config
 from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, Refresher, carry
 from aac_tokend.endpoint import TokenEndpoint
 from aac_tokend.engine import Engine
-from aac_tokend.errors import TokenHeldError
+from aac_tokend.errors import HolderUnknownError, TokenHeldError
 from aac_tokend.importer import ImportRequest, parse_import_text
 from aac_tokend.pending import PendingStore
 from aac_tokend.sandbox import SandboxServer
@@ -166,3 +166,41 @@ class TestUnsavedPairRetried:
             assert engine.refresh("p").refresh_count == 1
             sent = [e["rt_hash"] for e in sandbox.log()]
             assert sent[-1] == token_hash(str(fresh["refresh_token"]))
+
+
+def _spoil(state_dir: Path, how: str) -> Path:
+    """A state file the store cannot read, as a disk or a sync tool leaves one."""
+    if how == "unreadable":  # a read fails (EISDIR here; EIO on a failing disk)
+        path = state_dir / "lost.state"
+        path.mkdir()
+    elif how == "corrupt":
+        path = state_dir / "lost.state"
+        path.write_bytes(b"AATK\x01" + secrets.token_bytes(80))
+    else:  # misnamed: a sync tool's conflict copy of some profile's file
+        path = state_dir / "lost (conflicted copy).state"
+        path.write_bytes(secrets.token_bytes(80))
+    return path
+
+
+class TestUnreadableStateFile:
+    """While a state file cannot be read, its token is unknown: imports are refused."""
+
+    @pytest.mark.parametrize("how", ["unreadable", "corrupt", "misnamed"])
+    def test_daemon_import_refused_naming_the_file(self, tmp_path: Path, how: str) -> None:
+        """The refusal is one line naming the file; once it is moved away, the import works."""
+        with SandboxServer() as sandbox:
+            key = secrets.token_bytes(32)
+            store = FileStore(tmp_path / "state", key)
+            engine = _engine(store, key, InProcessRefresher(), PendingStore(tmp_path / "run"))
+            spoiled = _spoil(store.state_dir, how)
+            engine.start()
+            request = _request(sandbox.generate(), "a", sandbox.token_endpoint)
+            with pytest.raises(HolderUnknownError) as refused:
+                engine.claim_import(request)
+            message = str(refused.value)
+            assert "\n" not in message and str(spoiled) in message
+            assert "move it out of the state directory" in message
+            assert store.load("a") is None and engine.profiles() == []
+            spoiled.rename(tmp_path / "aside")
+            assert engine.claim_import(request)[1] is True
+            assert sandbox.log() == []

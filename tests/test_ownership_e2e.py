@@ -133,6 +133,21 @@ class TestOffline:
         import_pair(home, sandbox, profile="work")  # a new family
         assert "spent" in assert_one_line_error(import_again(home, sandbox, original, "work"), 65)
 
+    def test_an_unreadable_state_file_refuses_imports(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Offline, a state file that cannot be read stops every import: exit 65, one line."""
+        sandbox = sandboxes()
+        spoiled = home.state_file("lost")
+        spoiled.parent.mkdir(parents=True, exist_ok=True)
+        spoiled.write_bytes(b"AATK\x01" + os.urandom(80))
+        pair = sandbox.generate()
+        line = assert_one_line_error(import_again(home, sandbox, pair, "work"), 65)
+        assert str(spoiled) in line and "cannot be read" in line
+        assert not home.state_file("work").exists()
+        spoiled.unlink()
+        assert import_again(home, sandbox, pair, "work").returncode == 0
+
 
 def on_a_terminal(home: E2EHome, *args: str, answer: str) -> tuple[int, str]:
     """Run ``aac-tokend ARGS`` on a real pseudo-terminal, answer its prompt; (status, output)."""
