@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from aac_tokend.owner import DEAD_HOLDER_GRACE_SECONDS
 from aac_tokend.store import hold_lock
 from tests.helpers_e2e import (
     CliResult,
@@ -235,3 +236,29 @@ class TestRemove:
         assert not home.state_file("work").exists()
         assert home.cli("profiles").stdout == ""
         assert sandbox.outcomes() == ["rotated"]
+
+    def test_a_daemon_started_during_an_offline_remove_waits(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """`run` during an offline remove that waits for a courier waits too, never exit 3."""
+        sandbox = sandboxes()
+        import_pair(home, sandbox, profile="work")
+        import_pair(home, sandbox, profile="home")
+        first = home.daemon().start(profiles=["work"])
+        first.kill()  # the lock file still names this daemon, now dead
+        courier = home.paths.state_dir / "work.lock"
+        with hold_lock(courier, 5):  # a courier of the killed daemon, still out
+            remover = subprocess.Popen(
+                home.command("remove", "--yes", "work"), env=home.env, cwd=home.root,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            assert remover.stderr is not None
+            assert "waiting for a refresh of work" in remover.stderr.readline()
+            second = home.daemon().start(wait=False)
+            time.sleep(DEAD_HOLDER_GRACE_SECONDS + 1.5)  # past the old exit 3
+            assert second.alive, second.output()
+        assert remover.wait(30) == 0
+        second.wait_ready(profiles=["home"])
+        assert not home.state_file("work").exists()
+        assert home.cli("profiles").stdout == "home\n"
