@@ -430,14 +430,27 @@ class Engine:
         The outcome is read and made current under the profile's lock, as an import or a
         remove does: one that landed since the courier ended wins, never the other way.
         """
+        # A lost courier's pending record must be adopted before the next courier could
+        # resend its token: wait as long as for any courier. Otherwise only this daemon's own
+        # short sections (an import, a remove, a retry) can hold the lock now.
+        wait = WAIT_SECONDS if result.kind == "lost" else LOCK_WAIT_SECONDS
         try:
-            with self._store.locked(name, LOCK_WAIT_SECONDS):
+            with self._store.locked(name, wait):
                 state = self._absorb_locked(name, result)
         except BusyError as exc:
-            # Whoever holds the lock writes after us and makes memory current itself; an
-            # outcome the disk refused stays in the pending record, adopted on restart.
-            state = self._count_failure(self._profiles[name].state, str(exc))
-            self._hold(state, self._profiles[name].unsaved)
+            # Rare (10 s of someone else's short section): whoever holds the lock makes
+            # memory current itself. A pair the disk refused is held as unsaved, so it is not
+            # spent, and the tick writes it only over its journal (checked under the lock).
+            entry = self._profiles.get(name)
+            if entry is None:
+                raise ProfileError(f"profile {name!r} was removed during the refresh") from exc
+            if result.kind == "storage_failed" and result.unsaved:
+                self._keep_pending(name, result.unsaved)
+                state = self._store.decrypt(name, result.unsaved)
+                self._hold(state, result.unsaved)
+            else:
+                state = self._count_failure(entry.state, str(exc))
+                self._hold(state, entry.unsaved)
         self._announce(name)
         self._log_result(state, result)
         return state

@@ -24,7 +24,7 @@ from aac_tokend.config import Config
 from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, Refresher, carry
 from aac_tokend.endpoint import TokenEndpoint
 from aac_tokend.engine import Engine
-from aac_tokend.errors import HolderUnknownError, TokenHeldError
+from aac_tokend.errors import BusyError, HolderUnknownError, TokenHeldError
 from aac_tokend.importer import ImportRequest, parse_import_text
 from aac_tokend.pending import PendingStore
 from aac_tokend.sandbox import SandboxServer
@@ -45,6 +45,7 @@ class SteppedStore(FileStore):
         self.loaded = threading.Event()
         self.go_on = threading.Event()
         self.before_lock: Callable[[], object] | None = None
+        self.busy_next = False  # the next lock taken reports another holder (BusyError)
 
     def load(self, profile: str) -> ProfileState | None:
         state = super().load(profile)
@@ -59,6 +60,9 @@ class SteppedStore(FileStore):
         hook, self.before_lock = self.before_lock, None
         if hook is not None:
             hook()
+        if self.busy_next:
+            self.busy_next = False
+            raise BusyError(f"{profile}.lock: held elsewhere (test)")
         with super().locked(profile, timeout):
             yield
 
@@ -67,12 +71,15 @@ class DiskFullAfterAnswer:
     """The courier's transaction in this thread; the disk refuses writes once the server
     answered (a full disk), so the new pair is handed back unsaved."""
 
-    def __init__(self, store: FileStore, fs: FailingFileLayer, pending: PendingStore) -> None:
+    def __init__(self, store: SteppedStore, fs: FailingFileLayer, pending: PendingStore) -> None:
         self.store, self.fs, self.pending = store, fs, pending
+        self.then_busy = False  # the read-back after this courier finds the lock taken
 
     def _step(self, name: str) -> None:
         if name == "answered":
             self.fs.failures = {"write": errno.ENOSPC}
+        if name == "persisted" and self.then_busy:
+            self.store.busy_next = True
 
     def refresh(self, job: CourierJob) -> CourierResult:
         return carry(
@@ -130,17 +137,38 @@ class TestRefreshAndImportInterleaved:
 class TestUnsavedPairRetried:
     """The tick writes a pair the disk refused only over the journal it follows."""
 
-    def _refused_pair(self, tmp_path: Path, sandbox: SandboxServer) -> tuple[Engine, SteppedStore]:
+    def _refused_pair(
+        self, tmp_path: Path, sandbox: SandboxServer, *, then_busy: bool = False
+    ) -> tuple[Engine, SteppedStore]:
         key = secrets.token_bytes(32)
         fs = FailingFileLayer()
         store = SteppedStore(tmp_path / "state", key, fs)
         pending = PendingStore(tmp_path / "run")
-        engine = _engine(store, key, DiskFullAfterAnswer(store, fs, pending), pending)
+        courier = DiskFullAfterAnswer(store, fs, pending)
+        courier.then_busy = then_busy
+        engine = _engine(store, key, courier, pending)
         engine.claim_import(_request(sandbox.generate(), "p", sandbox.token_endpoint))
         engine.refresh("p")
         assert engine.status("p")[0]["alert"]  # the new pair is held in memory only
         fs.failures = {}  # the disk has room again
         return engine, store
+
+    def test_read_back_finding_the_lock_taken_keeps_the_pair_unspent(self, tmp_path: Path) -> None:
+        """If the read-back cannot take the lock, the refused pair is held, not re-sent."""
+        with SandboxServer() as sandbox:
+            engine, store = self._refused_pair(tmp_path, sandbox, then_busy=True)
+            journal = store.load("p")
+            assert journal is not None and journal.in_flight is not None
+            served = engine.current_token("p")
+            assert served is not None and served != journal.access_token.encode()
+            engine.refresh("p")  # not spent while its successor is not on disk
+            assert [e["outcome"] for e in sandbox.log()] == ["rotated"]
+            engine.tick()
+            saved = store.load("p")
+            assert saved is not None and saved.in_flight is None
+            assert saved.access_token.encode() == served
+            engine.refresh("p")
+            assert [e["outcome"] for e in sandbox.log()] == ["rotated", "rotated"]
 
     def test_a_remove_meanwhile_is_not_undone(self, tmp_path: Path) -> None:
         """A profile removed while the tick waited for its lock stays removed."""
