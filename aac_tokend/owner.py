@@ -43,9 +43,12 @@ def holder(path: Path) -> tuple[bool, int] | None:
     offline = len(words) == 2 and words[0] == OFFLINE
     if offline:
         words = words[1:]
-    if len(words) != 1 or not words[0].isdigit():
+    # A pid: 1 to 2**31 - 1 (0 would mean our own process group to kill(), and a longer
+    # number is no pid and would overflow it).
+    if len(words) != 1 or not words[0].isdigit() or len(words[0]) > 10:
         return None
-    return offline, int(words[0])
+    pid = int(words[0])
+    return (offline, pid) if 0 < pid < 2**31 else None
 
 
 def holder_pid(path: Path) -> int | None:

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aac_tokend.courier import WAIT_SECONDS
 from aac_tokend.errors import AlreadyRunningError, BusyError
@@ -122,9 +124,33 @@ class TestDaemonHolder:
             assert holder(lock_path) == (True, os.getpid())
             assert lock_path.read_text() == f"offline {os.getpid()}\n"
 
-    @pytest.mark.parametrize("text", ["", "x\n", "offline\n", "offline x\n", "12 13\n", "-4\n"])
+    @pytest.mark.parametrize(
+        "text", ["", "x\n", "offline\n", "offline x\n", "12 13\n", "-4\n", "0\n", "9" * 5000]
+    )
     def test_unreadable_content_names_nobody(self, lock_path: Path, text: str) -> None:
         """Garbage in the lock file is no holder (the dead-holder grace applies)."""
         lock_path.parent.mkdir(parents=True)
         lock_path.write_text(text)
         assert holder(lock_path) is None
+
+
+class TestLockFileParsing:
+    """Whatever a lock file holds, reading it names a holder or nobody, never raises."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(content=st.binary(max_size=64))
+    def test_any_content(self, tmp_path_factory: pytest.TempPathFactory, content: bytes) -> None:
+        """Bytes of any kind: None, or (offline, pid) with a pid kill() can take."""
+        path = tmp_path_factory.mktemp("lock") / "daemon.lock"
+        path.write_bytes(content)
+        named = holder(path)
+        assert named is None or (isinstance(named[0], bool) and 0 < named[1] < 2**31)
+
+    @given(pid=st.integers(min_value=1, max_value=2**22), offline=st.booleans())
+    def test_what_we_write_reads_back(
+        self, tmp_path_factory: pytest.TempPathFactory, pid: int, offline: bool
+    ) -> None:
+        """The two forms a holder writes (tails of a longer earlier line after them) round-trip."""
+        path = tmp_path_factory.mktemp("lock") / "daemon.lock"
+        path.write_text(("offline " if offline else "") + f"{pid}\n" + "offline 99999\n")
+        assert holder(path) == (offline, pid)
