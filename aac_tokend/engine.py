@@ -307,11 +307,6 @@ class Engine:
         self._alerter.observe(name, condition_of(entry.state, self._clock.now()), self._clock.now())
         self._schedule(entry.state)
 
-    def _install(self, state: ProfileState, unsaved: bytes | None = None) -> None:
-        """Make ``state`` current: serve it, watch it, schedule its next refresh."""
-        self._hold(state, unsaved)
-        self._announce(state.profile)
-
     def _served(self, state: ProfileState) -> _Served:
         """What to serve for ``state``, its monotonic end measured from now.
 
