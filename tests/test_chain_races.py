@@ -46,6 +46,7 @@ class SteppedStore(FileStore):
         self.go_on = threading.Event()
         self.before_lock: Callable[[], object] | None = None
         self.busy_next = False  # the next lock taken reports another holder (BusyError)
+        self.before_unlock: Callable[[str], object] | None = None  # still holding the lock
 
     def load(self, profile: str) -> ProfileState | None:
         state = super().load(profile)
@@ -65,6 +66,8 @@ class SteppedStore(FileStore):
             raise BusyError(f"{profile}.lock: held elsewhere (test)")
         with super().locked(profile, timeout):
             yield
+            if self.before_unlock is not None:
+                self.before_unlock(profile)
 
 
 class DiskFullAfterAnswer:
@@ -95,9 +98,33 @@ def _engine(store: FileStore, key: bytes, refresher: Refresher, pending: Pending
     )  # fmt: skip
 
 
+def _serves(engine: Engine, name: str, pair: dict[str, object]) -> bool:
+    """True if ``name`` serves ``pair``'s access token (compared here: a failing assert
+    prints a bool, never a token)."""
+    return engine.current_token(name) == str(pair["access_token"]).encode()
+
+
 def _request(pair: dict[str, object], profile: str, endpoint: str) -> ImportRequest:
     request = parse_import_text(json.dumps(pair), profile=profile)
     return dataclasses.replace(request, token_endpoint=endpoint)
+
+
+class TestImportsInterleaved:
+    """An import's pair is in memory before its profile lock is let go."""
+
+    def test_memory_holds_the_pair_when_the_lock_is_released(self, tmp_path: Path) -> None:
+        """No instant exists where the disk has the new pair and memory the old one."""
+        with SandboxServer() as sandbox:
+            key = secrets.token_bytes(32)
+            store = SteppedStore(tmp_path / "state", key)
+            engine = _engine(store, key, InProcessRefresher(), PendingStore(tmp_path / "run"))
+            endpoint = sandbox.token_endpoint
+            engine.claim_import(_request(sandbox.generate(), "a", endpoint))
+            fresh = sandbox.generate()
+            seen: list[bool] = []
+            store.before_unlock = lambda name: seen.append(_serves(engine, name, fresh))
+            assert engine.claim_import(_request(fresh, "a", endpoint))[1]
+            assert seen == [True]
 
 
 class TestRefreshAndImportInterleaved:
@@ -127,7 +154,7 @@ class TestRefreshAndImportInterleaved:
             imported.join(10)
             on_disk = store.load("a")
             assert on_disk is not None and on_disk.refresh_token == fresh["refresh_token"]
-            assert engine.current_token("a") == str(fresh["access_token"]).encode()
+            assert _serves(engine, "a", fresh)
             with pytest.raises(TokenHeldError, match="'a'"):
                 engine.claim_import(_request(fresh, "b", endpoint))
             b_state = store.load("b")
@@ -160,13 +187,16 @@ class TestUnsavedPairRetried:
             journal = store.load("p")
             assert journal is not None and journal.in_flight is not None
             served = engine.current_token("p")
-            assert served is not None and served != journal.access_token.encode()
+            assert served is not None
+            moved_on = served != journal.access_token.encode()
+            assert moved_on
             engine.refresh("p")  # not spent while its successor is not on disk
             assert [e["outcome"] for e in sandbox.log()] == ["rotated"]
             engine.tick()
             saved = store.load("p")
             assert saved is not None and saved.in_flight is None
-            assert saved.access_token.encode() == served
+            same = saved.access_token.encode() == served
+            assert same
             engine.refresh("p")
             assert [e["outcome"] for e in sandbox.log()] == ["rotated", "rotated"]
 
@@ -189,7 +219,7 @@ class TestUnsavedPairRetried:
             engine.tick()
             on_disk = store.load("p")
             assert on_disk is not None and on_disk.refresh_token == fresh["refresh_token"]
-            assert engine.current_token("p") == str(fresh["access_token"]).encode()
+            assert _serves(engine, "p", fresh)
             assert not engine.status("p")[0]["alert"]
             assert engine.refresh("p").refresh_count == 1
             sent = [e["rt_hash"] for e in sandbox.log()]
