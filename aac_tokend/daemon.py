@@ -80,7 +80,7 @@ class Daemon:
         self._config = load_config(self.paths.config_dir)
         configure_logging(self._config.log_format, self._config.log_level)
         owner = OwnerLock(self.paths.daemon_lock)
-        owner.acquire()
+        owner.acquire(on_wait=_waiting_for_offline_command)
         try:
             return self._serve()
         finally:
@@ -214,6 +214,12 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def _waiting_for_offline_command(pid: int) -> None:
+    """An offline `import`/`remove` holds the owner lock: say so while we wait for it."""
+    log.warning("waiting_for_offline_command", pid=pid)
+    sdnotify.status(f"waiting for an offline aac-tokend command (pid {pid}) to finish")
 
 
 def _raise_nofile_limit() -> None:

@@ -22,13 +22,13 @@ import structlog
 from .alerts import Alerter
 from .conditions import condition_of
 from .config import Config
-from .courier import WAIT_SECONDS, CourierJob, CourierResult, Refresher
+from .courier import LOCK_WAIT_SECONDS, WAIT_SECONDS, CourierJob, CourierResult, Refresher
 from .errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
 from .importer import ImportRequest, build_state
 from .logs import register_secret
 from .ownership import claim, stored_states
 from .paths import check_token_socket
-from .pending import PendingStore
+from .pending import PendingStore, follows
 from .policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
 from .report import profile_report
 from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
@@ -221,6 +221,8 @@ class Engine:
                     state = recover_interrupted(state, self._clock.now())
                     self._store.save(state)
                     log.warning("refresh_outcome_unknown", profile=name)
+                if state is not None:
+                    self._hold(state, unsaved)
         except StateCorruptError as exc:
             self._mark_unusable(name, "corrupt", str(exc))
             return
@@ -230,7 +232,7 @@ class Engine:
             self._mark_unusable(name, "unreadable", str(exc))
             return
         if state is not None:
-            self._install(state, unsaved)
+            self._announce(name)
             self._on_profiles_changed()
 
     def _take_pending(self, name: str, disk: ProfileState) -> tuple[ProfileState, bytes | None]:
@@ -247,7 +249,7 @@ class Engine:
         if blob is None:
             return disk, None
         held = self._store.decrypt(name, blob, where=self._pending.path(name))
-        if disk.in_flight is None or held.generation <= disk.generation:
+        if not follows(held, disk):
             self._clear_pending(name)
             log.info("pending_state_dropped", profile=name, reason="the state file moved on")
             return disk, None
@@ -276,8 +278,15 @@ class Engine:
         except StorageError as exc:  # harmless: the next start drops it as outdated
             log.error("pending_state_not_cleared", profile=name, error=str(exc))
 
-    def _install(self, state: ProfileState, unsaved: bytes | None = None) -> None:
-        """Make ``state`` current: serve it, watch it, schedule its next refresh."""
+    def _hold(self, state: ProfileState, unsaved: bytes | None = None) -> None:
+        """Make ``state`` current in memory: serve it from now on.
+
+        Called only under the profile's lock, in the same section that wrote (or read) the
+        disk: memory then changes in the order the disk did, so ``_holders`` can judge the
+        other profiles from memory alone. The alternative, reading every loaded profile's
+        file under its lock at each import, would cost most of a second per import at a
+        thousand profiles (see ``_holders``); this costs one dict write per change.
+        """
         register_secret(state.access_token, owner=state.profile)
         register_secret(state.refresh_token, owner=state.profile)
         with self._lock:
@@ -288,12 +297,16 @@ class Engine:
             entry.installed_wall, entry.installed_mono = self._clock.now(), self._clock.monotonic()
             self._serving[state.profile] = self._served(state)
             self._unusable.pop(state.profile, None)
-        self._alerter.observe(
-            state.profile,
-            condition_of(state, self._clock.now(), self._lifetime_days(state.profile)),
-            self._clock.now(),
-        )
-        self._schedule(state)
+
+    def _announce(self, name: str) -> None:
+        """After ``_hold``, outside the profile lock (a webhook may be slow): tell the
+        alerter and schedule the next refresh, both of what memory holds now."""
+        entry = self._profiles.get(name)
+        if entry is None:
+            return  # removed meanwhile
+        now = self._clock.now()
+        self._alerter.observe(name, condition_of(entry.state, now, self._lifetime_days(name)), now)
+        self._schedule(entry.state)
 
     def _served(self, state: ProfileState) -> _Served:
         """What to serve for ``state``, its monotonic end measured from now.
@@ -354,14 +367,31 @@ class Engine:
             )
 
     def _retry_unsaved(self, name: str, entry: _Profile) -> None:
-        assert entry.unsaved is not None
+        """Write the pair the disk refused, if the disk still holds the journal it follows.
+
+        An import or a remove may have landed since (each clears ``unsaved`` under the same
+        lock): writing the blob then would undo the import or bring the profile back.
+        """
         try:
             with self._store.locked(name, 0):
-                self._store.save_blob(name, entry.unsaved)
-            entry.unsaved = None
+                with self._lock:
+                    blob = entry.unsaved if self._profiles.get(name) is entry else None
+                if blob is None:
+                    return  # imported anew or removed meanwhile
+                held = self._store.decrypt(name, blob)
+                disk = self._store.load(name)
+                if disk is None or not follows(held, disk):
+                    if disk is not None:
+                        self._hold(disk)  # what the disk moved on to; drops the pair
+                    self._clear_pending(name)
+                    log.info("unsaved_state_dropped", profile=name, reason="the file moved on")
+                    return
+                self._store.save_blob(name, blob)
+                with self._lock:
+                    entry.unsaved = None
             self._clear_pending(name)
             log.warning("state_saved_late", profile=name)
-        except (StorageError, BusyError) as exc:
+        except (StorageError, BusyError, StateCorruptError) as exc:
             log.error("state_not_saved", profile=name, error=str(exc))
 
     # -- refreshing -----------------------------------------------------------------
@@ -405,7 +435,45 @@ class Engine:
                 entry.done.notify_all()
 
     def _absorb(self, name: str, result: CourierResult) -> ProfileState:
-        """Read back what the courier made durable, then log, serve and reschedule."""
+        """Read back what the courier made durable, then log, serve and reschedule.
+
+        The outcome is read and made current under the profile's lock, as an import or a
+        remove does: one that landed since the courier ended wins, never the other way.
+        """
+        # A lost courier's pending record must be adopted before the next courier could
+        # resend its token: wait as long as for any courier. Otherwise only this daemon's own
+        # short sections (an import, a remove, a retry) can hold the lock now.
+        wait = WAIT_SECONDS if result.kind == "lost" else LOCK_WAIT_SECONDS
+        try:
+            with self._store.locked(name, wait):
+                state = self._absorb_locked(name, result)
+        except BusyError as exc:
+            # Rare (10 s of someone else's short section): whoever holds the lock makes
+            # memory current itself. A pair the disk refused is held as unsaved, so it is not
+            # spent, and the tick writes it only over its journal (checked under the lock).
+            entry = self._profiles.get(name)
+            if entry is None:
+                raise ProfileError(f"profile {name!r} was removed during the refresh") from exc
+            if result.kind == "storage_failed" and result.unsaved:
+                self._keep_pending(name, result.unsaved)
+                state = self._store.decrypt(name, result.unsaved)
+                self._hold(state, result.unsaved)
+            else:
+                state = self._count_failure(entry.state, str(exc))
+                self._hold(state, entry.unsaved)
+        self._announce(name)
+        self._log_result(state, result)
+        return state
+
+    def _count_failure(self, state: ProfileState, detail: str | None) -> ProfileState:
+        return dataclasses.replace(
+            state,
+            consecutive_failures=state.consecutive_failures + 1,
+            last_attempt_at=self._clock.now(),
+            last_error=detail,
+        )
+
+    def _absorb_locked(self, name: str, result: CourierResult) -> ProfileState:
         unsaved = self._recover_lost(name) if result.kind == "lost" else None
         if unsaved is not None:
             state = self._store.decrypt(name, unsaved)
@@ -422,7 +490,8 @@ class Engine:
             except (StorageError, StateCorruptError) as exc:
                 loaded, detail = before, str(exc)  # keep serving what we have; report it
             if loaded is None:
-                self._forget(name)
+                self._forget_locked(name)
+                self._after_forget(name)
                 raise ProfileError(f"profile {name!r} was removed during the refresh")
             state = loaded
             if result.kind not in DURABLE_OUTCOMES and loaded.generation == before.generation:
@@ -436,13 +505,14 @@ class Engine:
                     last_attempt_at=self._clock.now(),
                     last_error=detail,
                 )
-        self._install(state, unsaved)
-        self._log_result(state, result)
+        self._hold(state, unsaved)
         return state
 
     def _recover_lost(self, name: str) -> bytes | None:
-        """Settle a courier that died: its pending record first; the blob still unsaved."""
-        with contextlib.suppress(AacTokendError), self._store.locked(name, WAIT_SECONDS):
+        """Settle a courier that died: its pending record first; the blob still unsaved.
+
+        The caller holds the profile's lock."""
+        with contextlib.suppress(AacTokendError):
             state = self._store.load(name)
             if state is not None:
                 # A courier killed after keeping a refused pair, before it could report.
@@ -501,7 +571,8 @@ class Engine:
                 return max(own, key=lambda s: s.generation), False
             self._store.save(claimed)
             self._clear_pending(claimed.profile)  # a new chain: an old one's pair is moot
-        self._install(claimed)  # the alerter hears the new condition: often a recovery
+            self._hold(claimed)  # under the lock that wrote it; drops any unsaved pair
+        self._announce(claimed.profile)  # the alerter hears the new condition: often a recovery
         self._on_profiles_changed()
         log.info("profile_imported", profile=claimed.profile, kind=claimed.kind.value)
         return claimed, True
@@ -514,7 +585,8 @@ class Engine:
         (reading a thousand files costs most of a second, with token reads waiting on the
         GIL): the only newer pair their files can hold is one a courier got a moment ago,
         which nobody but that courier has seen, and memory already names its predecessor.
-        Profiles not in memory (still waiting for a courier, unreadable) are read from disk.
+        Profiles not in memory (still waiting for a courier) are read from disk; while a
+        state file cannot be read at all, HolderUnknownError refuses the import.
         """
         with self._lock:
             memory = [entry.state for entry in self._profiles.values()]
@@ -533,14 +605,20 @@ class Engine:
         with self._store.locked(name, WAIT_SECONDS):
             self._store.delete(name)
             self._clear_pending(name)
-        self._forget(name)
+            self._forget_locked(name)
+        self._after_forget(name)
         log.info("profile_removed", profile=name)
 
-    def _forget(self, name: str) -> None:
-        self._scheduler.cancel(name)
+    def _forget_locked(self, name: str) -> None:
+        """Drop ``name`` from memory (under its profile lock), and any pair still unsaved."""
         with self._lock:
-            self._profiles.pop(name, None)
+            entry = self._profiles.pop(name, None)
+            if entry is not None:
+                entry.unsaved = None  # a tick holding this entry must not write it back
             self._serving.pop(name, None)
+
+    def _after_forget(self, name: str) -> None:
+        self._scheduler.cancel(name)
         self._alerter.forget(name)
         self._socket_problems.pop(name, None)
         self._on_profiles_changed()

@@ -16,6 +16,7 @@
         ├── ProfileError                unknown profile, or a bad profile name
         ├── TokenHeldError              another profile holds this refresh token
         ├── TokenSpentError             this refresh token was already sent (it is spent)
+        ├── HolderUnknownError          a state file cannot be read: who holds what is unknown
         ├── AlreadyRunningError         another daemon owns the state (pid known)
         └── DaemonNotRunningError       the command needs a running daemon
 
@@ -35,6 +36,7 @@ __all__ = [
     "DaemonNotRunningError",
     "EndpointNotAllowedError",
     "EndpointUnavailableError",
+    "HolderUnknownError",
     "InputError",
     "KeyringUnavailableError",
     "ProfileError",
@@ -130,6 +132,10 @@ class TokenHeldError(InputError):
 
 class TokenSpentError(InputError):
     """An import of a refresh token that a profile has already sent to the token endpoint."""
+
+
+class HolderUnknownError(InputError):
+    """An import while a state file cannot be read: its refresh token may be this one."""
 
 
 class AlreadyRunningError(InputError):

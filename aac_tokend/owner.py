@@ -1,8 +1,12 @@
 """The single-owner lock: one daemon per state directory, for its whole life.
 
-An exclusive ``flock`` on ``daemon.lock``; the holder's pid is written inside so a second
-``run`` can say who owns the chain. Commands that change state without a daemon take the
-same lock for the length of their write, so no daemon can start under them.
+An exclusive ``flock`` on ``daemon.lock``; the holder writes itself inside so a second
+``run`` can say who owns the chain: ``<pid>`` for a daemon, ``offline <pid>`` for a command
+that changes state without a daemon (import, remove) and holds the lock for the length of its
+write, so no daemon can start under it. A daemon that starts meanwhile waits for such a
+command to end (it holds the lock for a bounded time), and exits 3 ("already running") only
+for a live daemon: a service manager that does not restart on 3 must not give up on a
+daemon that merely arrived during an offline `remove`.
 """
 
 from __future__ import annotations
@@ -10,27 +14,47 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import AlreadyRunningError, StorageError
+from .errors import AlreadyRunningError, BusyError, StorageError
 from .fileio import ensure_private_dir
 
-__all__ = ["OwnerLock", "holder_pid"]
+__all__ = ["OFFLINE_HOLD_SECONDS", "OwnerLock", "holder", "holder_pid"]
 
 #: A courier forked in the instant before its parent died still holds the inherited lock
 #: until it closes it: microseconds normally, but a loaded machine may not schedule the
 #: child for a while. A starting daemon that finds the recorded holder dead waits this
 #: long before believing the lock is really taken.
 DEAD_HOLDER_GRACE_SECONDS = 5.0
+#: The longest an offline command holds the lock: `remove` waits up to the courier's
+#: WAIT_SECONDS (55 s) for a refresh a killed daemon left running, then deletes; `import`
+#: waits 10 s for the profile's lock. A daemon starting meanwhile waits this long.
+OFFLINE_HOLD_SECONDS = 70.0
+OFFLINE = "offline"
+
+
+def holder(path: Path) -> tuple[bool, int] | None:
+    """Who the lock file names: (offline, pid), or None if it names nobody readable."""
+    try:
+        words = path.read_text(encoding="ascii").split("\n", 1)[0].split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    offline = len(words) == 2 and words[0] == OFFLINE
+    if offline:
+        words = words[1:]
+    # A pid: 1 to 2**31 - 1 (0 would mean our own process group to kill(), and a longer
+    # number is no pid and would overflow it).
+    if len(words) != 1 or not words[0].isdigit() or len(words[0]) > 10:
+        return None
+    pid = int(words[0])
+    return (offline, pid) if 0 < pid < 2**31 else None
 
 
 def holder_pid(path: Path) -> int | None:
-    """The pid written in the lock file, if any."""
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() else None
+    """The pid written in the lock file (a daemon's or an offline command's), if any."""
+    named = holder(path)
+    return named[1] if named is not None else None
 
 
 def _alive(pid: int) -> bool:
@@ -46,30 +70,57 @@ def _alive(pid: int) -> bool:
 class OwnerLock:
     """Hold with ``acquire()``; released by ``release()`` or by the process's death."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, offline_wait: float = OFFLINE_HOLD_SECONDS) -> None:
         self.path = path
+        self._offline_wait = offline_wait
         self._fd: int | None = None
 
-    def acquire(self, *, record_pid: bool = True) -> None:
+    def acquire(
+        self, *, record_pid: bool = True, on_wait: Callable[[int], object] | None = None
+    ) -> None:
+        """Take the lock as the daemon (``record_pid``) or as an offline command.
+
+        A live daemon holding it raises AlreadyRunningError at once; a live offline command
+        is waited for (OFFLINE_HOLD_SECONDS at most, then BusyError; ``on_wait`` hears its
+        pid once); a dead holder for DEAD_HOLDER_GRACE_SECONDS (see there).
+        """
         ensure_private_dir(self.path.parent)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc.strerror}") from exc
-        deadline = time.monotonic() + DEAD_HOLDER_GRACE_SECONDS
+        started = time.monotonic()
+        told = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                pid = holder_pid(self.path)
-                if (pid is not None and _alive(pid)) or time.monotonic() > deadline:
+                named = holder(self.path)
+                pid = named[1] if named is not None else None
+                waited = time.monotonic() - started
+                if named is not None and _alive(named[1]):
+                    if not named[0]:
+                        os.close(fd)
+                        raise AlreadyRunningError(pid) from None
+                    if waited > self._offline_wait:
+                        os.close(fd)
+                        raise BusyError(
+                            f"{self.path} is still held by an offline aac-tokend command (pid "
+                            f"{pid}) after {self._offline_wait:.0f} s; let it finish, or "
+                            "stop it, then try again"
+                        ) from None
+                    if on_wait is not None and not told:
+                        on_wait(named[1])
+                        told = True
+                elif waited > DEAD_HOLDER_GRACE_SECONDS:
                     os.close(fd)
                     raise AlreadyRunningError(pid) from None
                 time.sleep(0.05)
-        if record_pid:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Written over in place (never truncated first), so a reader sees a whole first line.
+        me = f"{os.getpid()}\n" if record_pid else f"{OFFLINE} {os.getpid()}\n"
+        os.pwrite(fd, me.encode(), 0)
+        os.ftruncate(fd, len(me))
         self._fd = fd
 
     def release(self) -> None:

@@ -25,12 +25,19 @@ import dataclasses
 from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from .errors import AacTokendError, TokenHeldError, TokenSpentError
+from .errors import (
+    AacTokendError,
+    HolderUnknownError,
+    ProfileError,
+    StateCorruptError,
+    TokenHeldError,
+    TokenSpentError,
+)
 from .state import ProfileState, TokenKind
 from .tokens import token_hash
 
 if TYPE_CHECKING:  # the store pulls in cryptography; policy.py imports this module
-    from .store import StateStore
+    from .store import FileStore
 
 __all__ = [
     "SPENT_HISTORY",
@@ -135,15 +142,33 @@ def _refuse_if_taken(
             )
 
 
-def stored_states(store: StateStore, *, skip: Collection[str]) -> Iterator[ProfileState]:
-    """Every readable stored state but those of ``skip`` (an unreadable one holds nothing
-    we can see, and is reported by ``status``)."""
+def stored_states(store: FileStore, *, skip: Collection[str]) -> Iterator[ProfileState]:
+    """Every stored state but those of ``skip``, for an import's check.
+
+    A state file that cannot be read (corrupt, unreadable, misnamed) raises
+    HolderUnknownError: the token it holds is unknown and may be the one being imported,
+    so no import is judged safe until it is fixed or moved away.
+    """
     for name in store.profiles():
         if name in skip:
             continue
         try:
             state = store.load(name)
-        except AacTokendError:
-            continue
+        except AacTokendError as exc:
+            from .store import SUFFIX
+
+            raise HolderUnknownError(
+                f"import: state file {store.state_dir / (name + SUFFIX)} cannot be read "
+                f"({_why(exc)}), so the refresh token it holds is unknown and may be this "
+                "one; fix that file or move it out of the state directory, then import again"
+            ) from exc
         if state is not None:
             yield state
+
+
+def _why(exc: AacTokendError) -> str:
+    if isinstance(exc, StateCorruptError):
+        return "corrupt"
+    if isinstance(exc, ProfileError):
+        return "not named like a profile"
+    return "unreadable"

@@ -21,11 +21,22 @@ from pathlib import Path
 
 from .errors import AacTokendError, StorageError
 from .fileio import FileLayer, OsFileLayer, ensure_private_dir
-from .state import validate_profile_name
+from .state import ProfileState, validate_profile_name
 
-__all__ = ["SUFFIX", "PendingStore"]
+__all__ = ["SUFFIX", "PendingStore", "follows"]
 
 SUFFIX = ".pending"
+
+
+def follows(held: ProfileState, disk: ProfileState) -> bool:
+    """True if ``held`` (an outcome the disk refused) is the successor of the state on disk.
+
+    Only then may it be written over the state file: the disk still holds the journal of the
+    attempt that produced it (``in_flight`` set, an older generation). A state file that moved
+    on since (saved late, imported anew, recovered) wins, and ``held`` is dropped. The one
+    rule for adopting a pending record at start and for the daemon's late retry.
+    """
+    return disk.in_flight is not None and held.generation > disk.generation
 
 
 class PendingStore:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from aac_tokend.owner import DEAD_HOLDER_GRACE_SECONDS
 from aac_tokend.store import hold_lock
 from tests.helpers_e2e import (
     CliResult,
@@ -133,6 +134,21 @@ class TestOffline:
         import_pair(home, sandbox, profile="work")  # a new family
         assert "spent" in assert_one_line_error(import_again(home, sandbox, original, "work"), 65)
 
+    def test_an_unreadable_state_file_refuses_imports(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Offline, a state file that cannot be read stops every import: exit 65, one line."""
+        sandbox = sandboxes()
+        spoiled = home.state_file("lost")
+        spoiled.parent.mkdir(parents=True, exist_ok=True)
+        spoiled.write_bytes(b"AATK\x01" + os.urandom(80))
+        pair = sandbox.generate()
+        line = assert_one_line_error(import_again(home, sandbox, pair, "work"), 65)
+        assert str(spoiled) in line and "cannot be read" in line
+        assert not home.state_file("work").exists()
+        spoiled.unlink()
+        assert import_again(home, sandbox, pair, "work").returncode == 0
+
 
 def on_a_terminal(home: E2EHome, *args: str, answer: str) -> tuple[int, str]:
     """Run ``aac-tokend ARGS`` on a real pseudo-terminal, answer its prompt; (status, output)."""
@@ -220,3 +236,29 @@ class TestRemove:
         assert not home.state_file("work").exists()
         assert home.cli("profiles").stdout == ""
         assert sandbox.outcomes() == ["rotated"]
+
+    def test_a_daemon_started_during_an_offline_remove_waits(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """`run` during an offline remove that waits for a courier waits too, never exit 3."""
+        sandbox = sandboxes()
+        import_pair(home, sandbox, profile="work")
+        import_pair(home, sandbox, profile="home")
+        first = home.daemon().start(profiles=["work"])
+        first.kill()  # the lock file still names this daemon, now dead
+        courier = home.paths.state_dir / "work.lock"
+        with hold_lock(courier, 5):  # a courier of the killed daemon, still out
+            remover = subprocess.Popen(
+                home.command("remove", "--yes", "work"), env=home.env, cwd=home.root,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            assert remover.stderr is not None
+            assert "waiting for a refresh of work" in remover.stderr.readline()
+            second = home.daemon().start(wait=False)
+            time.sleep(DEAD_HOLDER_GRACE_SECONDS + 1.5)  # past the old exit 3
+            assert second.alive, second.output()
+        assert remover.wait(30) == 0
+        second.wait_ready(profiles=["home"])
+        assert not home.state_file("work").exists()
+        assert home.cli("profiles").stdout == "home\n"
