@@ -270,6 +270,14 @@ def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
         raise ConfigError(
             f"config error in {source}: not valid TOML: arrays or tables nested too deeply"
         ) from None
+    except ValueError as exc:
+        # tomllib lets int() and float() errors through as plain ValueError: an integer of
+        # more than 4300 digits (Python's int-to-str limit) is the one we know of
+        one_line = " ".join(str(exc).split())[:120]
+        raise ConfigError(
+            f"config error in {source}: not valid TOML: a value cannot be read ({one_line}); "
+            "use a number of sensible size"
+        ) from None
     check.unknown_keys(doc, _TOP_KEYS, "")
     policy = check.policy(doc, PolicySettings(), "")
     defaults = Config()
