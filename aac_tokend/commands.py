@@ -68,11 +68,15 @@ def _need_daemon(paths: Paths, op: str, **fields: Any) -> dict[str, Any]:
 
 def _offline_store(paths: Paths) -> Any:
     from .keystore import KEYRING_POINTER
-    from .store import FileStore, load_or_create_key
+    from .store import FileStore, load_or_create_key, stored_state_count
 
-    if not paths.key_file.exists() and not (paths.config_dir / KEYRING_POINTER).exists():
+    no_key = not paths.key_file.exists() and not (paths.config_dir / KEYRING_POINTER).exists()
+    # State files without their key: load_or_create_key says so, rather than "no profiles".
+    if no_key and not stored_state_count(paths.state_dir):
         return None
-    return FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
+    return FileStore(
+        paths.state_dir, load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
+    )
 
 
 # -- commands -------------------------------------------------------------------------
@@ -141,7 +145,9 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
-            store = FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
+            store = FileStore(
+                paths.state_dir, load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
+            )
             with store.locked(state.profile, 10.0):
                 current = store.load(state.profile)
                 own = [current] if current is not None else []
@@ -251,7 +257,9 @@ def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
-            store = FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
+            store = FileStore(
+                paths.state_dir, load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
+            )
             # Like the daemon: a courier (of a daemon killed mid-refresh) holds the lock
             # until its outcome is on disk; deleting under it would let it write back.
             if not store.lock_is_free(args.name):

@@ -87,7 +87,7 @@ class Daemon:
 
     def _serve(self) -> int:
         paths = self.paths
-        key = load_or_create_key(paths.config_dir)
+        key = load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
         store = FileStore(paths.state_dir, key)
         ensure_private_dir(paths.runtime_dir)
         passed = listen_fds()
