@@ -21,7 +21,13 @@ from typing import Any
 
 from . import __version__
 from .client import ControlClient, format_token
-from .errors import AacTokendError, DaemonNotRunningError, InputError, ProfileError
+from .errors import (
+    AacTokendError,
+    ChainInUseError,
+    DaemonNotRunningError,
+    InputError,
+    ProfileError,
+)
 from .paths import Paths, resolve_paths
 from .rundir import PROFILE_ENV
 
@@ -30,16 +36,17 @@ __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profi
 _EXIT_BY_CODE = {
     "no_token": 69, "unknown_profile": 65, "bad_request": 65, "config_error": 78,
     "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
-    "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69,
+    "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69, "chain_in_use": 65,
 }  # fmt: skip
 
 
 class CommandError(Exception):
     """A one-line failure of a command, with its exit status."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, code: str | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.code = code  # the daemon's wire code, when the daemon refused
 
 
 def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
@@ -53,7 +60,7 @@ def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
         raise CommandError(f"cannot talk to the daemon at {paths.control_socket}: {exc}") from exc
     if not answer.get("ok"):
         code = str(answer.get("code", "error"))
-        raise CommandError(str(answer.get("message", code)), _EXIT_BY_CODE.get(code, 1))
+        raise CommandError(str(answer.get("message", code)), _EXIT_BY_CODE.get(code, 1), code)
     return answer
 
 
@@ -137,7 +144,37 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         if days is None and not args.legacy and sys.stdin.isatty():
             days = ask_refresh_lifetime(input)
         request = dataclasses.replace(request, refresh_lifetime_days=days)
+    request = dataclasses.replace(request, replace_chain=args.yes)
     state = build_state(request, time.time())  # every input error surfaces before any write
+    try:
+        changed, where = _import_state(paths, request, state)
+    except (ChainInUseError, CommandError) as exc:
+        refused = isinstance(exc, ChainInUseError) or exc.code == "chain_in_use"
+        if not refused or not sys.stdin.isatty():
+            raise
+        _confirm_replace_chain(state.profile)
+        request = dataclasses.replace(request, replace_chain=True)
+        changed, where = _import_state(paths, request, state)
+    if not changed:
+        print(f"profile {state.profile} already holds this token pair; nothing changed")
+        return 0
+    print(f"imported profile {state.profile} ({state.kind.value}): {where}")
+    return 0
+
+
+def _confirm_replace_chain(name: str) -> None:
+    """Ask on a terminal before a static token replaces a live chain's refresh token."""
+    sys.stderr.write(
+        f"Profile {name!r} holds a live OAuth chain; replace it with this static token? Its "
+        "refresh token is deleted for good (this may be the only copy). [y/N] "
+    )
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise CommandError(f"import: not confirmed; profile {name} was kept", 65)
+
+
+def _import_state(paths: Paths, request: Any, state: Any) -> tuple[bool, str]:
+    """Hand the import to the daemon, or claim it in the store; (changed, where it went)."""
     answer = _ask(paths, "import", **request.to_wire())
     if answer is None:
         from .owner import OwnerLock
@@ -151,19 +188,12 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
             with store.locked(state.profile, 10.0):
                 current = store.load(state.profile)
                 own = [current] if current is not None else []
-                claimed = claim(state, own, stored_states(store, skip={state.profile}))
+                others = stored_states(store, skip={state.profile})
+                claimed = claim(state, own, others, replace_chain=request.replace_chain)
                 if claimed is not None:
                     store.save(claimed)
-        changed = claimed is not None
-        where = "saved; `aac-tokend run` will keep it alive"
-    else:
-        changed = bool(answer.get("changed", True))
-        where = "handed to the running daemon"
-    if not changed:
-        print(f"profile {state.profile} already holds this token pair; nothing changed")
-        return 0
-    print(f"imported profile {state.profile} ({state.kind.value}): {where}")
-    return 0
+        return claimed is not None, "saved; `aac-tokend run` will keep it alive"
+    return bool(answer.get("changed", True)), "handed to the running daemon"
 
 
 def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
@@ -383,6 +413,10 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="AAC API base URL (default https://api.us1.alteryxcloud.com)")
     p.add_argument("--legacy", action="store_true", help="a static, non-refreshable token")
     p.add_argument("--expires", help="with --legacy: expiry date (ISO 8601)")
+    p.add_argument(
+        "--yes", "-y", action="store_true",
+        help="with --legacy: replace a live OAuth chain in the profile without asking",
+    )  # fmt: skip
     p = add("token", cmd_token, "print the current access token")
     add_profile_option(p)
     form = p.add_mutually_exclusive_group()

@@ -16,6 +16,7 @@
         ├── ProfileError                unknown profile, or a bad profile name
         ├── TokenHeldError              another profile holds this refresh token
         ├── TokenSpentError             this refresh token was already sent (it is spent)
+        ├── ChainInUseError             a static token would replace a live chain (needs --yes)
         ├── AlreadyRunningError         another daemon owns the state (pid known)
         └── DaemonNotRunningError       the command needs a running daemon
 
@@ -31,6 +32,7 @@ __all__ = [
     "AlertError",
     "AlreadyRunningError",
     "BusyError",
+    "ChainInUseError",
     "ConfigError",
     "DaemonNotRunningError",
     "EndpointNotAllowedError",
@@ -130,6 +132,10 @@ class TokenHeldError(InputError):
 
 class TokenSpentError(InputError):
     """An import of a refresh token that a profile has already sent to the token endpoint."""
+
+
+class ChainInUseError(InputError):
+    """A ``--legacy`` import into a profile whose live OAuth chain it would delete."""
 
 
 class AlreadyRunningError(InputError):

@@ -67,6 +67,7 @@ class ImportRequest:
     api_base_url: str | None = None
     legacy: bool = False
     legacy_expires_at: float | None = None
+    replace_chain: bool = False  # --yes: a static token may replace a live OAuth chain
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +99,8 @@ class ImportRequest:
         }
         if not isinstance(req.legacy, bool):
             raise InputError("import: 'legacy' must be true or false")
+        if not isinstance(req.replace_chain, bool):
+            raise InputError("import: 'replace_chain' must be true or false")
         return replace(req, **numbers)
 
     def __repr__(self) -> str:
