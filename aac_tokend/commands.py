@@ -94,12 +94,18 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _read_tokens(legacy: bool) -> str:
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise InputError(
+            "import: standard input is closed; pipe the tokens in, or run import at a terminal"
+        )
     if sys.stdin.isatty():
         access = getpass.getpass("Access token (input hidden): ")
         if legacy:
             return access
         return access + "\n" + getpass.getpass("Refresh token (input hidden): ")
-    return sys.stdin.read(64 * 1024 + 1)
+    # Bytes, whatever the locale: a stray non-UTF-8 byte becomes U+FFFD, which clean_token
+    # refuses in one line naming the token, instead of a decoding traceback.
+    return sys.stdin.buffer.read(64 * 1024 + 1).decode("utf-8", errors="replace")
 
 
 def ask_refresh_lifetime(read: Callable[[str], str]) -> float | None:
@@ -128,6 +134,12 @@ def ask_refresh_lifetime(read: Callable[[str], str]) -> float | None:
 def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
     from .importer import build_state, parse_expiry_date, parse_import_text
 
+    if args.expires and not args.legacy:
+        raise CommandError(
+            "import: --expires is the expiry of a static token and goes with --legacy; "
+            "add --legacy or drop --expires",
+            2,
+        )
     request = parse_import_text(_read_tokens(args.legacy), profile=args.profile, legacy=args.legacy)
     request = dataclasses.replace(
         request,
@@ -369,15 +381,19 @@ def default_profile() -> str:
 def add_profile_option(parser: argparse.ArgumentParser) -> None:
     """``--profile/-p NAME``, the same on every command that takes one."""
     parser.add_argument(
-        "--profile", "-p", default=default_profile(),
+        "--profile", "-p", default=None,
         help=f"profile name (default: ${PROFILE_ENV}, else default)",
     )  # fmt: skip
 
 
 def _check_profile_env(args: argparse.Namespace) -> None:
-    """A bad $AAC_TOKEND_PROFILE is named as such, not as a mystery profile."""
+    """Fill in a profile not given with --profile; a bad $AAC_TOKEND_PROFILE is named as
+    such, and only when it is used (an explicit --profile wins, and is checked as itself)."""
+    if not hasattr(args, "profile") or args.profile is not None:
+        return
+    args.profile = default_profile()
     value = os.environ.get(PROFILE_ENV)
-    if value and getattr(args, "profile", None) == value:
+    if value:
         from .state import validate_profile_name
 
         try:

@@ -75,7 +75,7 @@ POLICY_RANGES: Mapping[str, _Range] = MappingProxyType(
         "min_margin_seconds": _Range(0.0, 3600.0),
         "backoff_first_seconds": _Range(0.1, 60.0),
         "backoff_cap_seconds": _Range(1.0, 3600.0),
-        "refresh_lifetime_days": _Range(0.0, 365.0, low_open=True),
+        "refresh_lifetime_days": _Range(1.0, 365.0),
     }
 )
 

@@ -157,6 +157,20 @@ class TestExpiresSoon:
             assert condition.key == ("expires_soon:1d" if left <= DAY else "expires_soon:7d")
             assert "expires in -" not in condition.message
 
+    def test_ended_lifetime_says_so(self) -> None:
+        """Past the refresh token's end (within the grace): "has ended", never "0.0 hours"."""
+        condition = condition_of(oauth(access_expires_at=T0 + 60 * DAY), T0 + 30 * DAY + 60)
+        assert condition is not None and condition.key == "expires_soon:1d"
+        assert "refresh token's lifetime has ended" in condition.message
+        assert "0.0 hours" not in condition.message and IMPORT_HINT in condition.message
+
+    def test_under_an_hour_is_shown_in_minutes(self) -> None:
+        """A few seconds or minutes left are shown as minutes, rounded up."""
+        condition = condition_of(oauth(), T0 + 30 * DAY - 90)
+        assert condition is not None and "expires in 2 minutes" in condition.message
+        condition = condition_of(oauth(), T0 + 30 * DAY - 5)
+        assert condition is not None and "expires in 1 minute;" in condition.message
+
     def test_unknown_refresh_lifetime_is_quiet(self) -> None:
         """Without a known refresh-token lifetime there is nothing to warn about."""
         assert condition_of(oauth(refresh_expires_at=None), T0) is None

@@ -455,7 +455,7 @@ class TestAlertCommand:
         assert [line.split("|")[2].split(";")[0] for line in lines[:3]] == [
             "the refresh token expires in 1.5 days",
             "the refresh token expires in 1.0 days",
-            "the refresh token expires in 0.0 hours",
+            "the refresh token's lifetime has ended",
         ]
         assert all(line.split("|")[1] == "work" for line in lines)
         expired = next(line for line in lines if line.startswith("expired|"))
