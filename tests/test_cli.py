@@ -320,3 +320,47 @@ class TestBadInputGetsOneLine:
             message = assert_one_line_error(home.cli(*command), 69)
             assert "state key" in message and "restore state.key" in message
         assert not key.exists()
+
+
+def _at_a_terminal(home: E2EHome, args: list[str], exchange: list[tuple[str, str]]) -> str:
+    """Run a command on a pseudo-terminal, answering each (prompt, answer); its whole output."""
+    argv = home.command(*args)
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes the command
+        os.execve(argv[0], argv, home.env)  # noqa: S606 - argv from the test, no shell
+    seen = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if exchange and exchange[0][0].encode() in seen:
+            os.write(fd, exchange.pop(0)[1].encode() + b"\n")
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(fd)
+    os.waitpid(pid, 0)
+    return seen.decode(errors="replace")
+
+
+class TestLegacyOverAChainAtATerminal:
+    """At a terminal, a --legacy import over a live chain asks before deleting the chain."""
+
+    @pytest.mark.parametrize(("answer", "kind"), [("y", "legacy"), ("n", "oauth")])
+    def test_asks_and_obeys(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox], answer: str, kind: str
+    ) -> None:
+        """'y' replaces the chain with the static token; anything else keeps the chain."""
+        import_pair(home, sandboxes(), profile="work")
+        output = _at_a_terminal(
+            home, ["import", "--legacy", "-p", "work"],
+            [("Access token", "dc-legacy-static-token-0123456789"), ("[y/N]", answer)],
+        )  # fmt: skip
+        assert "live OAuth chain" in output
+        assert ("imported profile work" in output) is (answer == "y"), output
+        row = json.loads(home.cli("status", "--json").stdout)["profiles"][0]
+        assert row["kind"] == kind
