@@ -270,11 +270,11 @@ def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
         ) from None
     except ValueError as exc:
         # tomllib lets int() and float() errors through as plain ValueError: an integer of
-        # more than 4300 digits (Python's int-to-str limit) is the one we know of
-        one_line = " ".join(str(exc).split())[:120]
+        # more than 4300 digits (Python's int-to-str limit) is the one we know of. Python's own
+        # text would tell the reader to change an interpreter setting: say what to fix instead.
+        what = "a number has too many digits" if "digits" in str(exc) else "a value is unreadable"
         raise ConfigError(
-            f"config error in {source}: not valid TOML: a value cannot be read ({one_line}); "
-            "use a number of sensible size"
+            f"config error in {source}: not valid TOML: {what}; give every number a sensible size"
         ) from None
     check.unknown_keys(doc, _TOP_KEYS, "")
     policy = check.policy(doc, PolicySettings(), "")
