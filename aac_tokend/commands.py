@@ -23,6 +23,7 @@ from . import __version__
 from .client import ControlClient, format_token
 from .errors import (
     AacTokendError,
+    ChainInUseError,
     DaemonNotRunningError,
     InputError,
     ProfileError,
@@ -36,16 +37,17 @@ __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profi
 _EXIT_BY_CODE = {
     "no_token": 69, "unknown_profile": 65, "bad_request": 65, "config_error": 78,
     "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
-    "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69,
+    "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69, "chain_in_use": 65,
 }  # fmt: skip
 
 
 class CommandError(Exception):
     """A one-line failure of a command, with its exit status."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, code: str | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.code = code  # the daemon's wire code, when the daemon refused
 
 
 def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
@@ -59,7 +61,7 @@ def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
         raise CommandError(f"cannot talk to the daemon at {paths.control_socket}: {exc}") from exc
     if not answer.get("ok"):
         code = str(answer.get("code", "error"))
-        raise CommandError(str(answer.get("message", code)), _EXIT_BY_CODE.get(code, 1))
+        raise CommandError(str(answer.get("message", code)), _EXIT_BY_CODE.get(code, 1), code)
     return answer
 
 
@@ -74,11 +76,15 @@ def _need_daemon(paths: Paths, op: str, **fields: Any) -> dict[str, Any]:
 
 def _offline_store(paths: Paths) -> Any:
     from .keystore import KEYRING_POINTER
-    from .store import FileStore, load_or_create_key
+    from .store import FileStore, load_or_create_key, stored_state_count
 
-    if not paths.key_file.exists() and not (paths.config_dir / KEYRING_POINTER).exists():
+    no_key = not paths.key_file.exists() and not (paths.config_dir / KEYRING_POINTER).exists()
+    # State files without their key: load_or_create_key says so, rather than "no profiles".
+    if no_key and not stored_state_count(paths.state_dir):
         return None
-    return FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
+    return FileStore(
+        paths.state_dir, load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
+    )
 
 
 # -- commands -------------------------------------------------------------------------
@@ -89,12 +95,18 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _read_tokens(legacy: bool) -> str:
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise InputError(
+            "import: standard input is closed; pipe the tokens in, or run import at a terminal"
+        )
     if sys.stdin.isatty():
         access = getpass.getpass("Access token (input hidden): ")
         if legacy:
             return access
         return access + "\n" + getpass.getpass("Refresh token (input hidden): ")
-    return sys.stdin.read(64 * 1024 + 1)
+    # Bytes, whatever the locale: a stray non-UTF-8 byte becomes U+FFFD, which clean_token
+    # refuses in one line naming the token, instead of a decoding traceback.
+    return sys.stdin.buffer.read(64 * 1024 + 1).decode("utf-8", errors="replace")
 
 
 def ask_refresh_lifetime(read: Callable[[str], str]) -> float | None:
@@ -123,6 +135,12 @@ def ask_refresh_lifetime(read: Callable[[str], str]) -> float | None:
 def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
     from .importer import build_state, parse_expiry_date, parse_import_text
 
+    if args.expires and not args.legacy:
+        raise CommandError(
+            "import: --expires is the expiry of a static token and goes with --legacy; "
+            "add --legacy or drop --expires",
+            2,
+        )
     request = parse_import_text(_read_tokens(args.legacy), profile=args.profile, legacy=args.legacy)
     request = dataclasses.replace(
         request,
@@ -139,8 +157,38 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         if days is None and not args.legacy and sys.stdin.isatty():
             days = ask_refresh_lifetime(input)
         request = dataclasses.replace(request, refresh_lifetime_days=days)
+    request = dataclasses.replace(request, replace_chain=args.yes)
     state = build_state(request, time.time())  # every input error surfaces before any write
     check_token_socket(state.profile, paths.token_socket(state.profile))
+    try:
+        changed, where = _import_state(paths, request, state)
+    except (ChainInUseError, CommandError) as exc:
+        refused = isinstance(exc, ChainInUseError) or exc.code == "chain_in_use"
+        if not refused or not sys.stdin.isatty():
+            raise
+        _confirm_replace_chain(state.profile)
+        request = dataclasses.replace(request, replace_chain=True)
+        changed, where = _import_state(paths, request, state)
+    if not changed:
+        print(f"profile {state.profile} already holds this token pair; nothing changed")
+        return 0
+    print(f"imported profile {state.profile} ({state.kind.value}): {where}")
+    return 0
+
+
+def _confirm_replace_chain(name: str) -> None:
+    """Ask on a terminal before a static token replaces a live chain's refresh token."""
+    sys.stderr.write(
+        f"Profile {name!r} holds a live OAuth chain; replace it with this static token? Its "
+        "refresh token is deleted for good (this may be the only copy). [y/N] "
+    )
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise CommandError(f"import: not confirmed; profile {name} was kept", 65)
+
+
+def _import_state(paths: Paths, request: Any, state: Any) -> tuple[bool, str]:
+    """Hand the import to the daemon, or claim it in the store; (changed, where it went)."""
     answer = _ask(paths, "import", **request.to_wire())
     if answer is None:
         from .owner import OwnerLock
@@ -148,23 +196,18 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
-            store = FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
+            store = FileStore(
+                paths.state_dir, load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
+            )
             with store.locked(state.profile, 10.0):
                 current = store.load(state.profile)
                 own = [current] if current is not None else []
-                claimed = claim(state, own, stored_states(store, skip={state.profile}))
+                others = stored_states(store, skip={state.profile})
+                claimed = claim(state, own, others, replace_chain=request.replace_chain)
                 if claimed is not None:
                     store.save(claimed)
-        changed = claimed is not None
-        where = "saved; `aac-tokend run` will keep it alive"
-    else:
-        changed = bool(answer.get("changed", True))
-        where = "handed to the running daemon"
-    if not changed:
-        print(f"profile {state.profile} already holds this token pair; nothing changed")
-        return 0
-    print(f"imported profile {state.profile} ({state.kind.value}): {where}")
-    return 0
+        return claimed is not None, "saved; `aac-tokend run` will keep it alive"
+    return bool(answer.get("changed", True)), "handed to the running daemon"
 
 
 def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
@@ -274,7 +317,9 @@ def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
-            store = FileStore(paths.state_dir, load_or_create_key(paths.config_dir))
+            store = FileStore(
+                paths.state_dir, load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
+            )
             # Like the daemon: a courier (of a daemon killed mid-refresh) holds the lock
             # until its outcome is on disk; deleting under it would let it write back.
             if not store.lock_is_free(args.name):
@@ -354,15 +399,19 @@ def default_profile() -> str:
 def add_profile_option(parser: argparse.ArgumentParser) -> None:
     """``--profile/-p NAME``, the same on every command that takes one."""
     parser.add_argument(
-        "--profile", "-p", default=default_profile(),
+        "--profile", "-p", default=None,
         help=f"profile name (default: ${PROFILE_ENV}, else default)",
     )  # fmt: skip
 
 
 def _check_profile_env(args: argparse.Namespace) -> None:
-    """A bad $AAC_TOKEND_PROFILE is named as such, not as a mystery profile."""
+    """Fill in a profile not given with --profile; a bad $AAC_TOKEND_PROFILE is named as
+    such, and only when it is used (an explicit --profile wins, and is checked as itself)."""
+    if not hasattr(args, "profile") or args.profile is not None:
+        return
+    args.profile = default_profile()
     value = os.environ.get(PROFILE_ENV)
-    if value and getattr(args, "profile", None) == value:
+    if value:
         from .state import validate_profile_name
 
         try:
@@ -398,6 +447,10 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="AAC API base URL (default https://api.us1.alteryxcloud.com)")
     p.add_argument("--legacy", action="store_true", help="a static, non-refreshable token")
     p.add_argument("--expires", help="with --legacy: expiry date (ISO 8601)")
+    p.add_argument(
+        "--yes", "-y", action="store_true",
+        help="with --legacy: replace a live OAuth chain in the profile without asking",
+    )  # fmt: skip
     p = add("token", cmd_token, "print the current access token")
     add_profile_option(p)
     form = p.add_mutually_exclusive_group()

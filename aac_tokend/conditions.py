@@ -6,6 +6,7 @@ into log events, hook commands and desktop notifications.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -85,7 +86,12 @@ def rejection_alert(state: ProfileState) -> str:
 
 def _days(seconds: float) -> str:
     days = seconds / DAY
-    return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
+    if days >= 1:
+        return f"{days:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    minutes = max(math.ceil(seconds / 60), 1)  # never "0.0 hours" while time is left
+    return f"{minutes} minute{'s' if minutes > 1 else ''}"
 
 
 def condition_of(
@@ -124,9 +130,12 @@ def condition_of(
         for threshold in WARN_BEFORE:
             if left <= threshold:
                 what = "legacy access token" if state.kind is TokenKind.LEGACY else "refresh token"
+                text = (
+                    f"the {what} expires in {_days(left)}; {todo} before then"
+                    if left > 0
+                    else f"the {what}'s lifetime has ended; {todo}"
+                )
                 return Condition(
-                    AlertEvent.REFRESH_EXPIRES_SOON,
-                    f"expires_soon:{int(threshold // DAY)}d",
-                    f"the {what} expires in {_days(max(left, 0.0))}; {todo} before then",
+                    AlertEvent.REFRESH_EXPIRES_SOON, f"expires_soon:{int(threshold // DAY)}d", text
                 )
     return None

@@ -8,10 +8,7 @@ allowed, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import difflib
-import errno
-import os
 import shlex
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -20,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from .errors import ConfigError, ProfileError
+from .fileio import read_regular_file
 from .policy import PolicySettings
 from .state import validate_profile_name
 
@@ -77,7 +75,7 @@ POLICY_RANGES: Mapping[str, _Range] = MappingProxyType(
         "min_margin_seconds": _Range(0.0, 3600.0),
         "backoff_first_seconds": _Range(0.1, 60.0),
         "backoff_cap_seconds": _Range(1.0, 3600.0),
-        "refresh_lifetime_days": _Range(0.0, 365.0, low_open=True),
+        "refresh_lifetime_days": _Range(1.0, 365.0),
     }
 )
 
@@ -270,6 +268,14 @@ def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
         raise ConfigError(
             f"config error in {source}: not valid TOML: arrays or tables nested too deeply"
         ) from None
+    except ValueError as exc:
+        # tomllib lets int() and float() errors through as plain ValueError: an integer of
+        # more than 4300 digits (Python's int-to-str limit) is the one we know of. Python's own
+        # text would tell the reader to change an interpreter setting: say what to fix instead.
+        what = "a number has too many digits" if "digits" in str(exc) else "a value is unreadable"
+        raise ConfigError(
+            f"config error in {source}: not valid TOML: {what}; give every number a sensible size"
+        ) from None
     check.unknown_keys(doc, _TOP_KEYS, "")
     policy = check.policy(doc, PolicySettings(), "")
     defaults = Config()
@@ -292,21 +298,11 @@ def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
     )
 
 
-def _read(path: Path) -> bytes:
-    """The file's first bytes past the size limit; OSError if it is not a readable file."""
-    # O_NONBLOCK: a FIFO in the file's place must fail the check below, not hang the daemon
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return file.read(MAX_CONFIG_BYTES + 1)
-
-
 def load_config(config_dir: Path) -> Config:
     """The config in ``config_dir/config.toml``; all defaults when the file does not exist."""
     path = config_dir / CONFIG_FILENAME
     try:
-        data = _read(path)
+        data, _ = read_regular_file(path, MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         return Config()
     except OSError as exc:

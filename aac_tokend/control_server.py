@@ -127,6 +127,7 @@ ERROR_CODES: dict[type[errors.AacTokendError], str] = {
     errors.AlertError: "alert",
     errors.ConfigError: "config_error",
     errors.ProfileError: "unknown_profile",
+    errors.ChainInUseError: "chain_in_use",
     errors.InputError: "bad_request",
     errors.AacTokendError: "error",
 }

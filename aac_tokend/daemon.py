@@ -17,7 +17,7 @@ import structlog
 from . import __version__, sdnotify
 from .activation import listen_fds
 from .alerts import Alerter, build_sinks
-from .config import Config, load_config
+from .config import CONFIG_FILENAME, Config, load_config
 from .control_ops import ControlOps
 from .control_server import ControlServer
 from .courier import MAX_FD, Refresher, default_refresher
@@ -88,7 +88,7 @@ class Daemon:
 
     def _serve(self) -> int:
         paths = self.paths
-        key = load_or_create_key(paths.config_dir)
+        key = load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
         store = FileStore(paths.state_dir, key)
         ensure_private_dir(paths.runtime_dir)
         _check_second_file_system(paths)
@@ -138,8 +138,10 @@ class Daemon:
             while not self._stop.wait(MAIN_WAIT_SECONDS):
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
-                    with contextlib.suppress(ConfigError):
-                        self.reload()  # a bad file was logged; the running config stays
+                    # A reload must never end the daemon: reload() logged whatever failed,
+                    # and the running config stays.
+                    with contextlib.suppress(Exception):
+                        self.reload()
         finally:
             sdnotify.stopping()
             log.info("daemon_stopping")
@@ -185,6 +187,16 @@ class Daemon:
             log.error("reload_failed", error=str(exc))
             sdnotify.ready("reload failed; running with the previous config")
             raise
+        except Exception as exc:
+            # Not one of ours (a parser bug, say): still one line, and the daemon goes on.
+            path = self.paths.config_dir / CONFIG_FILENAME
+            message = (
+                f"config error in {path}: the file could not be loaded "
+                f"({type(exc).__name__}); fix it and reload again"
+            )
+            log.error("reload_failed", error=message)
+            sdnotify.ready("reload failed; running with the previous config")
+            raise ConfigError(message) from exc
         self._config = config
         configure_logging(config.log_format, config.log_level)
         self._alerter.set_sinks(build_sinks(config))

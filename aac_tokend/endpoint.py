@@ -54,6 +54,9 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_RETRY_AFTER_SECONDS = 3600.0
 #: An access lifetime beyond a year is garbage; capping keeps the schedule's dates sane.
 MAX_EXPIRES_IN_SECONDS = 366 * 86400.0
+#: One that dies within a second of the answer is garbage too (milliseconds by mistake):
+#: trusted, it made the daemon refresh as fast as it could. The same bounds as import's.
+MIN_EXPIRES_IN_SECONDS = 1.0
 _TEXT_LIMIT = 200
 
 
@@ -83,24 +86,30 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def _expires_in(payload: Mapping[str, Any], access_token: str, now: float) -> float:
+    """The access token's lifetime: the server's expires_in when it is within the bounds that
+    import applies, else the JWT's exp, else the assumed short lifetime.
+
+    Out of bounds is never a reason to drop the answer: a 200 carries the rotated refresh
+    token, and retrying with the old one would be a reuse that revokes the whole family.
+    """
     raw = payload.get("expires_in")
     if isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
         # isdigit alone admits '²', which float() refuses; 400 digits make inf: cap it too.
-        raw = min(float(raw), MAX_EXPIRES_IN_SECONDS)
+        raw = min(float(raw), MAX_EXPIRES_IN_SECONDS + 1)
     if isinstance(raw, int) and not isinstance(raw, bool) and raw > MAX_EXPIRES_IN_SECONDS:
-        raw = MAX_EXPIRES_IN_SECONDS  # before math.isfinite, which overflows on huge ints
+        raw = MAX_EXPIRES_IN_SECONDS + 1  # before math.isfinite, which overflows on huge ints
     if (
         isinstance(raw, int | float)
         and not isinstance(raw, bool)
         and math.isfinite(raw)
-        and raw > 0
+        and MIN_EXPIRES_IN_SECONDS <= raw <= MAX_EXPIRES_IN_SECONDS
     ):
-        return float(min(raw, MAX_EXPIRES_IN_SECONDS))
+        return float(raw)
     try:
         left = parse_jwt(access_token).exp - now
     except TokenFormatError:
         return ASSUMED_LIFETIME_SECONDS
-    return max(min(left, MAX_EXPIRES_IN_SECONDS), 1.0)
+    return max(min(left, MAX_EXPIRES_IN_SECONDS), MIN_EXPIRES_IN_SECONDS)
 
 
 def _servable(token: str) -> bool:

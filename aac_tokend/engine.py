@@ -565,7 +565,7 @@ class Engine:
         # pass the check before either is saved.
         with self._import_lock, self._store.locked(state.profile, WAIT_SECONDS):
             own, others = self._holders(state.profile)
-            claimed = claim(state, own, others)
+            claimed = claim(state, own, others, replace_chain=request.replace_chain)
             if claimed is None:
                 log.info("profile_import_unchanged", profile=state.profile)
                 return max(own, key=lambda s: s.generation), False

@@ -17,6 +17,7 @@
         ├── TokenHeldError              another profile holds this refresh token
         ├── TokenSpentError             this refresh token was already sent (it is spent)
         ├── HolderUnknownError          a state file cannot be read: who holds what is unknown
+        ├── ChainInUseError             a static token would replace a live chain (needs --yes)
         ├── AlreadyRunningError         another daemon owns the state (pid known)
         └── DaemonNotRunningError       the command needs a running daemon
 
@@ -32,6 +33,7 @@ __all__ = [
     "AlertError",
     "AlreadyRunningError",
     "BusyError",
+    "ChainInUseError",
     "ConfigError",
     "DaemonNotRunningError",
     "EndpointNotAllowedError",
@@ -136,6 +138,10 @@ class TokenSpentError(InputError):
 
 class HolderUnknownError(InputError):
     """An import while a state file cannot be read: its refresh token may be this one."""
+
+
+class ChainInUseError(InputError):
+    """A ``--legacy`` import into a profile whose live OAuth chain it would delete."""
 
 
 class AlreadyRunningError(InputError):

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from .errors import InputError
 
-__all__ = ["FileLayer", "OsFileLayer", "ensure_private_dir"]
+__all__ = ["FileLayer", "OsFileLayer", "ensure_private_dir", "read_regular_file"]
 
 #: The largest state file we will read: a state is a few KiB; anything bigger is not ours.
 MAX_READ_BYTES = 1024 * 1024
@@ -103,3 +103,26 @@ def ensure_private_dir(path: Path) -> None:
         raise InputError(f"cannot make directory {path} private: {exc.strerror}") from exc
     finally:
         os.close(fd)
+
+
+def read_regular_file(
+    path: Path, limit: int, *, follow_symlinks: bool = True
+) -> tuple[bytes, os.stat_result]:
+    """At most ``limit`` bytes of the regular file ``path``, and its fstat; OSError otherwise.
+
+    A FIFO, a directory or a device in the file's place is an OSError (EINVAL, "not a regular
+    file"), never a hang: O_NONBLOCK makes the open of a FIFO return at once.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # before fdopen, which has its own word for a dir
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as file:
+        return file.read(limit), info

@@ -67,6 +67,7 @@ class ImportRequest:
     api_base_url: str | None = None
     legacy: bool = False
     legacy_expires_at: float | None = None
+    replace_chain: bool = False  # --yes: a static token may replace a live OAuth chain
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +99,8 @@ class ImportRequest:
         }
         if not isinstance(req.legacy, bool):
             raise InputError("import: 'legacy' must be true or false")
+        if not isinstance(req.replace_chain, bool):
+            raise InputError("import: 'replace_chain' must be true or false")
         return replace(req, **numbers)
 
     def __repr__(self) -> str:
@@ -181,7 +184,8 @@ def parse_import_text(text: str, *, profile: str, legacy: bool = False) -> Impor
         raise InputError(
             f"import: input is larger than {MAX_INPUT_BYTES} bytes; paste only the tokens"
         )
-    stripped = text.strip()
+    # A byte-order mark: JSON saved by Windows Notepad or PowerShell's '>' starts with one.
+    stripped = text.removeprefix("\ufeff").strip()
     if stripped.startswith("{"):
         try:
             data = json.loads(stripped)
@@ -254,12 +258,25 @@ def _check_api_base(url: str) -> str:
         ) from exc
 
 
+def _refuse_ended_chain(end: float, born: float, given: str, *, from_iat: bool) -> None:
+    # The chain is dead by its own stated lifetime: importing it would only earn an
+    # invalid_grant at the first refresh, and a status saying "expires in 0.0 hours" till then.
+    since = "its access token's iat" if from_iat else "the import"
+    born_day = datetime.fromtimestamp(born, UTC).date().isoformat()
+    end_day = datetime.fromtimestamp(end, UTC).date().isoformat()
+    raise InputError(
+        f"import: this refresh token's lifetime ({given}, counted from {since}, {born_day}) "
+        f"has already ended ({end_day}); generate a new token pair in AAC and import that"
+    )
+
+
 def build_state(req: ImportRequest, now: float) -> ProfileState:
     """The fresh state for an import; every problem is a one-line InputError."""
     profile = validate_profile_name(req.profile)
     access = clean_token(req.access_token, "access token")
     api = _check_api_base(req.api_base_url or DEFAULT_API_BASE_URL)
-    lifetime = _number_or_none(req.refresh_lifetime_days, "refresh_lifetime_days")
+    # No maximum here: the range check below names AAC's range, which says more.
+    lifetime = _number_or_none(req.refresh_lifetime_days, "refresh_lifetime_days", math.inf)
     if lifetime is not None and not (
         MIN_REFRESH_LIFETIME_DAYS <= lifetime <= MAX_REFRESH_LIFETIME_DAYS
     ):
@@ -335,6 +352,9 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
         refresh_expires = born + lifetime * DAY
     elif refresh_expires_in is not None:
         refresh_expires = born + refresh_expires_in
+    if refresh_expires is not None and refresh_expires <= now:
+        given = "refresh_lifetime_days" if lifetime is not None else "refresh_token_expires_in"
+        _refuse_ended_chain(refresh_expires, born, _OPTION[given], from_iat=born < now)
     return ProfileState(
         profile=profile, kind=TokenKind.OAUTH, access_token=access, refresh_token=refresh,
         token_endpoint=endpoint, client_id=client_id, api_base_url=api,

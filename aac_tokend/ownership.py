@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     AacTokendError,
+    ChainInUseError,
     HolderUnknownError,
     ProfileError,
     StateCorruptError,
@@ -83,16 +84,23 @@ def _spent_by(state: ProfileState) -> set[str]:
 
 
 def claim(
-    new: ProfileState, own: Iterable[ProfileState], others: Iterable[ProfileState]
+    new: ProfileState,
+    own: Iterable[ProfileState],
+    others: Iterable[ProfileState],
+    *,
+    replace_chain: bool = False,
 ) -> ProfileState | None:
     """The state to save for an import of ``new``, or None if it is already current.
 
     ``own`` are the known versions of the importing profile (on disk, and in the daemon's
     memory when it holds a newer pair than the disk); ``others`` those of every other
     profile. Raises TokenHeldError or TokenSpentError; neither message contains a token.
+    A static token replaces a live OAuth chain only with ``replace_chain`` (ChainInUseError).
     """
     mine = sorted(own, key=lambda s: s.generation)
     current = mine[-1] if mine else None
+    if new.kind is TokenKind.LEGACY and current is not None and not replace_chain:
+        _refuse_if_live_chain(current)
     if new.kind is TokenKind.OAUTH and new.refresh_token is not None:
         if current is not None and current.refresh_token == new.refresh_token:
             return None  # the current pair again: nothing to do, nothing to send
@@ -109,6 +117,17 @@ def claim(
         spent_rt_hashes=rotated,
         spent_imported_rt_hashes=tuple(current.spent_imported_rt_hashes),
     )
+
+
+def _refuse_if_live_chain(current: ProfileState) -> None:
+    # The refresh token in the state may exist nowhere else: overwriting it by a mistaken
+    # --legacy is as final as `remove`, which asks first too.
+    if current.kind is TokenKind.OAUTH and current.refresh_token and current.rejection is None:
+        raise ChainInUseError(
+            f"import: profile {current.profile!r} holds a live OAuth chain, and a --legacy "
+            "import would delete its refresh token for good: pass --yes to replace it, or "
+            "use another --profile"
+        )
 
 
 def _refuse_if_taken(

@@ -71,11 +71,27 @@ def check_token_socket(profile: str, path: Path) -> None:
         )
 
 
+def _check_home(root: Path) -> None:
+    """$AAC_TOKEND_HOME is created when missing; something else in its way is named here,
+    before a command fails on a path inside it with a bare "Not a directory"."""
+    from .errors import InputError
+
+    for place in (root, *root.parents):
+        if os.path.lexists(place):
+            if not place.is_dir():
+                raise InputError(
+                    f"{HOME_ENV}={root} cannot be used: {place} is not a directory; point "
+                    f"{HOME_ENV} at a directory (it is created if missing) or unset it"
+                )
+            return
+
+
 def resolve_paths(env: Mapping[str, str] = os.environ) -> Paths:
     """The instance's paths, from AAC_TOKEND_HOME or the platform's conventions."""
     home = env.get(HOME_ENV)
     if home:
         root = Path(home).expanduser().absolute()
+        _check_home(root)
         return Paths(root / "config", root / "state", root / "run")
     import warnings
 

@@ -44,6 +44,13 @@ REFRESH_SLACK_SECONDS = 1.0
 #: early is cheap, serving a dead token is not.
 ASSUMED_LIFETIME_SECONDS = 300.0
 
+#: A healthy chain never refreshes sooner than this after its last refresh. Lifetimes under
+#: a second are refused (import, and the server's expires_in), so a well-behaved chain never
+#: needs more; a server handing out tokens already dead on arrival is held to one rotation a
+#: second rather than as fast as the scheduler can go. Not more: the sandbox's 2 s tokens
+#: (tests, demo) refresh every second and must be served without a gap.
+MIN_REFRESH_INTERVAL_SECONDS = 1.0
+
 #: While there is no valid access token to serve and the last attempt never reached the token
 #: endpoint (no network yet after a resume, DNS, proxy, TLS), retry at least this often: such
 #: an attempt costs the server nothing, and a person waits for a token until the network is
@@ -186,6 +193,8 @@ def next_refresh_at(state: ProfileState, now: float, settings: PolicySettings) -
             at = max(at, state.retry_not_before)
     else:
         at = proactive_refresh_at(state, settings)
+        if state.last_refresh_at is not None:
+            at = max(at, state.last_refresh_at + MIN_REFRESH_INTERVAL_SECONDS)
     return max(at, now)
 
 

@@ -25,13 +25,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import BusyError, ProfileError, StateCorruptError, StorageError
-from .fileio import FileLayer, OsFileLayer, ensure_private_dir
+from .fileio import FileLayer, OsFileLayer, ensure_private_dir, read_regular_file
 from .state import ProfileState, state_from_json, state_to_json, validate_profile_name
 
 if TYPE_CHECKING:
     from .keystore import SecretBackend
 
-__all__ = ["CRYPTO_LOCK", "FileStore", "StateStore", "load_or_create_key"]
+__all__ = ["CRYPTO_LOCK", "FileStore", "StateStore", "load_or_create_key", "stored_state_count"]
 
 MAGIC = b"AATK\x01"
 NONCE_BYTES = 12
@@ -56,23 +56,30 @@ class StateStore(Protocol):
 
 
 def load_or_create_key(
-    config_dir: Path, fs: FileLayer | None = None, *, keyring: SecretBackend | None = None
+    config_dir: Path,
+    fs: FileLayer | None = None,
+    *,
+    keyring: SecretBackend | None = None,
+    state_dir: Path | None = None,
 ) -> bytes:
     """The state key: created on first use (0600, atomically), checked on every later use.
 
     When ``aac-tokend key move-to-keyring`` has put it in the OS keyring, it comes from there
-    (from ``keyring``, for tests; by default the OS keyring).
+    (from ``keyring``, for tests; by default the OS keyring). A missing key is never
+    created while ``state_dir`` holds state files: only the lost key can read them.
     """
     fs = fs or OsFileLayer()
     ensure_private_dir(config_dir)
     path = config_dir / "state.key"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        key, info = read_regular_file(path, KEY_BYTES + 1, follow_symlinks=False)
     except FileNotFoundError:
         from .keystore import KEYRING_POINTER, load_keyring_key
 
         if (config_dir / KEYRING_POINTER).exists():  # never a new key: it would orphan the state
             return load_keyring_key(config_dir, keyring)
+        if state_dir is not None:
+            _refuse_new_key_beside_states(path, state_dir)
         key = secrets.token_bytes(KEY_BYTES)
         tmp = config_dir / f".state.key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
@@ -83,24 +90,42 @@ def load_or_create_key(
                 tmp.unlink(missing_ok=True)  # also after a failed write: no stray key copy
             fs.fsync_dir(config_dir)
         except FileExistsError:
-            return load_or_create_key(config_dir, fs, keyring=keyring)
+            return load_or_create_key(config_dir, fs, keyring=keyring, state_dir=state_dir)
         except OSError as exc:
             raise StorageError(f"cannot create the state key {path}: {exc.strerror}") from exc
         return key
     except OSError as exc:
         raise StorageError(
-            f"cannot open the state key {path}: {exc.strerror} (a symlink is never followed)"
+            f"cannot read the state key {path}: {exc.strerror} (a symlink is never followed); "
+            "put the 32-byte key file back there from a backup"
         ) from exc
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise StorageError(
-                f"the state key {path} must be owned by you with mode 0600; run chmod 600 on it"
-            )
-        key = f.read(KEY_BYTES + 1)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise StorageError(
+            f"the state key {path} must be owned by you with mode 0600; run chmod 600 on it"
+        )
     if len(key) != KEY_BYTES:
         raise StateCorruptError(f"the state key {path} is damaged; restore it from a backup")
     return key
+
+
+def stored_state_count(state_dir: Path) -> int:
+    """How many profile state files ``state_dir`` holds (0 if it does not exist)."""
+    try:
+        with os.scandir(state_dir) as entries:
+            return sum(1 for e in entries if e.name.endswith(SUFFIX) and not e.name.startswith("."))
+    except OSError:
+        return 0
+
+
+def _refuse_new_key_beside_states(path: Path, state_dir: Path) -> None:
+    # A new key could not read the existing state files, and the next save would leave them
+    # beside states under another key: the refresh tokens in them would be lost for good.
+    count = stored_state_count(state_dir)
+    if count:
+        raise StateCorruptError(
+            f"the state key {path} is missing, but {state_dir} holds {count} state file(s) "
+            "that only it can read; restore state.key from a backup"
+        )
 
 
 class FileStore:

@@ -213,6 +213,24 @@ def _is_host_name(host: str) -> bool:
     )  # fmt: skip
 
 
+def _refuse_odd_port_or_address(authority: str, host: str) -> None:
+    """Port 0 or an empty port, and shorthand IPv4 (127.1, 0x7f.1): read differently by
+    different parsers and resolvers, so refused with the spelling that works."""
+    port = authority.rpartition("]")[2].rpartition(":")
+    if port[1] and (not port[2].isdigit() or int(port[2]) == 0):
+        raise _refuse("the port must be from 1 to 65535 (or left out with its ':')")
+    labels = host.split(".")
+    if all(label and label.isascii() and label.isalnum() for label in labels) and (
+        labels[-1].isdigit() or labels[-1].lower().startswith("0x")
+    ):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _refuse(
+                f"{host[:80]!r} is a shorthand IP address; write it in full (like 127.0.0.1)"
+            ) from None
+
+
 def _refuse(why: str) -> EndpointNotAllowedError:
     return EndpointNotAllowedError(f"token endpoint: {why}")
 
@@ -283,6 +301,7 @@ def check_endpoint(url: str, *, explicit: bool) -> str:
     scheme, host, _ = origin
     if not _is_host_name(host):
         raise _refuse(f"{host[:80]!r} is not a host name; pass --token-endpoint https://...")
+    _refuse_odd_port_or_address(authority, host)
     if scheme == "http" and not is_loopback_host(host):
         raise _refuse(
             f"plain http to {host} is refused; use https "

@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import pytest
 from aac_tokend.commands import ask_refresh_lifetime
 from aac_tokend.errors import InputError
 from tests.helpers_e2e import (
+    CliResult,
     E2EHome,
     RecordingSandbox,
     assert_one_line_error,
@@ -250,3 +252,115 @@ class TestAskRefreshLifetime:
         message = str(caught.value)
         assert "\n" not in message and "press Enter" in message
         assert answer not in message
+
+
+def _raw_import(home: E2EHome, stdin: bytes | None, *args: str) -> CliResult:
+    """``import ARGS`` with raw bytes on stdin, or with stdin closed when ``stdin`` is None."""
+    argv = home.command("import", *args)
+    closed = stdin is None
+    proc = subprocess.run(
+        argv, input=stdin, capture_output=True, timeout=60, env=home.env, cwd=home.root,
+        # a closed stdin, as `aac-tokend import <&-` leaves it: the child's fd 0 is shut
+        preexec_fn=(lambda: os.close(0)) if closed else None,
+        stdin=subprocess.DEVNULL if closed else None,
+    )  # fmt: skip
+    return CliResult(("import", *args), proc.returncode, proc.stdout.decode(),
+                     proc.stderr.decode(errors="replace"))  # fmt: skip
+
+
+class TestBadInputGetsOneLine:
+    """Bad input to the command line: one line saying what was wrong, the documented exit."""
+
+    def test_stdin_closed(self, home: E2EHome) -> None:
+        """`import <&-`: exit 65 and a line saying stdin is closed, not a traceback."""
+        message = assert_one_line_error(_raw_import(home, None), 65)
+        assert "standard input is closed" in message
+
+    def test_a_non_utf8_byte_under_a_utf8_locale(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """A stray Latin-1 byte in the refresh token: exit 65 naming the token's problem."""
+        access = str(sandboxes().generate()["access_token"]).encode()
+        home.env["PYTHONIOENCODING"] = "utf-8"  # strict decoding, as under LANG=en_US.UTF-8
+        result = _raw_import(home, access + b"\nr\xe9fresh\n", "--refresh-lifetime-days", "30")
+        message = assert_one_line_error(result, 65)
+        assert "refresh token" in message and "non-ASCII" in message
+
+    def test_expires_without_legacy_is_a_usage_error(self, home: E2EHome) -> None:
+        """--expires only means something with --legacy: exit 2 saying so, nothing read."""
+        message = assert_one_line_error(home.cli("import", "--expires", "2030-01-01"), 2)
+        assert "--legacy" in message
+        assert not home.paths.state_dir.exists() or not any(home.paths.state_dir.iterdir())
+
+    def test_explicit_profile_is_checked_as_itself(self, home: E2EHome) -> None:
+        """--profile given: a bad AAC_TOKEND_PROFILE is not blamed (nor even read)."""
+        env = dict(home.env, AAC_TOKEND_PROFILE="a b")
+        message = assert_one_line_error(home.cli("token", env=env), 65)
+        assert "AAC_TOKEND_PROFILE" in message  # used: named
+        message = assert_one_line_error(home.cli("token", "--profile", "a b", env=env), 65)
+        assert "AAC_TOKEND_PROFILE" not in message and "'a b'" in message
+
+    def test_home_naming_a_regular_file(self, home: E2EHome) -> None:
+        """AAC_TOKEND_HOME pointing at a file: exit 65, one line naming the variable."""
+        path = home.root / "not-a-dir"
+        path.write_text("")
+        env = dict(home.env, AAC_TOKEND_HOME=str(path))
+        for command in (["status"], ["profiles"]):
+            message = assert_one_line_error(home.cli(*command, env=env), 65)
+            assert "AAC_TOKEND_HOME" in message and "not a directory" in message
+
+    def test_state_key_missing_beside_state_files(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Key moved away, state kept: exit 69 saying to restore the key; no new key made."""
+        import_pair(home, sandboxes())
+        key = home.paths.key_file
+        key.rename(home.root / "state.key.moved")
+        for command in (["token"], ["status", "--check"], ["profiles"]):
+            message = assert_one_line_error(home.cli(*command), 69)
+            assert "state key" in message and "restore state.key" in message
+        assert not key.exists()
+
+
+def _at_a_terminal(home: E2EHome, args: list[str], exchange: list[tuple[str, str]]) -> str:
+    """Run a command on a pseudo-terminal, answering each (prompt, answer); its whole output."""
+    argv = home.command(*args)
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes the command
+        os.execve(argv[0], argv, home.env)  # noqa: S606 - argv from the test, no shell
+    seen = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if exchange and exchange[0][0].encode() in seen:
+            os.write(fd, exchange.pop(0)[1].encode() + b"\n")
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(fd)
+    os.waitpid(pid, 0)
+    return seen.decode(errors="replace")
+
+
+class TestLegacyOverAChainAtATerminal:
+    """At a terminal, a --legacy import over a live chain asks before deleting the chain."""
+
+    @pytest.mark.parametrize(("answer", "kind"), [("y", "legacy"), ("n", "oauth")])
+    def test_asks_and_obeys(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox], answer: str, kind: str
+    ) -> None:
+        """'y' replaces the chain with the static token; anything else keeps the chain."""
+        import_pair(home, sandboxes(), profile="work")
+        output = _at_a_terminal(
+            home, ["import", "--legacy", "-p", "work"],
+            [("Access token", "dc-legacy-static-token-0123456789"), ("[y/N]", answer)],
+        )  # fmt: skip
+        assert "live OAuth chain" in output
+        assert ("imported profile work" in output) is (answer == "y"), output
+        row = json.loads(home.cli("status", "--json").stdout)["profiles"][0]
+        assert row["kind"] == kind

@@ -173,6 +173,13 @@ class TestExpiresSoon:
         assert condition.key == "expires_soon:7d"
         assert "refresh token expires in 3.0 days" in condition.message
 
+    def test_under_an_hour_is_shown_in_minutes(self) -> None:
+        """A few seconds or minutes left are shown as minutes, rounded up."""
+        condition = condition_of(oauth(), T0 + 30 * DAY - 90)
+        assert condition is not None and "expires in 2 minutes" in condition.message
+        condition = condition_of(oauth(), T0 + 30 * DAY - 5)
+        assert condition is not None and "expires in 1 minute;" in condition.message
+
     def test_unknown_refresh_lifetime_is_quiet(self) -> None:
         """Without a known refresh-token lifetime there is nothing to warn about."""
         assert condition_of(oauth(refresh_expires_at=None), T0) is None

@@ -143,9 +143,9 @@ class TestValues:
 
     def test_integers_and_fractions_are_numbers(self) -> None:
         """Integers are accepted where numbers are asked, and a day may be fractional."""
-        config = parse_config("min_margin_seconds = 0\nrefresh_lifetime_days = 0.5\n")
+        config = parse_config("min_margin_seconds = 0\nrefresh_lifetime_days = 1.5\n")
         assert config.policy.min_margin_seconds == 0.0
-        assert config.policy.refresh_lifetime_days == 0.5
+        assert config.policy.refresh_lifetime_days == 1.5
 
     def test_bounds_are_inclusive(self) -> None:
         """Each range includes its ends, except refresh_lifetime_days' zero."""
@@ -179,8 +179,9 @@ class TestRejectedValues:
             ("min_margin_seconds = inf", "min_margin_seconds", "(got inf)"),
             ("backoff_first_seconds = 0.05", "backoff_first_seconds", "from 0.1 to 60"),
             ("backoff_cap_seconds = 3601", "backoff_cap_seconds", "from 1 to 3600"),
-            ("refresh_lifetime_days = 0", "refresh_lifetime_days", "greater than 0"),
-            ("refresh_lifetime_days = 366", "refresh_lifetime_days", "at most 365"),
+            ("refresh_lifetime_days = 0", "refresh_lifetime_days", "from 1 to 365"),
+            ("refresh_lifetime_days = 0.5", "refresh_lifetime_days", "from 1 to 365"),
+            ("refresh_lifetime_days = 366", "refresh_lifetime_days", "from 1 to 365"),
             ("alert_timeout_seconds = 0.5", "alert_timeout_seconds", "from 1 to 300"),
             ("notifications = 1", "notifications", "true or false"),
             ('log_format = "text"', "log_format", "one of auto, json, console"),
@@ -254,6 +255,12 @@ class TestUnreadableFiles:
         """Nesting deep enough to exhaust tomllib's recursion is a ConfigError."""
         message = error_of(tmp_path, "x = " + "[" * 5000 + "]" * 5000 + "\n")
         assert "nested too deeply" in message
+
+    def test_huge_integer_is_a_config_error(self, tmp_path: Path) -> None:
+        """An integer past Python's digit limit (a plain ValueError in tomllib) is a ConfigError."""
+        message = error_of(tmp_path, "refresh_fraction = " + "1" * 5000 + "\n")
+        assert "not valid TOML: a number has too many digits" in message
+        assert "set_int_max_str_digits" not in message
 
     def test_not_utf8(self, tmp_path: Path) -> None:
         """A file that is not UTF-8 is a ConfigError naming the file."""

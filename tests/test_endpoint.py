@@ -33,12 +33,15 @@ from hypothesis import strategies as st
 from aac_tokend import __version__
 from aac_tokend.endpoint import (
     MAX_BODY_BYTES,
+    MAX_EXPIRES_IN_SECONDS,
     MAX_RETRY_AFTER_SECONDS,
+    MIN_EXPIRES_IN_SECONDS,
     TERMINAL_OAUTH_ERRORS,
     TokenEndpoint,
     classify_response,
     parse_retry_after,
 )
+from aac_tokend.importer import MAX_ACCESS_LIFETIME_SECONDS, MIN_ACCESS_LIFETIME_SECONDS
 from aac_tokend.jwt_sign import sign_hs256
 from aac_tokend.outcome import Refreshed, RefreshOutcome, Rejected, Transient
 from aac_tokend.policy import UNREACHED_PREFIX, apply_outcome
@@ -876,6 +879,32 @@ def _usable(token: str) -> bool:
     return bool(token) and token.isascii() and token.isprintable() and " " not in token
 
 
+class TestServerExpiresIn:
+    """The server's expires_in is trusted only within import's bounds; the answer is never lost."""
+
+    @pytest.mark.parametrize("raw", [0.001, 0.5, 0, -1, 366 * 86400 + 1, 10**20])
+    def test_out_of_bounds_falls_back_to_the_jwt_exp(self, raw: float) -> None:
+        """expires_in out of 1 s .. 366 days: the lifetime is the JWT's exp minus now."""
+        access = access_jwt(NOW + 3600)
+        body = json.dumps({"access_token": access, "refresh_token": "r-2", "expires_in": raw})
+        assert classify_response(200, {}, body.encode(), NOW) == Refreshed(access, "r-2", 3600.0)
+
+    def test_bounds_match_import(self) -> None:
+        """The endpoint and import refuse the same expires_in values."""
+        assert (MIN_EXPIRES_IN_SECONDS, MAX_EXPIRES_IN_SECONDS) == (
+            MIN_ACCESS_LIFETIME_SECONDS,
+            MAX_ACCESS_LIFETIME_SECONDS,
+        )
+
+    @pytest.mark.parametrize("refresh", ["r 2", "r\t2", "r\n2", "r\x002", "r\u00e92"])
+    def test_garbled_refresh_token_is_no_refresh_token(self, refresh: str) -> None:
+        """A rotated refresh token with spaces or control characters is not taken: the answer
+        counts as one without a refresh token, which keeps the token sent in doubt."""
+        body = json.dumps({"access_token": access_jwt(), "refresh_token": refresh})
+        outcome = classify_response(200, {}, body.encode(), NOW)
+        assert isinstance(outcome, Refreshed) and outcome.refresh_token is None
+
+
 class TestClassifyFuzzed:
     """classify_response always returns an outcome, with clean strings, for any answer."""
 
@@ -892,8 +921,10 @@ class TestClassifyFuzzed:
             assert status == 200
             token = outcome.access_token
             assert token and token.isascii() and token.isprintable() and " " not in token
-            assert 0 < outcome.expires_in <= 366 * 86400
-            assert outcome.refresh_token is None or outcome.refresh_token.strip()
+            assert 1 <= outcome.expires_in <= 366 * 86400
+            refresh = outcome.refresh_token
+            assert refresh is None or (refresh.isascii() and refresh.isprintable())
+            assert refresh is None or (refresh and " " not in refresh)
         else:
             assert isinstance(outcome, Transient)
             assert "\n" not in outcome.reason
@@ -966,12 +997,13 @@ class TestClassifyFuzzed:
 
     @pytest.mark.parametrize(
         ("raw", "expected"),
-        [(3600, 3600.0), ("120", 120.0), (1.5, 1.5), (10**400, 366 * 86400.0),
-         (1e300, 366 * 86400.0), ("\u00b2", 300.0), ("9" * 5000, 366 * 86400.0), (0, 300.0),
-         (-5, 300.0), (True, 300.0), (None, 300.0), ("soon", 300.0)],
+        [(3600, 3600.0), ("120", 120.0), (1.5, 1.5), (1, 1.0), (366 * 86400, 366 * 86400.0),
+         (10**400, 300.0), (1e300, 300.0), ("\u00b2", 300.0), ("9" * 5000, 300.0), (0, 300.0),
+         (0.001, 300.0), (0.999, 300.0), (366 * 86400 + 1, 300.0), (-5, 300.0), (True, 300.0),
+         (None, 300.0), ("soon", 300.0)],
     )  # fmt: skip
     def test_expires_in_examples(self, raw: object, expected: float) -> None:
-        """expires_in is read when sane, capped at 366 days, else the assumed 300 s."""
+        """expires_in is read within 1 s .. 366 days (import's bounds), else the assumed 300 s."""
         body = json.dumps({"access_token": "opaque-token", "expires_in": raw}).encode()
         outcome = classify_response(200, {}, body, NOW)
         assert outcome == replace(Refreshed("opaque-token", None, 0.0), expires_in=expected)

@@ -165,6 +165,59 @@ class TestJson:
         assert run_import(text, refresh_lifetime_days=2).refresh_expires_at == NOW - 60 + 2 * DAY
 
 
+class TestPastedInputQuirks:
+    """What editors and shells add to a paste is understood, or refused in one clear line."""
+
+    def test_json_with_a_byte_order_mark(self) -> None:
+        """JSON saved with a UTF-8 BOM (Notepad, PowerShell '>') is read as JSON."""
+        text = "\ufeff" + json.dumps({"access_token": ACCESS, "refresh_token": REFRESH})
+        assert run_import(text).refresh_token == REFRESH
+
+    def test_two_lines_with_a_byte_order_mark(self) -> None:
+        """A BOM before two pasted lines is not part of the access token."""
+        assert run_import(f"\ufeff{ACCESS}\n{REFRESH}").access_token == ACCESS
+
+    def test_a_replaced_undecodable_byte_is_refused_naming_the_token(self) -> None:
+        """A non-UTF-8 byte (decoded as U+FFFD by the command) is refused in one line."""
+        with pytest.raises(TokenFormatError, match=r"refresh token: .*non-ASCII") as info:
+            run_import(f"{ACCESS}\nr\ufffdfresh")
+        assert_clean(info.value, ACCESS)
+
+    @pytest.mark.parametrize("days", [5e10, 1e300, 0.5, 366])
+    def test_lifetime_out_of_range_names_the_range(self, days: float) -> None:
+        """Any lifetime outside 1..365 days gets the range in its message, however large."""
+        with pytest.raises(InputError, match="must be from 1 to 365"):
+            run_import(f"{ACCESS}\n{REFRESH}", refresh_lifetime_days=days)
+
+
+class TestLifetimeAlreadyOver:
+    """A pair that is dead by its own stated lifetime is refused at import."""
+
+    def test_refused_when_the_lifetime_from_iat_is_over(self) -> None:
+        """Generated 40 days ago with a 30-day lifetime: refused, saying what to do."""
+        access = jwt(iat=NOW - 40 * DAY, exp=NOW - 40 * DAY + 3600)
+        with pytest.raises(
+            InputError, match=r"--refresh-lifetime-days.*has already ended.*generate a new"
+        ) as info:
+            run_import(f"{access}\n{REFRESH}", refresh_lifetime_days=30)
+        assert_clean(info.value, access, REFRESH)
+
+    def test_refused_from_refresh_token_expires_in(self) -> None:
+        """The JSON's refresh_token_expires_in, counted from iat, is over: refused too."""
+        text = json.dumps(
+            {"access_token": jwt(iat=NOW - 2 * DAY, exp=NOW - 2 * DAY + 3600),
+             "refresh_token": REFRESH, "refresh_token_expires_in": DAY}
+        )  # fmt: skip
+        with pytest.raises(InputError, match=r"refresh_token_expires_in.*already ended"):
+            run_import(text)
+
+    def test_still_alive_by_a_minute_is_imported(self) -> None:
+        """A lifetime that ends after the import is accepted as before."""
+        access = jwt(iat=NOW - 30 * DAY + 60, exp=NOW + 3600)
+        state = run_import(f"{access}\n{REFRESH}", refresh_lifetime_days=30)
+        assert state.refresh_expires_at == NOW + 60
+
+
 class TestLifetimeOrigin:
     """A refresh token's known lifetime counts from the pair's generation, not the import."""
 

@@ -20,12 +20,14 @@ import pytest
 from aac_tokend.conditions import AlertEvent
 from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, Refresher
 from aac_tokend.importer import ImportRequest
+from aac_tokend.sandbox import SandboxServer
 from aac_tokend.tokens import parse_jwt
 from tests.scenario_support import (
     DAY,
     HOUR,
     World,
     cli,
+    import_via_cli,
     running_daemon,
     short_dir,
     write_config,
@@ -231,6 +233,39 @@ class TestLegacyCommandLine:
         assert done.returncode == 65
         assert done.stderr.count("\n") == 1 and "--expires" in done.stderr
         assert not (home / "state" / "old.state").exists()
+
+
+class TestLegacyOverALiveChain:
+    """A --legacy import never deletes a live chain's refresh token without --yes."""
+
+    @staticmethod
+    def import_chain(home: Path, sandbox: SandboxServer) -> None:
+        done = import_via_cli(home, sandbox.generate(), "-p", "work",
+                              "--token-endpoint", sandbox.token_endpoint)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    def test_refused_offline_and_the_chain_is_kept(self, home: Path) -> None:
+        """Without a daemon or a terminal: exit 65, one line naming --yes, the chain stays."""
+        with SandboxServer() as sandbox:
+            self.import_chain(home, sandbox)
+            done = cli(home, "import", "--legacy", "-p", "work", stdin=opaque_token())
+            assert done.returncode == 65 and done.stderr.count("\n") == 1, done.stderr
+            assert "live OAuth chain" in done.stderr and "--yes" in done.stderr
+            assert status_row(home, "work")["kind"] == "oauth"
+
+    def test_refused_by_the_daemon_and_replaced_with_yes(self, home: Path) -> None:
+        """Through the daemon: refused (exit 65) without --yes; with --yes it is replaced."""
+        with SandboxServer() as sandbox:
+            self.import_chain(home, sandbox)
+            with running_daemon(home):
+                token = opaque_token()
+                done = cli(home, "import", "--legacy", "-p", "work", stdin=token)
+                assert done.returncode == 65 and "--yes" in done.stderr, done.stderr
+                assert status_row(home, "work")["kind"] == "oauth"
+                done = cli(home, "import", "--legacy", "--yes", "-p", "work", stdin=token)
+                assert done.returncode == 0, done.stderr
+                assert status_row(home, "work")["kind"] == "legacy"
+                assert cli(home, "token", "-p", "work").stdout == token + "\n"
 
 
 def test_the_counting_refresher_sees_oauth_refreshes(

@@ -22,7 +22,12 @@ from aac_tokend.config import Config
 from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, carry
 from aac_tokend.endpoint import TokenEndpoint
 from aac_tokend.engine import Engine
-from aac_tokend.errors import StateCorruptError, TokenHeldError, TokenSpentError
+from aac_tokend.errors import (
+    ChainInUseError,
+    StateCorruptError,
+    TokenHeldError,
+    TokenSpentError,
+)
 from aac_tokend.importer import ImportRequest, parse_import_text
 from aac_tokend.outcome import Refreshed, Transient
 from aac_tokend.ownership import SPENT_HISTORY, SPENT_IMPORTED_HISTORY, claim, remember_spent
@@ -53,6 +58,22 @@ def rotate(state: ProfileState, new_refresh: str, now: float = T0) -> ProfileSta
 def pair(refresh: str, profile: str = "work") -> ProfileState:
     """What build_state makes of an import of ``refresh`` into ``profile``."""
     return oauth_state(profile=profile, refresh_token=refresh, access_token="acc-" + refresh)
+
+
+class TestLegacyOverChain:
+    """A static token replaces a live OAuth chain only when the caller says so."""
+
+    def test_refused_without_replace_chain(self) -> None:
+        """claim raises ChainInUseError and nothing is returned to save."""
+        legacy = replace(pair("x"), kind=TokenKind.LEGACY, refresh_token=None)
+        with pytest.raises(ChainInUseError, match="--yes"):
+            claim(legacy, [pair(OLD)], [])
+
+    def test_allowed_with_replace_chain_or_over_a_dead_chain(self) -> None:
+        """With replace_chain, or when the chain holds no refresh token, the import proceeds."""
+        legacy = replace(pair("x"), kind=TokenKind.LEGACY, refresh_token=None)
+        assert claim(legacy, [pair(OLD)], [], replace_chain=True) is not None
+        assert claim(legacy, [replace(legacy, generation=3)], []) is not None
 
 
 class TestHeld:

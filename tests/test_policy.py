@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from aac_tokend.jwt_sign import sign_hs256
 from aac_tokend.outcome import Refreshed, Rejected, Transient
 from aac_tokend.policy import (
+    MIN_REFRESH_INTERVAL_SECONDS,
     REFRESH_SLACK_SECONDS,
     SERVE_MARGIN_SECONDS,
     PolicySettings,
@@ -158,6 +159,26 @@ class TestProactiveRefresh:
         """Different profiles with the same token lifetime do not all refresh at one instant."""
         times = {next_refresh_at(oauth(profile=f"p{i}"), T0, DEFAULTS) for i in range(20)}
         assert len(times) > 10
+
+
+class TestMinimumInterval:
+    """A healthy chain never refreshes sooner than MIN_REFRESH_INTERVAL_SECONDS after the last."""
+
+    def test_token_dead_on_arrival_waits_the_interval(self) -> None:
+        """A refresh that brought a token already expired does not make the next one due now."""
+        state = oauth(access_obtained_at=T0, access_expires_at=T0 + 0.001, last_refresh_at=T0)
+        assert next_refresh_at(state, T0, DEFAULTS) == T0 + MIN_REFRESH_INTERVAL_SECONDS
+
+    @given(healthy_states(), policy_settings, st.floats(min_value=0.0, max_value=DAY))
+    @settings(max_examples=300)
+    def test_never_sooner_than_the_interval(
+        self, state: ProfileState, policy: PolicySettings, since: float
+    ) -> None:
+        """For any healthy state, the next refresh is at least the interval after the last."""
+        state = replace(state, last_refresh_at=state.access_obtained_at)
+        now = state.access_obtained_at + since
+        at = next_refresh_at(state, now, policy)
+        assert at is not None and at >= state.access_obtained_at + MIN_REFRESH_INTERVAL_SECONDS
 
 
 def ceiling(failures: int, policy: PolicySettings) -> float:

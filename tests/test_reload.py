@@ -180,6 +180,20 @@ class TestReload:
         wait_for_event(served, "config_reloaded")
         assert_lead_within(home, 0.9)
 
+    def test_sighup_with_an_unparsable_number_keeps_the_daemon_running(
+        self, home: Path, sandbox: SandboxServer, served: DaemonProcess
+    ) -> None:
+        """SIGHUP + a 5000-digit integer (tomllib's plain ValueError): logged, daemon serves on."""
+        write_config(home, "refresh_fraction = " + "1" * 5000 + "\n")
+        os.kill(served.pid, signal.SIGHUP)
+        failed = wait_for_event(served, "reload_failed")
+        assert "not valid TOML" in failed["error"]
+        assert_still_serving(home, sandbox, served)
+        done = cli(home, "reload")
+        assert done.returncode == 78 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert_still_serving(home, sandbox, served)
+        assert_lead_within(home, 0.5)
+
     def test_reload_command_with_a_bad_file_fails_and_keeps_running(
         self, home: Path, sandbox: SandboxServer, served: DaemonProcess
     ) -> None:

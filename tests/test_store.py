@@ -329,6 +329,61 @@ class TestKey:
         assert list(config.iterdir()) == []
 
 
+class TestKeyNotARegularFile:
+    """Something other than a regular file at state.key is one StorageError, never a hang."""
+
+    def test_fifo_refused_at_once(self, tmp_path: Path) -> None:
+        """A FIFO at state.key is refused at once instead of blocking the reader forever."""
+        config = tmp_path / "config"
+        config.mkdir(mode=0o700)
+        os.mkfifo(config / "state.key", 0o600)
+        raised: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                load_or_create_key(config)
+            except BaseException as exc:
+                raised.append(exc)
+
+        reader = threading.Thread(target=load, daemon=True)
+        reader.start()
+        reader.join(5.0)
+        if reader.is_alive():  # unblock the stuck open so the thread can end
+            os.close(os.open(config / "state.key", os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail("load_or_create_key blocked on a FIFO")
+        assert len(raised) == 1 and isinstance(raised[0], StorageError)
+        assert "not a regular file" in str(raised[0])
+
+    def test_directory_refused(self, tmp_path: Path) -> None:
+        """A directory at state.key is a one-line StorageError naming it, not a traceback."""
+        config = tmp_path / "config"
+        (config / "state.key").mkdir(parents=True)
+        with pytest.raises(StorageError, match="not a regular file") as info:
+            load_or_create_key(config)
+        assert str(config / "state.key") in str(info.value) and "\n" not in str(info.value)
+
+
+class TestMissingKeyBesideStates:
+    """A missing key is never replaced while state files exist that only it can read."""
+
+    def test_refused_with_restore_hint(self, tmp_path: Path, key: bytes) -> None:
+        """Key gone, one state file left: StateCorruptError saying to restore it; no new key."""
+        state_dir = tmp_path / "state"
+        FileStore(state_dir, key).save(make_state())
+        config = tmp_path / "config"
+        with pytest.raises(StateCorruptError, match=r"missing.*restore state\.key") as info:
+            load_or_create_key(config, state_dir=state_dir)
+        assert "1 state file" in str(info.value)
+        assert not (config / "state.key").exists()
+
+    def test_created_when_no_states(self, tmp_path: Path) -> None:
+        """An empty or absent state directory does not stop the first key being created."""
+        state_dir = tmp_path / "state"
+        state_dir.mkdir()
+        (state_dir / "daemon.lock").touch()
+        assert len(load_or_create_key(tmp_path / "config", state_dir=state_dir)) == 32
+
+
 class TestEncryption:
     """The file holds no token in any readable form and detects any tampering."""
 

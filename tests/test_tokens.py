@@ -260,6 +260,21 @@ class TestCheckEndpoint:
         with pytest.raises(EndpointNotAllowedError):
             check_endpoint(url, explicit=True)
 
+    @pytest.mark.parametrize(
+        "url", ["https://idp.example.com:0/t", "https://idp.example.com:/t",
+                "http://127.0.0.1:0/t", "http://[::1]:/t", "http://localhost:00/t"]
+    )  # fmt: skip
+    def test_port_zero_or_empty_refused(self, url: str) -> None:
+        """Port 0 or a bare ':' is refused in one line naming the port's range."""
+        with pytest.raises(EndpointNotAllowedError, match="port must be from 1 to 65535"):
+            check_endpoint(url, explicit=True)
+
+    @pytest.mark.parametrize("url", ["http://127.1/t", "https://0x7f.1/t", "http://2130706433/t"])
+    def test_shorthand_ip_refused_with_the_full_form(self, url: str) -> None:
+        """127.1 and friends are refused saying to write the address in full, not "plain http"."""
+        with pytest.raises(EndpointNotAllowedError, match="shorthand IP address; write it in full"):
+            check_endpoint(url, explicit=True)
+
     def test_fragment_dropped(self) -> None:
         """A fragment never goes on the wire, so the normalised URL drops it."""
         url = "https://idp.example.com/token?x=1#frag"
