@@ -34,8 +34,8 @@ from .rundir import PROFILE_ENV
 __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profile", "dispatch"]
 
 _EXIT_BY_CODE = {
-    "no_token": 69, "unknown_profile": 65, "bad_request": 65, "config_error": 78,
-    "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
+    "no_token": 69, "no_token_yet": 75, "unknown_profile": 65, "bad_request": 65,
+    "config_error": 78, "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
     "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69,
 }  # fmt: skip
 
@@ -189,7 +189,7 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _offline_status(paths: Paths) -> list[dict[str, Any]]:
-    from .report import profile_report
+    from .report import profile_report, report_row
 
     store = _offline_store(paths)
     rows = []
@@ -203,7 +203,7 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
                 state = "corrupt"
             elif isinstance(exc, ProfileError):
                 state = "misnamed"
-            rows.append({"profile": name, "state": state, "alert": str(exc)})
+            rows.append(report_row(profile=name, state=state, alert=str(exc)))
             continue
         if state is not None:
             rows.append(profile_report(state, time.time(), next_refresh=None, token_socket=None))
@@ -230,12 +230,19 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
+    from .report import verdict
+
     row = _need_daemon(paths, "refresh", profile=args.profile)["profile"]
     if args.json:
         print(json.dumps(row, indent=2))
-    else:
+    elif row["token_valid"]:
         print(f"{row['profile']}: {row['state']}, token valid until {row['access_expires_at']}")
-    return 0 if row["state"] in ("ok",) else 69
+    else:
+        print(f"{row['profile']}: {row['state']}, no valid token (the access token expired at "
+              f"{row['access_expires_at']}): {row['alert'] or row['last_error']}")  # fmt: skip
+    if row["state"] == "ok":
+        return 0
+    return 75 if verdict(row) == "wait" else 69  # the rule of `status --check` and `token`
 
 
 def _confirm_remove(name: str, yes: bool) -> None:
