@@ -212,16 +212,33 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
 
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     answer = _ask(paths, "status")
-    rows = answer["profiles"] if answer else _offline_status(paths)
+    key_error = None
+    try:
+        rows = answer["profiles"] if answer else _offline_status(paths)
+    except AacTokendError as exc:
+        # The state key cannot be loaded (a locked keyring, say): every profile is unknown,
+        # and a script still gets its JSON and a check line saying what to do.
+        if not (args.check or args.json):
+            raise
+        rows, key_error = [], exc
     status = 0
     if args.check:
-        from .report import check_rows
+        from .report import CHECK_EXIT, check_rows
 
         status, problems = check_rows(rows, daemon_running=answer is not None)
+        if key_error is not None:
+            status, problems = (
+                CHECK_EXIT["needs_person"],
+                [f"cannot read the stored profiles: {key_error}"],
+            )
         for line in problems:
             print(f"aac-tokend: check: {line}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"daemon_running": answer is not None, "profiles": rows}, indent=2))
+        report: dict[str, Any] = {"daemon_running": answer is not None, "profiles": rows}
+        if key_error is not None:
+            report["error"] = str(key_error)
+            status = status or key_error.exit_code
+        print(json.dumps(report, indent=2))
         return status
     from .report import status_text
 
