@@ -48,13 +48,28 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
+#: Ops the daemon answers from memory at once (~20 ms for a thousand profiles): past this
+#: it is hung or swamped, and a monitor's `status --check` must not hang with it. The
+#: others may wait for a refresh (a courier's own bound is 50 s) or a profile's lock.
+READ_ONLY_OPS = frozenset({"status", "profiles", "token"})
+READ_TIMEOUT_SECONDS = 5.0
+WAIT_TIMEOUT_SECONDS = 120.0
+
+
 def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
     """The daemon's answer to one request, or None when no daemon is running."""
+    timeout = READ_TIMEOUT_SECONDS if op in READ_ONLY_OPS else WAIT_TIMEOUT_SECONDS
     try:
-        with ControlClient(str(paths.control_socket), timeout=120.0) as client:
+        with ControlClient(str(paths.control_socket), timeout=timeout) as client:
             answer = client.request(op, **fields)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
+    except TimeoutError as exc:
+        raise CommandError(
+            f"the daemon at {paths.control_socket} did not answer {op!r} within {timeout:.0f} s "
+            "(overloaded or hung); try again, and if it persists restart the daemon",
+            75,
+        ) from exc
     except OSError as exc:
         raise CommandError(f"cannot talk to the daemon at {paths.control_socket}: {exc}") from exc
     if not answer.get("ok"):
