@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from aac_tokend.cli import fast_token_args
 from aac_tokend.client import format_token
 from aac_tokend.commands import build_parser, default_profile
-from aac_tokend.report import REPORT_FIELDS, check_rows, report_row, verdict
+from aac_tokend.report import CHECK_EXIT, REPORT_FIELDS, check_rows, report_row, verdict
 from tests.helpers_e2e import (
     CONSOLE_SCRIPT,
     WORKSPACE_PATH,
@@ -321,6 +321,19 @@ class TestReportRow:
     def test_verdict_is_the_check_rule(self, row: dict[str, Any], expected: str) -> None:
         """The one rule behind `status --check` and `token`'s exit status."""
         assert verdict(row) == expected
+
+    @given(
+        state=st.sampled_from(["ok", "retrying", "rejected", "expired", "corrupt", "unreadable",
+                               "misnamed"]),
+        token_valid=st.sampled_from([True, False, None]),
+        alert=st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=20)),
+    )  # fmt: skip
+    def test_check_of_one_row_is_its_verdict(
+        self, state: str, token_valid: bool | None, alert: str | None
+    ) -> None:
+        """For any one row, `status --check` exits with that row's verdict: no second rule."""
+        row = report_row(profile="p", state=state, token_valid=token_valid, alert=alert)
+        assert check_rows([row], daemon_running=True)[0] == CHECK_EXIT[verdict(row)]
 
 
 class TestTokenExitFollowsCheck:
