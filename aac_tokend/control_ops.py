@@ -85,7 +85,11 @@ class ControlOps:
         token = self._engine.current_token(name)
         if token is None:
             row = self._report(name)
-            reason = row["alert"] or "the access token has expired and no new one is here yet"
+            reason = (
+                row["alert"]
+                or row["last_error"]
+                or "the access token has expired and no new one is here yet"
+            )
             # The same rule as `status --check`: only what needs a person is no_token (69).
             code = "no_token" if verdict(row) == "needs_person" else "no_token_yet"
             return _fail(code, f"profile {name}: no valid token ({row['state']}): {reason}")
