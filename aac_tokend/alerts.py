@@ -68,8 +68,10 @@ class LogSink:
     """Alerts as ``alert`` error events in the daemon's log."""
 
     def send(self, profile: str, event: AlertEvent, message: str) -> None:
-        # structlog reserves ``event`` for the event name, hence ``alert_event``
-        log.error("alert", profile=profile, alert_event=str(event), message=message)
+        # structlog reserves ``event`` for the event name, hence ``alert_event``. A recovery
+        # needs nobody: info, so a journal filter on errors (priority 3) shows only alerts.
+        say = log.info if event is AlertEvent.RECOVERED else log.error
+        say("alert", profile=profile, alert_event=str(event), message=message)
 
 
 def _inherited(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, str]:

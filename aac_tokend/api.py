@@ -22,7 +22,7 @@ from urllib.parse import urljoin
 import requests
 
 from .client import ControlClient, read_token
-from .errors import AlertError, DaemonNotRunningError, InputError
+from .errors import AlertError, DaemonNotRunningError, EndpointUnavailableError, InputError
 from .paths import resolve_paths
 from .rundir import PROFILE_ENV
 from .tokens import check_endpoint, direct_proxies, url_origin
@@ -142,6 +142,32 @@ class TokendAuth(requests.auth.AuthBase):
             carrier.headers.pop("Authorization", None)
 
 
+def _network_words(exc: requests.exceptions.RequestException) -> str:
+    """One line for a failed API call, from the kind of failure alone.
+
+    Never ``str(exc)``: requests puts the URLs it tried in it, a proxy URL with its password
+    among them (``Failed to parse: http://user:password@...``).
+    """
+    from .endpoint import name_network_failure
+
+    named = name_network_failure(exc)
+    if named is not None:
+        return named
+    errors = requests.exceptions
+    if isinstance(exc, errors.InvalidProxyURL):
+        return "the proxy URL (http_proxy/https_proxy) cannot be parsed; check its host and port"
+    if isinstance(exc, errors.InvalidURL | errors.MissingSchema | errors.InvalidSchema):
+        return (
+            "a URL cannot be parsed: check --base-url, the profile's API base URL and any "
+            "proxy in http_proxy/https_proxy"
+        )
+    if isinstance(exc, errors.Timeout):
+        return "the API did not answer in time; try again later"
+    if isinstance(exc, errors.ConnectionError):
+        return "could not connect to the API; check the network (and any proxy), then try again"
+    return f"the request failed ({type(exc).__name__}); try again later"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", help="HTTP method, e.g. GET")
     parser.add_argument("path", help="API path, e.g. /iam/v1/workspaces/current")
@@ -169,10 +195,15 @@ def run_cli(args: argparse.Namespace) -> int:
         base = rows[0]["api_base_url"]
     base = check_endpoint(base, explicit=True).rstrip("/")
     path = args.path if args.path.startswith("/") else "/" + args.path
-    response = requests.request(
-        args.method.upper(), base + path, json=body, auth=TokendAuth(args.profile),
-        timeout=API_TIMEOUT_SECONDS, proxies=direct_proxies(base),
-    )  # fmt: skip
+    try:
+        response = requests.request(
+            args.method.upper(), base + path, json=body, auth=TokendAuth(args.profile),
+            timeout=API_TIMEOUT_SECONDS, proxies=direct_proxies(base),
+        )  # fmt: skip
+    except requests.exceptions.RequestException as exc:
+        raise EndpointUnavailableError(
+            f"api: {args.method.upper()[:10]} {path[:80]}: {_network_words(exc)}"
+        ) from None  # no chain: the error's own text may hold a proxy URL with its password
     try:
         print(json.dumps(response.json(), indent=2))
     except ValueError:

@@ -35,8 +35,8 @@ from .rundir import PROFILE_ENV
 __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profile", "dispatch"]
 
 _EXIT_BY_CODE = {
-    "no_token": 69, "unknown_profile": 65, "bad_request": 65, "config_error": 78,
-    "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
+    "no_token": 69, "no_token_yet": 75, "unknown_profile": 65, "bad_request": 65,
+    "config_error": 78, "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
     "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69, "chain_in_use": 65,
 }  # fmt: skip
 
@@ -50,13 +50,28 @@ class CommandError(Exception):
         self.code = code  # the daemon's wire code, when the daemon refused
 
 
+#: Ops the daemon answers from memory at once (~20 ms for a thousand profiles): past this
+#: it is hung or swamped, and a monitor's `status --check` must not hang with it. The
+#: others may wait for a refresh (a courier's own bound is 50 s) or a profile's lock.
+READ_ONLY_OPS = frozenset({"status", "profiles", "token"})
+READ_TIMEOUT_SECONDS = 5.0
+WAIT_TIMEOUT_SECONDS = 120.0
+
+
 def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
     """The daemon's answer to one request, or None when no daemon is running."""
+    timeout = READ_TIMEOUT_SECONDS if op in READ_ONLY_OPS else WAIT_TIMEOUT_SECONDS
     try:
-        with ControlClient(str(paths.control_socket), timeout=120.0) as client:
+        with ControlClient(str(paths.control_socket), timeout=timeout) as client:
             answer = client.request(op, **fields)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
+    except TimeoutError as exc:
+        raise CommandError(
+            f"the daemon at {paths.control_socket} did not answer {op!r} within {timeout:.0f} s "
+            "(overloaded or hung); try again, and if it persists restart the daemon",
+            75,
+        ) from exc
     except OSError as exc:
         raise CommandError(f"cannot talk to the daemon at {paths.control_socket}: {exc}") from exc
     if not answer.get("ok"):
@@ -233,7 +248,7 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
 
 def _offline_status(paths: Paths) -> list[dict[str, Any]]:
     from .config import load_config
-    from .report import profile_report
+    from .report import profile_report, report_row
 
     store = _offline_store(paths)
     try:
@@ -251,7 +266,7 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
                 state = "corrupt"
             elif isinstance(exc, ProfileError):
                 state = "misnamed"
-            rows.append({"profile": name, "state": state, "alert": str(exc)})
+            rows.append(report_row(profile=name, state=state, alert=str(exc)))
             continue
         if state is not None:
             days = config.policy_for(name).refresh_lifetime_days if config else None
@@ -265,16 +280,33 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
 
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     answer = _ask(paths, "status")
-    rows = answer["profiles"] if answer else _offline_status(paths)
+    key_error = None
+    try:
+        rows = answer["profiles"] if answer else _offline_status(paths)
+    except AacTokendError as exc:
+        # The state key cannot be loaded (a locked keyring, say): every profile is unknown,
+        # and a script still gets its JSON and a check line saying what to do.
+        if not (args.check or args.json):
+            raise
+        rows, key_error = [], exc
     status = 0
     if args.check:
-        from .report import check_rows
+        from .report import CHECK_EXIT, check_rows
 
         status, problems = check_rows(rows, daemon_running=answer is not None)
+        if key_error is not None:
+            status, problems = (
+                CHECK_EXIT["needs_person"],
+                [f"cannot read the stored profiles: {key_error}"],
+            )
         for line in problems:
             print(f"aac-tokend: check: {line}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"daemon_running": answer is not None, "profiles": rows}, indent=2))
+        report: dict[str, Any] = {"daemon_running": answer is not None, "profiles": rows}
+        if key_error is not None:
+            report["error"] = str(key_error)
+            status = status or key_error.exit_code
+        print(json.dumps(report, indent=2))
         return status
     from .report import status_text
 
@@ -283,12 +315,19 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
+    from .report import verdict
+
     row = _need_daemon(paths, "refresh", profile=args.profile)["profile"]
     if args.json:
         print(json.dumps(row, indent=2))
-    else:
+    elif row["token_valid"]:
         print(f"{row['profile']}: {row['state']}, token valid until {row['access_expires_at']}")
-    return 0 if row["state"] in ("ok",) else 69
+    else:
+        print(f"{row['profile']}: {row['state']}, no valid token (the access token expired at "
+              f"{row['access_expires_at']}): {row['alert'] or row['last_error']}")  # fmt: skip
+    if row["state"] == "ok":
+        return 0
+    return 75 if verdict(row) == "wait" else 69  # the rule of `status --check` and `token`
 
 
 def _confirm_remove(name: str, yes: bool) -> None:

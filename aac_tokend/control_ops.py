@@ -21,6 +21,7 @@ from .errors import (
     StorageError,
 )
 from .importer import ImportRequest
+from .report import verdict
 
 __all__ = ["ControlOps", "code_for"]
 
@@ -88,8 +89,14 @@ class ControlOps:
         token = self._engine.current_token(name)
         if token is None:
             row = self._report(name)
-            reason = row["alert"] or "the access token has expired and no new one is here yet"
-            return _fail("no_token", f"profile {name}: no valid token ({row['state']}): {reason}")
+            reason = (
+                row["alert"]
+                or row["last_error"]
+                or "the access token has expired and no new one is here yet"
+            )
+            # The same rule as `status --check`: only what needs a person is no_token (69).
+            code = "no_token" if verdict(row) == "needs_person" else "no_token_yet"
+            return _fail(code, f"profile {name}: no valid token ({row['state']}): {reason}")
         return {"ok": True, "profile": name, "token": token.decode()}
 
     def op_status(self, request: dict[str, object]) -> dict[str, object]:
@@ -100,7 +107,7 @@ class ControlOps:
         }
 
     def op_profiles(self, request: dict[str, object]) -> dict[str, object]:
-        return {"ok": True, "profiles": self._engine.profiles()}
+        return {"ok": True, "profiles": self._engine.listed()}
 
     def op_refresh(self, request: dict[str, object]) -> dict[str, object]:
         name = self._profile(request)

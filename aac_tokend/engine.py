@@ -30,7 +30,7 @@ from .ownership import claim, stored_states
 from .paths import check_token_socket
 from .pending import PendingStore, follows
 from .policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
-from .report import profile_report
+from .report import profile_report, report_row
 from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
 from .state import ProfileState, TokenKind, validate_profile_name
 from .store import SUFFIX, FileStore
@@ -199,6 +199,10 @@ class Engine:
 
     def profiles(self) -> list[str]:
         return sorted(self._profiles)
+
+    def listed(self) -> list[str]:
+        """Every profile ``status`` reports: served, waiting for a courier, or unusable."""
+        return sorted(set(self._profiles) | set(self._waiting) | set(self._unusable))
 
     def _adopt(self, name: str) -> None:
         while True:
@@ -660,9 +664,22 @@ class Engine:
             if problem is not None:
                 row["token_socket"], row["alert"] = None, problem
             rows.append(row)
+        for name in sorted(set(self._waiting) - set(self._profiles)):
+            if only is None or name == only:
+                # Not served until the courier of the earlier daemon ends (within its bound):
+                # no token now, and the daemon will serve it on its own.
+                rows.append(
+                    report_row(
+                        profile=name,
+                        state="retrying",
+                        last_error="a refresh begun before the daemon restarted is still "
+                        "finishing; the profile is served once it ends",
+                        token_socket=str(self._socket_path(name)),
+                    )
+                )
         for name, (state, error) in sorted(dict(self._unusable).items()):
             if only is None or name == only:
-                rows.append({"profile": name, "state": state, "alert": error})
+                rows.append(report_row(profile=name, state=state, alert=error))
         return rows
 
 

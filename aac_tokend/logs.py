@@ -32,6 +32,7 @@ import structlog
 from .tokens import JWT_SHAPE, token_hash
 
 __all__ = [
+    "StdlibToStructlog",
     "configure_logging",
     "forget_secret",
     "is_journal_stream",
@@ -280,6 +281,33 @@ class BoundedLogFile:
         return self._stream.fileno()
 
 
+class StdlibToStructlog(logging.Handler):
+    """Records of libraries' stdlib loggers (APScheduler's missed runs, say) as structlog
+    events: rendered, redacted and prefixed with their priority like the daemon's own.
+
+    Without it Python's last-resort handler writes them bare, and the journal files a
+    warning as an error (the unit's ``SyslogLevel=err`` for lines without a priority).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            method = level if level in ("debug", "info", "warning", "error", "critical") else "info"
+            logger = structlog.get_logger(record.name)
+            getattr(logger, method)(record.getMessage(), logger_name=record.name,
+                                    exc_info=record.exc_info or False)  # fmt: skip
+        except Exception:
+            self.handleError(record)
+
+
+def _route_stdlib_logging() -> None:
+    """Send stdlib logging (warnings and worse) through structlog; once, however often called."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StdlibToStructlog)]:
+        root.removeHandler(handler)
+    root.addHandler(StdlibToStructlog(logging.WARNING))
+
+
 def configure_logging(
     fmt: str = "auto",
     level: str = "info",
@@ -322,3 +350,4 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging()

@@ -9,7 +9,24 @@ from .conditions import condition_of
 from .policy import access_valid, refresh_token_end, status_of
 from .state import ProfileState, TokenKind
 
-__all__ = ["CHECK_EXIT", "check_rows", "iso", "profile_report", "status_text"]
+__all__ = [
+    "CHECK_EXIT",
+    "REPORT_FIELDS",
+    "check_rows",
+    "iso",
+    "profile_report",
+    "report_row",
+    "status_text",
+    "verdict",
+]
+
+#: Every field of a status row, in order; every row has each of them (README, `status`).
+REPORT_FIELDS = (
+    "profile", "kind", "state", "token_valid", "access_expires_at", "next_refresh_at",
+    "last_refresh_at", "refresh_expires_at", "refresh_count", "consecutive_failures",
+    "last_error", "rejection", "alert", "token_socket", "token_endpoint", "client_id",
+    "api_base_url",
+)  # fmt: skip
 
 
 #: ``status --check`` exit statuses, worst first: what the script's caller does next.
@@ -21,7 +38,20 @@ CHECK_EXIT = {
 }
 
 #: Profile states that no retry can fix: a person must import a new token (or fix a file).
-_NEEDS_PERSON_STATES = frozenset({"rejected", "expired", "corrupt"})
+_NEEDS_PERSON_STATES = frozenset({"rejected", "expired", "corrupt", "unreadable", "misnamed"})
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """What one status row asks of its reader: a key of CHECK_EXIT other than no_daemon.
+
+    The single rule behind both ``status --check`` and the exit status of ``token``, so the
+    two never disagree about the same profile at the same moment.
+    """
+    if row.get("state") in _NEEDS_PERSON_STATES or row.get("alert"):
+        return "needs_person"
+    if not row.get("token_valid"):
+        return "wait"
+    return "ok"
 
 
 def check_rows(rows: list[dict[str, Any]], *, daemon_running: bool) -> tuple[int, list[str]]:
@@ -34,10 +64,10 @@ def check_rows(rows: list[dict[str, Any]], *, daemon_running: bool) -> tuple[int
         return CHECK_EXIT["needs_person"], ["no profiles; import one with `aac-tokend import`"]
     person, wait = [], []
     for row in rows:
-        name, state = row.get("profile"), row.get("state")
-        if state in _NEEDS_PERSON_STATES or row.get("alert"):
+        name, state, seen = row.get("profile"), row.get("state"), verdict(row)
+        if seen == "needs_person":
             person.append(f"{name}: {state}: {row.get('alert') or 'needs a new token'}")
-        elif not row.get("token_valid"):
+        elif seen == "wait":
             wait.append(f"{name}: {state}: no valid token yet; the daemon is retrying")
     if person:
         return CHECK_EXIT["needs_person"], person
@@ -90,25 +120,41 @@ def profile_report(
             "error_description": state.rejection.error_description,
             "at": iso(state.rejection.at),
         }
-    return {
-        "profile": state.profile,
-        "kind": state.kind.value,
-        "state": status_of(state, now).value,
-        "token_valid": access_valid(state, now),
-        "access_expires_at": iso(state.access_expires_at),
-        "next_refresh_at": iso(next_refresh),
-        "last_refresh_at": iso(state.last_refresh_at),
-        "refresh_expires_at": iso(end.at if end is not None else state.refresh_expires_at),
-        "refresh_count": state.refresh_count,
-        "consecutive_failures": state.consecutive_failures,
-        "last_error": state.last_error,
-        "rejection": rejection,
-        "alert": alert,
-        "token_socket": token_socket,
-        "token_endpoint": state.token_endpoint,
-        "client_id": state.client_id,
-        "api_base_url": state.api_base_url,
-    }
+    return report_row(
+        profile=state.profile,
+        kind=state.kind.value,
+        state=status_of(state, now).value,
+        token_valid=access_valid(state, now),
+        access_expires_at=iso(state.access_expires_at),
+        next_refresh_at=iso(next_refresh),
+        last_refresh_at=iso(state.last_refresh_at),
+        refresh_expires_at=iso(end.at if end is not None else state.refresh_expires_at),
+        refresh_count=state.refresh_count,
+        consecutive_failures=state.consecutive_failures,
+        last_error=state.last_error,
+        rejection=rejection,
+        alert=alert,
+        token_socket=token_socket,
+        token_endpoint=state.token_endpoint,
+        client_id=state.client_id,
+        api_base_url=state.api_base_url,
+    )
+
+
+def report_row(**facts: Any) -> dict[str, Any]:
+    """A status row with every field of REPORT_FIELDS: the facts given, None for the rest.
+
+    One builder for every row (a served profile, one waiting for a courier, a file the
+    daemon cannot use), so a script reading ``status --json`` finds the same keys in each.
+    A row without a token says so: ``token_valid`` is False unless given.
+    """
+    unknown = set(facts) - set(REPORT_FIELDS)
+    if unknown:
+        raise ValueError(f"not status fields: {sorted(unknown)}")
+    row: dict[str, Any] = dict.fromkeys(REPORT_FIELDS)
+    row["token_valid"] = False
+    row.update(facts)
+    return row
 
 
 _TEXT_FIELDS = ("access_expires_at", "next_refresh_at", "last_refresh_at",
@@ -121,7 +167,7 @@ def status_text(rows: list[dict[str, Any]], *, daemon_running: bool) -> str:
     if not daemon_running:
         lines.append("daemon: not running (showing stored state; nothing is being refreshed)")
     for row in rows:
-        kind = f" ({row['kind']})" if "kind" in row else ""
+        kind = f" ({row['kind']})" if row.get("kind") else ""
         lines.append(f"{row['profile']}: {row['state']}{kind}")
         lines.extend(
             f"  {key}: {row[key]}" for key in _TEXT_FIELDS if row.get(key) not in (None, "")

@@ -254,6 +254,12 @@ class TestLogSink:
             }
         ]
 
+    def test_recovery_is_an_info_event(self) -> None:
+        """A recovery needs no one: it is logged at info, so error filters show only alerts."""
+        with capture_logs() as logs:
+            LogSink().send("work", AlertEvent.RECOVERED, "profile work recovered")
+        assert [(e["log_level"], e["alert_event"]) for e in logs] == [("info", "recovered")]
+
 
 class TestCommandSink:
     def test_hook_runs_once_per_change_reminder_and_recovery(self, tmp_path: Path) -> None:

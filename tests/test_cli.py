@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import socket
 import subprocess
 import threading
 import time
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from aac_tokend.commands import ask_refresh_lifetime
+from aac_tokend.commands import READ_TIMEOUT_SECONDS, ask_refresh_lifetime
 from aac_tokend.errors import InputError
 from tests.helpers_e2e import (
     CliResult,
@@ -204,6 +205,24 @@ def _import_at_a_terminal(home: E2EHome, endpoint: str, pair: dict[str, object],
     os.close(fd)
     os.waitpid(pid, 0)
     return seen.decode(errors="replace")
+
+
+class TestHungDaemon:
+    """A control socket that takes connections but never answers (a hung daemon)."""
+
+    @pytest.mark.parametrize("args", [("status", "--check"), ("profiles",), ("token",)])
+    def test_read_only_commands_give_up_soon(self, home: E2EHome, args: tuple[str, ...]) -> None:
+        """`status --check`, `profiles` and `token` exit 75 within seconds, with one line."""
+        path = home.paths.control_socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+            hung.bind(str(path))
+            hung.listen(8)  # connections queue in the backlog; nobody accepts or answers
+            started = time.monotonic()
+            result = home.cli(*args, timeout=60.0)
+            took = time.monotonic() - started
+        line = assert_one_line_error(result, 75)
+        assert "did not answer" in line and took < READ_TIMEOUT_SECONDS + 10, (took, line)
 
 
 class TestImportAsksForTheLifetime:

@@ -36,6 +36,7 @@ from aac_tokend.courier import (
 from aac_tokend.endpoint import TOTAL_DEADLINE_SECONDS, TokenEndpoint
 from aac_tokend.engine import Engine
 from aac_tokend.importer import build_state, parse_import_text
+from aac_tokend.report import CHECK_EXIT, check_rows
 from aac_tokend.sandbox import SandboxServer
 from aac_tokend.scheduling import SystemClock
 from aac_tokend.state import ProfileState, RejectionReason
@@ -162,7 +163,13 @@ class TestRestartWhileCourierRuns:
             second = rig.start()
             rig.wait_ready(second)  # the courier does not hold the single-owner lock
             assert proc_info(courier) is not None and proc_info(courier).state != "Z"  # type: ignore[union-attr]
-            assert rig.control("profiles")["profiles"] == []  # not adopted until it is done
+            # Not served until it is done, yet listed: no valid token, the daemon will serve it.
+            assert rig.control("profiles")["profiles"] == ["default"]
+            (row,) = rig.control("status")["profiles"]  # type: ignore[misc]
+            assert row["profile"] == "default" and row["state"] == "retrying"
+            assert row["token_valid"] is False and row["alert"] is None
+            assert row["token_socket"] == str(rig.paths.token_socket("default"))
+            assert check_rows([row], daemon_running=True)[0] == CHECK_EXIT["wait"]
             token = rig.wait_token()
             assert token == rig.state().access_token
             assert rig.durable_rt_hash() == killed["new_rt_hash"]

@@ -12,12 +12,12 @@ import pytest
 from tests.helpers_e2e import token_like_runs
 
 
-def run_demo(path: str) -> str:
+def run_demo(path: str, seconds: str = "2", ttl: str = "4") -> str:
     """The output of a short demo run with ``PATH`` as given (it must succeed)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AAC_", "XDG_RUNTIME"))}
     env["PATH"] = path
     result = subprocess.run(
-        [sys.executable, "-m", "aac_tokend", "demo", "--seconds", "2", "--access-ttl", "4"],
+        [sys.executable, "-m", "aac_tokend", "demo", "--seconds", seconds, "--access-ttl", ttl],
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -38,6 +38,15 @@ class TestDemoEnding:
         assert '"name": "Sandbox workspace"' in shell and "(HTTP 200)" in shell
         assert out.index("(HTTP 200)") < out.index("A thief replays")
         assert "$ aac-tokend status --check; echo $?   -> 69 " in out.splitlines()[-2]
+
+    def test_a_short_run_narrates_what_the_server_did(self) -> None:
+        """Ended before any refresh, it asks for one, so the replay really is of a spent token."""
+        out = run_demo("/nonexistent", seconds="0", ttl="60")  # first refresh due at ~45 s
+        assert "asking the daemon for one now" in out
+        theft = out[out.index("A thief replays") :]
+        assert "server answers 400 invalid_grant: that token was already rotated" in theft
+        assert "state: rejected, reason: reuse_suspected" in theft
+        assert "refused_after_import" not in out and "answers 200" not in out
 
     def test_without_curl_it_says_so(self) -> None:
         """With no curl on PATH the demo still finishes, saying the curl step was skipped."""

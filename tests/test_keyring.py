@@ -432,3 +432,26 @@ class TestNoKeyringAtAll:
         line = assert_one_line_error(result, 75)
         assert "OS keyring" in line and "no new key" in line, line
         assert not (config / KEY_FILE).exists()
+
+    def test_status_without_the_key_still_answers_scripts(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """No daemon, key out of reach: --check 69 with a check line, --json prints JSON."""
+        pytest.importorskip(
+            "keyring", reason="the keyring extra: pip install 'aac-tokend[keyring]'"
+        )
+        import_pair(home, sandboxes())
+        config = home.paths.config_dir
+        (config / KEY_FILE).unlink()
+        (config / KEYRING_POINTER).write_text("in the keyring\n")
+        env = dict(home.env, PYTHON_KEYRING_BACKEND=BACKEND)
+        env["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={home.root}/no-bus"
+        check = home.cli("status", "--check", env=env, timeout=60.0)
+        assert check.returncode == 69, str(check)
+        (line,) = check.stderr_lines()
+        assert line.startswith("aac-tokend: check: ") and "unlock" in line, line
+        shown = home.cli("status", "--json", env=env, timeout=60.0)
+        answer = json.loads(shown.stdout)
+        assert answer["daemon_running"] is False and answer["profiles"] == []
+        assert "OS keyring" in answer["error"] and shown.returncode == 75, str(shown)
+        assert not (config / KEY_FILE).exists()

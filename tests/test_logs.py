@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from aac_tokend.jwt_sign import sign_hs256
 from aac_tokend.logs import (
+    StdlibToStructlog,
     configure_logging,
     forget_secret,
     journal_stream_id,
@@ -351,6 +353,30 @@ class TestJournalStream:
         assert text.count("\n") > 2 and "Traceback" in text
         assert all(line.startswith("<3>") for line in text.splitlines())
         assert not re.search(r"\d{4}-\d\d-\d\dT", text)
+
+    def test_stdlib_logging_gets_a_priority(self, tmp_path: Path) -> None:
+        """A library's stdlib warning (APScheduler's missed run) is a <4> JSON line, not bare."""
+        path = tmp_path / "out"
+        root = logging.getLogger()
+        with path.open("w") as stream:
+            st = os.fstat(stream.fileno())
+            environ = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+            configure_logging("json", stream=stream, environ=environ)
+            configure_logging("json", stream=stream, environ=environ)  # a reload: one handler
+            try:
+                missed = logging.getLogger("apscheduler.executors.default")
+                missed.warning("Run time of job %r was missed by %s", "tick", "0:00:03")
+                missed.info("Job ran")  # below warning: not written
+            finally:
+                for handler in [h for h in root.handlers if isinstance(h, StdlibToStructlog)]:
+                    root.removeHandler(handler)
+                structlog.reset_defaults()
+        lines = path.read_text().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("<4>{"), lines
+        event = json.loads(lines[0][3:])
+        assert event["level"] == "warning"
+        assert event["logger_name"] == "apscheduler.executors.default"
+        assert event["event"] == "Run time of job 'tick' was missed by 0:00:03"
 
     @pytest.mark.skipif(
         not (shutil.which("systemd-cat") and journald_answers()),

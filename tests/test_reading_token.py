@@ -26,6 +26,7 @@ from tests.helpers_e2e import (
     E2EHome,
     RecordingSandbox,
     api_accepts,
+    assert_one_line_error,
     import_pair,
     wait_until,
 )
@@ -268,6 +269,29 @@ class TestPythonAndShellHelpers:
         revoked = home.cli("api", "GET", WORKSPACE_PATH, "--base-url", sandbox.api_url)
         assert revoked.returncode == 0 and json.loads(revoked.stdout)["id"] == 1, str(revoked)
         assert sandbox.outcomes() == ["rotated"]
+
+    @pytest.mark.parametrize(
+        ("proxy", "said"),
+        [
+            ("http://alice:S3cr3tPw@proxy.example:70000", "cannot be parsed"),  # a typo
+            ("http://alice:S3cr3tPw@127.0.0.1:1", "proxy"),  # a proxy that is down
+            ("", "could not connect"),  # no proxy, and nothing listens at the API
+        ],
+    )
+    def test_api_network_failure_is_one_line_without_the_proxy_password(
+        self, setup: tuple[E2EHome, RecordingSandbox], proxy: str, said: str
+    ) -> None:
+        """A failed `api` call ends in one line and exit 75; no traceback, no proxy URL."""
+        home, sandbox = setup
+        env = {k: v for k, v in home.env.items() if not k.lower().endswith("_proxy")}
+        base = sandbox.api_url
+        if proxy:
+            env.update(http_proxy=proxy, https_proxy=proxy)
+        else:
+            base = "http://127.0.0.1:1"
+        result = home.cli("api", "GET", WORKSPACE_PATH, "--base-url", base, env=env)
+        line = assert_one_line_error(result, 75)
+        assert said in line and "S3cr3tPw" not in result.stderr and "alice" not in line, line
 
     def test_exec_sets_the_token_in_the_environment(
         self, setup: tuple[E2EHome, RecordingSandbox]

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from aac_tokend.cli import fast_token_args
 from aac_tokend.client import format_token
 from aac_tokend.commands import build_parser, default_profile
-from aac_tokend.report import check_rows
+from aac_tokend.report import CHECK_EXIT, REPORT_FIELDS, check_rows, report_row, verdict
 from tests.helpers_e2e import (
     CONSOLE_SCRIPT,
     WORKSPACE_PATH,
@@ -35,6 +35,7 @@ from tests.helpers_e2e import (
     RecordingSandbox,
     assert_one_line_error,
     import_pair,
+    wait_until,
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -260,6 +261,8 @@ class TestCheckRows:
             _row(state="expired", token_valid=False),
             _row(state="corrupt", token_valid=None),
             _row(alert="the refresh token expires in 6 days"),
+            _row(state="unreadable", token_valid=False),
+            _row(state="misnamed", token_valid=False),
         ],
     )
     def test_needs_a_person(self, row: dict[str, Any]) -> None:
@@ -281,6 +284,84 @@ class TestCheckRows:
         """No valid token yet while the daemon retries: 75."""
         row = _row(state="retrying", token_valid=False)
         assert check_rows([_row("a"), row], daemon_running=True)[0] == 75
+
+
+class TestReportRow:
+    """Every status row has every README field, whatever the daemon knows of the profile."""
+
+    @pytest.mark.parametrize("state", ["corrupt", "unreadable", "misnamed", "retrying"])
+    def test_a_row_without_a_state_has_every_field(self, state: str) -> None:
+        """A row built from a name alone has all fields: no valid token, the rest null."""
+        row = report_row(profile="work", state=state, alert="fix it")
+        assert list(row) == list(REPORT_FIELDS)
+        assert row["token_valid"] is False and row["kind"] is None and row["rejection"] is None
+
+    def test_a_field_outside_the_schema_is_refused(self) -> None:
+        """A misspelt field fails at once rather than reaching a script's JSON."""
+        with pytest.raises(ValueError, match="not status fields"):
+            report_row(profile="work", stat="ok")
+
+    def test_readme_names_every_field_and_state(self) -> None:
+        """The README's `status` row names each field and each state a row can carry."""
+        rows = README.read_text().splitlines()
+        line = next(x for x in rows if x.startswith("| `aac-tokend status"))
+        named = set(re.findall(r"`([a-z_]+)`", line))
+        states = {"ok", "retrying", "rejected", "expired", "corrupt", "unreadable", "misnamed"}
+        assert set(REPORT_FIELDS) - named == set() and states - named == set()
+
+    @pytest.mark.parametrize(
+        ("row", "expected"),
+        [
+            (_row(), "ok"),
+            (_row(state="retrying", token_valid=False), "wait"),
+            (_row(state="retrying", token_valid=False, alert="disk full"), "needs_person"),
+            (_row(state="expired", token_valid=False), "needs_person"),
+        ],
+    )
+    def test_verdict_is_the_check_rule(self, row: dict[str, Any], expected: str) -> None:
+        """The one rule behind `status --check` and `token`'s exit status."""
+        assert verdict(row) == expected
+
+    @given(
+        state=st.sampled_from(["ok", "retrying", "rejected", "expired", "corrupt", "unreadable",
+                               "misnamed"]),
+        token_valid=st.sampled_from([True, False, None]),
+        alert=st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=20)),
+    )  # fmt: skip
+    def test_check_of_one_row_is_its_verdict(
+        self, state: str, token_valid: bool | None, alert: str | None
+    ) -> None:
+        """For any one row, `status --check` exits with that row's verdict: no second rule."""
+        row = report_row(profile="p", state=state, token_valid=token_valid, alert=alert)
+        assert check_rows([row], daemon_running=True)[0] == CHECK_EXIT[verdict(row)]
+
+
+class TestTokenExitFollowsCheck:
+    """`token` and `refresh` exit like `status --check` for the same profile at that moment."""
+
+    def test_an_outage_is_temporary_for_every_command(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """Endpoint down and the access token run out: 75 from check, token and refresh."""
+        sandbox = sandboxes(access_ttl=3)
+        home.paths.config_dir.mkdir(parents=True, exist_ok=True)
+        (home.paths.config_dir / "config.toml").write_text(
+            "backoff_first_seconds = 0.5\nbackoff_cap_seconds = 2\n"
+        )
+        import_pair(home, sandbox)
+        sandbox.fail_next(10_000, status=503)
+        daemon = home.daemon().start()  # it never gets a token to serve
+        wait_until(
+            lambda: not daemon.profile_status()["token_valid"], 30.0, "the access token to run out"
+        )
+        check = home.cli("status", "--check")
+        assert check.returncode == 75, str(check)
+        for form in ([], ["--header"], ["--curl-config"]):
+            token = home.cli("token", *form)
+            assert "HTTP 503" in assert_one_line_error(token, 75)  # why, as status says
+        refresh = home.cli("refresh")
+        assert refresh.returncode == 75, str(refresh)
+        assert "valid until" not in refresh.stdout and "no valid token" in refresh.stdout
 
 
 def _replay(sandbox: RecordingSandbox, refresh_token: str) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from aac_tokend.importer import build_state, parse_import_text
+from aac_tokend.report import REPORT_FIELDS
 from aac_tokend.store import FileStore, load_or_create_key
 from tests.helpers_e2e import (
     E2EHome,
@@ -81,6 +82,10 @@ class TestBadStateFiles:
                 advice in alert for advice in ("move", "rename", "import", "fix")
             ), alert
         assert set(expected) | {"good", "locked"} == set(rows)
+        for name in expected:  # every field a script reads, though the file is unusable
+            assert set(rows[name]) == set(REPORT_FIELDS) and rows[name]["token_valid"] is False
+        listed = json.loads(home.cli("profiles", "--json").stdout)["profiles"]
+        assert sorted(set(expected) | {"good", "locked"}) == listed  # as offline lists them
         answer = daemon.control("token", profile="trunc")
         assert answer["ok"] is False and answer["code"] == "corrupt_state"
         text = home.cli("status")
