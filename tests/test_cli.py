@@ -335,9 +335,13 @@ class TestBadInputGetsOneLine:
         import_pair(home, sandboxes())
         key = home.paths.key_file
         key.rename(home.root / "state.key.moved")
-        for command in (["token"], ["status", "--check"], ["profiles"]):
+        for command in (["token"], ["profiles"]):
             message = assert_one_line_error(home.cli(*command), 69)
             assert "state key" in message and "restore state.key" in message
+        check = home.cli("status", "--check")  # a script's check: a problem line, not a crash
+        assert check.returncode == 69, str(check)
+        assert check.stderr.startswith("aac-tokend: check: ") and check.stderr.count("\n") == 1
+        assert "restore state.key" in check.stderr
         assert not key.exists()
 
 

@@ -139,8 +139,9 @@ class TestOffline:
     ) -> None:
         """Offline, a state file that cannot be read stops every import: exit 65, one line."""
         sandbox = sandboxes()
+        # A store with its key (a key is never made beside state files it could not read).
+        assert import_again(home, sandbox, sandbox.generate(), "other").returncode == 0
         spoiled = home.state_file("lost")
-        spoiled.parent.mkdir(parents=True, exist_ok=True)
         spoiled.write_bytes(b"AATK\x01" + os.urandom(80))
         pair = sandbox.generate()
         line = assert_one_line_error(import_again(home, sandbox, pair, "work"), 65)

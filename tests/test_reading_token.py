@@ -284,7 +284,8 @@ class TestPythonAndShellHelpers:
         """A failed `api` call ends in one line and exit 75; no traceback, no proxy URL."""
         home, sandbox = setup
         env = {k: v for k, v in home.env.items() if not k.lower().endswith("_proxy")}
-        base = sandbox.api_url
+        # https: a plain-http (loopback) URL never goes through a proxy (see the README).
+        base = sandbox.api_url.replace("http:", "https:", 1)
         if proxy:
             env.update(http_proxy=proxy, https_proxy=proxy)
         else:
