@@ -168,10 +168,13 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
     if request.refresh_lifetime_days is None and request.refresh_expires_in is None:
         from .config import load_config
 
-        days = load_config(paths.config_dir).policy_for(args.profile).refresh_lifetime_days
-        if days is None and not args.legacy and sys.stdin.isatty():
-            days = ask_refresh_lifetime(input)
-        request = dataclasses.replace(request, refresh_lifetime_days=days)
+        # config.toml's lifetime is not stored: it is read at use time, so correcting it
+        # later applies to this profile too. Only a lifetime the person gives is stored.
+        configured = load_config(paths.config_dir).policy_for(args.profile).refresh_lifetime_days
+        if configured is None and not args.legacy and sys.stdin.isatty():
+            request = dataclasses.replace(
+                request, refresh_lifetime_days=ask_refresh_lifetime(input)
+            )
     request = dataclasses.replace(request, replace_chain=args.yes)
     state = build_state(request, time.time())  # every input error surfaces before any write
     check_token_socket(state.profile, paths.token_socket(state.profile))

@@ -43,8 +43,13 @@ class Condition:
     message: str
 
 
-def rejection_alert(state: ProfileState) -> str:
-    """The one-line instruction for a rejected chain."""
+def rejection_alert(state: ProfileState, lifetime_days: float | None = None) -> str:
+    """The one-line instruction for a rejected chain.
+
+    ``lifetime_days`` is config.toml's refresh_lifetime_days: with it (or one stored at
+    import) an expired_or_reused verdict comes from a lifetime counted only from the import,
+    not from an unknown one, and the advice differs.
+    """
     assert state.rejection is not None
     todo = _GENERATE.format(profile=state.profile)
     rej = state.rejection
@@ -62,6 +67,19 @@ def rejection_alert(state: ProfileState) -> str:
             )
         case RejectionReason.REFRESH_TOKEN_EXPIRED:
             return f"the refresh token reached the end of its lifetime; {todo}"
+        case RejectionReason.EXPIRED_OR_REUSED if (
+            refresh_token_end(state, lifetime_days) is not None
+        ):
+            # The lifetime is known but the pair had no iat: counted from the import, the
+            # true end came earlier by the paste delay, which we do not know.
+            return (
+                "refresh token rejected (invalid_grant); its lifetime was counted only from "
+                "the import (the pair carried no generation time), so this is either its "
+                "natural end or another party using it: if it was generated less than its "
+                "lifetime ago (see AAC's OAuth 2.0 API Tokens page), treat it as compromised "
+                f"and delete it in AAC; then {todo} with the JWT pair AAC generates, pasted "
+                "promptly"
+            )
         case RejectionReason.EXPIRED_OR_REUSED:
             return (
                 "refresh token rejected (invalid_grant); its lifetime is unknown, so this is "
@@ -105,7 +123,9 @@ def condition_of(
     todo = _GENERATE.format(profile=state.profile)
     if state.rejection is not None:
         return Condition(
-            AlertEvent.REJECTED, f"rejected:{state.rejection.reason}", rejection_alert(state)
+            AlertEvent.REJECTED,
+            f"rejected:{state.rejection.reason}",
+            rejection_alert(state, lifetime_days),
         )
     if not access_valid(state, now) and (
         state.kind is TokenKind.LEGACY or not may_retry(state, now)

@@ -559,9 +559,8 @@ class Engine:
         Re-importing the current pair changes nothing (False). TokenHeldError or
         TokenSpentError leave every chain untouched.
         """
-        if request.refresh_lifetime_days is None and request.refresh_expires_in is None:
-            days = self.config.policy_for(request.profile).refresh_lifetime_days
-            request = dataclasses.replace(request, refresh_lifetime_days=days)
+        # config.toml's refresh_lifetime_days is not copied in: it is read at use time
+        # (_lifetime_days), so a corrected config applies after a reload.
         state = build_state(request, self._clock.now())
         # Everything that can fail at serve time fails here, before anything is saved.
         check_token_socket(state.profile, self._socket_path(state.profile))

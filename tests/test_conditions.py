@@ -67,10 +67,29 @@ class TestRejected:
 
     def test_lifetime_unknown_names_both_and_what_to_do(self) -> None:
         """expired_or_reused names the natural end and a reuse, and how to tell and avoid it."""
-        message = rejection_alert(rejected(RejectionReason.EXPIRED_OR_REUSED))
+        rejection = Rejection(RejectionReason.EXPIRED_OR_REUSED, "invalid_grant", "w", T0)
+        message = rejection_alert(oauth(refresh_expires_at=None, rejection=rejection))
         assert "lifetime is unknown" in message
         assert "natural end" in message and "another party" in message
         assert "--refresh-lifetime-days" in message
+
+    @pytest.mark.parametrize(("stored", "configured"), [(T0 + 30 * DAY, None), (None, 30.0)])
+    def test_lifetime_counted_from_import_says_so(
+        self, stored: float | None, configured: float | None
+    ) -> None:
+        """A lifetime known but counted from the import is not called unknown."""
+        state = oauth(
+            refresh_expires_at=stored,
+            pair_issued_at=None,
+            rejection=Rejection(RejectionReason.EXPIRED_OR_REUSED, "invalid_grant", "w", T0),
+        )
+        condition = condition_of(state, T0, configured)
+        assert condition is not None
+        assert "unknown" not in condition.message
+        assert "--refresh-lifetime-days" not in condition.message
+        assert "counted only from the import" in condition.message
+        assert "natural end" in condition.message and "another party" in condition.message
+        assert "JWT pair AAC generates, pasted promptly" in condition.message
 
     def test_refused_after_import_is_not_theft(self) -> None:
         """A first refresh refused after import blames the pasted pair, not a thief."""

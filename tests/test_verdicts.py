@@ -350,6 +350,35 @@ class TestConfiguredLifetimeInStatus:
         finally:
             shutil.rmtree(home, ignore_errors=True)
 
+    @pytest.mark.parametrize("daemon_at_import", [True, False])
+    def test_config_in_force_at_import_is_not_frozen(self, daemon_at_import: bool) -> None:
+        """Imported while config says 30 days, then corrected to 90: iat + 90 days."""
+        home = short_dir()
+        try:
+            with SandboxServer() as sandbox:
+                pair = sandbox.generate()
+                del pair["refresh_token_expires_in"]  # no lifetime given at import
+                iat = parse_jwt(str(pair["access_token"])).iat
+                assert iat is not None
+                write_config(home, "notifications = false\nrefresh_lifetime_days = 30\n")
+                args = ("--token-endpoint", sandbox.token_endpoint)
+                if daemon_at_import:
+                    with running_daemon(home):
+                        done = import_via_cli(home, pair, *args)
+                        assert done.returncode == 0, done.stderr
+                        assert end_in_status(home) == iat + 30 * DAY
+                        write_config(home, "notifications = false\nrefresh_lifetime_days = 90\n")
+                        assert cli(home, "reload").returncode == 0
+                        assert end_in_status(home) == iat + 90 * DAY
+                else:
+                    done = import_via_cli(home, pair, *args)
+                    assert done.returncode == 0, done.stderr
+                    assert end_in_status(home) == iat + 30 * DAY
+                    write_config(home, "notifications = false\nrefresh_lifetime_days = 90\n")
+                    assert end_in_status(home) == iat + 90 * DAY  # offline, from the state file
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
 
 def end_in_status(home: Path) -> float | None:
     answer = cli(home, "status", "--json")
