@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from .client import ControlClient, format_token
 from .errors import (
+    CONTROL_REFUSALS,
     AacTokendError,
     ChainInUseError,
     DaemonNotRunningError,
@@ -34,11 +35,7 @@ from .rundir import PROFILE_ENV
 
 __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profile", "dispatch"]
 
-_EXIT_BY_CODE = {
-    "no_token": 69, "no_token_yet": 75, "unknown_profile": 65, "bad_request": 65,
-    "config_error": 78, "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
-    "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69, "chain_in_use": 65,
-}  # fmt: skip
+_EXIT_BY_CODE = {code: error.exit_code for code, error in CONTROL_REFUSALS.items()}
 
 
 class CommandError(Exception):
