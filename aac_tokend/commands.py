@@ -29,6 +29,7 @@ from .errors import (
     InputError,
     ProfileError,
     StateCorruptError,
+    StorageError,
 )
 from .paths import Paths, check_token_socket, resolve_paths
 from .rundir import PROFILE_ENV
@@ -230,7 +231,7 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
     from .policy import access_valid
 
     store = _offline_store(paths)
-    state = store.load(args.profile) if store else None
+    state = _offline_load(store, args.profile) if store else None
     if state is None:
         raise ProfileError(f"no profile named {args.profile!r}; import one first")
     if not access_valid(state, time.time()):
@@ -241,6 +242,18 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
         )
     sys.stdout.write(format_token(state.access_token, args.form))
     return 0
+
+
+def _offline_load(store: Any, name: str) -> Any:
+    """``store.load(name)``, with a misnamed file refused as the daemon refuses it (69)."""
+    try:
+        return store.load(name)
+    except ProfileError as exc:
+        if name not in store.profiles():
+            raise  # no such file: a bad name typed, not a bad file found
+        from .engine import _misnamed  # the daemon's advice, word for word
+
+        raise StorageError(_misnamed(store.state_dir, name, exc)) from exc
 
 
 def _offline_status(paths: Paths) -> list[dict[str, Any]]:
@@ -258,12 +271,14 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
             state = store.load(name)
         except AacTokendError as exc:
             # The daemon's words for it (engine.UNUSABLE_STATES), without importing it.
-            state = "unreadable"
+            state, alert = "unreadable", str(exc)
             if isinstance(exc, StateCorruptError):
                 state = "corrupt"
             elif isinstance(exc, ProfileError):
-                state = "misnamed"
-            rows.append(report_row(profile=name, state=state, alert=str(exc)))
+                from .engine import _misnamed
+
+                state, alert = "misnamed", _misnamed(store.state_dir, name, exc)
+            rows.append(report_row(profile=name, state=state, alert=alert))
             continue
         if state is not None:
             days = config.policy_for(name).refresh_lifetime_days if config else None
