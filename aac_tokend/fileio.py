@@ -142,7 +142,10 @@ def open_lock_file(path: Path) -> int:
     open of a FIFO from blocking, and the fstat decides before anything is written.
     """
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    fd = os.open(path, flags, 0o600)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except IsADirectoryError:  # refused by open itself: the same words as for a FIFO
+        raise OSError(errno.EINVAL, "not a regular file; move it aside") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file; move it aside")

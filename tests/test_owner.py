@@ -159,10 +159,14 @@ class TestLockFileParsing:
 class TestLockFileNotRegular:
     """Something other than a regular file at the lock path is a one-line StorageError."""
 
-    def test_fifo_refused(self, lock_path: Path) -> None:
-        """A FIFO there is refused before any pid is written (it was "Illegal seek")."""
+    @pytest.mark.parametrize("kind", ["fifo", "directory"])
+    def test_refused(self, lock_path: Path, kind: str) -> None:
+        """A FIFO or directory there is refused by name before any pid is written."""
         lock_path.parent.mkdir(mode=0o700)
-        os.mkfifo(lock_path, 0o600)
+        if kind == "fifo":
+            os.mkfifo(lock_path, 0o600)  # was "Illegal seek" from the pid record
+        else:
+            lock_path.mkdir()
         with pytest.raises(StorageError, match="not a regular file; move it aside") as info:
             OwnerLock(lock_path).acquire(record_pid=False)
         assert "\n" not in str(info.value)
