@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import os
+import string
 import sys
 from typing import Any
 from urllib.parse import urljoin
@@ -22,15 +23,26 @@ from urllib.parse import urljoin
 import requests
 
 from .client import ControlClient, read_token
-from .errors import AlertError, DaemonNotRunningError, EndpointUnavailableError, InputError
+from .errors import (
+    AacTokendError,
+    AlertError,
+    DaemonNotRunningError,
+    EndpointUnavailableError,
+    InputError,
+    control_refusal,
+)
 from .paths import resolve_paths
 from .rundir import PROFILE_ENV
-from .tokens import check_endpoint, direct_proxies, url_origin
+from .tokens import direct_proxies, url_origin
 
 __all__ = ["TokendAuth", "add_arguments", "get_token", "request_refresh", "run_cli"]
 
 #: An API call that takes longer than this is not coming back.
 API_TIMEOUT_SECONDS = (5.0, 60.0)
+
+
+#: RFC 7230 "tchar": what a method name may hold (requests raises a bare ValueError otherwise).
+_METHOD_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 
 
 def _control(op: str, **fields: Any) -> dict[str, Any]:
@@ -42,6 +54,11 @@ def _control(op: str, **fields: Any) -> dict[str, Any]:
         raise DaemonNotRunningError(
             "the aac-tokend daemon is not running; start it with `aac-tokend run`"
         ) from exc
+
+
+def _refusal(answer: dict[str, Any], default: str) -> AacTokendError:
+    """The daemon's refusal as the exception its code means (the CLI's exit status with it)."""
+    return control_refusal(str(answer.get("code", "error")), str(answer.get("message", default)))
 
 
 def _profile(profile: str | None) -> str:
@@ -62,14 +79,14 @@ def get_token(profile: str | None = None) -> str:
     answer = _control("token", profile=profile)
     if answer.get("ok"):
         return str(answer["token"])
-    raise AlertError(str(answer.get("message", "no valid token")))
+    raise _refusal(answer, "no valid token")
 
 
 def request_refresh(profile: str | None = None) -> None:
     """Ask the daemon to refresh ``profile`` now and wait for the outcome."""
     answer = _control("refresh", profile=_profile(profile))
     if not answer.get("ok"):
-        raise AlertError(str(answer.get("message", "refresh failed")))
+        raise _refusal(answer, "refresh failed")
 
 
 class TokendAuth(requests.auth.AuthBase):
@@ -180,6 +197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``aac-tokend api METHOD PATH``: print the JSON body; non-2xx exits 1."""
+    method = args.method.upper()  # after the check: "ß".upper() is "SS"
+    if not args.method or not set(args.method) <= _METHOD_CHARS or len(method) > 32:
+        raise InputError(
+            f"METHOD {args.method[:40]!r} is not an HTTP method name (letters, digits and "
+            "!#$%&'*+-.^_`|~ only); pass e.g. GET or POST"
+        )
     body = None
     if args.data is not None:
         try:
@@ -192,17 +215,24 @@ def run_cli(args: argparse.Namespace) -> int:
         rows = [r for r in status.get("profiles", []) if r.get("profile") == args.profile]
         if not rows:
             raise InputError(f"no profile named {args.profile!r}; import one first")
-        base = rows[0]["api_base_url"]
-    base = check_endpoint(base, explicit=True).rstrip("/")
+        base = rows[0].get("api_base_url")
+        if not isinstance(base, str) or not base:
+            # An unusable profile (corrupt, unreadable, misnamed) has a row with no URL: its
+            # alert is the answer, with the exit status of any other alert.
+            alert = rows[0].get("alert") or "the daemon knows no API base URL for it"
+            raise AlertError(f"profile {args.profile}: {alert}; or pass --base-url")
+    from .importer import _check_api_base  # import's words for a bad API base URL
+
+    base = _check_api_base(base)
     path = args.path if args.path.startswith("/") else "/" + args.path
     try:
         response = requests.request(
-            args.method.upper(), base + path, json=body, auth=TokendAuth(args.profile),
+            method, base + path, json=body, auth=TokendAuth(args.profile),
             timeout=API_TIMEOUT_SECONDS, proxies=direct_proxies(base),
         )  # fmt: skip
     except requests.exceptions.RequestException as exc:
         raise EndpointUnavailableError(
-            f"api: {args.method.upper()[:10]} {path[:80]}: {_network_words(exc)}"
+            f"api: {method[:10]} {path[:80]}: {_network_words(exc)}"
         ) from None  # no chain: the error's own text may hold a proxy URL with its password
     try:
         print(json.dumps(response.json(), indent=2))

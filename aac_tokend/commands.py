@@ -22,23 +22,21 @@ from typing import Any
 from . import __version__
 from .client import ControlClient, format_token
 from .errors import (
+    CONTROL_REFUSALS,
     AacTokendError,
     ChainInUseError,
     DaemonNotRunningError,
     InputError,
     ProfileError,
     StateCorruptError,
+    StorageError,
 )
 from .paths import Paths, check_token_socket, resolve_paths
 from .rundir import PROFILE_ENV
 
 __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profile", "dispatch"]
 
-_EXIT_BY_CODE = {
-    "no_token": 69, "no_token_yet": 75, "unknown_profile": 65, "bad_request": 65,
-    "config_error": 78, "busy": 75, "storage_error": 69, "corrupt_state": 69, "transient": 75,
-    "endpoint_unavailable": 75, "alert": 69, "refresh_rejected": 69, "chain_in_use": 65,
-}  # fmt: skip
+_EXIT_BY_CODE = {code: error.exit_code for code, error in CONTROL_REFUSALS.items()}
 
 
 class CommandError(Exception):
@@ -236,7 +234,7 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
     from .policy import access_valid
 
     store = _offline_store(paths)
-    state = store.load(args.profile) if store else None
+    state = _offline_load(store, args.profile) if store else None
     if state is None:
         raise ProfileError(f"no profile named {args.profile!r}; import one first")
     if not access_valid(state, time.time()):
@@ -247,6 +245,18 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
         )
     sys.stdout.write(format_token(state.access_token, args.form))
     return 0
+
+
+def _offline_load(store: Any, name: str) -> Any:
+    """``store.load(name)``, with a misnamed file refused as the daemon refuses it (69)."""
+    try:
+        return store.load(name)
+    except ProfileError as exc:
+        if name not in store.profiles():
+            raise  # no such file: a bad name typed, not a bad file found
+        from .engine import _misnamed  # the daemon's advice, word for word
+
+        raise StorageError(_misnamed(store.state_dir, name, exc)) from exc
 
 
 def _offline_status(paths: Paths) -> list[dict[str, Any]]:
@@ -264,12 +274,14 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
             state = store.load(name)
         except AacTokendError as exc:
             # The daemon's words for it (engine.UNUSABLE_STATES), without importing it.
-            state = "unreadable"
+            state, alert = "unreadable", str(exc)
             if isinstance(exc, StateCorruptError):
                 state = "corrupt"
             elif isinstance(exc, ProfileError):
-                state = "misnamed"
-            rows.append(report_row(profile=name, state=state, alert=str(exc)))
+                from .engine import _misnamed
+
+                state, alert = "misnamed", _misnamed(store.state_dir, name, exc)
+            rows.append(report_row(profile=name, state=state, alert=alert))
             continue
         if state is not None:
             days = config.policy_for(name).refresh_lifetime_days if config else None

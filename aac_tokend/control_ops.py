@@ -62,7 +62,7 @@ class ControlOps:
         except AacTokendError as exc:
             return _fail(code_for(exc), str(exc))
 
-    def _profile(self, request: dict[str, object]) -> str:
+    def _profile(self, request: dict[str, object], *, unusable_ok: bool = False) -> str:
         name = request.get("profile", "default")
         if not isinstance(name, str):
             raise InputError("'profile' must be a string")
@@ -74,6 +74,8 @@ class ControlOps:
                 )
             # A profile whose file cannot be read exists: say so, not "no profile".
             for row in self._engine.status(only=name):
+                if unusable_ok and row["state"] in UNUSABLE_STATES:
+                    return name  # remove: deleting the file is the way out, as offline
                 if row["state"] == "corrupt":
                     raise StateCorruptError(str(row["alert"]))
                 if row["state"] in UNUSABLE_STATES:
@@ -119,7 +121,7 @@ class ControlOps:
         return {"ok": True, "profile": self._report(state.profile), "changed": changed}
 
     def op_remove(self, request: dict[str, object]) -> dict[str, object]:
-        name = self._profile(request)
+        name = self._profile(request, unusable_ok=True)
         self._engine.remove(name)
         return {"ok": True, "removed": name}
 

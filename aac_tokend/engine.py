@@ -619,6 +619,7 @@ class Engine:
             if entry is not None:
                 entry.unsaved = None  # a tick holding this entry must not write it back
             self._serving.pop(name, None)
+            self._unusable.pop(name, None)  # a removed unusable file has nothing left to report
 
     def _after_forget(self, name: str) -> None:
         self._scheduler.cancel(name)

@@ -29,6 +29,7 @@ with ``raise ... from``.
 from __future__ import annotations
 
 __all__ = [
+    "CONTROL_REFUSALS",
     "AacTokendError",
     "AlertError",
     "AlreadyRunningError",
@@ -49,6 +50,7 @@ __all__ = [
     "TokenHeldError",
     "TokenSpentError",
     "TransientError",
+    "control_refusal",
 ]
 
 
@@ -159,3 +161,28 @@ class DaemonNotRunningError(InputError):
     """The command needs the daemon, and none is running."""
 
     exit_code = 4
+
+
+#: The exception for each code a control-socket refusal carries; its exit_code is the exit
+#: status of the CLI (``token``, ``exec``, ``api``) and what a Python caller catches, so the
+#: two cannot drift apart. A code not listed is an AacTokendError (exit 1).
+CONTROL_REFUSALS: dict[str, type[AacTokendError]] = {
+    "no_token": AlertError,
+    "no_token_yet": TransientError,
+    "unknown_profile": ProfileError,
+    "bad_request": InputError,
+    "config_error": ConfigError,
+    "busy": BusyError,
+    "storage_error": StorageError,
+    "corrupt_state": StateCorruptError,
+    "transient": TransientError,
+    "endpoint_unavailable": EndpointUnavailableError,
+    "alert": AlertError,
+    "refresh_rejected": AlertError,  # the OAuth error itself stays in the daemon's message
+    "chain_in_use": ChainInUseError,
+}
+
+
+def control_refusal(code: str, message: str) -> AacTokendError:
+    """The exception for a control reply refused with ``code`` (see CONTROL_REFUSALS)."""
+    return CONTROL_REFUSALS.get(code, AacTokendError)(message)

@@ -14,7 +14,13 @@ from typing import Protocol
 
 from .errors import InputError
 
-__all__ = ["FileLayer", "OsFileLayer", "ensure_private_dir", "read_regular_file"]
+__all__ = [
+    "FileLayer",
+    "OsFileLayer",
+    "ensure_private_dir",
+    "open_lock_file",
+    "read_regular_file",
+]
 
 #: The largest state file we will read: a state is a few KiB; anything bigger is not ours.
 MAX_READ_BYTES = 1024 * 1024
@@ -126,3 +132,24 @@ def read_regular_file(
         raise
     with os.fdopen(fd, "rb") as file:
         return file.read(limit), info
+
+
+def open_lock_file(path: Path) -> int:
+    """A read-write fd on the regular lock file ``path`` (created 0600); OSError otherwise.
+
+    A FIFO, a directory or a device planted there is an OSError (EINVAL, "not a regular file;
+    move it aside") rather than a later "Illegal seek" from the pid record: O_NONBLOCK keeps the
+    open of a FIFO from blocking, and the fstat decides before anything is written.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except IsADirectoryError:  # refused by open itself: the same words as for a FIFO
+        raise OSError(errno.EINVAL, "not a regular file; move it aside") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file; move it aside")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

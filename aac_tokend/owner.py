@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import AlreadyRunningError, BusyError, StorageError
-from .fileio import ensure_private_dir
+from .fileio import ensure_private_dir, open_lock_file
 
 __all__ = ["OFFLINE_HOLD_SECONDS", "OwnerLock", "holder", "holder_pid"]
 
@@ -86,7 +86,7 @@ class OwnerLock:
         """
         ensure_private_dir(self.path.parent)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = open_lock_file(self.path)
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc.strerror}") from exc
         started = time.monotonic()

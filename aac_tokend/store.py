@@ -25,7 +25,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import BusyError, ProfileError, StateCorruptError, StorageError
-from .fileio import FileLayer, OsFileLayer, ensure_private_dir, read_regular_file
+from .fileio import (
+    FileLayer,
+    OsFileLayer,
+    ensure_private_dir,
+    open_lock_file,
+    read_regular_file,
+)
 from .state import ProfileState, state_from_json, state_to_json, validate_profile_name
 
 if TYPE_CHECKING:
@@ -281,7 +287,7 @@ def hold_lock(
 ) -> Iterator[None]:
     """An exclusive flock on ``path``, waiting at most ``timeout`` seconds (BusyError)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = open_lock_file(path)
     except OSError as exc:
         raise StorageError(f"cannot open lock file {path}: {exc.strerror}") from exc
     try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -13,13 +15,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aac_tokend.api import get_token
+from aac_tokend.api import get_token, run_cli
 from aac_tokend.client import ControlClient, read_token
+from aac_tokend.errors import AacTokendError, AlertError, InputError
 
 #: Generous: only a stalled machine gets near it.
 WAIT = 10.0
 REPO = Path(__file__).resolve().parent.parent
+
+
+TCHARS = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 
 
 class OneShotServer:
@@ -216,6 +224,73 @@ class TestGetTokenFallback:
         finally:
             broken.close()
             control.close()
+
+
+class TestGetTokenRefusals:
+    """get_token raises what the daemon's refusal code means, with `token`'s exit status."""
+
+    @pytest.mark.parametrize(
+        ("code", "status"), [("no_token_yet", 75), ("unknown_profile", 65), ("no_token", 69)]
+    )
+    def test_refusal_code_decides_the_error(
+        self, sockdir: Path, monkeypatch: pytest.MonkeyPatch, code: str, status: int
+    ) -> None:
+        """A refusal is retry (75), bad input (65) or alert (69) as its code says, not always 69."""
+        run = sockdir / "run"
+        run.mkdir(mode=0o700)
+        control = OneShotServer(
+            run / "control.sock",
+            json_lines(lambda request: {"ok": False, "code": code, "message": "why it failed"}),
+        )
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(sockdir))
+        try:
+            with pytest.raises(AacTokendError, match="why it failed") as info:
+                get_token("default")
+            assert info.value.exit_code == status
+        finally:
+            control.close()
+
+
+class TestApiCliInput:
+    """`api` answers bad input and unusable profiles with one line and an exit status."""
+
+    @staticmethod
+    def _args(method: str = "GET", base_url: str | None = None) -> argparse.Namespace:
+        return argparse.Namespace(
+            method=method, path="/x", data=None, base_url=base_url, profile="default"
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(method=st.text(max_size=12).filter(lambda m: not m or not set(m) <= TCHARS))
+    def test_bad_method_is_input_error(self, method: str) -> None:
+        """A method outside RFC 7230 token characters is a one-line InputError (65)."""
+        with pytest.raises(InputError, match="is not an HTTP method name") as info:
+            run_cli(self._args(method))
+        assert info.value.exit_code == 65 and "\n" not in str(info.value)
+
+    def test_unusable_row_raises_its_alert(
+        self, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A profile whose row has no API base URL (corrupt) is its alert (69), no traceback."""
+        run = sockdir / "run"
+        run.mkdir(mode=0o700)
+        row = {"profile": "default", "state": "corrupt", "api_base_url": None, "alert": "bad file"}
+        control = OneShotServer(
+            run / "control.sock", json_lines(lambda request: {"ok": True, "profiles": [row]})
+        )
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(sockdir))
+        try:
+            with pytest.raises(AlertError, match="profile default: bad file") as info:
+                run_cli(self._args())
+            assert info.value.exit_code == 69
+        finally:
+            control.close()
+
+    def test_base_url_error_names_base_url(self) -> None:
+        """A refused --base-url is worded as import words it, not as a token endpoint."""
+        with pytest.raises(InputError) as info:
+            run_cli(self._args(base_url="ftp://127.0.0.1/"))
+        assert "--base-url" in str(info.value) and "token" not in str(info.value)
 
 
 class TestControlClient:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aac_tokend.courier import WAIT_SECONDS
-from aac_tokend.errors import AlreadyRunningError, BusyError
+from aac_tokend.errors import AlreadyRunningError, BusyError, StorageError
 from aac_tokend.owner import DEAD_HOLDER_GRACE_SECONDS, OFFLINE_HOLD_SECONDS, OwnerLock, holder
 
 #: A process holding the lock as the daemon (``daemon``) or as an offline command, for
@@ -154,3 +154,19 @@ class TestLockFileParsing:
         path = tmp_path_factory.mktemp("lock") / "daemon.lock"
         path.write_text(("offline " if offline else "") + f"{pid}\n" + "offline 99999\n")
         assert holder(path) == (offline, pid)
+
+
+class TestLockFileNotRegular:
+    """Something other than a regular file at the lock path is a one-line StorageError."""
+
+    @pytest.mark.parametrize("kind", ["fifo", "directory"])
+    def test_refused(self, lock_path: Path, kind: str) -> None:
+        """A FIFO or directory there is refused by name before any pid is written."""
+        lock_path.parent.mkdir(mode=0o700)
+        if kind == "fifo":
+            os.mkfifo(lock_path, 0o600)  # was "Illegal seek" from the pid record
+        else:
+            lock_path.mkdir()
+        with pytest.raises(StorageError, match="not a regular file; move it aside") as info:
+            OwnerLock(lock_path).acquire(record_pid=False)
+        assert "\n" not in str(info.value)

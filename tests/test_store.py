@@ -21,7 +21,7 @@ import pytest
 
 from aac_tokend.errors import BusyError, ProfileError, StateCorruptError, StorageError
 from aac_tokend.state import ProfileState
-from aac_tokend.store import FileStore, StateStore, load_or_create_key
+from aac_tokend.store import FileStore, StateStore, hold_lock, load_or_create_key
 from aac_tokend.testing import FailingFileLayer, MemoryStore, oauth_state
 
 ACCESS = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDM2MDB9.c3RvcmUtdGVzdC1zaWduYXR1cmU"
@@ -361,6 +361,19 @@ class TestKeyNotARegularFile:
         with pytest.raises(StorageError, match="not a regular file") as info:
             load_or_create_key(config)
         assert str(config / "state.key") in str(info.value) and "\n" not in str(info.value)
+
+
+class TestProfileLockNotRegular:
+    """Something other than a regular file at a profile's .lock is a one-line StorageError."""
+
+    def test_fifo_refused(self, tmp_path: Path) -> None:
+        """A FIFO at the lock path is refused by name (it was "Illegal seek" later on)."""
+        lock = tmp_path / "default.lock"
+        os.mkfifo(lock, 0o600)
+        locking = hold_lock(lock, 1.0)
+        with pytest.raises(StorageError, match="not a regular file; move it aside") as info:
+            locking.__enter__()
+        assert str(lock) in str(info.value) and "\n" not in str(info.value)
 
 
 class TestMissingKeyBesideStates:

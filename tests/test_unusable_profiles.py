@@ -112,6 +112,40 @@ class TestBadStateFiles:
         assert daemon.token("good") and daemon.alive
 
 
+class TestUnusableAlikeWithAndWithoutDaemon:
+    """An unusable profile is answered the same way offline and through the daemon."""
+
+    def test_remove_corrupt_profile_through_daemon(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """`remove --yes` deletes a corrupt profile's file with the daemon running, as offline."""
+        sandbox = sandboxes(access_ttl=600)
+        import_pair(home, sandbox, profile="good")
+        import_pair(home, sandbox, profile="trunc")
+        trunc = home.paths.state_dir / "trunc.state"
+        trunc.write_bytes(trunc.read_bytes()[:20])
+        daemon = home.daemon().start(profiles=["good"])
+        assert _rows(home, daemon)["trunc"]["state"] == "corrupt"
+        result = home.cli("remove", "--yes", "trunc")
+        assert result.returncode == 0 and "removed profile trunc" in result.stdout, result
+        assert not trunc.exists()
+        assert set(_rows(home, daemon)) == {"good"} and daemon.token("good")
+
+    def test_misnamed_token_same_offline_and_online(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """`token -p` of a misnamed file exits 69 with the same advice, daemon or not."""
+        sandbox = sandboxes(access_ttl=600)
+        import_pair(home, sandbox)
+        state_dir = home.paths.state_dir
+        shutil.copy(state_dir / "default.state", state_dir / "default (copy).state")
+        offline = assert_one_line_error(home.cli("token", "-p", "default (copy)"), 69)
+        daemon = home.daemon().start(profiles=["default"])
+        online = assert_one_line_error(home.cli("token", "-p", "default (copy)"), 69)
+        assert offline == online and "rename it to <profile>.state" in offline
+        assert daemon.alive
+
+
 class TestImportRefusals:
     """What would fail when served fails at import, before anything is saved."""
 
