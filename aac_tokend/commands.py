@@ -9,6 +9,7 @@ can start in the middle of the write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import getpass
 import json
@@ -209,19 +210,27 @@ def _import_state(paths: Paths, request: Any, state: Any) -> tuple[bool, str]:
     if answer is None:
         from .owner import OwnerLock
         from .ownership import claim, stored_states
+        from .pending import PendingStore
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
             store = FileStore(
                 paths.state_dir, load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
             )
+            pending = PendingStore(paths.pending_dir)
             with store.locked(state.profile, 10.0):
                 current = store.load(state.profile)
                 own = [current] if current is not None else []
+                # A pair a dead daemon could not save: its generation counts too (claim).
+                with contextlib.suppress(AacTokendError):
+                    blob = pending.get(state.profile)
+                    if blob is not None:
+                        own.append(store.decrypt(state.profile, blob))
                 others = stored_states(store, skip={state.profile})
                 claimed = claim(state, own, others, replace_chain=request.replace_chain)
                 if claimed is not None:
                     store.save(claimed)
+                    pending.clear(state.profile)  # a new chain: an old one's pair is moot
         return claimed is not None, "saved; `aac-tokend run` will keep it alive"
     return bool(answer.get("changed", True)), "handed to the running daemon"
 
@@ -368,6 +377,7 @@ def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:
     if _ask(paths, "remove", profile=args.name) is None:
         from .courier import WAIT_SECONDS
         from .owner import OwnerLock
+        from .pending import PendingStore
         from .store import FileStore, load_or_create_key
 
         with OwnerLock(paths.daemon_lock):
@@ -380,6 +390,7 @@ def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:
                 print(f"waiting for a refresh of {args.name} to finish...", file=sys.stderr)
             with store.locked(args.name, WAIT_SECONDS):
                 store.delete(args.name)
+                PendingStore(paths.pending_dir).clear(args.name)  # never adopted back
     print(f"removed profile {args.name}")
     return 0
 

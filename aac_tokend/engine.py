@@ -598,6 +598,10 @@ class Engine:
             on_disk = self._store.load(name)
             if on_disk is not None:
                 own.append(on_disk)
+        with contextlib.suppress(AacTokendError):  # its generation counts (ownership.claim)
+            blob = self._pending.get(name) if self._pending is not None else None
+            if blob is not None and self._pending is not None:
+                own.append(self._store.decrypt(name, blob, where=self._pending.path(name)))
         others = [s for s in memory if s.profile != name]
         loaded = {s.profile for s in memory} | {name}
         others.extend(stored_states(self._store, skip=loaded))

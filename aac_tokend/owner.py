@@ -1,12 +1,13 @@
 """The single-owner lock: one daemon per state directory, for its whole life.
 
-An exclusive ``flock`` on ``daemon.lock``; the holder writes itself inside so a second
-``run`` can say who owns the chain: ``<pid>`` for a daemon, ``offline <pid>`` for a command
-that changes state without a daemon (import, remove) and holds the lock for the length of its
-write, so no daemon can start under it. A daemon that starts meanwhile waits for such a
-command to end (it holds the lock for a bounded time), and exits 3 ("already running") only
-for a live daemon: a service manager that does not restart on 3 must not give up on a
-daemon that merely arrived during an offline `remove`.
+An exclusive ``flock`` on ``.owner.lock`` (``daemon.lock`` in 0.1.0, a name a profile called
+``Daemon`` could take on a case-insensitive file system); the holder writes itself inside so
+a second ``run`` can say who owns the chain: ``<pid>`` for a daemon, ``offline <pid>`` for a
+command that changes state without a daemon (import, remove) and holds the lock for the
+length of its write, so no daemon can start under it. A daemon that starts meanwhile waits
+for such a command to end (it holds the lock for a bounded time), and exits 3 ("already
+running") only for a live daemon: a service manager that does not restart on 3 must not give
+up on a daemon that merely arrived during an offline `remove`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import AlreadyRunningError, BusyError, StorageError
-from .fileio import ensure_private_dir, open_lock_file
+from .fileio import ensure_private_dir, open_lock_file, read_regular_file
 
 __all__ = ["OFFLINE_HOLD_SECONDS", "OwnerLock", "holder", "holder_pid"]
 
@@ -37,7 +38,9 @@ OFFLINE = "offline"
 def holder(path: Path) -> tuple[bool, int] | None:
     """Who the lock file names: (offline, pid), or None if it names nobody readable."""
     try:
-        words = path.read_text(encoding="ascii").split("\n", 1)[0].split()
+        # Non-blocking and regular files only: a FIFO planted at a lock path must not hang us.
+        raw, _ = read_regular_file(path, 64, follow_symlinks=False)
+        words = raw.decode("ascii").split("\n", 1)[0].split()
     except (OSError, UnicodeDecodeError):
         return None
     offline = len(words) == 2 and words[0] == OFFLINE
@@ -65,6 +68,38 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+#: The single-owner lock's name in 0.1.0, beside today's.
+LEGACY_LOCK_NAME = "daemon.lock"
+
+
+def _legacy_daemon(path: Path) -> int | None:
+    """The pid of a 0.1.0 daemon still running from this state directory, if any.
+
+    During an upgrade the old daemon may still run, holding ``daemon.lock`` (with its pid
+    inside) rather than ``.owner.lock``; a new daemon or offline command beside it would
+    refresh or rewrite the same chains, so it is refused as "already running" until the old
+    one stops. Today ``daemon.lock`` is only a ``daemon`` profile's lock: held briefly, with
+    no pid written in it (or a dead 0.1.0 daemon's), so it is never mistaken for a daemon.
+    """
+    legacy = path.with_name(LEGACY_LOCK_NAME)
+    if legacy == path:
+        return None
+    named = holder(legacy)
+    if named is None or named[0] or not _alive(named[1]):
+        return None
+    try:
+        fd = os.open(legacy, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return named[1]
+    finally:
+        os.close(fd)
+    return None
 
 
 class OwnerLock:
@@ -117,6 +152,10 @@ class OwnerLock:
                     os.close(fd)
                     raise AlreadyRunningError(pid) from None
                 time.sleep(0.05)
+        old = _legacy_daemon(self.path)
+        if old is not None:
+            os.close(fd)
+            raise AlreadyRunningError(old)
         # Written over in place (never truncated first), so a reader sees a whole first line.
         me = f"{os.getpid()}\n" if record_pid else f"{OFFLINE} {os.getpid()}\n"
         os.pwrite(fd, me.encode(), 0)

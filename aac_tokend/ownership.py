@@ -92,8 +92,9 @@ def claim(
 ) -> ProfileState | None:
     """The state to save for an import of ``new``, or None if it is already current.
 
-    ``own`` are the known versions of the importing profile (on disk, and in the daemon's
-    memory when it holds a newer pair than the disk); ``others`` those of every other
+    ``own`` are the known versions of the importing profile (on disk, in the daemon's memory
+    when it holds a newer pair than the disk, and a pending record); the import continues
+    their highest generation. ``others`` those of every other
     profile. Raises TokenHeldError or TokenSpentError; neither message contains a token.
     A static token replaces a live OAuth chain only with ``replace_chain`` (ChainInUseError).
     """
@@ -109,11 +110,16 @@ def claim(
     # outlives every import: its old tokens stay spent.
     if current is None:
         return new
+    # The generation goes on from the highest version known (disk, memory, pending record):
+    # a pair the disk refused for the old chain must never look newer than this import
+    # (pending.follows).
+    generation = current.generation + 1
     rotated = tuple(current.spent_rt_hashes)
     for maybe in sorted(_spent_by(current) - set(rotated) - set(current.spent_imported_rt_hashes)):
         rotated = (*rotated, maybe)[-SPENT_HISTORY:]  # a journal of a 0.1.0 file, say
     return dataclasses.replace(
         new,
+        generation=generation,
         spent_rt_hashes=rotated,
         spent_imported_rt_hashes=tuple(current.spent_imported_rt_hashes),
     )

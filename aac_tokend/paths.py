@@ -42,6 +42,13 @@ class Paths:
 
     @property
     def daemon_lock(self) -> Path:
+        # A dot first: no profile name starts with one, so no profile lock (<profile>.lock)
+        # can be this file, in any case.
+        return self.state_dir / ".owner.lock"
+
+    @property
+    def legacy_daemon_lock(self) -> Path:
+        """The single-owner lock of 0.1.0, which a ``daemon`` profile's lock now may be."""
         return self.state_dir / "daemon.lock"
 
     @property

@@ -32,11 +32,16 @@ def follows(held: ProfileState, disk: ProfileState) -> bool:
     """True if ``held`` (an outcome the disk refused) is the successor of the state on disk.
 
     Only then may it be written over the state file: the disk still holds the journal of the
-    attempt that produced it (``in_flight`` set, an older generation). A state file that moved
-    on since (saved late, imported anew, recovered) wins, and ``held`` is dropped. The one
-    rule for adopting a pending record at start and for the daemon's late retry.
+    attempt that produced it (``in_flight`` set, an older generation, and the journal names
+    the token ``held`` has spent). A state file that moved on since (saved late, imported
+    anew, recovered) wins, and ``held`` is dropped: a newer import's own journal has a token
+    the old chain never sent, whatever the generations say. The one rule for adopting a
+    pending record at start and for the daemon's late retry.
     """
-    return disk.in_flight is not None and held.generation > disk.generation
+    if disk.in_flight is None or held.generation <= disk.generation:
+        return False
+    spent = {*held.spent_rt_hashes, *held.spent_imported_rt_hashes, held.ambiguous_rt_hash}
+    return disk.in_flight.rt_hash in spent
 
 
 class PendingStore:

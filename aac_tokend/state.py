@@ -19,7 +19,6 @@ from .errors import ProfileError, StateCorruptError
 
 __all__ = [
     "FORMAT_VERSION",
-    "RESERVED_PROFILE_NAMES",
     "InFlight",
     "ProfileState",
     "Rejection",
@@ -38,11 +37,9 @@ _READABLE_FORMATS = (1, 2, 3)
 
 #: Profile names become file and socket names: keep them short and shell-safe.
 _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-#: Names whose files would be the daemon's own: ``daemon`` + ``.lock`` is the single-owner
-#: lock in the state directory. Compared without case, because macOS file systems ignore it
-#: (``Daemon.lock`` is ``daemon.lock`` there). tests/test_paths.py derives every profile file
-#: name from every daemon file name, so a new daemon file cannot collide unnoticed.
-RESERVED_PROFILE_NAMES = frozenset({"daemon"})
+#: The daemon's own files are named so that no profile's can be (``.owner.lock`` starts with
+#: a dot, a profile name cannot): tests/test_paths.py derives every profile file name from
+#: every daemon file name, so a new daemon file cannot collide unnoticed.
 
 
 def validate_profile_name(name: str) -> str:
@@ -51,10 +48,6 @@ def validate_profile_name(name: str) -> str:
         raise ProfileError(
             f"profile name {name[:70]!r} is not allowed; use 1-64 letters, digits, '-', '_' "
             "or '.', starting with a letter or digit"
-        )
-    if name.lower() in RESERVED_PROFILE_NAMES:
-        raise ProfileError(
-            f"profile name {name!r} is reserved: the daemon's own files use it; choose another name"
         )
     return name
 

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 
 from aac_tokend.courier import WAIT_SECONDS
 from aac_tokend.errors import AlreadyRunningError, BusyError, StorageError
-from aac_tokend.owner import DEAD_HOLDER_GRACE_SECONDS, OFFLINE_HOLD_SECONDS, OwnerLock, holder
+from aac_tokend.owner import (
+    DEAD_HOLDER_GRACE_SECONDS,
+    LEGACY_LOCK_NAME,
+    OFFLINE_HOLD_SECONDS,
+    OwnerLock,
+    holder,
+)
+from aac_tokend.store import hold_lock
 
 #: A process holding the lock as the daemon (``daemon``) or as an offline command, for
 #: ``seconds``; it prints one line once it holds it.
@@ -32,7 +39,7 @@ time.sleep(float(sys.argv[3]))
 
 @pytest.fixture
 def lock_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "daemon.lock"
+    return tmp_path / "state" / ".owner.lock"
 
 
 def _hold(lock_path: Path, role: str, seconds: float) -> subprocess.Popen[str]:
@@ -170,3 +177,39 @@ class TestLockFileNotRegular:
         with pytest.raises(StorageError, match="not a regular file; move it aside") as info:
             OwnerLock(lock_path).acquire(record_pid=False)
         assert "\n" not in str(info.value)
+
+
+class TestHolderNeverBlocks:
+    """Reading who holds a lock never waits on what is planted there."""
+
+    def test_a_fifo_at_the_old_lock_name_is_nobody(self, lock_path: Path) -> None:
+        """A FIFO at daemon.lock (a profile's lock today) names no holder and does not hang."""
+        lock_path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.mkfifo(lock_path.with_name(LEGACY_LOCK_NAME), 0o600)
+        assert holder(lock_path.with_name(LEGACY_LOCK_NAME)) is None
+        lock = OwnerLock(lock_path)
+        lock.acquire()
+        lock.release()
+
+
+class TestUpgradeFrom010:
+    """A 0.1.0 daemon, holding ``daemon.lock``, still owns the state directory."""
+
+    def test_an_old_daemon_still_running_is_already_running(
+        self, lock_path: Path, holders: list[subprocess.Popen[str]]
+    ) -> None:
+        """A new daemon and a new offline command both give up, naming the old daemon."""
+        holders.append(old := _hold(lock_path.with_name(LEGACY_LOCK_NAME), "daemon", 30))
+        with pytest.raises(AlreadyRunningError) as refused:
+            OwnerLock(lock_path).acquire()
+        assert refused.value.pid == old.pid
+        with pytest.raises(AlreadyRunningError), OwnerLock(lock_path):
+            pass
+
+    def test_a_daemon_profiles_lock_is_no_old_daemon(self, lock_path: Path) -> None:
+        """A ``daemon`` profile's lock, held, over a dead 0.1.0 daemon's pid, is no owner."""
+        _dead_daemon_recorded(lock_path.with_name(LEGACY_LOCK_NAME))
+        with hold_lock(lock_path.with_name(LEGACY_LOCK_NAME), 1.0):
+            lock = OwnerLock(lock_path)
+            lock.acquire()
+            lock.release()

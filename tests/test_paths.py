@@ -48,7 +48,7 @@ class TestHomeLayout:
         assert paths == Paths(tmp_path / "config", tmp_path / "state", tmp_path / "run")
         assert paths.config_file == tmp_path / "config" / "config.toml"
         assert paths.key_file == tmp_path / "config" / "state.key"
-        assert paths.daemon_lock == tmp_path / "state" / "daemon.lock"
+        assert paths.daemon_lock == tmp_path / "state" / ".owner.lock"
         assert paths.control_socket == tmp_path / "run" / "control.sock"
         assert paths.token_socket("work") == tmp_path / "run" / "work.token.sock"
 
@@ -221,7 +221,7 @@ class TestProfileFilesNeverCollide:
     def paths(self, tmp_path: Path) -> Paths:
         return resolve_paths({HOME_ENV: str(tmp_path)})
 
-    def test_every_name_that_would_collide_is_refused(self, paths: Paths) -> None:
+    def test_no_daemon_file_reads_back_as_a_profile_name(self, paths: Paths) -> None:
         """Each daemon file, read back as a profile file, gives a name the importer refuses."""
         suffixes = {
             paths.state_dir: (".state", ".lock"),
@@ -234,10 +234,12 @@ class TestProfileFilesNeverCollide:
             for suffix in suffixes.get(path.parent, ()):
                 if path.name.endswith(suffix):
                     colliding.append(path.name[: -len(suffix)])
-        assert colliding == ["daemon"]
-        for name in colliding + [n.upper() for n in colliding] + ["Daemon"]:
-            with pytest.raises(ProfileError, match="reserved"):
+        assert colliding == [".owner"]
+        for name in colliding:
+            with pytest.raises(ProfileError, match="starting with a letter or digit"):
                 validate_profile_name(name)
+        for name in ("daemon", "Daemon", "DAEMON"):  # 0.1.0's lock name: a profile's now
+            assert validate_profile_name(name) == name
 
     @settings(
         max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

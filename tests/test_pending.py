@@ -16,7 +16,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from aac_tokend.endpoint import TokenEndpoint
 from aac_tokend.engine import Engine
 from aac_tokend.errors import StorageError
 from aac_tokend.importer import build_state, parse_import_text
-from aac_tokend.pending import PendingStore
+from aac_tokend.pending import PendingStore, follows
 from aac_tokend.policy import begin_attempt
 from aac_tokend.sandbox import SandboxServer
 from aac_tokend.scheduling import SystemClock
@@ -36,6 +36,7 @@ from aac_tokend.state import ProfileState
 from aac_tokend.store import FileStore, load_or_create_key
 from aac_tokend.testing import FailingFileLayer, FakeScheduler, oauth_state
 from aac_tokend.tokens import token_hash
+from tests.helpers_e2e import E2EHome, RecordingSandbox, import_pair
 
 
 @pytest.fixture
@@ -191,6 +192,99 @@ class TestAdoption:
         request = parse_import_text(json.dumps(sandbox.generate()), profile="work")
         engine.import_profile(dataclasses.replace(request, token_endpoint=sandbox.token_endpoint))
         assert pending.get("work") is None
+
+
+class _UnclearablePending(PendingStore):
+    """A pending directory whose records cannot be removed (EACCES, EIO on unlink)."""
+
+    def clear(self, profile: str) -> None:
+        raise StorageError(
+            f"cannot remove the pending state {self.path(profile)}: Permission denied"
+        )
+
+
+def _old_chain_at(store: FileStore, generation: int) -> ProfileState:
+    """An old chain's state file, rotated until ``generation``; no journal on it."""
+    state = oauth_state()
+    for n in range(generation):
+        state = state.bumped(refresh_token=f"old-chain-refresh-{n}", spent_rt_hashes=(f"{n:016x}",))
+    store.save(state)
+    return state
+
+
+class TestStaleRecordAfterImport:
+    """An old chain's pending record never replaces a newer import, whatever it survived."""
+
+    def test_follows_only_the_journal_of_the_token_it_spent(self, root: Path, key: bytes) -> None:
+        """A newer generation is not enough: the disk's journal must name a token held spent."""
+        store = FileStore(root / "state", key)
+        journal, successor = _journal_and_successor(store)
+        assert follows(successor, journal)
+        other = begin_attempt(oauth_state(refresh_token="another-chain-refresh"), time.time())
+        assert other.generation < successor.generation
+        assert not follows(successor, other)
+
+    def test_an_import_continues_the_generation(
+        self, root: Path, key: bytes, sandbox: SandboxServer
+    ) -> None:
+        """Through the daemon, an import's state is newer than any version known before it."""
+        store = FileStore(root / "state", key)
+        _old_chain_at(store, 5)
+        engine = _engine(store, PendingStore(root / "run"), key)
+        request = parse_import_text(json.dumps(sandbox.generate()), profile="work")
+        engine.import_profile(dataclasses.replace(request, token_endpoint=sandbox.token_endpoint))
+        loaded = store.load("work")
+        assert loaded is not None and loaded.generation == 6
+
+    def test_a_record_left_behind_loses_to_the_new_chains_journal(
+        self, root: Path, key: bytes, sandbox: SandboxServer
+    ) -> None:
+        """Import over a record that could not be removed, journal, restart: the import stays."""
+        store = FileStore(root / "state", key)
+        old = _old_chain_at(store, 3)
+        stale = old.bumped(refresh_token="old-chain-successor", access_token="old-chain-access")
+        pending = _UnclearablePending(root / "run")
+        pending.put("work", store.encrypt(stale))
+        engine = _engine(store, pending, key)  # drops the record, which stays on disk
+        request = parse_import_text(json.dumps(sandbox.generate()), profile="work")
+        imported = engine.import_profile(
+            dataclasses.replace(request, token_endpoint=sandbox.token_endpoint)
+        )
+        assert imported.generation > stale.generation
+        assert pending.get("work") is not None
+        store.save(begin_attempt(imported, time.time()))  # a courier killed after its journal
+        restarted = _engine(store, PendingStore(root / "run"), key)
+        held = store.load("work")
+        assert held is not None and held.refresh_token == imported.refresh_token
+        assert restarted.current_token("work") != b"old-chain-access"
+        assert PendingStore(root / "run").get("work") is None
+
+
+class TestOfflineCommands:
+    """Without a daemon, import and remove drop the profile's pending record too."""
+
+    def test_offline_import_continues_and_drops_the_record(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """The import is newer than the record, which is gone after it."""
+        sandbox = sandboxes()
+        store = FileStore(home.paths.state_dir, load_or_create_key(home.paths.config_dir))
+        pending = PendingStore(home.paths.pending_dir)
+        old = _old_chain_at(store, 2)
+        pending.put("work", store.encrypt(old.bumped(refresh_token="old-chain-successor")))
+        import_pair(home, sandbox, profile="work")
+        loaded = store.load("work")
+        assert loaded is not None and loaded.generation == 4
+        assert pending.get("work") is None
+
+    def test_offline_remove_drops_the_record(self, home: E2EHome) -> None:
+        """A removed profile is never brought back from its pending record at start."""
+        store = FileStore(home.paths.state_dir, load_or_create_key(home.paths.config_dir))
+        pending = PendingStore(home.paths.pending_dir)
+        old = _old_chain_at(store, 2)
+        pending.put("work", store.encrypt(old.bumped(refresh_token="old-chain-successor")))
+        assert home.cli("remove", "--yes", "work").returncode == 0
+        assert store.load("work") is None and pending.get("work") is None
 
 
 class TestCourierLostAfterKeeping:

@@ -149,18 +149,19 @@ class TestUnusableAlikeWithAndWithoutDaemon:
 class TestImportRefusals:
     """What would fail when served fails at import, before anything is saved."""
 
-    @pytest.mark.parametrize("name", ["daemon", "Daemon", "DAEMON"])
-    def test_name_of_a_daemon_file_is_refused(
+    @pytest.mark.parametrize("name", ["daemon", "Daemon"])
+    def test_a_profile_named_daemon_is_an_ordinary_profile(
         self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox], name: str
     ) -> None:
-        """A profile named like the single-owner lock is refused with a one-line error."""
+        """0.1.0 let ``Daemon`` be made on Linux: it imports, and removes, like any name."""
         sandbox = sandboxes()
         result = home.cli(
             "import", "--profile", name, "--token-endpoint", sandbox.token_endpoint,
             input=json.dumps(sandbox.generate()),
         )  # fmt: skip
-        line = assert_one_line_error(result, 65)
-        assert "reserved" in line and "choose another name" in line
+        assert result.returncode == 0, result.stderr
+        assert (home.paths.state_dir / f"{name}.state").exists()
+        assert home.cli("remove", "--yes", name).returncode == 0
         assert not (home.paths.state_dir / f"{name}.state").exists()
 
     def test_too_long_socket_path_is_refused_before_saving(
