@@ -124,7 +124,7 @@ class TestBuild:
             names = zf.namelist()
             (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
             metadata = zf.read(meta).decode()
-        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+        assert any(n.endswith(".dist-info/licenses/aac_tokend/LICENSE") for n in names), names
         assert any(n.endswith("_units_systemd/aac-tokend.service") for n in names), names
         assert any(n.endswith(".plist") for n in names), names
         assert "License-Expression: Apache-2.0" in metadata
