@@ -33,7 +33,8 @@ def fast_token_args(args: list[str], default_profile: str) -> tuple[str, str] | 
         arg = rest.pop(0)
         if arg in _FAST_FORMATS and form == "plain":
             form = _FAST_FORMATS[arg]
-        elif arg in ("--profile", "-p") and rest:
+        elif arg in ("--profile", "-p") and rest and not rest[0].startswith("-"):
+            # argparse reads a following "-..." word as an option, not as the profile
             profile = rest.pop(0)
         elif arg.startswith("--profile="):
             profile = arg.split("=", 1)[1]

@@ -238,6 +238,8 @@ class TestFastPathReadsArgvLikeArgparse:
         assert fast_token_args(["-p", "work", "--header"], "x") == ("work", "header")
         assert fast_token_args(["--curl-config", "--profile=w"], "x") == ("w", "curl-config")
         assert fast_token_args(["--profile", "--header"], "x") is None
+        # "-p" takes no "-..." word as its value in argparse, even when a later option names one
+        assert fast_token_args(["-p", "--header", "--profile=work"], "x") is None
 
 
 # -- status --check ----------------------------------------------------------------------
