@@ -181,30 +181,15 @@ class TestNeedsDaemon:
 
 def _import_at_a_terminal(home: E2EHome, endpoint: str, pair: dict[str, object], days: str) -> str:
     """Run `import` on a pseudo-terminal, answering its prompts; its whole output."""
-    argv = home.command("import", "--profile", "work", "--token-endpoint", endpoint)
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the child becomes the command
-        os.execve(argv[0], argv, home.env)  # noqa: S606 - argv from the test, no shell
-    answers = [str(pair["access_token"]), str(pair["refresh_token"]), days]
-    prompts = ["Access token", "Refresh token", "lifetime in days"]
-    seen = b""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if prompts and prompts[0].encode() in seen:
-            prompts.pop(0)
-            os.write(fd, answers.pop(0).encode() + b"\n")
-        if not select.select([fd], [], [], 0.5)[0]:
-            continue
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(fd)
-    os.waitpid(pid, 0)
-    return seen.decode(errors="replace")
+    return _at_a_terminal(
+        home,
+        ["import", "--profile", "work", "--token-endpoint", endpoint],
+        [
+            ("Access token", str(pair["access_token"])),
+            ("Refresh token", str(pair["refresh_token"])),
+            ("lifetime in days", days),
+        ],
+    )
 
 
 class TestHungDaemon:
