@@ -23,6 +23,7 @@ from urllib.parse import urljoin
 import requests
 
 from .client import ControlClient, read_token
+from .core.tokens import direct_proxies, url_origin
 from .errors import (
     AacTokendError,
     AlertError,
@@ -31,9 +32,8 @@ from .errors import (
     InputError,
     control_refusal,
 )
-from .paths import resolve_paths
+from .host.paths import resolve_paths
 from .rundir import PROFILE_ENV
-from .tokens import direct_proxies, url_origin
 
 __all__ = ["TokendAuth", "add_arguments", "get_token", "request_refresh", "run_cli"]
 
@@ -165,7 +165,7 @@ def _network_words(exc: requests.exceptions.RequestException) -> str:
     Never ``str(exc)``: requests puts the URLs it tried in it, a proxy URL with its password
     among them (``Failed to parse: http://user:password@...``).
     """
-    from .endpoint import name_network_failure
+    from .refresh.endpoint import name_network_failure
 
     named = name_network_failure(exc)
     if named is not None:
@@ -190,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="API path, e.g. /iam/v1/workspaces/current")
     parser.add_argument("--data", help="JSON request body")
     parser.add_argument("--base-url", help="API base URL (default: the profile's)")
-    from .commands import add_profile_option  # already imported: commands mounts this one
+    from .commands.main import add_profile_option  # already imported: commands mounts this one
 
     add_profile_option(parser)
 
@@ -221,7 +221,7 @@ def run_cli(args: argparse.Namespace) -> int:
             # alert is the answer, with the exit status of any other alert.
             alert = rows[0].get("alert") or "the daemon knows no API base URL for it"
             raise AlertError(f"profile {args.profile}: {alert}; or pass --base-url")
-    from .importer import _check_api_base  # import's words for a bad API base URL
+    from .core.importer import _check_api_base  # import's words for a bad API base URL
 
     base = _check_api_base(base)
     path = args.path if args.path.startswith("/") else "/" + args.path

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         fast = _fast_token(args[1:])
         if fast is not None:
             return fast
-    from .commands import dispatch
+    from .commands.main import dispatch
 
     return dispatch(args)
 

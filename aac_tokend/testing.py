@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .conditions import AlertEvent
+from .core.conditions import AlertEvent
+from .core.state import ProfileState, TokenKind, validate_profile_name
 from .errors import BusyError, KeyringUnavailableError, ProfileError
-from .fileio import OsFileLayer
-from .state import ProfileState, TokenKind, validate_profile_name
+from .store.fileio import OsFileLayer
 
 __all__ = [
     "FailingFileLayer",

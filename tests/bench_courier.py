@@ -14,15 +14,15 @@ import statistics
 import time
 from pathlib import Path
 
-from aac_tokend.courier import (
+from aac_tokend.core.importer import build_state
+from aac_tokend.refresh.courier import (
     CourierJob,
     ForkCourier,
     InProcessRefresher,
     Refresher,
     SpawnCourier,
 )
-from aac_tokend.importer import build_state
-from aac_tokend.store import FileStore
+from aac_tokend.store.files import FileStore
 from tests.bench_procs import Row, Sandbox, import_request, row, short_dir
 
 __all__ = ["courier_rows"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aac_tokend.client import ControlClient
-from aac_tokend.importer import ImportRequest
+from aac_tokend.core.importer import ImportRequest
 
 __all__ = [
     "Daemon",

@@ -18,11 +18,11 @@ import statistics
 import time
 from functools import partial
 
-from aac_tokend.importer import build_state
-from aac_tokend.policy import PolicySettings, next_refresh_at
-from aac_tokend.state import ProfileState
-from aac_tokend.store import FileStore, load_or_create_key
-from aac_tokend.tokens import token_hash
+from aac_tokend.core.importer import build_state
+from aac_tokend.core.policy import PolicySettings, next_refresh_at
+from aac_tokend.core.state import ProfileState
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.store.files import FileStore, load_or_create_key
 from tests.bench_procs import (
     Daemon,
     Row,

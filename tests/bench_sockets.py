@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from aac_tokend.client import ControlClient
-from aac_tokend.control_server import ControlServer
-from aac_tokend.token_server import TokenServer
+from aac_tokend.serve.control_server import ControlServer
+from aac_tokend.serve.token_server import TokenServer
 
 __all__ = ["main"]
 

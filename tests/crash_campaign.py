@@ -35,11 +35,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from aac_tokend.logs import configure_logging
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.state import RejectionReason
-from aac_tokend.store import hold_lock
-from aac_tokend.tokens import token_hash
+from aac_tokend.core.state import RejectionReason
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.host.logs import configure_logging
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import hold_lock
 
 from .crash_rig import TIMEOUT, Chain, Rig, chains, proc_info, rotations, wait_for
 from .crash_storage import FaultResult, Window, measure_window, run_faults

@@ -32,11 +32,11 @@ from typing import IO, Any
 import requests
 
 from aac_tokend.client import ControlClient, read_token
-from aac_tokend.paths import Paths
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.state import ProfileState
-from aac_tokend.store import FileStore
-from aac_tokend.tokens import token_hash
+from aac_tokend.core.state import ProfileState
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.host.paths import Paths
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore
 
 __all__ = [
     "TIMEOUT",
@@ -61,9 +61,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 #: The daemon with a spawned courier instead of the default fork (no CLI switch exists).
 _SPAWN_DAEMON = (
     "import sys\n"
-    "from aac_tokend.courier import SpawnCourier\n"
-    "from aac_tokend.daemon import Daemon\n"
-    "from aac_tokend.paths import resolve_paths\n"
+    "from aac_tokend.refresh.courier import SpawnCourier\n"
+    "from aac_tokend.daemon.main import Daemon\n"
+    "from aac_tokend.host.paths import resolve_paths\n"
     "sys.exit(Daemon(resolve_paths(), refresher=SpawnCourier()).run())\n"
 )
 
@@ -296,7 +296,8 @@ class Rig:
 
     def couriers(self, daemon_pid: int) -> list[int]:
         """Live children of ``daemon_pid`` in a session of their own running the daemon's
-        program (a fork) or ``aac_tokend.courier`` (a spawn): its couriers, not its alerts."""
+        program (a fork) or ``aac_tokend.refresh.courier`` (a spawn): its couriers, not its
+        alerts."""
         found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -305,7 +306,7 @@ class Rig:
             info = proc_info(pid)
             if info and info.ppid == daemon_pid and info.sid == pid and info.state != "Z":
                 cmdline = _cmdline(pid)
-                if cmdline == _cmdline(daemon_pid) or b"aac_tokend.courier" in cmdline:
+                if cmdline == _cmdline(daemon_pid) or b"aac_tokend.refresh.courier" in cmdline:
                     found.append(pid)
         return found
 

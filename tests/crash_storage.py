@@ -28,20 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aac_tokend.alerts import Alerter
-from aac_tokend.config import Config
-from aac_tokend.courier import CourierJob, CourierResult, carry
-from aac_tokend.endpoint import TokenEndpoint
-from aac_tokend.engine import Engine
-from aac_tokend.importer import build_state, parse_import_text
-from aac_tokend.logs import configure_logging
-from aac_tokend.pending import PendingStore
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.scheduling import SystemClock
-from aac_tokend.state import RejectionReason
-from aac_tokend.store import FileStore, load_or_create_key
+from aac_tokend.core.config import Config
+from aac_tokend.core.importer import build_state, parse_import_text
+from aac_tokend.core.state import RejectionReason
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.daemon.alerts import Alerter
+from aac_tokend.daemon.engine import Engine
+from aac_tokend.daemon.scheduling import SystemClock
+from aac_tokend.host.logs import configure_logging
+from aac_tokend.refresh.courier import CourierJob, CourierResult, carry
+from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore, load_or_create_key
+from aac_tokend.store.pending import PendingStore
 from aac_tokend.testing import FailingFileLayer, FakeScheduler
-from aac_tokend.tokens import token_hash
 
 from .crash_rig import chains
 

@@ -33,11 +33,15 @@ except ImportError:  # not installable here: fall back to hypothesis
 if atheris is not None and "--child" in sys.argv:
     # only the fuzzing child pays for instrumenting, and only our own package
     with atheris.instrument_imports(include=["aac_tokend"]):
-        from aac_tokend import config, control_server, endpoint, importer, tokens
+        from aac_tokend.core import config, importer, tokens
         from aac_tokend.errors import AacTokendError
+        from aac_tokend.refresh import endpoint
+        from aac_tokend.serve import control_server
 else:
-    from aac_tokend import config, control_server, endpoint, importer, tokens
+    from aac_tokend.core import config, importer, tokens
     from aac_tokend.errors import AacTokendError
+    from aac_tokend.refresh import endpoint
+    from aac_tokend.serve import control_server
 
 __all__ = ["TARGETS", "main"]
 

@@ -27,7 +27,7 @@ The names listed in ``__all__`` are stable: other engineers' end-to-end tests bu
   ``wait_ready``, ``status``, ``control``, ``token``, ``send_signal``, ``kill``, ``stop``,
   ``wait``, ``output``.
 - ``running_sandbox(**kwargs)``: a context manager yielding a started ``RecordingSandbox``
-  (``aac_tokend.sandbox.SandboxServer`` in this process, so a test can read its log, delay
+  (``aac_tokend.sandbox.server.SandboxServer`` in this process, so a test can read its log, delay
   its answers and inject failures) that also remembers every token it issued.
 - ``import_pair(home, sandbox, profile=...)``: generates a token family at the sandbox and
   imports it with ``aac-tokend import``; returns the generated token JSON.
@@ -59,8 +59,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aac_tokend.client import ControlClient, read_token
-from aac_tokend.paths import Paths, resolve_paths
-from aac_tokend.sandbox import SandboxServer
+from aac_tokend.host.paths import Paths, resolve_paths
+from aac_tokend.sandbox.server import SandboxServer
 
 __all__ = [
     "CONSOLE_SCRIPT",

@@ -27,14 +27,14 @@ from typing import Any
 
 import requests
 
-from aac_tokend.alerts import Alerter, AlertSink
-from aac_tokend.config import Config
-from aac_tokend.courier import ForkCourier, InProcessRefresher, Refresher
-from aac_tokend.endpoint import TokenEndpoint
-from aac_tokend.engine import Engine
-from aac_tokend.importer import ImportRequest, parse_import_text
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.store import FileStore
+from aac_tokend.core.config import Config
+from aac_tokend.core.importer import ImportRequest, parse_import_text
+from aac_tokend.daemon.alerts import Alerter, AlertSink
+from aac_tokend.daemon.engine import Engine
+from aac_tokend.refresh.courier import ForkCourier, InProcessRefresher, Refresher
+from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore
 from aac_tokend.testing import FakeClock, FakeScheduler, RecordingSink
 
 __all__ = [

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aac_tokend.paths import HOME_ENV, resolve_paths
+from aac_tokend.host.paths import HOME_ENV, resolve_paths
 
 __all__ = [
     "RUN_MARKER_ENV",

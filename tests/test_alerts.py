@@ -12,7 +12,9 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from aac_tokend.alerts import (
+from aac_tokend.core.conditions import AlertEvent, Condition
+from aac_tokend.core.config import Config
+from aac_tokend.daemon.alerts import (
     DESKTOP_INHERITED,
     Alerter,
     CommandSink,
@@ -20,8 +22,6 @@ from aac_tokend.alerts import (
     LogSink,
     build_sinks,
 )
-from aac_tokend.conditions import AlertEvent, Condition
-from aac_tokend.config import Config
 
 DAY = 86400.0
 #: Generous: a hook is a tiny shell script, but CI machines stall.

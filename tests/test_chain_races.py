@@ -19,20 +19,26 @@ from pathlib import Path
 
 import pytest
 
-from aac_tokend.alerts import Alerter
-from aac_tokend.config import Config
-from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, Refresher, carry
-from aac_tokend.endpoint import TokenEndpoint
-from aac_tokend.engine import Engine
+from aac_tokend.core.config import Config
+from aac_tokend.core.importer import ImportRequest, parse_import_text
+from aac_tokend.core.state import ProfileState
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.daemon.alerts import Alerter
+from aac_tokend.daemon.engine import Engine
+from aac_tokend.daemon.scheduling import SystemClock
 from aac_tokend.errors import BusyError, HolderUnknownError, TokenHeldError
-from aac_tokend.importer import ImportRequest, parse_import_text
-from aac_tokend.pending import PendingStore
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.scheduling import SystemClock
-from aac_tokend.state import ProfileState
-from aac_tokend.store import FileStore
+from aac_tokend.refresh.courier import (
+    CourierJob,
+    CourierResult,
+    InProcessRefresher,
+    Refresher,
+    carry,
+)
+from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore
+from aac_tokend.store.pending import PendingStore
 from aac_tokend.testing import FailingFileLayer, FakeScheduler
-from aac_tokend.tokens import token_hash
 
 
 class SteppedStore(FileStore):

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from aac_tokend.commands import READ_TIMEOUT_SECONDS, ask_refresh_lifetime
+from aac_tokend.commands.main import READ_TIMEOUT_SECONDS, ask_refresh_lifetime
 from aac_tokend.errors import InputError
 from tests.helpers_e2e import (
     CliResult,

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from aac_tokend.policy import SERVE_MARGIN_SECONDS
+from aac_tokend.core.policy import SERVE_MARGIN_SECONDS
+from aac_tokend.core.tokens import parse_jwt
 from aac_tokend.testing import T0
-from aac_tokend.tokens import parse_jwt
 from tests.scenario_support import HOUR, World, api_accepts
 
 STEP = 1.0  # seconds between wake-ups: the tick's cadence, rounded down

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from aac_tokend.completion import full_parser
+from aac_tokend.commands.completion import full_parser
 from tests.helpers_e2e import CONSOLE_SCRIPT, E2EHome, RecordingSandbox, import_pair
 
 

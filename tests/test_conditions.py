@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.conditions import AlertEvent, condition_of, rejection_alert
-from aac_tokend.state import ProfileState, Rejection, RejectionReason, TokenKind
+from aac_tokend.core.conditions import AlertEvent, condition_of, rejection_alert
+from aac_tokend.core.state import ProfileState, Rejection, RejectionReason, TokenKind
 from aac_tokend.testing import oauth_state
 
 T0 = 1_800_000_000.0

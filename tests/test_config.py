@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.config import (
+from aac_tokend.core.config import (
     CONFIG_FILENAME,
     MAX_CONFIG_BYTES,
     POLICY_RANGES,
@@ -21,8 +21,8 @@ from aac_tokend.config import (
     load_config,
     parse_config,
 )
+from aac_tokend.core.policy import PolicySettings
 from aac_tokend.errors import ConfigError
-from aac_tokend.policy import PolicySettings
 
 #: The example in the README's Configuration section; kept identical to it.
 README_EXAMPLE = """\

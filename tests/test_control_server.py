@@ -19,9 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend import control_server, errors
+from aac_tokend import errors
 from aac_tokend.client import ControlClient, read_token
-from aac_tokend.control_server import (
+from aac_tokend.serve import control_server
+from aac_tokend.serve.control_server import (
     ERROR_CODES,
     MAX_CONNECTIONS,
     MAX_DEPTH,
@@ -29,7 +30,7 @@ from aac_tokend.control_server import (
     ControlServer,
     error_code,
 )
-from aac_tokend.token_server import TokenServer
+from aac_tokend.serve.token_server import TokenServer
 
 NOBODY = 65534
 #: Generous: only a stalled machine gets near it.
@@ -612,7 +613,7 @@ class TestLimits:
         code = (
             "import sys, time\n"
             "from pathlib import Path\n"
-            "from aac_tokend.control_server import ControlServer\n"
+            "from aac_tokend.serve.control_server import ControlServer\n"
             "class H:\n"
             "    def handle(self, request):\n"
             "        return {'ok': True}\n"

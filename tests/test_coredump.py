@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from aac_tokend.control_server import ControlServer
-from aac_tokend.sandbox import SandboxServer
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.serve.control_server import ControlServer
 
 #: Generous bound for a CLI child to start on a loaded machine and reach the point tested.
 STARTUP_SECONDS = 60.0
@@ -197,7 +197,10 @@ class TestDumpable:
 
     def test_forbid_makes_the_process_undumpable(self) -> None:
         """After forbid_core_dumps, PR_GET_DUMPABLE says 0 and the soft core limit is 0."""
-        code = f"from aac_tokend.coredump import forbid_core_dumps; forbid_core_dumps(); {_REPORT}"
+        code = (
+            "from aac_tokend.host.coredump import forbid_core_dumps; forbid_core_dumps(); "
+            f"{_REPORT}"
+        )
         out = subprocess.run(
             [sys.executable, "-c", code], preexec_fn=_cores_allowed, capture_output=True,
             text=True, timeout=STARTUP_SECONDS, check=True,

@@ -20,9 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from aac_tokend.alerts import Alerter
-from aac_tokend.config import Config
-from aac_tokend.courier import (
+from aac_tokend.core.config import Config
+from aac_tokend.core.importer import build_state, parse_import_text
+from aac_tokend.core.report import CHECK_EXIT, check_rows
+from aac_tokend.core.state import ProfileState, RejectionReason
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.daemon.alerts import Alerter
+from aac_tokend.daemon.engine import Engine
+from aac_tokend.daemon.scheduling import SystemClock
+from aac_tokend.refresh.courier import (
     LOCK_WAIT_SECONDS,
     MAX_LIFE_SECONDS,
     SAVE_RETRY_SECONDS,
@@ -33,16 +39,10 @@ from aac_tokend.courier import (
     _disarm,
     carry,
 )
-from aac_tokend.endpoint import TOTAL_DEADLINE_SECONDS, TokenEndpoint
-from aac_tokend.engine import Engine
-from aac_tokend.importer import build_state, parse_import_text
-from aac_tokend.report import CHECK_EXIT, check_rows
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.scheduling import SystemClock
-from aac_tokend.state import ProfileState, RejectionReason
-from aac_tokend.store import FileStore
+from aac_tokend.refresh.endpoint import TOTAL_DEADLINE_SECONDS, TokenEndpoint
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore
 from aac_tokend.testing import FailingFileLayer, FakeScheduler
-from aac_tokend.tokens import token_hash
 
 from .crash_rig import Rig, chains, proc_info, rotations, wait_for
 

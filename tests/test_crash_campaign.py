@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from aac_tokend.sandbox import SandboxServer
+from aac_tokend.sandbox.server import SandboxServer
 
 from .crash_campaign import COURIER_ACCESS_TTL, Tally, judge, run_campaign
 from .crash_rig import Chain, chains

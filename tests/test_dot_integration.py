@@ -27,9 +27,9 @@ import pytest
 import requests
 
 from aac_tokend.client import read_token
-from aac_tokend.paths import resolve_paths
-from aac_tokend.store import FileStore, load_or_create_key
-from aac_tokend.tokens import token_hash
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.host.paths import resolve_paths
+from aac_tokend.store.files import FileStore, load_or_create_key
 from tests.dot_server import CLIENT_ID, PASSWORD, PROTECTED_PATH, TOKEN_PATH, USERNAME
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,7 +31,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aac_tokend import __version__
-from aac_tokend.endpoint import (
+from aac_tokend.core.importer import MAX_ACCESS_LIFETIME_SECONDS, MIN_ACCESS_LIFETIME_SECONDS
+from aac_tokend.core.outcome import Refreshed, RefreshOutcome, Rejected, Transient
+from aac_tokend.core.policy import UNREACHED_PREFIX, apply_outcome
+from aac_tokend.core.state import ProfileState, RejectionReason, TokenKind
+from aac_tokend.refresh.endpoint import (
     MAX_BODY_BYTES,
     MAX_EXPIRES_IN_SECONDS,
     MAX_RETRY_AFTER_SECONDS,
@@ -41,12 +45,8 @@ from aac_tokend.endpoint import (
     classify_response,
     parse_retry_after,
 )
-from aac_tokend.importer import MAX_ACCESS_LIFETIME_SECONDS, MIN_ACCESS_LIFETIME_SECONDS
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.outcome import Refreshed, RefreshOutcome, Rejected, Transient
-from aac_tokend.policy import UNREACHED_PREFIX, apply_outcome
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.state import ProfileState, RejectionReason, TokenKind
+from aac_tokend.sandbox.jwt_sign import sign_hs256
+from aac_tokend.sandbox.server import SandboxServer
 
 NOW = 1_800_000_000.0
 # A handler that stalls waits at most this long (the test's finalizer frees it sooner); it

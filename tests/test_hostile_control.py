@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.control_ops import ControlOps
-from aac_tokend.control_server import MAX_REQUEST_BYTES, ControlServer
+from aac_tokend.serve.control_ops import ControlOps
+from aac_tokend.serve.control_server import MAX_REQUEST_BYTES, ControlServer
 from tests.scenario_support import World
 
 PROFILE = "work"

@@ -11,19 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend import importer as importer_module
-from aac_tokend.errors import EndpointNotAllowedError, InputError, TokenFormatError
-from aac_tokend.importer import (
+from aac_tokend.core import importer as importer_module
+from aac_tokend.core.importer import (
     DEFAULT_API_BASE_URL,
     MAX_INPUT_BYTES,
     ImportRequest,
     build_state,
     parse_import_text,
 )
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.outcome import Rejected
-from aac_tokend.policy import classify_rejection
-from aac_tokend.state import RejectionReason, TokenKind
+from aac_tokend.core.outcome import Rejected
+from aac_tokend.core.policy import classify_rejection
+from aac_tokend.core.state import RejectionReason, TokenKind
+from aac_tokend.errors import EndpointNotAllowedError, InputError, TokenFormatError
+from aac_tokend.sandbox.jwt_sign import sign_hs256
 
 NOW = 1_800_000_000.0
 DAY = 86400.0

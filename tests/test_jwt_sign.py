@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aac_tokend.jwt_sign import sign_hs256, verify_hs256
+from aac_tokend.sandbox.jwt_sign import sign_hs256, verify_hs256
 
 KEY = b"k" * 32
 CLAIMS = {"iss": "http://127.0.0.1:1/as", "sub": "u", "exp": 2_000_000_000, "scope": "aac"}

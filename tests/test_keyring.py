@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from aac_tokend.errors import KeyringUnavailableError, StateCorruptError, StorageError
-from aac_tokend.keystore import (
+from aac_tokend.store.files import load_or_create_key
+from aac_tokend.store.keystore import (
     KEY_FILE,
     KEYRING_POINTER,
     OsKeyring,
@@ -34,7 +35,6 @@ from aac_tokend.keystore import (
     move_to_file,
     move_to_keyring,
 )
-from aac_tokend.store import load_or_create_key
 from aac_tokend.testing import FailingFileLayer, MemorySecrets
 from tests.helpers_e2e import (
     E2EHome,

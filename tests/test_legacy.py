@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from aac_tokend.conditions import AlertEvent
-from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, Refresher
-from aac_tokend.importer import ImportRequest
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.tokens import parse_jwt
+from aac_tokend.core.conditions import AlertEvent
+from aac_tokend.core.importer import ImportRequest
+from aac_tokend.core.tokens import parse_jwt
+from aac_tokend.refresh.courier import CourierJob, CourierResult, InProcessRefresher, Refresher
+from aac_tokend.sandbox.server import SandboxServer
 from tests.scenario_support import (
     DAY,
     HOUR,

@@ -21,8 +21,8 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.logs import (
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.host.logs import (
     StdlibToStructlog,
     configure_logging,
     forget_secret,
@@ -30,7 +30,7 @@ from aac_tokend.logs import (
     redact,
     register_secret,
 )
-from aac_tokend.tokens import token_hash
+from aac_tokend.sandbox.jwt_sign import sign_hs256
 
 JWT = sign_hs256({"exp": 1_800_000_000, "sub": "user"}, b"k" * 32)
 OPAQUE = "opaque-refresh-SECRET-9f8e7d6c"
@@ -270,9 +270,9 @@ class TestRedactFunction:
 #: A child that logs one event at each level and one alert, the way the daemon does.
 _CHILD = """
 import structlog
-from aac_tokend.alerts import LogSink
-from aac_tokend.conditions import AlertEvent
-from aac_tokend.logs import configure_logging
+from aac_tokend.daemon.alerts import LogSink
+from aac_tokend.core.conditions import AlertEvent
+from aac_tokend.host.logs import configure_logging
 configure_logging("auto", "debug")
 log = structlog.get_logger()
 log.debug("tick", n=1)
@@ -439,7 +439,7 @@ class TestJournalStreamValue:
 #: A child that writes 200 numbered events of about 100 bytes with a 4 KiB log bound.
 _FILLER = """
 import structlog
-from aac_tokend.logs import configure_logging
+from aac_tokend.host.logs import configure_logging
 configure_logging("json", "info", max_file_bytes=4096)
 for n in range(200):
     structlog.get_logger().info("tick", n=n, pad="x" * 40)

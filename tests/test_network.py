@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from aac_tokend.endpoint import TokenEndpoint, name_network_failure
-from aac_tokend.outcome import Refreshed, Transient
-from aac_tokend.policy import UNREACHED_PREFIX
-from aac_tokend.sandbox import SandboxServer
+from aac_tokend.core.outcome import Refreshed, Transient
+from aac_tokend.core.policy import UNREACHED_PREFIX
+from aac_tokend.refresh.endpoint import TokenEndpoint, name_network_failure
+from aac_tokend.sandbox.server import SandboxServer
 from tests.helpers_e2e import E2EHome, e2e_home, import_pair, running_sandbox
 
 #: Variables that would route the tests' requests elsewhere; each test sets its own.

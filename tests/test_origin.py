@@ -22,11 +22,11 @@ from urllib3.util import parse_url
 
 from aac_tokend import TokendAuth
 from aac_tokend.api import run_cli
-from aac_tokend.control_server import ControlServer
+from aac_tokend.core.importer import ImportRequest, build_state
+from aac_tokend.core.tokens import AAC_DOMAIN, check_endpoint, is_loopback_host, url_origin
 from aac_tokend.errors import EndpointNotAllowedError
-from aac_tokend.importer import ImportRequest, build_state
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.tokens import AAC_DOMAIN, check_endpoint, is_loopback_host, url_origin
+from aac_tokend.sandbox.jwt_sign import sign_hs256
+from aac_tokend.serve.control_server import ControlServer
 from tests.test_network import CA
 
 NOW = 1_800_000_000.0

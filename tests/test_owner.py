@@ -13,23 +13,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.courier import WAIT_SECONDS
 from aac_tokend.errors import AlreadyRunningError, BusyError, StorageError
-from aac_tokend.owner import (
+from aac_tokend.refresh.courier import WAIT_SECONDS
+from aac_tokend.store.files import hold_lock
+from aac_tokend.store.owner import (
     DEAD_HOLDER_GRACE_SECONDS,
     LEGACY_LOCK_NAME,
     OFFLINE_HOLD_SECONDS,
     OwnerLock,
     holder,
 )
-from aac_tokend.store import hold_lock
 
 #: A process holding the lock as the daemon (``daemon``) or as an offline command, for
 #: ``seconds``; it prints one line once it holds it.
 HOLDER = """
 import sys, time
 from pathlib import Path
-from aac_tokend.owner import OwnerLock
+from aac_tokend.store.owner import OwnerLock
 lock = OwnerLock(Path(sys.argv[1]))
 lock.acquire(record_pid=sys.argv[2] == "daemon")
 print("held", flush=True)

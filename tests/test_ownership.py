@@ -17,24 +17,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aac_tokend.alerts import Alerter
-from aac_tokend.config import Config
-from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, carry
-from aac_tokend.endpoint import TokenEndpoint
-from aac_tokend.engine import Engine
-from aac_tokend.errors import (
-    ChainInUseError,
-    StateCorruptError,
-    TokenHeldError,
-    TokenSpentError,
-)
-from aac_tokend.importer import ImportRequest, parse_import_text
-from aac_tokend.outcome import Refreshed, Transient
-from aac_tokend.ownership import SPENT_HISTORY, SPENT_IMPORTED_HISTORY, claim, remember_spent
-from aac_tokend.policy import apply_outcome, begin_attempt, recover_interrupted
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.scheduling import SystemClock
-from aac_tokend.state import (
+from aac_tokend.core.config import Config
+from aac_tokend.core.importer import ImportRequest, parse_import_text
+from aac_tokend.core.outcome import Refreshed, Transient
+from aac_tokend.core.ownership import SPENT_HISTORY, SPENT_IMPORTED_HISTORY, claim, remember_spent
+from aac_tokend.core.policy import apply_outcome, begin_attempt, recover_interrupted
+from aac_tokend.core.state import (
     FORMAT_VERSION,
     InFlight,
     ProfileState,
@@ -42,9 +30,21 @@ from aac_tokend.state import (
     state_from_json,
     state_to_json,
 )
-from aac_tokend.store import FileStore
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.daemon.alerts import Alerter
+from aac_tokend.daemon.engine import Engine
+from aac_tokend.daemon.scheduling import SystemClock
+from aac_tokend.errors import (
+    ChainInUseError,
+    StateCorruptError,
+    TokenHeldError,
+    TokenSpentError,
+)
+from aac_tokend.refresh.courier import CourierJob, CourierResult, InProcessRefresher, carry
+from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore
 from aac_tokend.testing import T0, FailingFileLayer, FakeScheduler, oauth_state
-from aac_tokend.tokens import token_hash
 
 OLD = "refresh-token-rrrrrrrrrrrr"  # oauth_state's refresh token
 

@@ -14,8 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from aac_tokend.owner import DEAD_HOLDER_GRACE_SECONDS
-from aac_tokend.store import hold_lock
+from aac_tokend.store.files import hold_lock
+from aac_tokend.store.owner import DEAD_HOLDER_GRACE_SECONDS
 from tests.helpers_e2e import (
     CliResult,
     Daemon,

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aac_tokend.core.state import validate_profile_name
 from aac_tokend.errors import ProfileError
-from aac_tokend.paths import APP_NAME, HOME_ENV, Paths, resolve_paths, runtime_dir_fast
-from aac_tokend.pending import PendingStore
-from aac_tokend.state import validate_profile_name
-from aac_tokend.store import FileStore
+from aac_tokend.host.paths import APP_NAME, HOME_ENV, Paths, resolve_paths, runtime_dir_fast
+from aac_tokend.store.files import FileStore
+from aac_tokend.store.pending import PendingStore
 
 # Generous bound for one short python subprocess; only a hang detector.
 SUBPROCESS_TIMEOUT = 30.0
@@ -29,7 +29,7 @@ COMPARE = textwrap.dedent(
     import json, os, warnings
     warnings.simplefilter("ignore")  # platformdirs warns when it rejects XDG_RUNTIME_DIR
     import platformdirs
-    from aac_tokend.paths import runtime_dir_fast, resolve_paths
+    from aac_tokend.host.paths import runtime_dir_fast, resolve_paths
     print(json.dumps({
         "fast": runtime_dir_fast(os.environ),
         "platformdirs": platformdirs.user_runtime_dir("aac-tokend", appauthor=False),

@@ -21,21 +21,21 @@ from pathlib import Path
 
 import pytest
 
-from aac_tokend.alerts import Alerter
-from aac_tokend.config import Config
-from aac_tokend.courier import CourierJob, CourierResult, InProcessRefresher, carry
-from aac_tokend.endpoint import TokenEndpoint
-from aac_tokend.engine import Engine
+from aac_tokend.core.config import Config
+from aac_tokend.core.importer import build_state, parse_import_text
+from aac_tokend.core.policy import begin_attempt
+from aac_tokend.core.state import ProfileState
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.daemon.alerts import Alerter
+from aac_tokend.daemon.engine import Engine
+from aac_tokend.daemon.scheduling import SystemClock
 from aac_tokend.errors import StorageError
-from aac_tokend.importer import build_state, parse_import_text
-from aac_tokend.pending import PendingStore, follows
-from aac_tokend.policy import begin_attempt
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.scheduling import SystemClock
-from aac_tokend.state import ProfileState
-from aac_tokend.store import FileStore, load_or_create_key
+from aac_tokend.refresh.courier import CourierJob, CourierResult, InProcessRefresher, carry
+from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore, load_or_create_key
+from aac_tokend.store.pending import PendingStore, follows
 from aac_tokend.testing import FailingFileLayer, FakeScheduler, oauth_state
-from aac_tokend.tokens import token_hash
 from tests.helpers_e2e import E2EHome, RecordingSandbox, import_pair
 
 

@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.outcome import Refreshed, Rejected, Transient
-from aac_tokend.policy import (
+from aac_tokend.core.outcome import Refreshed, Rejected, Transient
+from aac_tokend.core.policy import (
     MIN_REFRESH_INTERVAL_SECONDS,
     REFRESH_SLACK_SECONDS,
     SERVE_MARGIN_SECONDS,
@@ -25,7 +24,7 @@ from aac_tokend.policy import (
     recover_interrupted,
     status_of,
 )
-from aac_tokend.state import (
+from aac_tokend.core.state import (
     InFlight,
     ProfileState,
     Rejection,
@@ -33,8 +32,9 @@ from aac_tokend.state import (
     Status,
     TokenKind,
 )
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.sandbox.jwt_sign import sign_hs256
 from aac_tokend.testing import oauth_state
-from aac_tokend.tokens import token_hash
 
 T0 = 1_800_000_000.0
 DAY = 86400.0

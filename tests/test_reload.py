@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from aac_tokend.sandbox import SandboxServer
+from aac_tokend.sandbox.server import SandboxServer
 from tests.scenario_support import (
     DaemonProcess,
     api_accepts,

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aac_tokend.errors import InputError
-from aac_tokend.sandbox import MAX_BODY_BYTES, SandboxServer
+from aac_tokend.sandbox.server import MAX_BODY_BYTES, SandboxServer
 
 CLIENT = "aac-sandbox-client"
 # Generous bound for one loopback HTTP exchange; it only keeps a broken test from hanging.

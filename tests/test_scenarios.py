@@ -24,24 +24,24 @@ from pathlib import Path
 import pytest
 import structlog
 
-from aac_tokend.alerts import Alerter, CommandSink
-from aac_tokend.conditions import AlertEvent
-from aac_tokend.config import Config
-from aac_tokend.endpoint import TokenEndpoint
-from aac_tokend.engine import Engine
-from aac_tokend.importer import parse_import_text
-from aac_tokend.logs import configure_logging
-from aac_tokend.outcome import Transient
-from aac_tokend.policy import (
+from aac_tokend.core.conditions import AlertEvent
+from aac_tokend.core.config import Config
+from aac_tokend.core.importer import parse_import_text
+from aac_tokend.core.outcome import Transient
+from aac_tokend.core.policy import (
     UNREACHED_PREFIX,
     UNREACHED_RETRY_CAP_SECONDS,
     PolicySettings,
     begin_attempt,
 )
-from aac_tokend.scheduling import WAKE_CAP_SECONDS
-from aac_tokend.state import ProfileState
+from aac_tokend.core.state import ProfileState
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.daemon.alerts import Alerter, CommandSink
+from aac_tokend.daemon.engine import Engine
+from aac_tokend.daemon.scheduling import WAKE_CAP_SECONDS
+from aac_tokend.host.logs import configure_logging
+from aac_tokend.refresh.endpoint import TokenEndpoint
 from aac_tokend.testing import FakeClock
-from aac_tokend.tokens import token_hash
 from tests.scenario_support import (
     DAY,
     HOUR,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from aac_tokend.scheduling import APScheduler, SystemClock
+from aac_tokend.daemon.scheduling import APScheduler, SystemClock
 
 
 @pytest.fixture

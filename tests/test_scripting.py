@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from aac_tokend.cli import fast_token_args
 from aac_tokend.client import format_token
-from aac_tokend.commands import build_parser, default_profile
-from aac_tokend.report import CHECK_EXIT, REPORT_FIELDS, check_rows, report_row, verdict
+from aac_tokend.commands.main import build_parser, default_profile
+from aac_tokend.core.report import CHECK_EXIT, REPORT_FIELDS, check_rows, report_row, verdict
 from tests.helpers_e2e import (
     CONSOLE_SCRIPT,
     WORKSPACE_PATH,

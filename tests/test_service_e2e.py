@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from aac_tokend.importer import ImportRequest, build_state
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.store import FileStore, load_or_create_key
+from aac_tokend.core.importer import ImportRequest, build_state
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore, load_or_create_key
 from tests.helpers_e2e import (
     CliResult,
     E2EHome,
@@ -71,9 +71,9 @@ SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 #: The daemon with a spawned courier instead of the default fork (no CLI switch exists).
 SPAWN_DAEMON = (
     "import sys\n"
-    "from aac_tokend.courier import SpawnCourier\n"
-    "from aac_tokend.daemon import Daemon\n"
-    "from aac_tokend.paths import resolve_paths\n"
+    "from aac_tokend.refresh.courier import SpawnCourier\n"
+    "from aac_tokend.daemon.main import Daemon\n"
+    "from aac_tokend.host.paths import resolve_paths\n"
     "sys.exit(Daemon(resolve_paths(), refresher=SpawnCourier()).run())\n"
 )
 
@@ -288,7 +288,7 @@ def find_courier(home: Home) -> tuple[int, dict[str, str]] | None:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"aac_tokend.courier" not in cmdline.split(b"\0"):
+        if b"aac_tokend.refresh.courier" not in cmdline.split(b"\0"):
             continue
         env = proc_environ(int(entry.name))
         if env is not None and env.get("AAC_TOKEND_HOME") == str(home.root):

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.errors import ProfileError, StateCorruptError
-from aac_tokend.state import (
+from aac_tokend.core.state import (
     FORMAT_VERSION,
     InFlight,
     ProfileState,
@@ -22,6 +21,7 @@ from aac_tokend.state import (
     state_to_json,
     validate_profile_name,
 )
+from aac_tokend.errors import ProfileError, StateCorruptError
 from aac_tokend.testing import oauth_state
 
 ACCESS = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDAwMDB9.c2lnbmF0dXJlLXNlY3JldA"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from aac_tokend.core.state import ProfileState
 from aac_tokend.errors import BusyError, ProfileError, StateCorruptError, StorageError
-from aac_tokend.state import ProfileState
-from aac_tokend.store import FileStore, StateStore, hold_lock, load_or_create_key
+from aac_tokend.store.files import FileStore, StateStore, hold_lock, load_or_create_key
 from aac_tokend.testing import FailingFileLayer, MemoryStore, oauth_state
 
 ACCESS = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDM2MDB9.c3RvcmUtdGVzdC1zaWduYXR1cmU"
@@ -250,7 +250,7 @@ class TestKey:
             f"""
             import os, sys, time
             from pathlib import Path
-            from aac_tokend.store import load_or_create_key
+            from aac_tokend.store.files import load_or_create_key
             while not os.path.exists({str(go)!r}):
                 time.sleep(0.001)
             print(load_or_create_key(Path({str(config)!r})).hex())
@@ -586,7 +586,7 @@ LOCK_HOLDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from aac_tokend.store import FileStore
+    from aac_tokend.store.files import FileStore
     store = FileStore(Path(sys.argv[1]), bytes(32))
     with store.locked("work", timeout=5):
         print("held", flush=True)
@@ -648,8 +648,8 @@ SAVER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from aac_tokend.state import ProfileState, TokenKind
-    from aac_tokend.store import FileStore
+    from aac_tokend.core.state import ProfileState, TokenKind
+    from aac_tokend.store.files import FileStore
     state = ProfileState(
         profile="work", kind=TokenKind.OAUTH, access_token="a" * 20, refresh_token="r" * 20,
         token_endpoint=None, client_id=None, api_base_url="https://x",

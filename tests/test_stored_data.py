@@ -19,19 +19,17 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.conditions import condition_of
-from aac_tokend.errors import InputError, StateCorruptError, TokenFormatError
-from aac_tokend.importer import (
+from aac_tokend.core.conditions import condition_of
+from aac_tokend.core.importer import (
     ImportRequest,
     build_state,
     clean_token,
     parse_expiry_date,
     parse_import_text,
 )
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.policy import PolicySettings, next_refresh_at
-from aac_tokend.report import iso, profile_report, status_text
-from aac_tokend.state import (
+from aac_tokend.core.policy import PolicySettings, next_refresh_at
+from aac_tokend.core.report import iso, profile_report, status_text
+from aac_tokend.core.state import (
     InFlight,
     ProfileState,
     Rejection,
@@ -40,6 +38,8 @@ from aac_tokend.state import (
     state_from_json,
     state_to_json,
 )
+from aac_tokend.errors import InputError, StateCorruptError, TokenFormatError
+from aac_tokend.sandbox.jwt_sign import sign_hs256
 from tests.scenario_support import cli, short_dir, write_config
 
 NOW = 1_800_000_000.0

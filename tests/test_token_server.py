@@ -17,7 +17,7 @@ import pytest
 
 from aac_tokend.client import read_token
 from aac_tokend.errors import AlreadyRunningError, ProfileError
-from aac_tokend.token_server import TokenServer
+from aac_tokend.serve.token_server import TokenServer
 
 TOKEN = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl"
 NOBODY = 65534

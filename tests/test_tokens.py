@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.errors import EndpointNotAllowedError, TokenFormatError
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.tokens import (
+from aac_tokend.core.tokens import (
     MAX_JWT_BYTES,
     TokenClaims,
     check_endpoint,
@@ -20,6 +18,8 @@ from aac_tokend.tokens import (
     parse_jwt,
     token_hash,
 )
+from aac_tokend.errors import EndpointNotAllowedError, TokenFormatError
+from aac_tokend.sandbox.jwt_sign import sign_hs256
 
 KEY = b"k" * 32
 ISSUER = "https://pingauth.alteryxcloud.com/as"

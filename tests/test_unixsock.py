@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aac_tokend.errors import AlreadyRunningError, InputError
-from aac_tokend.unixsock import (
+from aac_tokend.serve.unixsock import (
     UNIX_PATH_MAX,
     adopt_listener,
     bind_listener,

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from aac_tokend.importer import build_state, parse_import_text
-from aac_tokend.report import REPORT_FIELDS
-from aac_tokend.store import FileStore, load_or_create_key
+from aac_tokend.core.importer import build_state, parse_import_text
+from aac_tokend.core.report import REPORT_FIELDS
+from aac_tokend.store.files import FileStore, load_or_create_key
 from tests.helpers_e2e import (
     E2EHome,
     RecordingSandbox,

@@ -22,16 +22,16 @@ from typing import Any
 import pytest
 import requests
 
-from aac_tokend.courier import CourierJob, CourierResult, carry
-from aac_tokend.endpoint import TokenEndpoint
-from aac_tokend.importer import ImportRequest, build_state
-from aac_tokend.jwt_sign import sign_hs256
-from aac_tokend.policy import PolicySettings, next_refresh_at
-from aac_tokend.sandbox import SandboxServer
-from aac_tokend.state import ProfileState, RejectionReason
-from aac_tokend.store import FileStore
+from aac_tokend.core.importer import ImportRequest, build_state
+from aac_tokend.core.policy import PolicySettings, next_refresh_at
+from aac_tokend.core.state import ProfileState, RejectionReason
+from aac_tokend.core.tokens import parse_jwt
+from aac_tokend.refresh.courier import CourierJob, CourierResult, carry
+from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.sandbox.jwt_sign import sign_hs256
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore
 from aac_tokend.testing import FailingFileLayer, FakeClock
-from aac_tokend.tokens import parse_jwt
 from tests.scenario_support import cli, import_via_cli, running_daemon, short_dir, write_config
 
 DAY = 86400.0
