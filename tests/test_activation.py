@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from aac_tokend.errors import InputError
-from aac_tokend.service.install import activation
+from aac_tokend.service import activation
 
 _REPO = Path(__file__).resolve().parent.parent
 _TIMEOUT = 30.0  # generous: a Python start plus one local connection
@@ -41,7 +41,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 # listen_fds() made of them.
 _CHILD = """
 import fcntl, json, os, socket, sys
-from aac_tokend.service.install import activation
+from aac_tokend.service import activation
 from aac_tokend.errors import InputError
 tmp = sys.argv[1] if len(sys.argv) > 1 else None
 kind = os.environ["ATK_KIND"]
@@ -149,7 +149,7 @@ class TestInheritedDescriptors:
 
 _SERVE_ONE = """
 import sys
-from aac_tokend.service.install import activation
+from aac_tokend.service import activation
 found = activation.listen_fds()
 [listener] = found["control"]
 conn, _ = listener.accept()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from aac_tokend.service.install import sdnotify
+from aac_tokend.service import sdnotify
 
 _RECV_TIMEOUT = 10.0  # generous: a datagram to a local socket arrives at once
 

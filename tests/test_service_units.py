@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from aac_tokend.errors import InputError
 from aac_tokend.host.paths import Paths
-from aac_tokend.service.install import install as service
+from aac_tokend.service import install as service
 
 _REPO = Path(__file__).resolve().parent.parent
 _TIMEOUT = 60.0  # generous: systemd-analyze or a Python start on a loaded machine
