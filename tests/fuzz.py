@@ -36,12 +36,12 @@ if atheris is not None and "--child" in sys.argv:
         from aac_tokend.core import config, importer, tokens
         from aac_tokend.errors import AacTokendError
         from aac_tokend.refresh import endpoint
-        from aac_tokend.serve import control_server
+        from aac_tokend.serve import control_server, wire
 else:
     from aac_tokend.core import config, importer, tokens
     from aac_tokend.errors import AacTokendError
     from aac_tokend.refresh import endpoint
-    from aac_tokend.serve import control_server
+    from aac_tokend.serve import control_server, wire
 
 __all__ = ["TARGETS", "main"]
 
@@ -89,9 +89,9 @@ def fuzz_parse_config(data: bytes) -> None:
 def fuzz_control_line(data: bytes) -> None:
     """The control server's line parser, its error answer (built on the I/O thread), and
     ImportRequest.from_wire for an import."""
-    request, echo, problem = control_server._parse(data)
+    request, echo, problem = wire.parse_request(data)
     if problem is not None:
-        control_server._failure("bad_request", problem, echo)
+        wire.failure("bad_request", problem, echo)
         return
     assert request is not None
     if request.get("op") == "import":
@@ -128,27 +128,27 @@ def _refuse_constant(name: str) -> object:
 
 
 def fuzz_control_answer(data: bytes) -> None:
-    """The whole answer path of the control server for one request line: _parse, then the
+    """The whole answer path of the control server for one request line: parse_request, then the
     error answer or _respond with a hostile handler. Input: a mode byte, the request line, a
     newline, the handler's raw answer. The answer must be one strict-JSON object with a
     boolean ok, echo the id exactly when it was accepted, and stay bounded."""
     mode, rest = (data[0] % 5, data[1:]) if data else (0, b"")
     line, _, tail = rest.partition(b"\n")
-    request, echo, problem = control_server._parse(line)
+    request, echo, problem = wire.parse_request(line)
     if problem is not None or request is None:
-        answer = control_server._failure("bad_request", problem or "bad request", echo)
+        answer = wire.failure("bad_request", problem or "bad request", echo)
     else:
         answer = control_server._respond(_AnswerHandler(mode, tail), request, echo)
     assert answer.endswith(b"\n") and answer.count(b"\n") == 1, answer[:200]
     parsed = json.loads(answer, parse_constant=_refuse_constant)
     assert isinstance(parsed, dict) and isinstance(parsed.get("ok"), bool), answer[:200]
     if echo:
-        assert len(echo) <= control_server.MAX_ID_BYTES
+        assert len(echo) <= wire.MAX_ID_BYTES
         assert request is not None and parsed["id"] == request["id"]
     if problem is not None:
         assert parsed["ok"] is False and "id" not in parsed, answer[:200]
     if problem is not None or mode in (1, 2):
-        assert len(answer) <= 2 * control_server.MAX_ID_BYTES + 400, len(answer)
+        assert len(answer) <= 2 * wire.MAX_ID_BYTES + 400, len(answer)
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from aac_tokend import errors
 from aac_tokend.client import ControlClient, read_token
-from aac_tokend.serve import control_server
+from aac_tokend.serve import control_server, wire
 from aac_tokend.serve.control_server import (
     ERROR_CODES,
     MAX_CONNECTIONS,
@@ -381,7 +381,7 @@ class TestRequestCheck:
         """A request is refused for nesting exactly when it is deeper than MAX_DEPTH."""
         request = {"op": "status", "x": value}
         line = json.dumps(request, ensure_ascii=ascii_only).encode()
-        _, _, problem = control_server._parse(line)
+        _, _, problem = wire.parse_request(line)
         too_deep = _depth(request) > MAX_DEPTH
         assert (problem is not None and "nests deeper" in problem) == too_deep, problem
 
@@ -390,7 +390,7 @@ class TestRequestCheck:
     def test_lone_surrogates_and_only_they_are_refused(self, text: str) -> None:
         """Any Unicode string passes; one holding a lone surrogate is refused."""
         line = json.dumps({"op": "status", "s": text}).encode()
-        _, _, problem = control_server._parse(line)
+        _, _, problem = wire.parse_request(line)
         try:
             text.encode()
             valid = True
@@ -406,7 +406,7 @@ class TestRequestCheck:
     def test_only_utf8_is_read(self, value: object, encoding: str) -> None:
         """A request in UTF-16 or UTF-32 (which json.loads of bytes would take) is refused."""
         line = json.dumps({"op": "status", "x": value}, ensure_ascii=False).encode(encoding)
-        request, echo, problem = control_server._parse(line)
+        request, echo, problem = wire.parse_request(line)
         assert problem is not None and "not UTF-8" in problem
         assert (request, echo) == (None, b"")
 
@@ -418,7 +418,7 @@ class TestRequestCheck:
             best = float("inf")
             for _ in range(3):
                 started = time.perf_counter()
-                control_server._parse(line)
+                wire.parse_request(line)
                 best = min(best, time.perf_counter() - started)
             return best
 

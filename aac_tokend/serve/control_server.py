@@ -6,33 +6,40 @@ refresh, a client that sends nothing, or one that floods never delays anyone els
 connection has bounded input (one line at a time, at most MAX_REQUEST_BYTES), bounded output
 (MAX_OUTPUT_BYTES), a request rate and an idle timeout.
 
-No request can wedge a connection: ``_parse`` refuses what no answer could echo or no
-handler should see (nesting past MAX_DEPTH, NaN, lone surrogates, an ``id`` past
+No request can wedge a connection: ``wire.parse_request`` refuses what no answer could echo
+or no handler should see (nesting past MAX_DEPTH, NaN, lone surrogates, an ``id`` past
 MAX_ID_BYTES) and encodes the ``id`` once; ``_respond`` turns any handler result or
 exception into one encodable line. A client that hangs up is dropped at once, and a new
 client takes the slot of the longest-idle one when all MAX_CONNECTIONS are taken.
+
+Longer than 300 lines: the server is one state machine on one thread (accept, read, queue,
+flush, evict, expire and drain share the connection set and the selector), and every limit
+above it is explained where it is set; cut apart, its invariants would be read in pieces.
+The wire format is in ``wire``, a connection's bookkeeping in ``connection``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
-import select
 import selectors
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from aac_tokend import errors
+from aac_tokend.serve.connection import Conn, hung_up
 from aac_tokend.serve.unixsock import adopt_listener, bind_listener, peer_uid
+from aac_tokend.serve.wire import MAX_DEPTH, MAX_ID_BYTES, ControlHandler, parse_request
+
+# Under the names _respond used before the wire format moved out, so the error-map change
+# that rewrites _respond and its error_code merges cleanly; _respond joins wire.py after it.
+from aac_tokend.serve.wire import answer as _answer
+from aac_tokend.serve.wire import failure as _failure
 
 __all__ = [
     "ERROR_CODES",
@@ -96,14 +103,6 @@ OUTPUT_STALL_TIMEOUT = 5.0
 # idle one: 64 clients that never read cannot hold every slot even for OUTPUT_STALL_TIMEOUT.
 _STALL_EVICTABLE = 0.5
 
-# An id only pairs an answer with its request: 1 KiB of JSON holds any UUID or counter many
-# times over, and keeps an echo from inflating every answer (error answers included).
-MAX_ID_BYTES = 1024
-
-# No real request nests deeper than an object holding a list. 32 leaves room and keeps every
-# value a handler sees, or an answer echoes, far below the interpreter's recursion limit.
-MAX_DEPTH = 32
-
 _RECV_SIZE = 64 * 1024  # one read per readiness event, so one client cannot hog the loop
 _LINES_PER_PASS = 32  # answered-inline lines (errors) per connection before others get a turn
 _ACCEPT_ERROR_PAUSE = 0.01  # see token_server: a readable listener at EMFILE would spin
@@ -142,43 +141,6 @@ def error_code(exc: errors.AacTokendError) -> str:
     return "error"
 
 
-class ControlHandler(Protocol):
-    """Answers control requests; may block (a refresh takes seconds)."""
-
-    def handle(self, request: dict[str, object]) -> dict[str, object]:
-        """Return the response object for ``request`` (which has a string "op")."""
-        ...
-
-
-def _dumps(value: object) -> bytes:
-    # allow_nan=False: NaN and Infinity are not JSON, and strict clients choke on them
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-
-
-# The last resort when an answer cannot be encoded: a constant cannot fail.
-_UNENCODABLE = b'{"ok":false,"code":"internal_error","message":"the answer could not be encoded"}'
-
-
-def _answer(response: Mapping[str, object], echo: bytes) -> bytes:
-    """Return the wire line for ``response`` with the encoded id ``echo`` spliced in.
-
-    Never raises: an answer that is not a mapping with a boolean "ok", or that cannot be
-    encoded, becomes internal_error (keeping the echo, which _parse has already encoded).
-    """
-    try:
-        body = {key: value for key, value in response.items() if not (echo and key == "id")}
-        encoded = _dumps(body) if isinstance(body.get("ok"), bool) else _UNENCODABLE
-    except Exception:  # TypeError, ValueError (NaN), RecursionError, a hostile __iter__
-        encoded = _UNENCODABLE
-    if echo:
-        encoded = encoded[:-1] + b',"id":' + echo + b"}"  # encoded always holds "ok"
-    return encoded + b"\n"
-
-
-def _failure(code: str, message: str, echo: bytes = b"") -> bytes:
-    return _answer({"ok": False, "code": code, "message": message}, echo)
-
-
 def _respond(handler: ControlHandler, request: dict[str, object], echo: bytes) -> bytes:
     """Return the answer line to ``request``; whatever the handler does, never raises."""
     try:
@@ -192,110 +154,6 @@ def _respond(handler: ControlHandler, request: dict[str, object], echo: bytes) -
     except Exception as exc:
         # str(exc) of a foreign exception might quote a token; its class name cannot.
         return _failure("internal_error", type(exc).__name__, echo)
-
-
-# What _unsafe_value needs of a line that parsed as strict UTF-8 JSON, at C speed: its
-# strings (an escaped quote inside one included), the bytes that are not brackets, and
-# innermost bracket pairs. The quantifiers are possessive, so no match ever backtracks: on a
-# line that parsed, every quote outside a string opens one that closes, and one sub() is one
-# linear pass.
-_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
-
-
-def _unsafe_value(line: bytes, obj: object) -> str | None:
-    """Why ``obj``, parsed from ``line``, is unfit for a handler or an echo, or None.
-
-    No Python-level walk of the value: a 64 KiB list of 20,000 numbers would cost the I/O
-    thread ten times what parsing it did. Depth comes from the brackets outside strings
-    (each pass strips the innermost pairs, so it takes one pass per level); NaN, infinities
-    and lone surrogates are what a strict encoding refuses.
-    """
-    brackets = _JSON_STRING.sub(b"", line).translate(None, _NOT_BRACKETS)
-    for _ in range(MAX_DEPTH):
-        if not brackets:
-            break
-        brackets = _INNERMOST_PAIR.sub(b"", brackets)
-    if brackets:
-        return f"the request nests deeper than {MAX_DEPTH} levels; flatten it"
-    try:
-        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode()
-    except UnicodeEncodeError:
-        return "a string holds a lone surrogate (a \\udXXX escape); send valid Unicode"
-    except ValueError:
-        return "a number is NaN or out of range; send finite numbers"
-    return None
-
-
-def _parse(line: bytes) -> tuple[dict[str, object] | None, bytes, str | None]:
-    """Return (request, encoded id or b"", None), or (what parsed, echo, why it is bad).
-
-    The line is decoded as strict UTF-8 before anything else looks at it: json.loads of bytes
-    would also take UTF-16 and UTF-32, where the byte scan of _unsafe_value reads brackets
-    and quotes that are not there (and its regex could be made to backtrack).
-    """
-    # A NUL is valid UTF-8 but never valid JSON; it is what UTF-16 and UTF-32 text is full of.
-    bad = line.find(b"\0")
-    if bad < 0:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            bad = exc.start
-    if bad >= 0:
-        return None, b"", f"the request is not UTF-8 JSON (byte {bad} is wrong); send UTF-8"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, b"", f"the request is not valid JSON ({exc.msg} at column {exc.colno})"
-    except (ValueError, RecursionError):  # nesting too deep, a 5000-digit number
-        return None, b"", "the request could not be parsed as JSON"
-    if not isinstance(obj, dict):
-        return None, b"", "the request must be a JSON object"
-    problem = _unsafe_value(line, obj)
-    if problem is not None:
-        return obj, b"", problem
-    echo = b""
-    if "id" in obj:
-        try:
-            echo = _dumps(obj["id"])
-        except (ValueError, TypeError, RecursionError):  # cannot happen after _unsafe_value
-            echo = b"\0" * (MAX_ID_BYTES + 1)
-        if len(echo) > MAX_ID_BYTES:
-            return obj, b"", f'the "id" is over {MAX_ID_BYTES} bytes of JSON; use a short one'
-    op = obj.get("op")
-    if not isinstance(op, str) or not op:
-        return obj, echo, 'the request needs an "op" string'
-    return obj, echo, None
-
-
-@dataclass(eq=False)
-class _Conn:
-    sock: socket.socket
-    deadline: float  # closed when idle past this, unless a request is in flight
-    tokens: float  # rate-limit bucket
-    refilled: float
-    inbuf: bytearray = field(default_factory=bytearray)
-    outbuf: bytearray = field(default_factory=bytearray)
-    progress: float = 0.0  # when outbuf was last empty or last shrank
-    born: float = 0.0  # when it was accepted
-    seen: bool = False  # it has had a read pass (see _EVICT_GRACE)
-    busy: bool = False  # a request is with the handler; later lines wait in inbuf
-    eof: bool = False  # the peer shut down writing: answer complete lines, then close
-    closing: bool = False  # close once outbuf is flushed
-    closed: bool = False
-    events: int = 0  # what the selector watches for this socket now
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """Return whether the peer closed its socket, not merely shut down its writing side.
-
-    Both read as end-of-file; only a closed peer makes the kernel report POLLHUP, and a
-    client that shut down writing (``nc -N``, ``socat``) still waits for its answers.
-    """
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 _LISTEN = object()
@@ -329,9 +187,9 @@ class ControlServer:
         self._selector = selectors.DefaultSelector()
         self._executor: ThreadPoolExecutor | None = None
         self._waiters: ThreadPoolExecutor | None = None  # for waiting_ops, see MAX_WAITING
-        self._conns: set[_Conn] = set()
-        self._ready: set[_Conn] = set()  # complete lines left over for the next pass
-        self._done: deque[tuple[_Conn, bytes]] = deque()  # filled by workers
+        self._conns: set[Conn] = set()
+        self._ready: set[Conn] = set()  # complete lines left over for the next pass
+        self._done: deque[tuple[Conn, bytes]] = deque()  # filled by workers
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -465,7 +323,7 @@ class ControlServer:
                 continue
             sock.setblocking(False)
             now = time.monotonic()
-            conn = _Conn(sock, deadline=now + self._idle, tokens=self._rate, refilled=now, born=now)
+            conn = Conn(sock, deadline=now + self._idle, tokens=self._rate, refilled=now, born=now)
             self._conns.add(conn)
             self._update(conn)
 
@@ -511,7 +369,7 @@ class ControlServer:
         self.evicted += 1
         return True
 
-    def _evictable(self) -> list[_Conn]:
+    def _evictable(self) -> list[Conn]:
         """The connections _make_room may close: idle, read at least once (or silent past
         _EVICT_GRACE), and not in the middle of taking their answers."""
         now = time.monotonic()
@@ -523,7 +381,7 @@ class ControlServer:
             and (not c.outbuf or c.progress <= now - _STALL_EVICTABLE)
         ]
 
-    def _on_ready(self, conn: _Conn, mask: int) -> None:
+    def _on_ready(self, conn: Conn, mask: int) -> None:
         if conn.closed:
             return  # closed earlier in this batch of events
         if mask & selectors.EVENT_WRITE:
@@ -541,14 +399,14 @@ class ControlServer:
                 conn.inbuf += data
             else:
                 conn.eof = True
-                if conn.busy and _hung_up(conn.sock):
+                if conn.busy and hung_up(conn.sock):
                     # Nobody is left to read the answer: free the slot now, not when the
                     # handler returns (a refresh can take a minute). Its answer is dropped.
                     self._close(conn)
                     return
             self._pump(conn)
 
-    def _pump(self, conn: _Conn) -> None:
+    def _pump(self, conn: Conn) -> None:
         """Handle complete lines until one goes to the handler, then fix the interest set."""
         answered = 0
         while not (conn.busy or conn.closing or conn.closed or self._stopping):
@@ -578,8 +436,8 @@ class ControlServer:
             answered += 1
             # Parsed before the rate check, so a rate_limited answer echoes its id too: the
             # parse is linear and C-speed, costing no more than reading the line did.
-            request, echo, problem = _parse(line)
-            if not self._take_token(conn, now):
+            request, echo, problem = parse_request(line)
+            if not conn.take_token(now, self._rate):
                 self._queue(conn, _failure("rate_limited", "too many requests; slow down", echo))
                 continue
             if problem is not None or request is None:
@@ -588,20 +446,12 @@ class ControlServer:
             self._submit(conn, request, echo)
         self._update(conn)
 
-    def _too_large(self, conn: _Conn) -> None:
+    def _too_large(self, conn: Conn) -> None:
         message = f"a request line is limited to {MAX_REQUEST_BYTES} bytes"
         self._queue(conn, _failure("request_too_large", message))
         conn.closing = True
 
-    def _take_token(self, conn: _Conn, now: float) -> bool:
-        conn.tokens = min(self._rate, conn.tokens + (now - conn.refilled) * self._rate)
-        conn.refilled = now
-        if conn.tokens < 1.0:
-            return False
-        conn.tokens -= 1.0
-        return True
-
-    def _submit(self, conn: _Conn, request: dict[str, object], echo: bytes) -> None:
+    def _submit(self, conn: Conn, request: dict[str, object], echo: bytes) -> None:
         pool = self._waiters if request["op"] in self._waiting_ops else self._executor
         assert pool is not None
         try:
@@ -627,7 +477,7 @@ class ControlServer:
             self._queue(conn, payload)
             self._pump(conn)
 
-    def _queue(self, conn: _Conn, payload: bytes) -> None:
+    def _queue(self, conn: Conn, payload: bytes) -> None:
         if conn.closed:
             return
         if not conn.outbuf:
@@ -635,7 +485,7 @@ class ControlServer:
         conn.outbuf += payload
         self._flush(conn)
 
-    def _flush(self, conn: _Conn) -> None:
+    def _flush(self, conn: Conn) -> None:
         if conn.outbuf:
             try:
                 sent = conn.sock.send(conn.outbuf)
@@ -651,7 +501,7 @@ class ControlServer:
                     self._ready.add(conn)  # lines held back by _pump while output was full
         self._update(conn)
 
-    def _update(self, conn: _Conn) -> None:
+    def _update(self, conn: Conn) -> None:
         """Close a finished connection, or watch exactly what it can make progress on."""
         if conn.closed:
             return
@@ -688,7 +538,7 @@ class ControlServer:
         ]:
             self._close(conn)
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: Conn) -> None:
         if conn.closed:
             return
         conn.closed = True
@@ -702,7 +552,7 @@ class ControlServer:
 
     # -- worker threads -----------------------------------------------------------------------
 
-    def _call(self, conn: _Conn, request: dict[str, object], echo: bytes) -> None:
+    def _call(self, conn: Conn, request: dict[str, object], echo: bytes) -> None:
         if conn.closed:
             # Its client hung up while this waited for a worker: nobody is left to answer,
             # and running it would keep the clients still connected waiting for nothing.
