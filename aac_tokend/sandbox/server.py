@@ -8,7 +8,12 @@ control endpoints (generate a family, read the request log, revoke, inject failu
 
 State lives in memory, refresh tokens only as hashes; nothing is printed per request.
 
-The HTTP handler and routes are in sandbox_http, the command line in sandbox_cli.
+The HTTP handler and routes are in ``http``, the answers both speak in ``answers``, the
+command line in ``cli``.
+
+Longer than 300 lines: one authorization server whose families, log and injections live
+under one lock, and whose decisions (rotate, revoke the family, inject) read and change them
+together; its HTTP side, its answers and its command line are already modules of their own.
 """
 
 from __future__ import annotations
@@ -26,18 +31,14 @@ from types import TracebackType
 
 from ..core.tokens import token_hash
 from ..errors import InputError
+from .answers import DROP, Answer, Injection, injected_answer, json_answer, oauth_error
 from .cli import add_arguments, main, run_cli
 from .http import (
-    _DROP,
     MAX_BODY_BYTES,
-    _Answer,
-    _Handler,
-    _HTTPServer,
-    _HTTPServer6,
-    _injected_answer,
-    _Injection,
-    _json_answer,
-    _loopback,
+    SandboxHandler,
+    SandboxHTTPServer,
+    SandboxHTTPServer6,
+    loopback_address,
 )
 from .jwt_sign import sign_hs256, verify_hs256
 
@@ -67,10 +68,6 @@ class _Family:
     revoked: bool = False
 
 
-def _oauth_error(status: int, error: str, description: str) -> _Answer:
-    return _json_answer(status, {"error": error, "error_description": description})
-
-
 class SandboxServer:
     """An in-memory authorization server plus AAC API stub, serving on loopback (HTTPS with tls).
 
@@ -91,7 +88,7 @@ class SandboxServer:
         client_id: str = "aac-sandbox-client",
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        ip = _loopback(host)
+        ip = loopback_address(host)
         if not 0 <= port <= 65535:
             raise InputError(f"sandbox port {port} is out of range; use 0..65535 (0: any)")
         if not (0 < access_ttl < math.inf and 0 < refresh_ttl < math.inf):
@@ -108,14 +105,16 @@ class SandboxServer:
         self._by_token: dict[str, str] = {}  # sha256 of every refresh token issued -> family
         self._clients = {client_id}
         self._revoked_access: set[str] = set()
-        self._injections: deque[tuple[_Injection, int]] = deque()  # (what, how many more)
+        self._injections: deque[tuple[Injection, int]] = deque()  # (what, how many more)
         self._log: list[dict[str, object]] = []
         self._stopping = threading.Event()
         self._life_lock = threading.Lock()  # start/serve/stop
         self._thread: threading.Thread | None = None
         self._serving = False
         try:
-            self._httpd = (_HTTPServer6 if ip.version == 6 else _HTTPServer)((host, port), _Handler)
+            self._httpd = (SandboxHTTPServer6 if ip.version == 6 else SandboxHTTPServer)(
+                (host, port), SandboxHandler
+            )
         except OSError as exc:
             raise InputError(
                 f"sandbox cannot listen on {host} port {port} ({exc.strerror}); pick another port"
@@ -253,7 +252,16 @@ class SandboxServer:
         with self._lock:
             retry = None if retry_after is None else float(retry_after)
             if count:
-                self._injections.append((_Injection(status, retry, body, drop, forward), count))
+                self._injections.append((Injection(status, retry, body, drop, forward), count))
+
+    @property
+    def answer_delay(self) -> float:
+        """The seconds between deciding a token request and answering it."""
+        return self._answer_delay
+
+    def stopped_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; return whether stop() was called (the answer is lost)."""
+        return self._stopping.wait(seconds)
 
     def set_answer_delay(self, seconds: float) -> None:
         """Wait this long between deciding (and logging) a token request and answering it."""
@@ -282,7 +290,7 @@ class SandboxServer:
             "expires_in": ttl,
         }
 
-    def _token_request(self, form: Mapping[str, list[str]] | None) -> _Answer:
+    def answer_token_request(self, form: Mapping[str, list[str]] | None) -> Answer:
         """Decide one POST /as/token and log it (``form`` None: the body was unusable)."""
         fields = {k: v[0] for k, v in (form or {}).items() if len(v) == 1}
         refresh_token = fields.get("refresh_token", "")
@@ -292,14 +300,14 @@ class SandboxServer:
             injection = self._next_injection() if form is not None else None
             new_hash: str | None = None
             if injection is not None and not (injection.drop or injection.forward):
-                outcome, answer = "failed_injected", _injected_answer(injection)
+                outcome, answer = "failed_injected", injected_answer(injection)
             else:
                 outcome, answer, new_hash = self._decide(form, fields, family, now)
                 if injection is not None and injection.drop:
-                    answer = _DROP
+                    answer = DROP
                     outcome = "dropped_after_rotation" if outcome == "rotated" else outcome
                 elif injection is not None:
-                    answer = _injected_answer(injection)
+                    answer = injected_answer(injection)
                     outcome = "failed_after_rotation" if outcome == "rotated" else outcome
             entry = {
                 "seq": len(self._log) + 1,
@@ -313,7 +321,7 @@ class SandboxServer:
             self._log.append(entry)
             return replace(answer, delay=self._answer_delay)
 
-    def _next_injection(self) -> _Injection | None:
+    def _next_injection(self) -> Injection | None:
         if not self._injections:
             return None
         injection, left = self._injections.popleft()
@@ -327,39 +335,39 @@ class SandboxServer:
         fields: dict[str, str],
         family: _Family | None,
         now: float,
-    ) -> tuple[str, _Answer, str | None]:
+    ) -> tuple[str, Answer, str | None]:
         grant_type = fields.get("grant_type")
         refresh_token = fields.get("refresh_token", "")
         client_id = fields.get("client_id", "")
         if form is None or len(fields) != len(form):  # RFC 6749 3.2: no parameter twice
             return (
                 "invalid_request",
-                _oauth_error(400, "invalid_request", "malformed request"),
+                oauth_error(400, "invalid_request", "malformed request"),
                 None,
             )
         if grant_type != "refresh_token":
             error = ("unsupported_grant_type", "only refresh_token is served here")
             if not grant_type:
                 error = ("invalid_request", "grant_type is required")
-            return "invalid_request", _oauth_error(400, *error), None
+            return "invalid_request", oauth_error(400, *error), None
         if not refresh_token:
             error = ("invalid_request", "refresh_token is required")
-            return "invalid_request", _oauth_error(400, *error), None
+            return "invalid_request", oauth_error(400, *error), None
         if client_id not in self._clients or (family and family.client_id != client_id):
-            return "invalid_client", _oauth_error(401, *_INVALID_CLIENT), None
+            return "invalid_client", oauth_error(401, *_INVALID_CLIENT), None
         if family is None or family.revoked or now >= family.refresh_expires_at:
             outcome = "unknown" if family is None else "revoked" if family.revoked else "expired"
-            return outcome, _oauth_error(400, *_INVALID_GRANT), None
+            return outcome, oauth_error(400, *_INVALID_GRANT), None
         if family.current != _digest(refresh_token):
             family.revoked = True  # a used token came back: two parties hold the chain
-            return "reuse_revoked", _oauth_error(400, *_INVALID_GRANT), None
+            return "reuse_revoked", oauth_error(400, *_INVALID_GRANT), None
         new_token = secrets.token_urlsafe(32)
         family.current = _digest(new_token)
         self._by_token[family.current] = family.id
         token = self._mint(family, new_token, now)
-        return "rotated", _json_answer(200, token), token_hash(new_token)
+        return "rotated", json_answer(200, token), token_hash(new_token)
 
-    def _workspace(self, authorization: str) -> _Answer:
+    def answer_workspace(self, authorization: str) -> Answer:
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
         claims = verify_hs256(token, self._key) if scheme.lower() == "bearer" else None
@@ -373,6 +381,6 @@ class SandboxServer:
             )
         if claims is None or not valid:
             challenge = ("WWW-Authenticate", 'Bearer error="invalid_token"')
-            return _json_answer(401, {"error": "invalid_token"}, challenge)
+            return json_answer(401, {"error": "invalid_token"}, challenge)
         workspace = {"id": _WORKSPACE_ID, "name": "Sandbox workspace", "user": claims.get("sub")}
-        return _json_answer(200, workspace)
+        return json_answer(200, workspace)
