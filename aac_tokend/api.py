@@ -221,9 +221,9 @@ def run_cli(args: argparse.Namespace) -> int:
             # alert is the answer, with the exit status of any other alert.
             alert = rows[0].get("alert") or "the daemon knows no API base URL for it"
             raise AlertError(f"profile {args.profile}: {alert}; or pass --base-url")
-    from .core.importer import _check_api_base  # import's words for a bad API base URL
+    from .core.importer import check_api_base  # import's words for a bad API base URL
 
-    base = _check_api_base(base)
+    base = check_api_base(base)
     path = args.path if args.path.startswith("/") else "/" + args.path
     try:
         response = requests.request(

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from aac_tokend.errors import InputError
 from aac_tokend.host.paths import Paths
 from aac_tokend.service import install as service
+from aac_tokend.service.render import read_template
 
 _REPO = Path(__file__).resolve().parent.parent
 _TIMEOUT = 60.0  # generous: systemd-analyze or a Python start on a loaded machine
@@ -119,7 +120,7 @@ class TestTemplates:
             ("systemd", service.SOCKET_UNIT),
             ("launchd", f"{service.LABEL}.plist"),
         ):
-            assert service._template(kind, name) == (_REPO / kind / name).read_text()
+            assert read_template(kind, name) == (_REPO / kind / name).read_text()
 
     def test_every_placeholder_is_filled(self, tmp_path: Path) -> None:
         """Rendering leaves no @NAME@ placeholder behind."""

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_API_BASE_URL",
     "ImportRequest",
     "build_state",
+    "check_api_base",
     "clean_token",
     "parse_expiry_date",
     "parse_import_text",
@@ -247,7 +248,8 @@ def _checked_times(claims: TokenClaims) -> TokenClaims:
     return claims
 
 
-def _check_api_base(url: str) -> str:
+def check_api_base(url: str) -> str:
+    """Return the AAC API base URL without its trailing slash, or raise InputError."""
     try:
         return check_endpoint(url, explicit=True).rstrip("/")
     except InputError as exc:
@@ -274,7 +276,7 @@ def build_state(req: ImportRequest, now: float) -> ProfileState:
     """The fresh state for an import; every problem is a one-line InputError."""
     profile = validate_profile_name(req.profile)
     access = clean_token(req.access_token, "access token")
-    api = _check_api_base(req.api_base_url or DEFAULT_API_BASE_URL)
+    api = check_api_base(req.api_base_url or DEFAULT_API_BASE_URL)
     # No maximum here: the range check below names AAC's range, which says more.
     lifetime = _number_or_none(req.refresh_lifetime_days, "refresh_lifetime_days", math.inf)
     if lifetime is not None and not (

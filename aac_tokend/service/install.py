@@ -35,7 +35,6 @@ from aac_tokend.service.render import (
     render_launchd,
     render_systemd,
 )
-from aac_tokend.service.render import _template as _template  # tests read templates via service
 
 __all__ = [
     "LABEL",

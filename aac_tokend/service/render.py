@@ -35,6 +35,7 @@ __all__ = [
     "host_platform",
     "mask_credentials",
     "network_environment",
+    "read_template",
     "render_env_file",
     "render_launchd",
     "render_systemd",
@@ -231,7 +232,7 @@ def detect_layout(platform: str, env: Mapping[str, str] = os.environ) -> Layout:
     )
 
 
-def _template(kind: str, name: str) -> str:
+def read_template(kind: str, name: str) -> str:
     """A template from the package data, or from the source checkout next to the package."""
     try:
         return resources.files(_TEMPLATE_PACKAGES[kind]).joinpath(name).read_text("utf-8")
@@ -310,7 +311,7 @@ def render_systemd(layout: Layout) -> dict[str, str]:
         # unit fails at once and says which file is missing.
         environment.append("EnvironmentFile=" + _unit_word(_unit_path(layout.env_file, layout)))
     return {
-        name: _fill(_template("systemd", name), values, {"ENVIRONMENT": environment})
+        name: _fill(read_template("systemd", name), values, {"ENVIRONMENT": environment})
         for name in (SOCKET_UNIT, SERVICE_UNIT)
     }
 
@@ -342,7 +343,7 @@ def render_launchd(layout: Layout) -> str:
         ],
     }
     text = _fill(
-        _template("launchd", f"{LABEL}.plist"),
+        read_template("launchd", f"{LABEL}.plist"),
         {"LOG_FILE": xml_escape(str(layout.log_file))},
         blocks,
     )
