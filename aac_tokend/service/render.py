@@ -239,7 +239,7 @@ def read_template(kind: str, name: str) -> str:
     except (ModuleNotFoundError, OSError):
         pass  # an editable install does not map the package-dir entries
     try:
-        return (Path(__file__).resolve().parent.parent / kind / name).read_text("utf-8")
+        return (Path(__file__).resolve().parents[2] / kind / name).read_text("utf-8")
     except OSError as exc:
         raise InputError(
             f"the template {kind}/{name} is missing from this aac-tokend; reinstall aac-tokend"
