@@ -18,11 +18,11 @@ from aac_tokend.core.config import (
     MAX_CONFIG_BYTES,
     POLICY_RANGES,
     Config,
-    load_config,
     parse_config,
 )
 from aac_tokend.core.policy import PolicySettings
 from aac_tokend.errors import ConfigError
+from aac_tokend.host.configfile import load_config
 
 #: The example in the README's Configuration section; kept identical to it.
 README_EXAMPLE = """\

@@ -165,7 +165,7 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
         legacy_expires_at=parse_expiry_date(args.expires) if args.expires else None,
     )
     if request.refresh_lifetime_days is None and request.refresh_expires_in is None:
-        from ..core.config import load_config
+        from ..host.configfile import load_config
 
         # config.toml's lifetime is not stored: it is read at use time, so correcting it
         # later applies to this profile too. Only a lifetime the person gives is stored.
@@ -269,8 +269,8 @@ def _offline_load(store: Any, name: str) -> Any:
 
 
 def _offline_status(paths: Paths) -> list[dict[str, Any]]:
-    from ..core.config import load_config
     from ..core.report import profile_report, report_row
+    from ..host.configfile import load_config
 
     store = _offline_store(paths)
     try:

@@ -1,8 +1,8 @@
 """The daemon's settings: ``config.toml`` in the config directory, validated strictly.
 
-``parse_config`` is pure (text in, ``Config`` out); ``load_config`` is the edge that reads the
-file. Every problem is one ``ConfigError`` line naming the file, the dotted key and what is
-allowed, so a typo never silently falls back to a default.
+``parse_config`` is pure (text in, ``Config`` out); ``host.configfile.load_config`` is the
+edge that reads the file. Every problem is one ``ConfigError`` line naming the file, the
+dotted key and what is allowed, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, ProfileError
-from ..store.fileio import read_regular_file
 from .policy import PolicySettings
 from .state import validate_profile_name
 
@@ -26,7 +24,6 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "Config",
-    "load_config",
     "parse_config",
 ]
 
@@ -296,31 +293,3 @@ def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
         log_format=check.value(doc, "log_format", "", _choice(LOG_FORMATS), defaults.log_format),
         log_level=check.value(doc, "log_level", "", _choice(LOG_LEVELS), defaults.log_level),
     )
-
-
-def load_config(config_dir: Path) -> Config:
-    """The config in ``config_dir/config.toml``; all defaults when the file does not exist."""
-    path = config_dir / CONFIG_FILENAME
-    try:
-        data, _ = read_regular_file(path, MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        return Config()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ConfigError(
-            f"config error in {path}: cannot read the file ({reason}); fix its permissions "
-            "or put a regular file there"
-        ) from exc
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            f"config error in {path}: the file is larger than {MAX_CONFIG_BYTES} bytes; "
-            "is this the right file?"
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"config error in {path}: not UTF-8 text (bad byte at offset {exc.start}); "
-            "save it as UTF-8"
-        ) from None
-    return parse_config(text, str(path))

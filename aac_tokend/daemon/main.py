@@ -15,8 +15,9 @@ from types import FrameType
 import structlog
 
 from .. import __version__
-from ..core.config import CONFIG_FILENAME, Config, load_config
+from ..core.config import CONFIG_FILENAME, Config
 from ..errors import AacTokendError, ConfigError
+from ..host.configfile import load_config
 from ..host.logs import configure_logging
 from ..host.paths import Paths
 from ..refresh.courier import MAX_FD, Refresher, default_refresher
