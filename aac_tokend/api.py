@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 import requests
 
 from .client import ControlClient, read_token
-from .core.tokens import direct_proxies, url_origin
+from .core.origin import direct_proxies, url_origin
 from .errors import (
     AacTokendError,
     AlertError,

@@ -23,7 +23,7 @@ from urllib3.util import parse_url
 from aac_tokend import TokendAuth
 from aac_tokend.api import run_cli
 from aac_tokend.core.importer import ImportRequest, build_state
-from aac_tokend.core.tokens import AAC_DOMAIN, check_endpoint, is_loopback_host, url_origin
+from aac_tokend.core.origin import AAC_DOMAIN, check_endpoint, is_loopback_host, url_origin
 from aac_tokend.errors import EndpointNotAllowedError
 from aac_tokend.sandbox.jwt_sign import sign_hs256
 from aac_tokend.serve.control_server import ControlServer

@@ -9,12 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aac_tokend.core.origin import check_endpoint, derive_endpoint, is_loopback_host
 from aac_tokend.core.tokens import (
     MAX_JWT_BYTES,
     TokenClaims,
-    check_endpoint,
-    derive_endpoint,
-    is_loopback_host,
     parse_jwt,
     token_hash,
 )

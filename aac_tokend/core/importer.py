@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import InputError, TokenFormatError
+from .origin import check_endpoint, derive_endpoint
 from .state import ProfileState, TokenKind, validate_profile_name
-from .tokens import TokenClaims, check_endpoint, derive_endpoint, parse_jwt
+from .tokens import TokenClaims, json_number, parse_jwt
 
 __all__ = [
     "DEFAULT_API_BASE_URL",
@@ -116,12 +117,9 @@ def _number_or_none(
     what = _OPTION.get(name, f"'{name}'")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = float(value)  # isdigit alone admits '²', which int() refuses
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    number = json_number(value)
+    if number is None:
         raise InputError(f"import: {what} must be a number")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond any float
-        number = math.inf
     if not math.isfinite(number):
         raise InputError(f"import: {what} must be a finite number, not {number}")
     if number <= 0:

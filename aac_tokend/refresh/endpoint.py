@@ -26,9 +26,10 @@ import urllib3.connectionpool
 import urllib3.exceptions
 
 from .. import __version__
+from ..core.origin import direct_proxies
 from ..core.outcome import Refreshed, RefreshOutcome, Rejected, Transient
 from ..core.policy import ASSUMED_LIFETIME_SECONDS, UNREACHED_PREFIX
-from ..core.tokens import direct_proxies, mask_tokens, parse_jwt
+from ..core.tokens import mask_tokens, parse_jwt
 from ..errors import TokenFormatError
 
 __all__ = [
