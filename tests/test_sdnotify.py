@@ -50,7 +50,7 @@ class TestWithoutServiceManager:
         monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
         assert sdnotify.notify("READY=1") is False
         assert sdnotify.ready("up") is False
-        assert sdnotify.status("x") is False
+        assert sdnotify.describe("x") is False
         assert sdnotify.reloading() is False
         assert sdnotify.stopping() is False
         assert sdnotify.watchdog_ping() is False
@@ -82,9 +82,9 @@ class TestMessages:
         assert sdnotify.ready("serving 2 profiles") is True
         assert receiver.message() == "READY=1\nSTATUS=serving 2 profiles"
 
-    def test_status_is_one_line(self, receiver: Receiver) -> None:
-        """A newline in a status cannot start a second assignment."""
-        assert sdnotify.status("line one\nREADY=1") is True
+    def test_description_is_one_line(self, receiver: Receiver) -> None:
+        """A newline in a description cannot start a second assignment."""
+        assert sdnotify.describe("line one\nREADY=1") is True
         assert receiver.message() == "STATUS=line one READY=1"
 
     def test_stopping_and_watchdog(self, receiver: Receiver) -> None:

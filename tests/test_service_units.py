@@ -416,7 +416,7 @@ class TestDryRun:
         """status --dry-run prints the command it would run."""
         out = io.StringIO()
         layout = make_layout("linux", tmp_path)
-        assert service.status(layout, RecordingRunner(), out, dry_run=True) == 0
+        assert service.show_service(layout, RecordingRunner(), out, dry_run=True) == 0
         assert out.getvalue() == (
             "# would run: systemctl --user status aac-tokend.service aac-tokend.socket\n"
         )

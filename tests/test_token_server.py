@@ -230,7 +230,7 @@ class TestFiles:
 
     def test_stop_unlinks_sockets_quickly(self, sockdir: Path, source: FakeSource) -> None:
         """stop() returns within a second and leaves no socket file behind."""
-        srv = TokenServer(sockdir, source, tick=lambda: None, tick_interval=5.0)
+        srv = TokenServer(sockdir, source, ping=lambda: None, ping_interval=5.0)
         srv.add_profile("default")
         srv.start()
         started = time.monotonic()
@@ -374,17 +374,19 @@ class TestProfiles:
         assert list(sockdir.iterdir()) == []
 
 
-class TestTick:
-    def test_tick_is_called_from_the_serving_thread(
+class TestPing:
+    """The serving thread's ping (the daemon's watchdog) runs on its own schedule."""
+
+    def test_ping_is_called_from_the_serving_thread(
         self, sockdir: Path, source: FakeSource
     ) -> None:
-        """tick runs repeatedly, on the serving thread, even with no traffic."""
+        """ping runs repeatedly, on the serving thread, even with no traffic."""
         threads: list[str] = []
         srv = TokenServer(
             sockdir,
             source,
-            tick=lambda: threads.append(threading.current_thread().name),
-            tick_interval=0.05,
+            ping=lambda: threads.append(threading.current_thread().name),
+            ping_interval=0.05,
         )
         srv.add_profile("default")
         srv.start()
@@ -394,11 +396,11 @@ class TestTick:
             srv.stop()
         assert set(threads) == {"token-server"}
 
-    def test_tick_is_not_called_more_often_than_its_interval(
+    def test_ping_is_not_called_more_often_than_its_interval(
         self, sockdir: Path, source: FakeSource
     ) -> None:
-        """Busy traffic does not make tick run more often than every tick_interval."""
-        srv = TokenServer(sockdir, source, tick=lambda: None, tick_interval=0.2)
+        """Busy traffic does not make ping run more often than every ping_interval."""
+        srv = TokenServer(sockdir, source, ping=lambda: None, ping_interval=0.2)
         srv.add_profile("default")
         srv.start()
         started = time.monotonic()
@@ -408,15 +410,15 @@ class TestTick:
         finally:
             elapsed = time.monotonic() - started
             srv.stop()
-        assert srv.ticks <= elapsed / 0.2 + 1
+        assert srv.pings <= elapsed / 0.2 + 1
 
-    def test_failing_tick_does_not_stop_serving(self, sockdir: Path, source: FakeSource) -> None:
-        """An exception in tick is counted and the loop keeps serving."""
+    def test_failing_ping_does_not_stop_serving(self, sockdir: Path, source: FakeSource) -> None:
+        """An exception in ping is counted and the loop keeps serving."""
 
         def broken() -> None:
             raise OSError("watchdog socket gone")
 
-        srv = TokenServer(sockdir, source, tick=broken, tick_interval=0.02)
+        srv = TokenServer(sockdir, source, ping=broken, ping_interval=0.02)
         srv.add_profile("default")
         srv.start()
         try:

@@ -101,8 +101,8 @@ class Daemon:
         token_server = TokenServer(
             paths.runtime_dir,
             self,  # current_token below: the engine, once built
-            tick=self._watchdog if sdnotify.watchdog_interval() else None,
-            tick_interval=sdnotify.watchdog_interval() or 1.0,
+            ping=self._watchdog if sdnotify.watchdog_interval() else None,
+            ping_interval=sdnotify.watchdog_interval() or 1.0,
         )
         self._engine = engine = Engine(
             store=store,
@@ -178,7 +178,7 @@ class Daemon:
                     self._engine.note_socket_problem(name, None)
             for name in sorted(have - wanted):
                 server.remove_profile(name)
-        sdnotify.status(f"serving {len(wanted)} profile(s)")
+        sdnotify.describe(f"serving {len(wanted)} profile(s)")
 
     def reload(self) -> None:
         """Re-read config.toml; a bad file keeps the running config and is reported."""
@@ -233,7 +233,7 @@ class Daemon:
 def _waiting_for_offline_command(pid: int) -> None:
     """An offline `import`/`remove` holds the owner lock: say so while we wait for it."""
     log.warning("waiting_for_offline_command", pid=pid)
-    sdnotify.status(f"waiting for an offline aac-tokend command (pid {pid}) to finish")
+    sdnotify.describe(f"waiting for an offline aac-tokend command (pid {pid}) to finish")
 
 
 def _raise_nofile_limit() -> None:

@@ -31,12 +31,12 @@ from aac_tokend.serve.unixsock import adopt_listener, bind_listener, fast_accept
 __all__ = ["TokenServer", "TokenSource"]
 
 # How long add_profile/remove_profile wait for the serving thread to apply a change. The loop
-# wakes within microseconds; only a tick() that hangs (which the watchdog then reports)
+# wakes within microseconds; only a ping() that hangs (which the watchdog then reports)
 # could make this run out.
 _APPLY_TIMEOUT = 5.0
 
 # How long stop() waits for the serving thread to finish its current pass: microseconds,
-# unless tick() hangs; then the thread cleans up by itself whenever tick() returns.
+# unless ping() hangs; then the thread cleans up by itself whenever ping() returns.
 _STOP_TIMEOUT = 2.0
 
 # Backoff when accept() fails for lack of descriptors (EMFILE/ENFILE): the listener stays
@@ -60,7 +60,7 @@ _NO_BYTES = bytes(4)  # ioctl's in-out buffer for an int
 
 # Connections answered per listener per pass before the loop looks at the others again:
 # readers that reconnect at once could otherwise keep one listener ready forever, starving
-# the other profiles, queued changes and tick() (the watchdog ping). Large enough that a
+# the other profiles, queued changes and ping() (the watchdog ping). Large enough that a
 # pass still amortises its epoll_wait over many connections.
 _ACCEPTS_PER_PASS = 256
 
@@ -94,7 +94,11 @@ class _Change:
 
 
 class TokenServer:
-    """Serves each profile's current token on ``<runtime_dir>/<profile>.token.sock``."""
+    """Serves each profile's current token on ``<runtime_dir>/<profile>.token.sock``.
+
+    ``ping``, if given, runs on the serving thread every ``ping_interval`` seconds: a call
+    that proves the thread alive (the daemon pings the service manager's watchdog with it).
+    """
 
     def __init__(
         self,
@@ -102,14 +106,14 @@ class TokenServer:
         source: TokenSource,
         *,
         uid: int | None = None,
-        tick: Callable[[], None] | None = None,
-        tick_interval: float = 1.0,
+        ping: Callable[[], None] | None = None,
+        ping_interval: float = 1.0,
     ) -> None:
         self.runtime_dir = runtime_dir
         self._source = source
         self._uid = os.getuid() if uid is None else uid
-        self._tick = tick
-        self._tick_interval = tick_interval
+        self._ping = ping
+        self._ping_interval = ping_interval
         self._selector = selectors.DefaultSelector()
         self._listeners: dict[str, _Listener] = {}
         self._changes: deque[_Change] = deque()
@@ -128,10 +132,10 @@ class TokenServer:
         self.refused = 0
         #: connections closed unanswered because there was no valid token
         self.empty = 0
-        #: failures in the source, tick, accept or send (never fatal to the loop)
+        #: failures in the source, ping, accept or send (never fatal to the loop)
         self.errors = 0
-        #: tick() calls made
-        self.ticks = 0
+        #: ping() calls made
+        self.pings = 0
 
     def socket_path(self, profile: str) -> Path:
         """Return the token socket path of ``profile``."""
@@ -187,7 +191,7 @@ class TokenServer:
         if thread is None:
             self._close_all()  # never started: nothing else will
         elif thread is not threading.current_thread():
-            # The thread closes everything on its way out, even after a hung tick()
+            # The thread closes everything on its way out, even after a hung ping()
             # makes this wait give up.
             thread.join(_STOP_TIMEOUT)
 
@@ -198,7 +202,7 @@ class TokenServer:
             if self._closed or self._stopping:
                 raise RuntimeError("TokenServer is stopped")
             if not self._running or threading.current_thread() is self._thread:
-                # No serving thread yet, or we are it (a source or tick that changes the
+                # No serving thread yet, or we are it (a source or ping that changes the
                 # profiles): the selector is ours alone, and waiting would deadlock.
                 self._apply(change)
             else:
@@ -283,26 +287,26 @@ class TokenServer:
     def _loop(self) -> None:
         select = self._selector.select
         monotonic = time.monotonic
-        interval = self._tick_interval
-        next_tick = monotonic() + interval if self._tick is not None else None
+        interval = self._ping_interval
+        next_ping = monotonic() + interval if self._ping is not None else None
         timeout: float | None = None
         while not self._stopping:
-            if next_tick is not None:
-                timeout = max(0.0, next_tick - monotonic())
+            if next_ping is not None:
+                timeout = max(0.0, next_ping - monotonic())
             for key, _ in select(timeout):
                 if key.data is None:
                     self._apply_pending()
                 else:
                     self._serve(key.data)
-            if next_tick is not None and monotonic() >= next_tick:
-                self._call_tick()
-                next_tick = monotonic() + interval
+            if next_ping is not None and monotonic() >= next_ping:
+                self._call_ping()
+                next_ping = monotonic() + interval
 
-    def _call_tick(self) -> None:
-        assert self._tick is not None
-        self.ticks += 1
+    def _call_ping(self) -> None:
+        assert self._ping is not None
+        self.pings += 1
         try:
-            self._tick()
+            self._ping()
         except Exception:
             self.errors += 1
 

@@ -62,7 +62,7 @@ __all__ = [
     "render_launchd",
     "render_systemd",
     "run_cli",
-    "status",
+    "show_service",
     "uninstall",
     "uninstall_steps",
 ]
@@ -366,8 +366,10 @@ def uninstall(layout: Layout, runner: CommandRunner, out: IO[str], *, dry_run: b
     return 0
 
 
-def status(layout: Layout, runner: CommandRunner, out: IO[str], *, dry_run: bool = False) -> int:
-    """Show the service manager's view of the service; its exit status is ours."""
+def show_service(
+    layout: Layout, runner: CommandRunner, out: IO[str], *, dry_run: bool = False
+) -> int:
+    """``service status``: show the service manager's view of the service; its exit code is ours."""
     if layout.platform == "linux":
         argv = _systemctl("status", SERVICE_UNIT, SOCKET_UNIT)
     else:
@@ -383,7 +385,7 @@ def status(layout: Layout, runner: CommandRunner, out: IO[str], *, dry_run: bool
 _ACTIONS: dict[str, Callable[..., int]] = {
     "install": install,
     "uninstall": uninstall,
-    "status": status,
+    "status": show_service,
 }
 
 

@@ -20,10 +20,10 @@ import time
 __all__ = [
     "NOTIFY_TIMEOUT",
     "claim_environment",
+    "describe",
     "notify",
     "ready",
     "reloading",
-    "status",
     "stopping",
     "watchdog_interval",
     "watchdog_ping",
@@ -83,13 +83,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
-def ready(status: str) -> bool:
-    """Tell the manager the daemon is up (its sockets accept connections), with a status."""
-    return notify(f"READY=1\nSTATUS={_one_line(status)}")
+def ready(description: str) -> bool:
+    """Tell the manager the daemon is up (its sockets accept connections), and what it does."""
+    return notify(f"READY=1\nSTATUS={_one_line(description)}")
 
 
-def status(text: str) -> bool:
-    """Set the one-line status that ``systemctl --user status`` shows."""
+def describe(text: str) -> bool:
+    """Set the one line (systemd's STATUS=) that ``systemctl --user status`` shows."""
     return notify(f"STATUS={_one_line(text)}")
 
 
