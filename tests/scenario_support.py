@@ -29,8 +29,9 @@ import requests
 
 from aac_tokend.core.config import Config
 from aac_tokend.core.importer import ImportRequest, parse_import_text
-from aac_tokend.daemon.alerts import Alerter, AlertSink
+from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
+from aac_tokend.daemon.sinks import AlertSink
 from aac_tokend.refresh.courier import ForkCourier, InProcessRefresher, Refresher
 from aac_tokend.refresh.endpoint import TokenEndpoint
 from aac_tokend.sandbox.server import SandboxServer

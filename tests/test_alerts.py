@@ -14,9 +14,9 @@ from structlog.testing import capture_logs
 
 from aac_tokend.core.conditions import AlertEvent, Condition
 from aac_tokend.core.config import Config
-from aac_tokend.daemon.alerts import (
+from aac_tokend.daemon.alerts import Alerter
+from aac_tokend.daemon.sinks import (
     DESKTOP_INHERITED,
-    Alerter,
     CommandSink,
     DesktopSink,
     LogSink,

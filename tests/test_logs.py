@@ -270,7 +270,7 @@ class TestRedactFunction:
 #: A child that logs one event at each level and one alert, the way the daemon does.
 _CHILD = """
 import structlog
-from aac_tokend.daemon.alerts import LogSink
+from aac_tokend.daemon.sinks import LogSink
 from aac_tokend.core.conditions import AlertEvent
 from aac_tokend.host.logs import configure_logging
 configure_logging("auto", "debug")

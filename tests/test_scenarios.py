@@ -36,9 +36,10 @@ from aac_tokend.core.policy import (
 )
 from aac_tokend.core.state import ProfileState
 from aac_tokend.core.tokens import token_hash
-from aac_tokend.daemon.alerts import Alerter, CommandSink
+from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.daemon.scheduling import WAKE_CAP_SECONDS
+from aac_tokend.daemon.sinks import CommandSink
 from aac_tokend.host.logs import configure_logging
 from aac_tokend.refresh.endpoint import TokenEndpoint
 from aac_tokend.testing import FakeClock

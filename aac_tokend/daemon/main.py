@@ -30,9 +30,10 @@ from ..store.fileio import ensure_private_dir
 from ..store.files import FileStore, load_or_create_key
 from ..store.owner import OwnerLock
 from ..store.pending import PendingStore
-from .alerts import Alerter, build_sinks
+from .alerts import Alerter
 from .engine import Engine
 from .scheduling import APScheduler, Clock, Scheduler, SystemClock
+from .sinks import build_sinks
 
 __all__ = ["Daemon", "run_daemon"]
 
