@@ -22,14 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aac_tokend.core.tokens import token_hash
-from aac_tokend.host.logs import (
-    StdlibToStructlog,
-    configure_logging,
-    forget_secret,
-    journal_stream_id,
-    redact,
-    register_secret,
-)
+from aac_tokend.host.logs import StdlibToStructlog, configure_logging, journal_stream_id
+from aac_tokend.host.redact import forget_secret, redact, register_secret
 from aac_tokend.sandbox.jwt_sign import sign_hs256
 
 JWT = sign_hs256({"exp": 1_800_000_000, "sub": "user"}, b"k" * 32)

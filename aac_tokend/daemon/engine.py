@@ -28,8 +28,8 @@ from ..core.report import profile_report, report_row
 from ..core.state import ProfileState, TokenKind, validate_profile_name
 from ..core.tokens import token_hash
 from ..errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
-from ..host.logs import register_secret
 from ..host.paths import check_token_socket
+from ..host.redact import register_secret
 from ..refresh.courier import LOCK_WAIT_SECONDS, WAIT_SECONDS, CourierJob, CourierResult, Refresher
 from ..store.files import SUFFIX, FileStore
 from ..store.pending import PendingStore, follows
