@@ -23,6 +23,7 @@ from aac_tokend.errors import InputError
 from aac_tokend.host.paths import Paths
 from aac_tokend.service import install as service
 from aac_tokend.service.render import read_template
+from aac_tokend.service.steps import Completed, SubprocessRunner
 
 _REPO = Path(__file__).resolve().parent.parent
 _TIMEOUT = 60.0  # generous: systemd-analyze or a Python start on a loaded machine
@@ -35,7 +36,7 @@ class RecordingRunner:
         self,
         *,
         missing: Sequence[str] = (),
-        answers: dict[tuple[str, ...], service.Completed] | None = None,
+        answers: dict[tuple[str, ...], Completed] | None = None,
     ) -> None:
         self.missing = set(missing)
         self.answers = answers or {}
@@ -44,9 +45,9 @@ class RecordingRunner:
     def which(self, name: str) -> str | None:
         return None if name in self.missing else f"/usr/bin/{name}"
 
-    def run(self, argv: Sequence[str], *, capture: bool = True) -> service.Completed:
+    def run(self, argv: Sequence[str], *, capture: bool = True) -> Completed:
         self.ran.append(tuple(argv))
-        return self.answers.get(tuple(argv), service.Completed(0))
+        return self.answers.get(tuple(argv), Completed(0))
 
 
 def make_layout(
@@ -482,7 +483,7 @@ class TestInstallWithRecordingRunner:
         """A bootout of an agent that was not loaded does not stop the install."""
         layout = make_layout("macos", short_dir)
         bootout = ("launchctl", "bootout", f"gui/{os.getuid()}/{service.LABEL}")
-        runner = RecordingRunner(answers={bootout: service.Completed(3, "No such process")})
+        runner = RecordingRunner(answers={bootout: Completed(3, "No such process")})
         assert service.install(layout, runner, io.StringIO()) == 0
 
     def test_macos_uninstall_boots_out(self, short_dir: Path) -> None:
@@ -511,12 +512,12 @@ class TestManagerErrors:
         """The real runner's PATH lookup finds no systemctl in an empty PATH."""
         monkeypatch.setenv("PATH", str(tmp_path))
         with pytest.raises(InputError, match="systemctl not found"):
-            service.check_manager(make_layout("linux", tmp_path), service.SubprocessRunner())
+            service.check_manager(make_layout("linux", tmp_path), SubprocessRunner())
 
     def test_unreachable_user_manager(self, tmp_path: Path) -> None:
         """A user manager that does not answer gives one line quoting systemctl."""
         probe = ("systemctl", "--user", "show", "--property=Version")
-        failed = service.Completed(1, "Failed to connect to bus: No medium found\n")
+        failed = Completed(1, "Failed to connect to bus: No medium found\n")
         runner = RecordingRunner(answers={probe: failed})
         with pytest.raises(InputError) as caught:
             service.install(make_layout("linux", tmp_path), runner, io.StringIO())
@@ -543,7 +544,7 @@ class TestManagerErrors:
             "aac-tokend.socket",
             "aac-tokend.service",
         )
-        failed = service.Completed(1, "Job for aac-tokend.service failed.\nSee status.\n")
+        failed = Completed(1, "Job for aac-tokend.service failed.\nSee status.\n")
         runner = RecordingRunner(answers={enable: failed})
         with pytest.raises(InputError) as caught:
             service.install(make_layout("linux", tmp_path), runner, io.StringIO())

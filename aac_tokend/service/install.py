@@ -1,7 +1,7 @@
 """``aac-tokend service install|uninstall|status``: run the daemon under systemd or launchd.
 
-Rendering the unit files and the LaunchAgent is in service_render (re-exported here);
-installing is a list of steps (make a directory, write a file, run a command) that
+Rendering the unit files and the LaunchAgent is in ``render`` (re-exported here); installing
+is a list of steps (make a directory, write a file, run a command: ``steps``) that
 ``--dry-run`` prints instead of doing. Commands go through a CommandRunner, so tests record
 them.
 """
@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import shutil
-import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Protocol
+from collections.abc import Callable, Mapping
+from typing import IO
 
 from aac_tokend.errors import InputError
-from aac_tokend.serve.unixsock import ensure_private_dir
 from aac_tokend.service.render import (
     LABEL,
     SERVICE_UNIT,
@@ -35,22 +29,25 @@ from aac_tokend.service.render import (
     render_launchd,
     render_systemd,
 )
+from aac_tokend.service.steps import (
+    CommandRunner,
+    MakeDir,
+    RemoveFile,
+    Run,
+    Step,
+    SubprocessRunner,
+    WriteFile,
+    apply,
+    describe,
+    first_line,
+)
 
 __all__ = [
     "LABEL",
     "SERVICE_UNIT",
     "SOCKET_UNIT",
-    "CommandRunner",
-    "Completed",
     "Layout",
-    "MakeDir",
-    "RemoveFile",
-    "Run",
-    "Step",
-    "SubprocessRunner",
-    "WriteFile",
     "add_arguments",
-    "apply",
     "check_manager",
     "detect_layout",
     "find_program",
@@ -66,96 +63,6 @@ __all__ = [
     "uninstall",
     "uninstall_steps",
 ]
-
-# `systemctl --user enable --now` waits for the start job, which ends at the daemon's
-# READY=1; 90 s is systemd's own default start timeout, so we never give up before it does.
-COMMAND_TIMEOUT = 90.0
-
-
-@dataclass(frozen=True)
-class MakeDir:
-    """Create a private (0700) directory, or check that it is one."""
-
-    path: Path
-
-
-@dataclass(frozen=True)
-class WriteFile:
-    """Write ``content`` to ``path`` with ``mode``, replacing it; a dry run prints ``shown``.
-
-    Service files are 0644 unless they hold a proxy password (then 0600, and ``shown`` is
-    the content with the password masked).
-    """
-
-    path: Path
-    content: str
-    mode: int = 0o644
-    shown: str | None = None
-
-
-@dataclass(frozen=True)
-class RemoveFile:
-    """Remove ``path`` if it exists."""
-
-    path: Path
-
-
-@dataclass(frozen=True)
-class Run:
-    """Run a command; unless ``check`` is False, a failure stops the steps."""
-
-    argv: tuple[str, ...]
-    check: bool = True
-
-
-Step = MakeDir | WriteFile | RemoveFile | Run
-
-
-@dataclass(frozen=True)
-class Completed:
-    """How a command ended; ``output`` is its stdout and stderr when captured."""
-
-    returncode: int
-    output: str = ""
-
-
-class CommandRunner(Protocol):
-    """Finds and runs the service manager's commands."""
-
-    def which(self, name: str) -> str | None: ...
-
-    def run(self, argv: Sequence[str], *, capture: bool = True) -> Completed: ...
-
-
-class SubprocessRunner:
-    """The real CommandRunner: PATH lookup and subprocess."""
-
-    def which(self, name: str) -> str | None:
-        return shutil.which(name)
-
-    def run(self, argv: Sequence[str], *, capture: bool = True) -> Completed:
-        try:
-            proc = subprocess.run(
-                list(argv),
-                capture_output=capture,
-                text=True,
-                stdin=subprocess.DEVNULL,
-                timeout=COMMAND_TIMEOUT,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise InputError(
-                f"`{shlex.join(argv)}` did not finish within {COMMAND_TIMEOUT:.0f} s; "
-                "see `aac-tokend service status`"
-            ) from exc
-        except OSError as exc:
-            raise InputError(f"cannot run {argv[0]}: {exc.strerror}") from exc
-        return Completed(proc.returncode, (proc.stdout or "") + (proc.stderr or ""))
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else "no output"
 
 
 def _systemctl(*args: str) -> tuple[str, ...]:
@@ -177,7 +84,7 @@ def check_manager(layout: Layout, runner: CommandRunner) -> None:
         probe = runner.run(_systemctl("show", "--property=Version"))
         if probe.returncode != 0:
             raise InputError(
-                f"the systemd user manager is unreachable ({_first_line(probe.output)}); "
+                f"the systemd user manager is unreachable ({first_line(probe.output)}); "
                 "run this in your own login session, not under su or sudo"
             )
         return
@@ -186,7 +93,7 @@ def check_manager(layout: Layout, runner: CommandRunner) -> None:
     probe = runner.run(("launchctl", "print", _gui(layout, label=False)))
     if probe.returncode != 0:
         raise InputError(
-            f"launchd has no GUI session for uid {layout.uid} ({_first_line(probe.output)}); "
+            f"launchd has no GUI session for uid {layout.uid} ({first_line(probe.output)}); "
             "log in to the Mac's desktop as this user and run this again"
         )
 
@@ -286,61 +193,6 @@ def uninstall_steps(layout: Layout) -> list[Step]:
     return [Run(("launchctl", "bootout", _gui(layout)), check=False), RemoveFile(layout.plist_path)]
 
 
-def _describe(step: Step) -> str:
-    match step:
-        case MakeDir(path):
-            return f"# would create directory {path} (mode 0700)\n"
-        case WriteFile(path, content, mode, shown):
-            how = "" if mode == 0o644 else f" (mode {mode:04o})"
-            return f"# would write {path}{how}:\n{content if shown is None else shown}"
-        case RemoveFile(path):
-            return f"# would remove {path}\n"
-        case Run(argv, check):
-            return f"# would run: {shlex.join(argv)}{'' if check else '  (failure ignored)'}\n"
-
-
-def _write(path: Path, content: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)  # O_CREAT keeps an old file's wider mode
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-        os.chmod(tmp, mode)  # whatever our umask: launchd and systemd must read it
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}") from exc
-
-
-def apply(steps: Sequence[Step], runner: CommandRunner, out: IO[str], *, dry_run: bool) -> None:
-    """Carry out ``steps`` in order, or with ``dry_run`` print what each would do."""
-    for step in steps:
-        if dry_run:
-            out.write(_describe(step))
-            continue
-        match step:
-            case MakeDir(path):
-                ensure_private_dir(path)
-            case WriteFile(path, content, mode):
-                _write(path, content, mode)
-                out.write(f"wrote {path}\n")
-            case RemoveFile(path):
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as exc:
-                    raise InputError(f"cannot remove {path}: {exc.strerror}") from exc
-                out.write(f"removed {path}\n")
-            case Run(argv, check):
-                done = runner.run(argv)
-                if check and done.returncode != 0:
-                    raise InputError(
-                        f"`{shlex.join(argv)}` failed (exit {done.returncode}): "
-                        f"{_first_line(done.output)}; see `aac-tokend service status`"
-                    )
-                out.write(f"ran {shlex.join(argv)}\n")
-
-
 def install(layout: Layout, runner: CommandRunner, out: IO[str], *, dry_run: bool = False) -> int:
     """Write the unit files or the LaunchAgent for ``layout``, then enable and start it."""
     if not dry_run:
@@ -375,7 +227,7 @@ def show_service(
     else:
         argv = ("launchctl", "print", _gui(layout))
     if dry_run:
-        out.write(_describe(Run(argv)))
+        out.write(describe(Run(argv)))
         return 0
     check_manager(layout, runner)
     out.flush()
