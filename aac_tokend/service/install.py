@@ -1,9 +1,9 @@
 """``aac-tokend service install|uninstall|status``: run the daemon under systemd or launchd.
 
-Rendering the unit files and the LaunchAgent is in ``render`` (re-exported here); installing
-is a list of steps (make a directory, write a file, run a command: ``steps``) that
-``--dry-run`` prints instead of doing. Commands go through a CommandRunner, so tests record
-them.
+Rendering the unit files and the LaunchAgent is in ``render`` and ``layout`` (re-exported
+here); installing is a list of steps (make a directory, write a file, run a command: see
+``steps``) that ``--dry-run`` prints instead of doing. Commands go through a CommandRunner,
+so tests record them.
 """
 
 from __future__ import annotations
@@ -15,16 +15,18 @@ from collections.abc import Callable, Mapping
 from typing import IO
 
 from aac_tokend.errors import InputError
-from aac_tokend.service.render import (
+from aac_tokend.service.layout import (
     LABEL,
     SERVICE_UNIT,
     SOCKET_UNIT,
     Layout,
-    check_socket_room,
     detect_layout,
     find_program,
     host_platform,
     mask_credentials,
+)
+from aac_tokend.service.render import (
+    check_socket_room,
     render_env_file,
     render_launchd,
     render_systemd,
