@@ -3,6 +3,11 @@
 Accepted input: two lines (access token, refresh token), or the JSON object a token endpoint
 returns (``access_token``, ``refresh_token``, optional ``expires_in`` and
 ``refresh_token_expires_in``). A legacy (non-refreshable) token is one line.
+
+Longer than 300 lines: one contract from pasted text to a stored state. The request as it
+crosses the control socket, the parsing, and the checks of ``build_state`` share the option
+names and limits every refusal quotes; the JWT and URL checks are already in ``tokens`` and
+``origin``.
 """
 
 from __future__ import annotations

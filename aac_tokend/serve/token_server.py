@@ -7,6 +7,10 @@ accept-send-close loop like this is as fast as C here, where asyncio reaches abo
 quarter of that and a thread per connection about a tenth (see STYLE.md).
 
 The token is never logged: failures are only counted.
+
+Longer than 300 lines: the serving loop, the listener changes it applies between passes
+(add, remove, stop: only its thread touches the selector) and the one-send answer are one
+thread's state; the socket helpers are already in ``unixsock``.
 """
 
 from __future__ import annotations
