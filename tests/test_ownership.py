@@ -301,7 +301,7 @@ class TestEngineHolders:
             (result,) = refresher.results
             assert result.kind == "storage_failed" and result.unsaved
             fs.failures = {}
-            pending = store.decrypt("p", result.unsaved)
+            pending = store.unseal("p", result.unsaved)
             on_disk = store.load("p")  # the journal: only memory has the new pair
             assert old is not None and on_disk is not None
             assert on_disk.refresh_token == old.refresh_token != pending.refresh_token

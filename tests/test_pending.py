@@ -136,7 +136,7 @@ class TestCourierKeepsThePair:
         assert result.kind == "storage_failed" and result.unsaved is not None
         blob = pending.get("work")
         assert blob == result.unsaved
-        held = store.decrypt("work", blob)
+        held = store.unseal("work", blob)
         assert held.refresh_token is not None
         assert token_hash(held.refresh_token) == sandbox.log()[-1]["new_rt_hash"]
         assert b"refresh" not in blob and held.refresh_token.encode() not in blob
@@ -149,7 +149,7 @@ class TestAdoption:
         """A journal on disk plus its outcome pending: the outcome is saved, served, cleared."""
         store, pending = FileStore(root / "state", key), PendingStore(root / "run")
         _journal, successor = _journal_and_successor(store)
-        pending.put("work", store.encrypt(successor))
+        pending.put("work", store.seal(successor))
         engine = _engine(store, pending, key)
         assert engine.current_token("work") == b"access-after-rotation"
         assert store.load("work") == successor
@@ -161,7 +161,7 @@ class TestAdoption:
         _journal, successor = _journal_and_successor(store)
         fresh = oauth_state(access_token="freshly-imported-access")
         store.save(fresh)
-        pending.put("work", store.encrypt(successor))
+        pending.put("work", store.seal(successor))
         engine = _engine(store, pending, key)
         assert engine.current_token("work") == b"freshly-imported-access"
         assert store.load("work") == fresh and pending.get("work") is None
@@ -171,7 +171,7 @@ class TestAdoption:
         fs = FailingFileLayer()
         store, pending = FileStore(root / "state", key, fs), PendingStore(root / "run")
         journal, successor = _journal_and_successor(store)
-        pending.put("work", store.encrypt(successor))
+        pending.put("work", store.seal(successor))
         fs.failures = {"rename": errno.EIO}
         engine = _engine(store, pending, key)
         assert engine.current_token("work") == b"access-after-rotation"
@@ -244,7 +244,7 @@ class TestStaleRecordAfterImport:
         old = _old_chain_at(store, 3)
         stale = old.bumped(refresh_token="old-chain-successor", access_token="old-chain-access")
         pending = _UnclearablePending(root / "run")
-        pending.put("work", store.encrypt(stale))
+        pending.put("work", store.seal(stale))
         engine = _engine(store, pending, key)  # drops the record, which stays on disk
         request = parse_import_text(json.dumps(sandbox.generate()), profile="work")
         imported = engine.import_profile(
@@ -271,7 +271,7 @@ class TestOfflineCommands:
         store = FileStore(home.paths.state_dir, load_or_create_key(home.paths.config_dir))
         pending = PendingStore(home.paths.pending_dir)
         old = _old_chain_at(store, 2)
-        pending.put("work", store.encrypt(old.bumped(refresh_token="old-chain-successor")))
+        pending.put("work", store.seal(old.bumped(refresh_token="old-chain-successor")))
         import_pair(home, sandbox, profile="work")
         loaded = store.load("work")
         assert loaded is not None and loaded.generation == 4
@@ -282,7 +282,7 @@ class TestOfflineCommands:
         store = FileStore(home.paths.state_dir, load_or_create_key(home.paths.config_dir))
         pending = PendingStore(home.paths.pending_dir)
         old = _old_chain_at(store, 2)
-        pending.put("work", store.encrypt(old.bumped(refresh_token="old-chain-successor")))
+        pending.put("work", store.seal(old.bumped(refresh_token="old-chain-successor")))
         assert home.cli("remove", "--yes", "work").returncode == 0
         assert store.load("work") is None and pending.get("work") is None
 

@@ -390,7 +390,7 @@ class Engine:
                     self._clear_pending(name)
                     log.info("unsaved_state_dropped", profile=name, reason="the file moved on")
                     return
-                self._store.save_blob(name, blob)
+                self._store.save(held)
                 with self._lock:
                     entry.unsaved = None
             self._clear_pending(name)

@@ -166,7 +166,7 @@ def _persist(
             return CourierResult(kind)
         except StorageError as exc:
             if time.monotonic() + delay > deadline:
-                blob = store.encrypt(state)
+                blob = store.seal(state)
                 if pending is not None:
                     # Before the daemon hears of it: a daemon killed before it could keep
                     # the pair itself must not take the only copy with it.
