@@ -1,7 +1,8 @@
 """Small honest fakes shared by the tests, the benchmarks and the sandbox.
 
 A clock you can jump, a scheduler you can step, a memory store that passes the same
-contract as the file store, a file layer that fails on demand, and a recording alert sink.
+contract as the file store (store/memory.py), a refresher that runs the real transaction
+against a scripted server, a file layer that fails on demand, and a recording alert sink.
 None of them patches anything: each is a real implementation of the interface it fakes.
 """
 
@@ -17,12 +18,14 @@ from typing import Any
 from .core.conditions import AlertEvent
 from .core.state import ProfileState, TokenKind
 from .errors import KeyringUnavailableError
+from .refresh.fake import FakeRefresher
 from .store.fileio import OsFileLayer
 from .store.memory import MemoryStore
 
 __all__ = [
     "FailingFileLayer",
     "FakeClock",
+    "FakeRefresher",
     "FakeScheduler",
     "MemorySecrets",
     "MemoryStore",

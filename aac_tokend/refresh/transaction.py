@@ -59,8 +59,10 @@ class Endpoint(Protocol):
     ) -> RefreshOutcome: ...
 
 
-def _persist(store: StateStore, state: ProfileState, kind: CourierKind) -> CourierResult:
-    deadline = time.monotonic() + SAVE_RETRY_SECONDS
+def _persist(
+    store: StateStore, state: ProfileState, kind: CourierKind, retry_for: float
+) -> CourierResult:
+    deadline = time.monotonic() + retry_for
     delay = 0.25
     while True:
         try:
@@ -108,6 +110,7 @@ def carry(
     *,
     trace: Callable[[str], None] | None = None,
     on_answer: Callable[[], None] | None = None,
+    retry_for: float = SAVE_RETRY_SECONDS,
 ) -> CourierResult:
     """The refresh transaction: lock, journal, request, durable outcome.
 
@@ -115,7 +118,8 @@ def carry(
     (the request is about to leave), "answered" (the outcome is known, only in memory) and
     "persisted" (the outcome is durable, or handed over sealed and kept as pending).
     ``on_answer`` runs as soon as the request has ended, before anything else: a courier
-    cancels its alarm there.
+    cancels its alarm there. ``retry_for`` bounds the retries of the outcome's save (tests
+    of a refused save pass 0, not to wait out a real disk's bound).
     """
     step = trace or (lambda _name: None)
     try:
@@ -147,7 +151,7 @@ def carry(
                 on_answer()
             step("answered")
             after = apply_outcome(journal, outcome, clock(), job.lifetime_days)
-            result = _persist(store, after, _kind_of(outcome))
+            result = _persist(store, after, _kind_of(outcome), retry_for)
             step("persisted")
             return result
     except BusyError as exc:
