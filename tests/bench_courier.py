@@ -21,6 +21,7 @@ from aac_tokend.refresh.courier import (
     Refresher,
     SpawnCourier,
 )
+from aac_tokend.refresh.result import CourierKind
 from aac_tokend.store.files import FileStore, FileStoreSpec
 from tests.bench_procs import Row, Sandbox, import_request, row, short_dir
 
@@ -45,7 +46,7 @@ def _refresh_once(refresher: Refresher, store: FileStore) -> float:
     start = time.perf_counter()
     result = refresher.refresh(job)
     elapsed = time.perf_counter() - start
-    if result.kind != "refreshed":
+    if result.kind is not CourierKind.REFRESHED:
         raise SystemExit(f"courier benchmark: a refresh ended {result.kind}: {result.detail}")
     return elapsed * 1000
 
