@@ -1,28 +1,31 @@
 """Small honest fakes shared by the tests, the benchmarks and the sandbox.
 
 A clock you can jump, a scheduler you can step, a memory store that passes the same
-contract as the file store, a file layer that fails on demand, and a recording alert sink.
+contract as the file store (store/memory.py), a refresher that runs the real transaction
+against a scripted server, a file layer that fails on demand, and a recording alert sink.
 None of them patches anything: each is a real implementation of the interface it fakes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .core.conditions import AlertEvent
-from .core.state import ProfileState, TokenKind, validate_profile_name
-from .errors import BusyError, KeyringUnavailableError, ProfileError
+from .core.state import ProfileState, TokenKind
+from .errors import KeyringUnavailableError
+from .refresh.fake import FakeRefresher
 from .store.fileio import OsFileLayer
+from .store.memory import MemoryStore
 
 __all__ = [
     "FailingFileLayer",
     "FakeClock",
+    "FakeRefresher",
     "FakeScheduler",
     "MemorySecrets",
     "MemoryStore",
@@ -124,40 +127,6 @@ class FakeScheduler:
         """Run every interval job once (what the real scheduler does every few seconds)."""
         for _, fn in list(self.intervals.values()):
             fn()
-
-
-class MemoryStore:
-    """Profile states in a dict; passes the StateStore contract tests like FileStore."""
-
-    def __init__(self) -> None:
-        self._states: dict[str, ProfileState] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    def load(self, profile: str) -> ProfileState | None:
-        return self._states.get(validate_profile_name(profile))
-
-    def save(self, state: ProfileState) -> None:
-        self._states[validate_profile_name(state.profile)] = state
-
-    def delete(self, profile: str) -> None:
-        if self._states.pop(profile, None) is None:
-            raise ProfileError(f"no profile named {profile!r}; see `aac-tokend profiles`")
-
-    def profiles(self) -> list[str]:
-        return sorted(self._states)
-
-    @contextlib.contextmanager
-    def locked(self, profile: str, timeout: float) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(validate_profile_name(profile), threading.Lock())
-        got = lock.acquire(timeout=timeout) if timeout > 0 else lock.acquire(blocking=False)
-        if not got:
-            raise BusyError(f"{profile}: another refresh of this profile is still running")
-        try:
-            yield
-        finally:
-            lock.release()
 
 
 @dataclass

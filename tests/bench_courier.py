@@ -12,7 +12,6 @@ import secrets
 import shutil
 import statistics
 import time
-from pathlib import Path
 
 from aac_tokend.core.importer import build_state
 from aac_tokend.refresh.courier import (
@@ -22,7 +21,8 @@ from aac_tokend.refresh.courier import (
     Refresher,
     SpawnCourier,
 )
-from aac_tokend.store.files import FileStore
+from aac_tokend.refresh.result import CourierKind
+from aac_tokend.store.files import FileStore, FileStoreSpec
 from tests.bench_procs import Row, Sandbox, import_request, row, short_dir
 
 __all__ = ["courier_rows"]
@@ -39,14 +39,14 @@ def _percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
-def _refresh_once(refresher: Refresher, store: FileStore, job_dir: Path, key: bytes) -> float:
+def _refresh_once(refresher: Refresher, store: FileStore) -> float:
     state = store.load("bench")
     assert state is not None and state.refresh_token is not None
-    job = CourierJob("bench", state.refresh_token, str(job_dir), key)
+    job = CourierJob("bench", state.refresh_token)
     start = time.perf_counter()
     result = refresher.refresh(job)
     elapsed = time.perf_counter() - start
-    if result.kind != "refreshed":
+    if result.kind is not CourierKind.REFRESHED:
         raise SystemExit(f"courier benchmark: a refresh ended {result.kind}: {result.detail}")
     return elapsed * 1000
 
@@ -58,18 +58,19 @@ def courier_rows(sandbox: Sandbox, rounds: int) -> list[Row]:
         key = secrets.token_bytes(32)
         store = FileStore(directory, key)
         store.save(build_state(import_request(sandbox, "bench", sandbox.generate()), time.time()))
+        spec = FileStoreSpec(str(directory), key)
         refreshers: dict[str, Refresher] = {
-            "in-process": InProcessRefresher(),
-            "fork": ForkCourier(),
-            "spawn": SpawnCourier(),
+            "in-process": InProcessRefresher(spec.open()),
+            "fork": ForkCourier(spec),
+            "spawn": SpawnCourier(spec),
         }
         times: dict[str, list[float]] = {name: [] for name in refreshers}
         for refresher in refreshers.values():  # warm-up: connections, imports, caches
-            _refresh_once(refresher, store, directory, key)
+            _refresh_once(refresher, store)
         for i in range(rounds):
             for name, refresher in refreshers.items():
                 if name != "spawn" or i % SPAWN_EVERY == 0:
-                    times[name].append(_refresh_once(refresher, store, directory, key))
+                    times[name].append(_refresh_once(refresher, store))
     finally:
         shutil.rmtree(directory)
     base = times["in-process"]

@@ -36,8 +36,9 @@ from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.daemon.scheduling import SystemClock
 from aac_tokend.host.logs import configure_logging
-from aac_tokend.refresh.courier import CourierJob, CourierResult, carry
 from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.refresh.result import CourierKind, CourierResult
+from aac_tokend.refresh.transaction import CourierJob, carry
 from aac_tokend.sandbox.server import SandboxServer
 from aac_tokend.store.files import FileStore, load_or_create_key
 from aac_tokend.store.pending import PendingStore
@@ -95,38 +96,30 @@ class FaultResult:
 class _FaultyRefresher:
     """Carries each refresh in this thread through the faulty store, arming the fault."""
 
-    def __init__(
-        self, store: FileStore, arm: Callable[[], None], pending: PendingStore | None = None
-    ) -> None:
-        self._store, self._arm, self._pending = store, arm, pending
+    def __init__(self, store: FileStore, arm: Callable[[], None]) -> None:
+        self._store, self._arm = store, arm
 
     def refresh(self, job: CourierJob) -> CourierResult:
         def step(name: str) -> None:
             if name == "journaled":
                 self._arm()
 
-        return carry(
-            job, self._store, TokenEndpoint(), time.time, trace=step, pending=self._pending
-        )
+        return carry(job, self._store, TokenEndpoint(), time.time, trace=step)
 
 
 def _no_fault() -> None:
     """Arms nothing: the fault, if any, is already in place."""
 
 
-def _engine(
-    store: FileStore, key: bytes, refresher: object, home: Path, pending: PendingStore | None
-) -> Engine:
+def _engine(store: FileStore, refresher: object, home: Path) -> Engine:
     engine = Engine(
         store=store,
-        key=key,
         refresher=refresher,  # type: ignore[arg-type]
         scheduler=FakeScheduler(),
         clock=SystemClock(),
         config=Config(),
         alerter=Alerter([]),
         socket_path=lambda name: home / name,
-        pending=pending,
     )
     engine.start()
     return engine
@@ -147,17 +140,17 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
     try:
         key = secrets.token_bytes(32)
         fs = FailingFileLayer()
-        store = FileStore(home / "state", key, fs=fs)
         # The pending directory is another file system: it fails only where the fault says.
         pending_fs = fs if fault.pending_fails else None
         pending = PendingStore(home / "run" / "pending", pending_fs)
+        store = FileStore(home / "state", key, fs=fs, pending=pending)
         first = _import(sandbox, store, fault.name)
 
         def arm() -> None:
             fs.failures, fs.remaining = dict(fault.failures), fault.remaining
 
-        refresher = _FaultyRefresher(store, arm if fault.after_journal else _no_fault, pending)
-        engine = _engine(store, key, refresher, home, pending)
+        refresher = _FaultyRefresher(store, arm if fault.after_journal else _no_fault)
+        engine = _engine(store, refresher, home)
         if not fault.after_journal:
             arm()
         state = engine.refresh(fault.name)
@@ -185,10 +178,10 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
                 out.problems.append("the refused pair was not kept in the pending directory")
             del engine
             fs.failures, fs.remaining = {}, None
-            healed = FileStore(home / "state", key)
             pending = PendingStore(home / "run" / "pending")
-            refresher = _FaultyRefresher(healed, _no_fault, pending)
-            engine = _engine(healed, key, refresher, home, pending)
+            healed = FileStore(home / "state", key, pending=pending)
+            refresher = _FaultyRefresher(healed, _no_fault)
+            engine = _engine(healed, refresher, home)
         fs.failures, fs.remaining = {}, None
         engine.tick()  # retries an unsaved state
         if any(pending.directory.glob("*.pending")):
@@ -256,12 +249,12 @@ def measure_window(sandbox: SandboxServer, samples: int) -> Window:
             marks: dict[str, float] = {}
             state = store.load("window")
             assert state is not None and state.refresh_token is not None
-            job = CourierJob("window", state.refresh_token, str(home), key)
+            job = CourierJob("window", state.refresh_token)
             result = carry(
                 job, store, TokenEndpoint(), time.time,
                 trace=lambda step, marks=marks: marks.setdefault(step, time.time()),  # type: ignore[misc]
             )  # fmt: skip
-            if result.kind != "refreshed":
+            if result.kind is not CourierKind.REFRESHED:
                 raise RuntimeError(f"window measurement: refresh ended {result.kind}")
             decided = sandbox.log()[-1]["at"]
             assert isinstance(decided, float)
@@ -277,13 +270,12 @@ def hold(config_dir: Path, state_dir: Path, pending_dir: Path, profile: str) -> 
     configure_logging("json", "critical", stream=sys.stderr)  # stdout says "held", only
     key = load_or_create_key(config_dir)
     fs = FailingFileLayer()
-    store = FileStore(state_dir, key, fs=fs)
-    pending = PendingStore(pending_dir)
+    store = FileStore(state_dir, key, fs=fs, pending=PendingStore(pending_dir))
 
     def arm() -> None:
         fs.failures = {"write": errno.EROFS}
 
-    engine = _engine(store, key, _FaultyRefresher(store, arm, pending), state_dir, pending)
+    engine = _engine(store, _FaultyRefresher(store, arm), state_dir)
     state = engine.refresh(profile)
     print("held" if engine.status(only=profile)[0]["alert"] else "not held", flush=True)
     del state

@@ -35,7 +35,7 @@ from aac_tokend.daemon.sinks import AlertSink
 from aac_tokend.refresh.courier import ForkCourier, InProcessRefresher, Refresher
 from aac_tokend.refresh.endpoint import TokenEndpoint
 from aac_tokend.sandbox.server import SandboxServer
-from aac_tokend.store.files import FileStore
+from aac_tokend.store.files import FileStore, FileStoreSpec
 from aac_tokend.testing import FakeClock, FakeScheduler, RecordingSink
 
 __all__ = [
@@ -221,18 +221,20 @@ class World:
         server_clock = clock.true_now if server_on_true_time else clock
         sandbox = SandboxServer(clock=server_clock, access_ttl=access_ttl, refresh_ttl=refresh_ttl)
         sandbox.start()
+        directory, key = short_dir(), secrets.token_bytes(32)
         if refresher is None:
+            spec = FileStoreSpec(str(directory / "state"), key)
             refresher = (
-                ForkCourier(clock=clock.now)
+                ForkCourier(spec, clock=clock.now)
                 if fork
-                else InProcessRefresher(endpoint=endpoint or TokenEndpoint(), clock=clock.now)
+                else InProcessRefresher(spec.open(), endpoint or TokenEndpoint(), clock.now)
             )
         recorder = RecordingSink()
         world = cls(
             clock=clock,
             sandbox=sandbox,
-            directory=short_dir(),
-            key=secrets.token_bytes(32),
+            directory=directory,
+            key=key,
             refresher=refresher,
             config=config or Config(notifications=False),
             sinks=(recorder, *sinks),
@@ -251,7 +253,6 @@ class World:
         self.scheduler = FakeScheduler()
         return Engine(
             store=self.store,
-            key=self.key,
             refresher=self.refresher,
             scheduler=self.scheduler,
             clock=self.clock,

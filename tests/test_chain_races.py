@@ -27,14 +27,10 @@ from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.daemon.scheduling import SystemClock
 from aac_tokend.errors import BusyError, HolderUnknownError, TokenHeldError
-from aac_tokend.refresh.courier import (
-    CourierJob,
-    CourierResult,
-    InProcessRefresher,
-    Refresher,
-    carry,
-)
+from aac_tokend.refresh.courier import InProcessRefresher, Refresher
 from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.refresh.result import CourierResult
+from aac_tokend.refresh.transaction import CourierJob, carry
 from aac_tokend.sandbox.server import SandboxServer
 from aac_tokend.store.files import FileStore
 from aac_tokend.store.pending import PendingStore
@@ -80,8 +76,8 @@ class DiskFullAfterAnswer:
     """The courier's transaction in this thread; the disk refuses writes once the server
     answered (a full disk), so the new pair is handed back unsaved."""
 
-    def __init__(self, store: SteppedStore, fs: FailingFileLayer, pending: PendingStore) -> None:
-        self.store, self.fs, self.pending = store, fs, pending
+    def __init__(self, store: SteppedStore, fs: FailingFileLayer) -> None:
+        self.store, self.fs = store, fs
         self.then_busy = False  # the read-back after this courier finds the lock taken
 
     def _step(self, name: str) -> None:
@@ -91,16 +87,21 @@ class DiskFullAfterAnswer:
             self.store.busy_next = True
 
     def refresh(self, job: CourierJob) -> CourierResult:
-        return carry(
-            job, self.store, TokenEndpoint(), time.time, trace=self._step, pending=self.pending
-        )
+        return carry(job, self.store, TokenEndpoint(), time.time, trace=self._step)
 
 
-def _engine(store: FileStore, key: bytes, refresher: Refresher, pending: PendingStore) -> Engine:
+def _engine(
+    store: FileStore, key: bytes, refresher: Refresher | None, pending: PendingStore
+) -> Engine:
+    """An engine on ``store``; with no ``refresher``, a courier's own: a plain store on the
+    same directories, in this thread."""
+    store.pending_store = pending
+    if refresher is None:
+        refresher = InProcessRefresher(FileStore(store.state_dir, key, pending=pending))
     return Engine(
-        store=store, key=key, refresher=refresher, scheduler=FakeScheduler(),
+        store=store, refresher=refresher, scheduler=FakeScheduler(),
         clock=SystemClock(), config=Config(), alerter=Alerter([]),
-        socket_path=lambda n: store.state_dir / f"{n}.token.sock", pending=pending,
+        socket_path=lambda n: store.state_dir / f"{n}.token.sock",
     )  # fmt: skip
 
 
@@ -123,7 +124,7 @@ class TestImportsInterleaved:
         with SandboxServer() as sandbox:
             key = secrets.token_bytes(32)
             store = SteppedStore(tmp_path / "state", key)
-            engine = _engine(store, key, InProcessRefresher(), PendingStore(tmp_path / "run"))
+            engine = _engine(store, key, None, PendingStore(tmp_path / "run"))
             endpoint = sandbox.token_endpoint
             engine.claim_import(_request(sandbox.generate(), "a", endpoint))
             fresh = sandbox.generate()
@@ -141,7 +142,7 @@ class TestRefreshAndImportInterleaved:
         with SandboxServer() as sandbox:
             key = secrets.token_bytes(32)
             store = SteppedStore(tmp_path / "state", key)
-            engine = _engine(store, key, InProcessRefresher(), PendingStore(tmp_path / "run"))
+            engine = _engine(store, key, None, PendingStore(tmp_path / "run"))
             endpoint = sandbox.token_endpoint
             engine.claim_import(_request(sandbox.generate(), "a", endpoint))
             engine.claim_import(_request(sandbox.generate(), "b", endpoint))
@@ -177,7 +178,7 @@ class TestUnsavedPairRetried:
         fs = FailingFileLayer()
         store = SteppedStore(tmp_path / "state", key, fs)
         pending = PendingStore(tmp_path / "run")
-        courier = DiskFullAfterAnswer(store, fs, pending)
+        courier = DiskFullAfterAnswer(store, fs)
         courier.then_busy = then_busy
         engine = _engine(store, key, courier, pending)
         engine.claim_import(_request(sandbox.generate(), "p", sandbox.token_endpoint))
@@ -255,7 +256,7 @@ class TestUnreadableStateFile:
         with SandboxServer() as sandbox:
             key = secrets.token_bytes(32)
             store = FileStore(tmp_path / "state", key)
-            engine = _engine(store, key, InProcessRefresher(), PendingStore(tmp_path / "run"))
+            engine = _engine(store, key, None, PendingStore(tmp_path / "run"))
             spoiled = _spoil(store.state_dir, how)
             engine.start()
             request = _request(sandbox.generate(), "a", sandbox.token_endpoint)

@@ -28,20 +28,17 @@ from aac_tokend.core.tokens import token_hash
 from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.daemon.scheduling import SystemClock
-from aac_tokend.refresh.courier import (
+from aac_tokend.refresh.courier import MAX_LIFE_SECONDS, ForkCourier, _become_courier, _disarm
+from aac_tokend.refresh.endpoint import TOTAL_DEADLINE_SECONDS, TokenEndpoint
+from aac_tokend.refresh.result import CourierKind, CourierResult
+from aac_tokend.refresh.transaction import (
     LOCK_WAIT_SECONDS,
-    MAX_LIFE_SECONDS,
     SAVE_RETRY_SECONDS,
     CourierJob,
-    CourierResult,
-    ForkCourier,
-    _become_courier,
-    _disarm,
     carry,
 )
-from aac_tokend.refresh.endpoint import TOTAL_DEADLINE_SECONDS, TokenEndpoint
 from aac_tokend.sandbox.server import SandboxServer
-from aac_tokend.store.files import FileStore
+from aac_tokend.store.files import FileStore, FileStoreSpec
 from aac_tokend.testing import FailingFileLayer, FakeScheduler
 
 from .crash_rig import Rig, chains, proc_info, rotations, wait_for
@@ -274,10 +271,10 @@ class TestCarry:
         rt = _stored(quick_sandbox, store)
         steps: list[str] = []
         result = carry(
-            CourierJob("p", rt, str(tmp_path), key), store, TokenEndpoint(), time.time,
+            CourierJob("p", rt), store, TokenEndpoint(), time.time,
             trace=steps.append,
         )  # fmt: skip
-        assert result == CourierResult("refreshed")
+        assert result == CourierResult(CourierKind.REFRESHED)
         assert steps == ["journaled", "answered", "persisted"]
 
     def test_stale_job_sends_nothing(self, quick_sandbox: SandboxServer, tmp_path: Path) -> None:
@@ -285,9 +282,9 @@ class TestCarry:
         key = secrets.token_bytes(32)
         store = FileStore(tmp_path, key)
         rt = _stored(quick_sandbox, store)
-        job = CourierJob("p", rt, str(tmp_path), key)
-        assert carry(job, store, TokenEndpoint(), time.time).kind == "refreshed"
-        assert carry(job, store, TokenEndpoint(), time.time).kind == "state_changed"
+        job = CourierJob("p", rt)
+        assert carry(job, store, TokenEndpoint(), time.time).kind is CourierKind.REFRESHED
+        assert carry(job, store, TokenEndpoint(), time.time).kind is CourierKind.STATE_CHANGED
         assert len(quick_sandbox.log()) == 1
 
     def test_leftover_journal_makes_the_loss_after_lost_response(
@@ -297,7 +294,7 @@ class TestCarry:
         key = secrets.token_bytes(32)
         store = FileStore(tmp_path, key)
         rt = _stored(quick_sandbox, store)
-        job = CourierJob("p", rt, str(tmp_path), key)
+        job = CourierJob("p", rt)
 
         def die_after_answer(step: str) -> None:
             if step == "answered":
@@ -306,7 +303,7 @@ class TestCarry:
         with pytest.raises(_CourierKilledError):
             carry(job, store, TokenEndpoint(), time.time, trace=die_after_answer)
         assert store.load("p").in_flight is not None  # type: ignore[union-attr]
-        assert carry(job, store, TokenEndpoint(), time.time).kind == "rejected"
+        assert carry(job, store, TokenEndpoint(), time.time).kind is CourierKind.REJECTED
         state = store.load("p")
         assert state is not None and state.rejection is not None
         assert state.rejection.reason is RejectionReason.AFTER_LOST_RESPONSE
@@ -339,7 +336,7 @@ class TestJournalNotWritten:
             _stored(sandbox, store)
             scheduler = FakeScheduler()
             engine = Engine(
-                store=store, key=key, refresher=_StoreRefresher(store), scheduler=scheduler,
+                store=store, refresher=_StoreRefresher(store), scheduler=scheduler,
                 clock=SystemClock(), config=Config(), alerter=Alerter([]),
                 socket_path=lambda n: tmp_path / n,
             )  # fmt: skip
@@ -366,7 +363,7 @@ class TestJournalNotWritten:
             _stored(sandbox, store)
             scheduler = FakeScheduler()
             engine = Engine(
-                store=store, key=key, refresher=_DeadCourier(), scheduler=scheduler,
+                store=store, refresher=_DeadCourier(), scheduler=scheduler,
                 clock=SystemClock(), config=Config(), alerter=Alerter([]),
                 socket_path=lambda n: tmp_path / n,
             )  # fmt: skip
@@ -384,7 +381,7 @@ class _DeadCourier:
     """A courier that dies at once, before its journal (e.g. it cannot start)."""
 
     def refresh(self, job: CourierJob) -> CourierResult:
-        return CourierResult("lost", "the courier ended without an answer")
+        return CourierResult(CourierKind.LOST, "the courier ended without an answer")
 
 
 _GATEWAY_TIMEOUT_PAGE = "<html><body><h1>504 Gateway Time-out</h1></body></html>"
@@ -400,11 +397,11 @@ class TestGatewayVerdicts:
         key = secrets.token_bytes(32)
         store = FileStore(tmp_path, key)
         rt = _stored(quick_sandbox, store)
-        job = CourierJob("p", rt, str(tmp_path), key)
+        job, courier = CourierJob("p", rt), ForkCourier(FileStoreSpec(str(tmp_path), key))
         quick_sandbox.fail_next(1, status=504, body=_GATEWAY_TIMEOUT_PAGE, forward=True)
-        assert ForkCourier().refresh(job).kind == "transient"
+        assert courier.refresh(job).kind is CourierKind.TRANSIENT
         assert quick_sandbox.log()[-1]["outcome"] == "failed_after_rotation"
-        assert ForkCourier().refresh(job).kind == "rejected"
+        assert courier.refresh(job).kind is CourierKind.REJECTED
         state = store.load("p")
         assert state is not None and state.rejection is not None
         assert state.rejection.reason is RejectionReason.AFTER_LOST_RESPONSE
@@ -420,12 +417,12 @@ class TestGatewayVerdicts:
         key = secrets.token_bytes(32)
         store = FileStore(tmp_path, key)
         rt = _stored(quick_sandbox, store)
-        job = CourierJob("p", rt, str(tmp_path), key)
+        job, courier = CourierJob("p", rt), ForkCourier(FileStoreSpec(str(tmp_path), key))
         quick_sandbox.fail_next(1, status=400, body='{"error": "server_error"}')
-        assert ForkCourier().refresh(job).kind == "transient"
+        assert courier.refresh(job).kind is CourierKind.TRANSIENT
         state = store.load("p")
         assert state is not None and state.rejection is None and state.consecutive_failures == 1
-        assert ForkCourier().refresh(job).kind == "refreshed"
+        assert courier.refresh(job).kind is CourierKind.REFRESHED
         state = store.load("p")
         assert state is not None and state.refresh_count == 1 and state.rejection is None
 
@@ -457,7 +454,7 @@ class TestAlarmSparesTheAnswer:
         """A courier whose alarm falls between answer and save still saves the new pair."""
         key = secrets.token_bytes(32)
         rt = _stored(quick_sandbox, FileStore(tmp_path, key))
-        job = CourierJob("p", rt, str(tmp_path), key)
+        job = CourierJob("p", rt)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:

@@ -56,7 +56,7 @@ def opaque_token() -> str:
 def legacy_world() -> Iterator[tuple[World, CountingRefresher]]:
     counting = CountingRefresher()
     world = World.build(refresher=counting)
-    counting.inner = InProcessRefresher(clock=world.clock.now)
+    counting.inner = InProcessRefresher(world.store, clock=world.clock.now)
     yield world, counting
     world.close()
 

@@ -40,8 +40,10 @@ from aac_tokend.errors import (
     TokenHeldError,
     TokenSpentError,
 )
-from aac_tokend.refresh.courier import CourierJob, CourierResult, InProcessRefresher, carry
+from aac_tokend.refresh.courier import InProcessRefresher
 from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.refresh.result import CourierKind, CourierResult
+from aac_tokend.refresh.transaction import CourierJob, carry
 from aac_tokend.sandbox.server import SandboxServer
 from aac_tokend.store.files import FileStore
 from aac_tokend.testing import T0, FailingFileLayer, FakeScheduler, oauth_state
@@ -291,7 +293,7 @@ class TestEngineHolders:
             store = FileStore(tmp_path, key, fs=fs)
             refresher = _DiskFullAfterAnswer(store, fs)
             engine = Engine(
-                store=store, key=key, refresher=refresher, scheduler=FakeScheduler(),
+                store=store, refresher=refresher, scheduler=FakeScheduler(),
                 clock=SystemClock(), config=Config(), alerter=Alerter([]),
                 socket_path=lambda n: tmp_path / n,
             )  # fmt: skip
@@ -299,9 +301,9 @@ class TestEngineHolders:
             old = store.load("p")
             engine.refresh("p")
             (result,) = refresher.results
-            assert result.kind == "storage_failed" and result.unsaved
+            assert result.kind is CourierKind.STORAGE_FAILED and result.unsaved
             fs.failures = {}
-            pending = store.decrypt("p", result.unsaved)
+            pending = store.unseal("p", result.unsaved)
             on_disk = store.load("p")  # the journal: only memory has the new pair
             assert old is not None and on_disk is not None
             assert on_disk.refresh_token == old.refresh_token != pending.refresh_token
@@ -331,7 +333,7 @@ class TestEngineHolders:
             key = secrets.token_bytes(32)
             store = SlowStore(tmp_path, key)
             engine = Engine(
-                store=store, key=key, refresher=InProcessRefresher(),
+                store=store, refresher=InProcessRefresher(FileStore(tmp_path, key)),
                 scheduler=FakeScheduler(), clock=SystemClock(), config=Config(),
                 alerter=Alerter([]), socket_path=lambda n: tmp_path / n,
             )  # fmt: skip

@@ -30,8 +30,10 @@ from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.daemon.scheduling import SystemClock
 from aac_tokend.errors import StorageError
-from aac_tokend.refresh.courier import CourierJob, CourierResult, InProcessRefresher, carry
+from aac_tokend.refresh.courier import InProcessRefresher
 from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.refresh.result import CourierKind, CourierResult
+from aac_tokend.refresh.transaction import CourierJob, carry
 from aac_tokend.sandbox.server import SandboxServer
 from aac_tokend.store.files import FileStore, load_or_create_key
 from aac_tokend.store.pending import PendingStore, follows
@@ -56,16 +58,17 @@ def sandbox() -> Iterator[SandboxServer]:
 
 
 def _engine(store: FileStore, pending: PendingStore, key: bytes, **kwargs: object) -> Engine:
+    store.pending_store = pending  # the store keeps refused pairs there from now on
+    # By default a courier's own: a plain store on the same directories, in this thread.
+    plain = InProcessRefresher(FileStore(store.state_dir, key, pending=pending))
     engine = Engine(
         store=store,
-        key=key,
-        refresher=kwargs.pop("refresher", InProcessRefresher()),  # type: ignore[arg-type]
+        refresher=kwargs.pop("refresher", plain),  # type: ignore[arg-type]
         scheduler=FakeScheduler(),
         clock=SystemClock(),
         config=Config(),
         alerter=Alerter([]),
         socket_path=lambda name: store.state_dir / f"{name}.token.sock",
-        pending=pending,
     )
     engine.start()
     return engine
@@ -122,8 +125,8 @@ class TestCourierKeepsThePair:
     ) -> None:
         """The pending record decrypts (profile authenticated) to the pair the server issued."""
         fs = FailingFileLayer()
-        store = FileStore(root / "state", key, fs)
         pending = PendingStore(root / "run")
+        store = FileStore(root / "state", key, fs, pending=pending)
         state = _import(sandbox, store)
         assert state.refresh_token is not None
 
@@ -131,12 +134,12 @@ class TestCourierKeepsThePair:
             if name == "journaled":
                 fs.failures = {"write": errno.ENOSPC}
 
-        job = CourierJob("work", state.refresh_token, str(store.state_dir), key)
-        result = carry(job, store, TokenEndpoint(), time.time, trace=step, pending=pending)
-        assert result.kind == "storage_failed" and result.unsaved is not None
+        job = CourierJob("work", state.refresh_token)
+        result = carry(job, store, TokenEndpoint(), time.time, trace=step)
+        assert result.kind is CourierKind.STORAGE_FAILED and result.unsaved is not None
         blob = pending.get("work")
         assert blob == result.unsaved
-        held = store.decrypt("work", blob)
+        held = store.unseal("work", blob)
         assert held.refresh_token is not None
         assert token_hash(held.refresh_token) == sandbox.log()[-1]["new_rt_hash"]
         assert b"refresh" not in blob and held.refresh_token.encode() not in blob
@@ -149,7 +152,7 @@ class TestAdoption:
         """A journal on disk plus its outcome pending: the outcome is saved, served, cleared."""
         store, pending = FileStore(root / "state", key), PendingStore(root / "run")
         _journal, successor = _journal_and_successor(store)
-        pending.put("work", store.encrypt(successor))
+        pending.put("work", store.seal(successor))
         engine = _engine(store, pending, key)
         assert engine.current_token("work") == b"access-after-rotation"
         assert store.load("work") == successor
@@ -161,7 +164,7 @@ class TestAdoption:
         _journal, successor = _journal_and_successor(store)
         fresh = oauth_state(access_token="freshly-imported-access")
         store.save(fresh)
-        pending.put("work", store.encrypt(successor))
+        pending.put("work", store.seal(successor))
         engine = _engine(store, pending, key)
         assert engine.current_token("work") == b"freshly-imported-access"
         assert store.load("work") == fresh and pending.get("work") is None
@@ -171,7 +174,7 @@ class TestAdoption:
         fs = FailingFileLayer()
         store, pending = FileStore(root / "state", key, fs), PendingStore(root / "run")
         journal, successor = _journal_and_successor(store)
-        pending.put("work", store.encrypt(successor))
+        pending.put("work", store.seal(successor))
         fs.failures = {"rename": errno.EIO}
         engine = _engine(store, pending, key)
         assert engine.current_token("work") == b"access-after-rotation"
@@ -244,7 +247,7 @@ class TestStaleRecordAfterImport:
         old = _old_chain_at(store, 3)
         stale = old.bumped(refresh_token="old-chain-successor", access_token="old-chain-access")
         pending = _UnclearablePending(root / "run")
-        pending.put("work", store.encrypt(stale))
+        pending.put("work", store.seal(stale))
         engine = _engine(store, pending, key)  # drops the record, which stays on disk
         request = parse_import_text(json.dumps(sandbox.generate()), profile="work")
         imported = engine.import_profile(
@@ -271,7 +274,7 @@ class TestOfflineCommands:
         store = FileStore(home.paths.state_dir, load_or_create_key(home.paths.config_dir))
         pending = PendingStore(home.paths.pending_dir)
         old = _old_chain_at(store, 2)
-        pending.put("work", store.encrypt(old.bumped(refresh_token="old-chain-successor")))
+        pending.put("work", store.seal(old.bumped(refresh_token="old-chain-successor")))
         import_pair(home, sandbox, profile="work")
         loaded = store.load("work")
         assert loaded is not None and loaded.generation == 4
@@ -282,7 +285,7 @@ class TestOfflineCommands:
         store = FileStore(home.paths.state_dir, load_or_create_key(home.paths.config_dir))
         pending = PendingStore(home.paths.pending_dir)
         old = _old_chain_at(store, 2)
-        pending.put("work", store.encrypt(old.bumped(refresh_token="old-chain-successor")))
+        pending.put("work", store.seal(old.bumped(refresh_token="old-chain-successor")))
         assert home.cli("remove", "--yes", "work").returncode == 0
         assert store.load("work") is None and pending.get("work") is None
 
@@ -295,7 +298,8 @@ class TestCourierLostAfterKeeping:
     ) -> None:
         """The daemon takes the pending record instead of marking the attempt ambiguous."""
         fs = FailingFileLayer()
-        store, pending = FileStore(root / "state", key, fs), PendingStore(root / "run")
+        pending = PendingStore(root / "run")
+        store = FileStore(root / "state", key, fs, pending=pending)
         _import(sandbox, store)
 
         class DiesAfterKeeping:
@@ -306,8 +310,8 @@ class TestCourierLostAfterKeeping:
                     if name == "journaled":
                         fs.failures = {"write": errno.EROFS}
 
-                carry(job, store, TokenEndpoint(), time.time, trace=step, pending=pending)
-                return CourierResult("lost", "the courier ended without an answer")
+                carry(job, store, TokenEndpoint(), time.time, trace=step)
+                return CourierResult(CourierKind.LOST, "the courier ended without an answer")
 
         engine = _engine(store, pending, key, refresher=DiesAfterKeeping())
         state = engine.refresh("work")

@@ -545,7 +545,7 @@ class TestSuspendResume:
         world = worlds()
         sleepy = SleepyScheduler(world.clock)
         engine = Engine(
-            store=world.store, key=world.key, refresher=world.refresher, scheduler=sleepy,
+            store=world.store, refresher=world.refresher, scheduler=sleepy,
             clock=world.clock, config=world.config, alerter=Alerter([world.recorder]),
             socket_path=lambda name: world.directory / name,
         )  # fmt: skip

@@ -74,7 +74,7 @@ SPAWN_DAEMON = (
     "from aac_tokend.refresh.courier import SpawnCourier\n"
     "from aac_tokend.daemon.main import Daemon\n"
     "from aac_tokend.host.paths import resolve_paths\n"
-    "sys.exit(Daemon(resolve_paths(), refresher=SpawnCourier()).run())\n"
+    "sys.exit(Daemon(resolve_paths(), make_refresher=SpawnCourier).run())\n"
 )
 
 needs_socket_activate = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""The state store: one contract for every store, then the file store's own promises."""
+"""The file store's own promises (what every store does: test_store_contract.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from aac_tokend.core.state import ProfileState
-from aac_tokend.errors import BusyError, ProfileError, StateCorruptError, StorageError
-from aac_tokend.store.files import FileStore, StateStore, hold_lock, load_or_create_key
-from aac_tokend.testing import FailingFileLayer, MemoryStore, oauth_state
+from aac_tokend.errors import BusyError, StateCorruptError, StorageError
+from aac_tokend.store.files import FileStore, hold_lock, load_or_create_key
+from aac_tokend.testing import FailingFileLayer, oauth_state
 
 ACCESS = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDM2MDB9.c3RvcmUtdGVzdC1zaWduYXR1cmU"
 REFRESH = "refresh-secret-for-store-tests-Qz81"
@@ -35,135 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 def make_state(profile: str = "work", **changes: object) -> ProfileState:
     fields: dict[str, object] = {"access_token": ACCESS, "refresh_token": REFRESH}
     return oauth_state(**{**fields, "profile": profile, **changes})
-
-
-class StoreContract:
-    """What every StateStore does; subclasses supply the ``store`` fixture."""
-
-    @pytest.fixture
-    def store(self) -> StateStore:
-        raise NotImplementedError
-
-    def test_round_trip(self, store: StateStore) -> None:
-        """A saved state loads back equal."""
-        state = make_state()
-        store.save(state)
-        assert store.load("work") == state
-
-    def test_save_replaces(self, store: StateStore) -> None:
-        """A second save replaces the first."""
-        store.save(make_state())
-        newer = make_state(refresh_count=5, access_token="newer-access-token")
-        store.save(newer)
-        assert store.load("work") == newer
-
-    def test_load_missing_is_none(self, store: StateStore) -> None:
-        """A profile without state loads as None."""
-        assert store.load("nobody") is None
-
-    def test_delete(self, store: StateStore) -> None:
-        """A deleted profile loads as None and is no longer listed."""
-        store.save(make_state())
-        store.delete("work")
-        assert store.load("work") is None
-        assert store.profiles() == []
-
-    def test_delete_missing(self, store: StateStore) -> None:
-        """Deleting a profile that has no state is a ProfileError."""
-        with pytest.raises(ProfileError, match="no profile named"):
-            store.delete("nobody")
-
-    def test_profiles_listed_sorted(self, store: StateStore) -> None:
-        """profiles() lists every saved profile, sorted."""
-        for name in ("zeta", "alpha", "mid"):
-            store.save(make_state(name))
-        assert store.profiles() == ["alpha", "mid", "zeta"]
-
-    def test_profiles_kept_apart(self, store: StateStore) -> None:
-        """Each profile has its own state."""
-        store.save(make_state("a", refresh_count=1))
-        store.save(make_state("b", refresh_count=2))
-        a, b = store.load("a"), store.load("b")
-        assert a is not None and b is not None
-        assert (a.refresh_count, b.refresh_count) == (1, 2)
-
-    @pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden"])
-    def test_bad_profile_name(self, store: StateStore, name: str) -> None:
-        """An unusable profile name is a ProfileError, on load and on save."""
-        with pytest.raises(ProfileError):
-            store.load(name)
-        with pytest.raises(ProfileError):
-            store.save(make_state(name))
-
-    def test_lock_excludes_second_holder(self, store: StateStore) -> None:
-        """While one holder has the lock, another gets BusyError after its timeout."""
-        with (
-            store.locked("work", timeout=1.0),
-            pytest.raises(BusyError),
-            store.locked("work", timeout=0.2),
-        ):
-            pass
-
-    def test_lock_zero_timeout(self, store: StateStore) -> None:
-        """A zero timeout tries once."""
-        with store.locked("work", timeout=0), pytest.raises(BusyError):  # noqa: SIM117
-            with store.locked("work", timeout=0):
-                pass
-
-    def test_lock_released(self, store: StateStore) -> None:
-        """After the holder leaves, the lock can be taken again."""
-        with store.locked("work", timeout=1.0):
-            pass
-        with store.locked("work", timeout=0):
-            pass
-
-    def test_lock_released_on_exception(self, store: StateStore) -> None:
-        """An exception inside the locked block releases the lock."""
-        with pytest.raises(RuntimeError), store.locked("work", timeout=1.0):
-            raise RuntimeError("inside")
-        with store.locked("work", timeout=0):
-            pass
-
-    def test_locks_per_profile(self, store: StateStore) -> None:
-        """Holding one profile's lock does not block another profile."""
-        with store.locked("a", timeout=1.0), store.locked("b", timeout=0):
-            pass
-
-    def test_waiter_gets_lock_when_freed(self, store: StateStore) -> None:
-        """A waiter with a long timeout gets the lock once the holder (a thread) lets go."""
-        held, release = threading.Event(), threading.Event()
-
-        def holder() -> None:
-            with store.locked("work", timeout=1.0):
-                held.set()
-                release.wait(SUBPROCESS_TIMEOUT)
-
-        thread = threading.Thread(target=holder)
-        thread.start()
-        try:
-            assert held.wait(SUBPROCESS_TIMEOUT)
-            threading.Timer(0.2, release.set).start()
-            with store.locked("work", timeout=SUBPROCESS_TIMEOUT):
-                assert release.is_set()
-        finally:
-            release.set()
-            thread.join()
-
-
-class TestMemoryStoreContract(StoreContract):
-    """testing.MemoryStore passes the store contract."""
-
-    @pytest.fixture
-    def store(self) -> StateStore:
-        return MemoryStore()
-
-
-class TestFileStoreContract(StoreContract):
-    """FileStore passes the store contract."""
-
-    @pytest.fixture
-    def store(self, tmp_path: Path) -> StateStore:
-        return FileStore(tmp_path / "state", os.urandom(32))
 
 
 # -- FileStore's own promises ------------------------------------------------------------
@@ -740,3 +611,31 @@ class TestNotARegularFile:
         with pytest.raises(StorageError, match=r"directory.*move it aside") as info:
             fstore.load("work")
         assert "\n" not in str(info.value)
+
+
+class TestFileStorePending:
+    """A FileStore keeps refused outcomes in its PendingStore, or nowhere without one."""
+
+    def test_without_pending_store(self, fstore: FileStore) -> None:
+        """Without a PendingStore, keep_pending keeps nothing and pending is None."""
+        fstore.keep_pending("work", fstore.seal(make_state()))
+        assert fstore.pending("work") is None
+        fstore.clear_pending("work")
+
+    def test_damaged_record_names_the_pending_file(self, state_dir: Path, key: bytes) -> None:
+        """A pending record that is not the profile's is StateCorruptError naming its file."""
+        from aac_tokend.store.pending import PendingStore
+
+        pending = PendingStore(state_dir.parent / "run")
+        store = FileStore(state_dir, key, pending=pending)
+        store.keep_pending("work", store.seal(make_state("other")))
+        with pytest.raises(StateCorruptError, match=r"work\.pending"):
+            store.pending("work")
+
+    def test_listing_stamp_of_a_missing_dir(self, fstore: FileStore, state_dir: Path) -> None:
+        """A state directory that is gone is StorageError, for listing and for its stamp."""
+        shutil.rmtree(state_dir)
+        with pytest.raises(StorageError):
+            fstore.listing_stamp()
+        with pytest.raises(StorageError):
+            fstore.profiles()

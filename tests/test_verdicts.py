@@ -26,11 +26,13 @@ from aac_tokend.core.importer import ImportRequest, build_state
 from aac_tokend.core.policy import PolicySettings, next_refresh_at
 from aac_tokend.core.state import ProfileState, RejectionReason
 from aac_tokend.core.tokens import parse_jwt
-from aac_tokend.refresh.courier import CourierJob, CourierResult, carry
+from aac_tokend.refresh.courier import read_spawn_message, spawn_message
 from aac_tokend.refresh.endpoint import TokenEndpoint
+from aac_tokend.refresh.result import CourierKind, CourierResult
+from aac_tokend.refresh.transaction import CourierJob, carry
 from aac_tokend.sandbox.jwt_sign import sign_hs256
 from aac_tokend.sandbox.server import SandboxServer
-from aac_tokend.store.files import FileStore
+from aac_tokend.store.files import FileStore, FileStoreSpec
 from aac_tokend.testing import FailingFileLayer, FakeClock
 from tests.scenario_support import cli, import_via_cli, running_daemon, short_dir, write_config
 
@@ -90,9 +92,7 @@ class Chain:
     ) -> tuple[CourierResult, ProfileState]:
         state = self.state()
         assert state.refresh_token is not None
-        job = CourierJob(
-            "p", state.refresh_token, str(self.dir), self.key, lifetime_days=lifetime_days
-        )
+        job = CourierJob("p", state.refresh_token, lifetime_days=lifetime_days)
         result = carry(job, store or self.store, TokenEndpoint(), self.now)
         return result, self.state()
 
@@ -186,11 +186,11 @@ class TestSuccessWithoutRefreshToken:
         """The server rotated but the answer lost the new token: after_lost_response."""
         chain = chain_of()
         chain.import_pair(chain.sandbox.generate(), refresh_lifetime_days=30)
-        assert chain.refresh()[0].kind == "refreshed"
+        assert chain.refresh()[0].kind is CourierKind.REFRESHED
         body = {"access_token": chain.sandbox.generate()["access_token"], "expires_in": 3600}
         chain.sandbox.fail_next(1, status=200, body=json.dumps({**body, **extra}), forward=True)
         result, state = chain.refresh()
-        assert result.kind == "refreshed" and state.ambiguous_rt_hash is not None
+        assert result.kind is CourierKind.REFRESHED and state.ambiguous_rt_hash is not None
         result, state = chain.refresh()
         # Nobody else: the server rotated once behind the rewritten answer, then revoked.
         assert chain.outcomes() == ["rotated", "failed_after_rotation", "reuse_revoked"]
@@ -213,10 +213,10 @@ class TestSuccessWithoutRefreshToken:
         chain.endpoint_url = rewriting_gateway(chain.sandbox.token_endpoint, rewrite)
         chain.import_pair(chain.sandbox.generate(), refresh_lifetime_days=30)
         result, state = chain.refresh()
-        assert result.kind == "transient" and state.consecutive_failures == 1
+        assert result.kind is CourierKind.TRANSIENT and state.consecutive_failures == 1
         assert state.ambiguous_rt_hash is None
         result, state = chain.refresh()
-        assert result.kind == "refreshed" and state.rejection is None
+        assert result.kind is CourierKind.REFRESHED and state.rejection is None
         assert chain.outcomes() == ["rotated", "rotated"]  # the spent token never went again
 
 
@@ -245,7 +245,7 @@ class TestLifetimeOrigin:
         state = chain.import_pair(pasted, expires_in=3600.0, refresh_expires_in=30 * DAY)
         assert state.pair_issued_at is None
         chain.advance(HOUR)
-        assert chain.refresh()[0].kind == "refreshed"
+        assert chain.refresh()[0].kind is CourierKind.REFRESHED
         chain.advance(30 * DAY - 4 * DAY - HOUR + 600)  # 10 minutes past the server's end
         _, state = chain.refresh()
         assert chain.outcomes()[-1] == "expired"
@@ -307,10 +307,11 @@ class TestConfiguredLifetime:
 
     def test_job_carries_the_days_to_a_spawned_courier(self) -> None:
         """The days survive the job's trip through a pipe (the spawned courier's stdin)."""
-        job = CourierJob("p", "rt", "/tmp/x", b"k" * 32, lifetime_days=30.0)
-        assert CourierJob.from_bytes(job.to_bytes()) == job
-        bare = CourierJob("p", "rt", "/tmp/x", b"k" * 32)
-        assert CourierJob.from_bytes(bare.to_bytes()).lifetime_days is None
+        spec = FileStoreSpec("/tmp/x", b"k" * 32, pending_dir="/tmp/y")
+        job = CourierJob("p", "rt", lifetime_days=30.0)
+        assert read_spawn_message(spawn_message(spec, job)) == (spec, job)
+        bare = CourierJob("p", "rt")
+        assert read_spawn_message(spawn_message(spec, bare))[1].lifetime_days is None
 
 
 class _FailInTurn(FailingFileLayer):
@@ -400,7 +401,7 @@ class TestJournalSaveFails:
         chain.refresh()
         failing = FailingFileLayer(failures={"fsync_dir": errno.EIO}, remaining=1)
         result, state = chain.refresh(store=FileStore(chain.dir, chain.key, failing))
-        assert result.kind == "storage_failed" and failing.raised == 1
+        assert result.kind is CourierKind.STORAGE_FAILED and failing.raised == 1
         assert chain.outcomes() == ["rotated"]  # nothing was sent
         assert state.in_flight is None
         assert chain.thief(state.refresh_token) == 200
@@ -415,7 +416,7 @@ class TestJournalSaveFails:
         chain.refresh()
         failing = _FailInTurn(["fsync_dir", "rename"])  # the journal lands, the undo does not
         result, state = chain.refresh(store=FileStore(chain.dir, chain.key, failing))
-        assert result.kind == "storage_failed" and failing.script == []
+        assert result.kind is CourierKind.STORAGE_FAILED and failing.script == []
         assert chain.outcomes() == ["rotated"]
         assert state.in_flight is not None
 
@@ -431,7 +432,7 @@ class TestClockSkew:
         chain.advance(lag)
         chain.import_pair(pair, refresh_lifetime_days=1)
         chain.advance(600)
-        assert chain.refresh()[0].kind == "refreshed"
+        assert chain.refresh()[0].kind is CourierKind.REFRESHED
         chain.advance(DAY - lag - 600 + 60)  # a minute past the server's end
         _, state = chain.refresh()
         assert chain.outcomes()[-1] == "expired"
@@ -462,7 +463,7 @@ class TestEstimateDoesNotEndTheChain:
         at = next_refresh_at(chain.state(), chain.now(), PolicySettings())
         assert at is not None and at <= chain.now()
         result, state = chain.refresh()
-        assert result.kind == "refreshed" and state.rejection is None
+        assert result.kind is CourierKind.REFRESHED and state.rejection is None
         assert chain.outcomes() == ["rotated"]
 
 
@@ -484,7 +485,7 @@ class TestServerOAuthErrors:
         body = json.dumps({"error": "temporarily_unavailable"})
         chain.sandbox.fail_next(1, status=status, body=body)
         result, state = chain.refresh()
-        assert result.kind == "transient"
+        assert result.kind is CourierKind.TRANSIENT
         assert chain.thief(state.refresh_token) == 200
         _, state = chain.refresh()
         assert chain.outcomes() == ["rotated", "failed_injected", "rotated", "reuse_revoked"]

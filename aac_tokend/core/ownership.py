@@ -37,8 +37,8 @@ from ..errors import (
 from .state import ProfileState, TokenKind
 from .tokens import token_hash
 
-if TYPE_CHECKING:  # the store pulls in cryptography; policy.py imports this module
-    from ..store.files import FileStore
+if TYPE_CHECKING:
+    from ..store.interface import StateStore
 
 __all__ = [
     "SPENT_HISTORY",
@@ -167,7 +167,7 @@ def _refuse_if_taken(
             )
 
 
-def stored_states(store: FileStore, *, skip: Collection[str]) -> Iterator[ProfileState]:
+def stored_states(store: StateStore, *, skip: Collection[str]) -> Iterator[ProfileState]:
     """Every stored state but those of ``skip``, for an import's check.
 
     A state file that cannot be read (corrupt, unreadable, misnamed) raises
@@ -180,10 +180,8 @@ def stored_states(store: FileStore, *, skip: Collection[str]) -> Iterator[Profil
         try:
             state = store.load(name)
         except AacTokendError as exc:
-            from ..store.files import SUFFIX
-
             raise HolderUnknownError(
-                f"import: state file {store.state_dir / (name + SUFFIX)} cannot be read "
+                f"import: state file {store.where(name)} cannot be read "
                 f"({_why(exc)}), so the refresh token it holds is unknown and may be this "
                 "one; fix that file or move it out of the state directory, then import again"
             ) from exc

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import structlog
@@ -27,9 +28,8 @@ from ..serve.token_server import TokenServer
 from ..service import sdnotify
 from ..service.activation import listen_fds
 from ..store.fileio import ensure_private_dir
-from ..store.files import FileStore, load_or_create_key
+from ..store.files import FileStoreSpec, load_or_create_key
 from ..store.owner import OwnerLock
-from ..store.pending import PendingStore
 from .alerts import Alerter
 from .engine import Engine
 from .scheduling import APScheduler, Clock, Scheduler, SystemClock
@@ -61,12 +61,13 @@ class Daemon:
         paths: Paths,
         *,
         clock: Clock | None = None,
-        refresher: Refresher | None = None,
+        make_refresher: Callable[[FileStoreSpec], Refresher] | None = None,
         scheduler: Scheduler | None = None,
     ) -> None:
         self.paths = paths
         self._clock = clock or SystemClock()
-        self._refresher = refresher
+        # Built in _serve, once the key is loaded: a courier opens the store the spec names.
+        self._make_refresher = make_refresher or default_refresher
         self._scheduler = scheduler
         self._stop = threading.Event()
         self._sync_lock = threading.Lock()
@@ -92,7 +93,8 @@ class Daemon:
     def _serve(self) -> int:
         paths = self.paths
         key = load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
-        store = FileStore(paths.state_dir, key)
+        spec = FileStoreSpec(str(paths.state_dir), key, pending_dir=str(paths.pending_dir))
+        store = spec.open()
         ensure_private_dir(paths.runtime_dir)
         _check_second_file_system(paths)
         passed = listen_fds()
@@ -107,15 +109,13 @@ class Daemon:
         )
         self._engine = engine = Engine(
             store=store,
-            key=key,
-            refresher=self._refresher or default_refresher(),
+            refresher=self._make_refresher(spec),
             scheduler=scheduler,
             clock=self._clock,
             config=self._config,
             alerter=self._alerter,
             socket_path=token_server.socket_path,
             on_profiles_changed=lambda: self._sync_sockets(token_server, passed),
-            pending=PendingStore(paths.pending_dir),
         )
         control_listener = passed["control"][0] if passed.get("control") else None
         control = ControlServer(

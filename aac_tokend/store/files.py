@@ -10,6 +10,7 @@ The profile name is authenticated, so swapping two profiles' files is detected.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fcntl
@@ -18,31 +19,32 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..core.state import ProfileState, state_from_json, state_to_json, validate_profile_name
 from ..errors import BusyError, ProfileError, StateCorruptError, StorageError
-from .fileio import (
-    FileLayer,
-    OsFileLayer,
-    ensure_private_dir,
-    open_lock_file,
-    read_regular_file,
-)
+from .fileio import FileLayer, OsFileLayer, ensure_private_dir, open_lock_file
+from .keyfile import KEY_BYTES, SUFFIX, load_or_create_key, stored_state_count
+from .pending import PendingStore
 
-if TYPE_CHECKING:
-    from .keystore import SecretBackend
-
-__all__ = ["CRYPTO_LOCK", "FileStore", "StateStore", "load_or_create_key", "stored_state_count"]
+# load_or_create_key and stored_state_count are re-exported: they lived here (keyfile.py).
+__all__ = [
+    "CRYPTO_LOCK",
+    "SUFFIX",
+    "FileStore",
+    "FileStoreSpec",
+    "hold_lock",
+    "load_or_create_key",
+    "stored_state_count",
+]
 
 MAGIC = b"AATK\x01"
 NONCE_BYTES = 12
-KEY_BYTES = 32
-SUFFIX = ".state"
 #: Polling step while waiting for a profile lock: short enough to be invisible to a
 #: person, long enough not to spin.
 LOCK_POLL_SECONDS = 0.02
@@ -51,87 +53,31 @@ LOCK_POLL_SECONDS = 0.02
 CRYPTO_LOCK = threading.Lock()
 
 
-class StateStore(Protocol):
-    """Where profile states live. FileStore and the tests' MemoryStore pass one contract."""
+@dataclass(frozen=True)
+class FileStoreSpec:
+    """How to open a FileStore in another process (a courier): small and serialisable.
 
-    def load(self, profile: str) -> ProfileState | None: ...
-    def save(self, state: ProfileState) -> None: ...
-    def delete(self, profile: str) -> None: ...
-    def profiles(self) -> list[str]: ...
-    def locked(self, profile: str, timeout: float) -> contextlib.AbstractContextManager[None]: ...
-
-
-def load_or_create_key(
-    config_dir: Path,
-    fs: FileLayer | None = None,
-    *,
-    keyring: SecretBackend | None = None,
-    state_dir: Path | None = None,
-) -> bytes:
-    """The state key: created on first use (0600, atomically), checked on every later use.
-
-    When ``aac-tokend key move-to-keyring`` has put it in the OS keyring, it comes from there
-    (from ``keyring``, for tests; by default the OS keyring). A missing key is never
-    created while ``state_dir`` holds state files: only the lost key can read them.
+    ``pending_dir`` is where outcomes the state disk refuses are kept (pending.py); ""
+    for nowhere. The key never appears in a repr.
     """
-    fs = fs or OsFileLayer()
-    ensure_private_dir(config_dir)
-    path = config_dir / "state.key"
-    try:
-        key, info = read_regular_file(path, KEY_BYTES + 1, follow_symlinks=False)
-    except FileNotFoundError:
-        from .keystore import KEYRING_POINTER, load_keyring_key
 
-        if (config_dir / KEYRING_POINTER).exists():  # never a new key: it would orphan the state
-            return load_keyring_key(config_dir, keyring)
-        if state_dir is not None:
-            _refuse_new_key_beside_states(path, state_dir)
-        key = secrets.token_bytes(KEY_BYTES)
-        tmp = config_dir / f".state.key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            try:
-                fs.write_durably(tmp, key)
-                os.link(tmp, path)  # fails if another process won the race: use theirs
-            finally:
-                tmp.unlink(missing_ok=True)  # also after a failed write: no stray key copy
-            fs.fsync_dir(config_dir)
-        except FileExistsError:
-            return load_or_create_key(config_dir, fs, keyring=keyring, state_dir=state_dir)
-        except OSError as exc:
-            raise StorageError(f"cannot create the state key {path}: {exc.strerror}") from exc
-        return key
-    except OSError as exc:
-        raise StorageError(
-            f"cannot read the state key {path}: {exc.strerror} (a symlink is never followed); "
-            "put the 32-byte key file back there from a backup"
-        ) from exc
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise StorageError(
-            f"the state key {path} must be owned by you with mode 0600; run chmod 600 on it"
-        )
-    if len(key) != KEY_BYTES:
-        raise StateCorruptError(f"the state key {path} is damaged; restore it from a backup")
-    return key
+    state_dir: str
+    key: bytes = field(repr=False)
+    pending_dir: str = ""
 
+    def open(self, *, crypto_lock: threading.Lock | None = None) -> FileStore:
+        """The store this spec names (``crypto_lock``: a forked child's fresh one)."""
+        pending = PendingStore(Path(self.pending_dir)) if self.pending_dir else None
+        return FileStore(Path(self.state_dir), self.key, crypto_lock=crypto_lock, pending=pending)
 
-def stored_state_count(state_dir: Path) -> int:
-    """How many profile state files ``state_dir`` holds (0 if it does not exist)."""
-    try:
-        with os.scandir(state_dir) as entries:
-            return sum(1 for e in entries if e.name.endswith(SUFFIX) and not e.name.startswith("."))
-    except OSError:
-        return 0
+    def to_dict(self) -> dict[str, Any]:
+        key = base64.b64encode(self.key).decode()
+        return {"state_dir": self.state_dir, "key": key, "pending_dir": self.pending_dir}
 
-
-def _refuse_new_key_beside_states(path: Path, state_dir: Path) -> None:
-    # A new key could not read the existing state files, and the next save would leave them
-    # beside states under another key: the refresh tokens in them would be lost for good.
-    count = stored_state_count(state_dir)
-    if count:
-        raise StateCorruptError(
-            f"the state key {path} is missing, but {state_dir} holds {count} state file(s) "
-            "that only it can read; restore state.key from a backup"
-        )
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileStoreSpec:
+        key = base64.b64decode(data["key"])
+        return cls(str(data["state_dir"]), key, str(data.get("pending_dir", "")))
 
 
 class FileStore:
@@ -144,10 +90,12 @@ class FileStore:
         fs: FileLayer | None = None,
         *,
         crypto_lock: threading.Lock | None = None,
+        pending: PendingStore | None = None,
     ) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError("state key must be 32 bytes")
         self.state_dir = state_dir
+        self.pending_store = pending
         self._lock = crypto_lock or CRYPTO_LOCK
         with self._lock:
             self._aead = AESGCM(key)
@@ -157,15 +105,19 @@ class FileStore:
     def path(self, profile: str) -> Path:
         return self.state_dir / (validate_profile_name(profile) + SUFFIX)
 
-    def encrypt(self, state: ProfileState) -> bytes:
-        """The file content for a state (exposed so a courier can hand it over unsaved)."""
+    def where(self, profile: str) -> str:
+        """The state file's path (of any name: a misnamed file is reported by it)."""
+        return str(self.state_dir / (profile + SUFFIX))
+
+    def seal(self, state: ProfileState) -> bytes:
+        """The file content for a state (so a courier can hand it over unsaved)."""
         nonce = secrets.token_bytes(NONCE_BYTES)
         aad = MAGIC + state.profile.encode()
         with self._lock:
             sealed = self._aead.encrypt(nonce, state_to_json(state), aad)
         return MAGIC + nonce + sealed
 
-    def decrypt(self, profile: str, blob: bytes, where: Path | None = None) -> ProfileState:
+    def unseal(self, profile: str, blob: bytes, where: Path | None = None) -> ProfileState:
         """The state in a file's content; StateCorruptError if it is not ours or damaged.
 
         ``where`` names the file in errors (default: the profile's state file).
@@ -208,16 +160,18 @@ class FileStore:
                 f"cannot read state file {path}: {exc.strerror}; fix or replace it (a running "
                 "daemon retries it every few seconds) or move it aside and import again"
             ) from exc
-        return self.decrypt(profile, blob)
+        return self.unseal(profile, blob)
+
+    #: Until the offline commands move onto ``unseal`` (they read pending records with it).
+    decrypt = unseal
 
     def save(self, state: ProfileState) -> None:
         """Replace the profile's state atomically and durably; never over a corrupt file."""
-        self._write(state.profile, self.encrypt(state))
+        self._write(state.profile, self.seal(state))
 
-    def save_blob(self, profile: str, blob: bytes) -> None:
-        """Write already-encrypted content (see ``encrypt``) atomically and durably."""
-        self.decrypt(profile, blob)  # never write what we could not read back
-        self._write(profile, blob)
+    def save_journal(self, journal: ProfileState) -> None:
+        """A journal is a state like any other here: one process owns the directory."""
+        self.save(journal)
 
     def _write(self, profile: str, blob: bytes) -> None:
         path = self.path(profile)
@@ -228,7 +182,7 @@ class FileStore:
         except OSError as exc:
             raise StorageError(f"cannot read state file {path}: {exc.strerror}") from exc
         if existing is not None:
-            self.decrypt(profile, existing)  # raises StateCorruptError: leave it untouched
+            self.unseal(profile, existing)  # raises StateCorruptError: leave it untouched
         tmp = self.state_dir / f".{profile}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         renamed = False
         try:
@@ -259,12 +213,24 @@ class FileStore:
             raise StorageError(f"cannot remove {path}: {exc.strerror}") from exc
 
     def profiles(self) -> list[str]:
-        """Names of the profiles that have a state file."""
-        names = []
-        for entry in os.scandir(self.state_dir):
-            if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
-                names.append(entry.name[: -len(SUFFIX)])
+        """Names of the profiles that have a state file (StorageError: unreadable dir)."""
+        try:
+            with os.scandir(self.state_dir) as entries:
+                names = [
+                    entry.name[: -len(SUFFIX)]
+                    for entry in entries
+                    if entry.name.endswith(SUFFIX) and not entry.name.startswith(".")
+                ]
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.state_dir}: {exc.strerror}") from exc
         return sorted(names)
+
+    def listing_stamp(self) -> int:
+        """The state directory's mtime_ns: it changes when a state file comes or goes."""
+        try:
+            return os.stat(self.state_dir).st_mtime_ns
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.state_dir}: {exc.strerror}") from exc
 
     @contextlib.contextmanager
     def locked(self, profile: str, timeout: float) -> Iterator[None]:
@@ -279,6 +245,27 @@ class FileStore:
                 return True
         except BusyError:
             return False
+
+    # -- outcomes the state disk refused: kept by the PendingStore, if given one ---------
+    def keep_pending(self, profile: str, blob: bytes) -> None:
+        """Keep a sealed outcome in the pending directory (nowhere without one)."""
+        if self.pending_store is not None:
+            self.pending_store.put(profile, blob)
+
+    def pending(self, profile: str) -> bytes | None:
+        """The kept sealed outcome; StateCorruptError (naming the pending file) if it is
+        not this profile's, so no caller mistakes it for the state file."""
+        if self.pending_store is None:
+            return None
+        blob = self.pending_store.get(profile)
+        if blob is not None:
+            self.unseal(profile, blob, where=self.pending_store.path(profile))
+        return blob
+
+    def clear_pending(self, profile: str) -> None:
+        """Forget the kept outcome, if any."""
+        if self.pending_store is not None:
+            self.pending_store.clear(profile)
 
 
 @contextlib.contextmanager

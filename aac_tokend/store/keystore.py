@@ -185,7 +185,7 @@ def move_to_keyring(
     config_dir: Path, backend: SecretBackend | None = None, fs: FileLayer | None = None
 ) -> str:
     """Put the state key into the OS keyring and remove the file; returns what was done."""
-    from .files import load_or_create_key
+    from .keyfile import load_or_create_key
 
     backend, fs = backend or OsKeyring(), fs or OsFileLayer()
     ensure_private_dir(config_dir)
