@@ -15,8 +15,8 @@ builds its own store and HTTP session, never logs, never touches the daemon's so
 (it closes every descriptor but its result pipe), and forks happen under ``FORK_LOCK``,
 which every in-daemon encryption also takes, so no OpenSSL lock is held across the fork.
 macOS frameworks are not fork-safe (proxy lookup through _scproxy crashes after fork),
-so there the courier is spawned: ``python -m aac_tokend.refresh.courier`` reading its job
-(refresh token and state key) from a pipe on stdin, never from argv or the environment.
+so there the courier is spawned (spawn.py: ``python -m aac_tokend.refresh.spawn``, a spare
+started in advance, the job on a pipe on stdin, never in argv or the environment).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ __all__ = [
     "ForkCourier",
     "InProcessRefresher",
     "Refresher",
-    "SpawnCourier",
     "carry",
     "default_refresher",
 ]
@@ -351,25 +350,6 @@ class ForkCourier:
         return _finish(pid, read_fd)
 
 
-class SpawnCourier:
-    """Spawns ``python -m aac_tokend.refresh.courier`` per refresh (macOS default)."""
-
-    def refresh(self, job: CourierJob) -> CourierResult:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aac_tokend.refresh.courier"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(job.to_bytes())
-            proc.stdin.close()
-        return _finish(proc.pid, proc.stdout.fileno(), proc)
-
-
 def _finish(pid: int, read_fd: int, proc: subprocess.Popen[bytes] | None = None) -> CourierResult:
     try:
         raw = _read_answer(read_fd, time.monotonic() + WAIT_SECONDS)
@@ -388,19 +368,8 @@ def _finish(pid: int, read_fd: int, proc: subprocess.Popen[bytes] | None = None)
 
 def default_refresher() -> Refresher:
     """Fork where it is safe (Linux), spawn elsewhere."""
-    return ForkCourier() if sys.platform.startswith("linux") else SpawnCourier()
+    if sys.platform.startswith("linux"):
+        return ForkCourier()
+    from .spawn import SpawnCourier  # lazy: a Linux daemon never spawns a courier
 
-
-def main() -> int:
-    """Entry of a spawned courier: job on stdin, result on stdout."""
-    _become_courier()
-    job = CourierJob.from_bytes(sys.stdin.buffer.read(65536))
-    store = FileStore(Path(job.state_dir), job.key)
-    result = carry(job, store, TokenEndpoint(), time.time, on_answer=_disarm, pending=job.pending())
-    sys.stdout.buffer.write(result.to_bytes())
-    sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return SpawnCourier()
