@@ -308,6 +308,19 @@ class TestSpare:
         assert run.join().kind == "refreshed"
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
 
+    def test_a_dead_spare_is_reaped_and_the_refresh_goes_cold(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """A spare killed while waiting is not handed the job: a cold courier carries it."""
+        profile = _profile(sandbox, tmp_path)
+        spare = courier.prepare()
+        assert spare is not None
+        os.kill(spare, signal.SIGKILL)
+        wait_for("the spare's death", lambda: _gone(spare), EXIT_TIMEOUT)
+        assert courier.refresh(profile.job()).kind == "refreshed"
+        assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
+        assert _reaped(spare)
+
     def test_an_old_spare_is_let_go_on_the_refresh_path(
         self, sandbox: SandboxServer, tmp_path: Path
     ) -> None:

@@ -148,28 +148,36 @@ class SpawnCourier:
     def prepare(self, timeout: float = WAIT_SECONDS) -> int | None:
         """Start a spare if none waits, and wait until its imports are done; its pid.
 
-        None if it did not get ready in ``timeout`` (or died). The daemon never needs this
-        (the first refresh starts the spare); the benchmark and the tests do.
+        None if it did not get ready in ``timeout`` (it is then let go), or if a refresh
+        put another spare in its place meanwhile. The daemon never needs this (the first
+        refresh starts the spare); the benchmark and the tests do.
         """
         self._replenish()
         with self._lock:
-            spare, ready = self._spare, self._spare_ready
-        if spare is None or spare.stdout is None:
-            return None
-        if not ready:
-            # Outside the lock: a refresh may take this spare meanwhile, and is welcome to.
-            ready = _wait_ready(spare.stdout.fileno(), timeout)
-            with self._lock:
-                if self._spare is spare:
-                    self._spare_ready = ready
-        return spare.pid if ready else None
+            spare, ready, born = self._spare, self._spare_ready, self._spare_born
+            if spare is None or ready:
+                return None if spare is None else spare.pid
+            # Out of the slot while we read its stdout: a refresh meanwhile spawns cold
+            # rather than share the pipe with us.
+            self._spare = None
+        fd = spare.stdout.fileno() if spare.stdout is not None else -1
+        ready = fd >= 0 and _wait_ready(fd, timeout)
+        with self._lock:
+            if ready and self._spare is None and not self._stop.is_set():
+                self._spare, self._spare_born, self._spare_ready = spare, born, True
+                return spare.pid
+        self._retire(spare)
+        return None
 
     def _replenish(self) -> None:
         with self._lock:
             if self._stop.is_set() or (self._spare is not None and self._fresh()):
                 return
             old, self._spare = self._spare, None
-            self._spare = _spawn()
+            # No spare if the start fails (out of processes or descriptors?): the next
+            # refresh spawns cold and tries again. Never an error here: the answer is in.
+            with contextlib.suppress(OSError):
+                self._spare = _spawn()
             self._spare_born = self._clock()
             self._spare_ready = False
             if self._keeper is None:
