@@ -68,7 +68,7 @@ KEEPER_TICK_SECONDS = 30.0
 
 def courier_command() -> list[str]:
     """The argv of a spawned courier: nothing secret, and the same interpreter as ours."""
-    # Not -S or -I: skipping site saves ~30 ms of a cold start only (the spare hides start-up
+    # Not -S or -I: skipping site saved ~10 ms of a cold start here (the spare hides start-up
     # anyway), and would skip what site does for the user: .pth hooks (pip-system-certs and
     # the like, which make requests trust a corporate CA), sitecustomize, the user site-packages
     # of a `pip install --user`. -X frozen_modules is already on in release builds.
