@@ -1,7 +1,8 @@
 """The spawned courier (macOS default, forced here): a fresh interpreter and its warm spare.
 
 Real processes against the real sandbox on loopback: couriers are ``python -m
-aac_tokend.refresh.spawn`` children of this test process, looked at through /proc.
+aac_tokend.refresh.spawn`` children of this test process, looked at through /proc. Over 300
+lines for one concern: each test spells out the processes it starts and what it reads.
 """
 
 from __future__ import annotations
