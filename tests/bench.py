@@ -89,7 +89,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--courier-rounds",
         type=int,
         default=60,
-        help="refreshes per courier kind (spawn: a quarter; default 60)",
+        help="refreshes per courier kind (cold spawn: a quarter, warm: half; default 60)",
     )
     parser.add_argument("--profiles", type=int, default=1000, help="scale: profiles (1000)")
     parser.add_argument(

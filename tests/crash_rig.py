@@ -61,7 +61,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 #: The daemon with a spawned courier instead of the default fork (no CLI switch exists).
 _SPAWN_DAEMON = (
     "import sys\n"
-    "from aac_tokend.refresh.courier import SpawnCourier\n"
+    "from aac_tokend.refresh.spawn import SpawnCourier\n"
     "from aac_tokend.daemon.main import Daemon\n"
     "from aac_tokend.host.paths import resolve_paths\n"
     "sys.exit(Daemon(resolve_paths(), make_refresher=SpawnCourier).run())\n"
@@ -296,7 +296,7 @@ class Rig:
 
     def couriers(self, daemon_pid: int) -> list[int]:
         """Live children of ``daemon_pid`` in a session of their own running the daemon's
-        program (a fork) or ``aac_tokend.refresh.courier`` (a spawn): its couriers, not its
+        program (a fork) or ``aac_tokend.refresh.spawn`` (a spawn): its couriers, not its
         alerts."""
         found = []
         for entry in os.listdir("/proc"):
@@ -306,7 +306,7 @@ class Rig:
             info = proc_info(pid)
             if info and info.ppid == daemon_pid and info.sid == pid and info.state != "Z":
                 cmdline = _cmdline(pid)
-                if cmdline == _cmdline(daemon_pid) or b"aac_tokend.refresh.courier" in cmdline:
+                if cmdline == _cmdline(daemon_pid) or b"aac_tokend.refresh.spawn" in cmdline:
                     found.append(pid)
         return found
 

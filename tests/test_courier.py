@@ -28,7 +28,7 @@ from aac_tokend.core.tokens import token_hash
 from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.daemon.scheduling import SystemClock
-from aac_tokend.refresh.courier import MAX_LIFE_SECONDS, ForkCourier, _become_courier, _disarm
+from aac_tokend.refresh.courier import MAX_LIFE_SECONDS, ForkCourier, become_courier, disarm
 from aac_tokend.refresh.endpoint import TOTAL_DEADLINE_SECONDS, TokenEndpoint
 from aac_tokend.refresh.result import CourierKind, CourierResult
 from aac_tokend.refresh.transaction import (
@@ -458,9 +458,9 @@ class TestAlarmSparesTheAnswer:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
-                _become_courier(life=1)
+                become_courier(life=1)
                 store = _SlowSaveStore(tmp_path, key, delay=1.5)
-                carry(job, store, TokenEndpoint(), time.time, on_answer=_disarm)
+                carry(job, store, TokenEndpoint(), time.time, on_answer=disarm)
             finally:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)

@@ -71,7 +71,7 @@ SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 #: The daemon with a spawned courier instead of the default fork (no CLI switch exists).
 SPAWN_DAEMON = (
     "import sys\n"
-    "from aac_tokend.refresh.courier import SpawnCourier\n"
+    "from aac_tokend.refresh.spawn import SpawnCourier\n"
     "from aac_tokend.daemon.main import Daemon\n"
     "from aac_tokend.host.paths import resolve_paths\n"
     "sys.exit(Daemon(resolve_paths(), make_refresher=SpawnCourier).run())\n"
@@ -288,7 +288,7 @@ def find_courier(home: Home) -> tuple[int, dict[str, str]] | None:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"aac_tokend.refresh.courier" not in cmdline.split(b"\0"):
+        if b"aac_tokend.refresh.spawn" not in cmdline.split(b"\0"):
             continue
         env = proc_environ(int(entry.name))
         if env is not None and env.get("AAC_TOKEND_HOME") == str(home.root):

@@ -26,9 +26,9 @@ from aac_tokend.core.importer import ImportRequest, build_state
 from aac_tokend.core.policy import PolicySettings, next_refresh_at
 from aac_tokend.core.state import ProfileState, RejectionReason
 from aac_tokend.core.tokens import parse_jwt
-from aac_tokend.refresh.courier import read_spawn_message, spawn_message
 from aac_tokend.refresh.endpoint import TokenEndpoint
 from aac_tokend.refresh.result import CourierKind, CourierResult
+from aac_tokend.refresh.spawn import read_spawn_message, spawn_message
 from aac_tokend.refresh.transaction import CourierJob, carry
 from aac_tokend.sandbox.jwt_sign import sign_hs256
 from aac_tokend.sandbox.server import SandboxServer

@@ -16,15 +16,14 @@ crypto lock) and HTTP session, never logs, never touches the daemon's sockets
 (it closes every descriptor but its result pipe), and forks happen under ``FORK_LOCK``,
 which every in-daemon encryption also takes, so no OpenSSL lock is held across the fork.
 macOS frameworks are not fork-safe (proxy lookup through _scproxy crashes after fork),
-so there the courier is spawned: ``python -m aac_tokend.refresh.courier`` reading its job
-(refresh token) and its store's spec (state key) from a pipe on stdin, never from argv or
-the environment. The transaction both run is transaction.py's ``carry``.
+so there the courier is spawned (spawn.py: ``python -m aac_tokend.refresh.spawn``, a spare
+started in advance, its job and its store's spec on a pipe on stdin, never in argv or the
+environment). The transaction both run is transaction.py's ``carry``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import selectors
 import signal
@@ -33,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..store.files import CRYPTO_LOCK, FileStoreSpec
 from ..store.interface import StateStore
@@ -50,7 +49,6 @@ __all__ = [
     "ForkCourier",
     "InProcessRefresher",
     "Refresher",
-    "SpawnCourier",
     "default_refresher",
 ]
 
@@ -69,30 +67,6 @@ WAIT_SECONDS = MAX_LIFE_SECONDS + 5
 
 #: Held around every fork and every in-daemon AES-GCM call (see module docstring).
 FORK_LOCK = CRYPTO_LOCK
-
-
-def spawn_message(spec: FileStoreSpec, job: CourierJob) -> bytes:
-    """What a spawned courier reads on stdin: where its store is, and its job."""
-    data: dict[str, Any] = {
-        "store": spec.to_dict(),
-        "job": {
-            "profile": job.profile,
-            "refresh_token": job.refresh_token,
-            "lifetime_days": job.lifetime_days,
-        },
-    }
-    return json.dumps(data).encode()
-
-
-def read_spawn_message(raw: bytes) -> tuple[FileStoreSpec, CourierJob]:
-    """The store spec and the job in a spawned courier's stdin."""
-    data = json.loads(raw)
-    job, days = data["job"], data["job"].get("lifetime_days")
-    return FileStoreSpec.from_dict(data["store"]), CourierJob(
-        str(job["profile"]),
-        str(job["refresh_token"]),
-        lifetime_days=float(days) if days is not None else None,
-    )
 
 
 class Refresher(Protocol):
@@ -119,7 +93,7 @@ class InProcessRefresher:
         return carry(job, self._store, self._endpoint, self._clock)
 
 
-def _become_courier(life: int = MAX_LIFE_SECONDS) -> None:
+def become_courier(life: int = MAX_LIFE_SECONDS) -> None:
     """Leave the daemon's session and signals behind; bound our own life (until the answer)."""
     if os.getsid(0) != os.getpid():  # a spawned courier is already a session leader
         os.setsid()
@@ -129,7 +103,7 @@ def _become_courier(life: int = MAX_LIFE_SECONDS) -> None:
     signal.alarm(life)
 
 
-def _disarm() -> None:
+def disarm() -> None:
     """The answer is in: from here to the durable write, nothing may stop the courier."""
     signal.alarm(0)
 
@@ -172,7 +146,7 @@ class ForkCourier:
                 # single-owner lock, which a restarted daemon is waiting to take.
                 os.closerange(3, write_fd)
                 os.closerange(write_fd + 1, MAX_FD)
-                _become_courier()
+                become_courier()
                 devnull = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
@@ -180,34 +154,12 @@ class ForkCourier:
                     os.close(devnull)
                 # A fresh lock: the inherited one was held by this very thread at fork time.
                 store = self._spec.open(crypto_lock=threading.Lock())
-                result = carry(job, store, TokenEndpoint(), self._clock, on_answer=_disarm)
+                result = carry(job, store, TokenEndpoint(), self._clock, on_answer=disarm)
                 os.write(write_fd, result.to_bytes())
             finally:
                 os._exit(0)
         os.close(write_fd)
         return _finish(pid, read_fd)
-
-
-class SpawnCourier:
-    """Spawns ``python -m aac_tokend.refresh.courier`` per refresh (macOS default)."""
-
-    def __init__(self, spec: FileStoreSpec) -> None:
-        self._spec = spec
-
-    def refresh(self, job: CourierJob) -> CourierResult:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aac_tokend.refresh.courier"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(spawn_message(self._spec, job))
-            proc.stdin.close()
-        return _finish(proc.pid, proc.stdout.fileno(), proc)
 
 
 def _finish(pid: int, read_fd: int, proc: subprocess.Popen[bytes] | None = None) -> CourierResult:
@@ -228,18 +180,8 @@ def _finish(pid: int, read_fd: int, proc: subprocess.Popen[bytes] | None = None)
 
 def default_refresher(spec: FileStoreSpec) -> Refresher:
     """Fork where it is safe (Linux), spawn elsewhere; either opens the store ``spec`` names."""
-    return ForkCourier(spec) if sys.platform.startswith("linux") else SpawnCourier(spec)
+    if sys.platform.startswith("linux"):
+        return ForkCourier(spec)
+    from .spawn import SpawnCourier  # lazy: a Linux daemon never spawns a courier
 
-
-def main() -> int:
-    """Entry of a spawned courier: job on stdin, result on stdout."""
-    _become_courier()
-    spec, job = read_spawn_message(sys.stdin.buffer.read(65536))
-    result = carry(job, spec.open(), TokenEndpoint(), time.time, on_answer=_disarm)
-    sys.stdout.buffer.write(result.to_bytes())
-    sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return SpawnCourier(spec)

@@ -1,0 +1,416 @@
+"""The spawned courier (macOS default, forced here): a fresh interpreter and its warm spare.
+
+Real processes against the real sandbox on loopback: couriers are ``python -m
+aac_tokend.refresh.spawn`` children of this test process, looked at through /proc. Over 300
+lines for one concern: each test spells out the processes it starts and what it reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aac_tokend.core.importer import build_state, parse_import_text
+from aac_tokend.core.tokens import token_hash
+from aac_tokend.refresh.courier import CourierJob, CourierResult
+from aac_tokend.refresh.spawn import (
+    COURIER_MODULE,
+    READY,
+    SPARE_MAX_AGE_SECONDS,
+    SpawnCourier,
+    courier_command,
+)
+from aac_tokend.sandbox.server import SandboxServer
+from aac_tokend.store.files import FileStore
+
+from .crash_rig import proc_info, wait_for
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+#: The sandbox holds each answer this long after logging the rotation: a courier is then
+#: certainly carrying its job while the test looks at it or signals it.
+ANSWER_DELAY = 1.0
+#: Modules (and their submodules: the prefixes end in a dot) a refresh does not use;
+#: importing one in the courier would cost every cold spawn.
+NOT_FOR_A_REFRESH = tuple(
+    f"{name}."
+    for name in (
+        "structlog",
+        "apscheduler",
+        "platformdirs",
+        "argparse",
+        "tzlocal",
+        "asyncio",
+        "aac_tokend.daemon",
+        "aac_tokend.serve",
+        "aac_tokend.service",
+        "aac_tokend.commands",
+        "aac_tokend.cli",
+        "aac_tokend.host",
+        "aac_tokend.sandbox",
+        "aac_tokend.client",
+        "aac_tokend.api",
+    )
+)
+#: A spare let go (EOF on its stdin) ends at once; this only bounds a busy machine.
+EXIT_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(access_ttl=60) as server:
+        yield server
+
+
+@dataclasses.dataclass
+class Profile:
+    """One stored profile in a state dir of its own, and the job that refreshes it."""
+
+    store: FileStore
+    directory: Path
+    key: bytes
+    name: str = "p"
+
+    def job(self) -> CourierJob:
+        state = self.store.load(self.name)
+        assert state is not None and state.refresh_token is not None
+        return CourierJob(self.name, state.refresh_token, str(self.directory), self.key)
+
+    def rt_hash(self) -> str:
+        state = self.store.load(self.name)
+        assert state is not None and state.refresh_token is not None
+        return token_hash(state.refresh_token)
+
+    def file_bytes(self) -> bytes:
+        return self.store.path(self.name).read_bytes()
+
+
+def _profile(sandbox: SandboxServer, directory: Path, name: str = "p") -> Profile:
+    key = secrets.token_bytes(32)
+    store = FileStore(directory, key)
+    request = parse_import_text(json.dumps(sandbox.generate()), profile=name)
+    request = dataclasses.replace(request, token_endpoint=sandbox.token_endpoint)
+    store.save(build_state(request, time.time()))
+    return Profile(store, directory, key, name)
+
+
+@pytest.fixture
+def courier() -> Iterator[SpawnCourier]:
+    spawner = SpawnCourier()
+    try:
+        yield spawner
+    finally:
+        spawner.close()
+
+
+def _gone(pid: int) -> bool:
+    info = proc_info(pid)
+    return info is None or info.state in ("Z", "X")
+
+
+def _reaped(pid: int) -> bool:
+    """True if ``pid`` was our child and has been waited for (no zombie left)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def _our_couriers() -> list[int]:
+    """Living children of this process running the courier module."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        info = proc_info(int(entry))
+        if info is None or info.ppid != os.getpid() or info.state in ("Z", "X"):
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if COURIER_MODULE.encode() in cmdline.split(b"\0"):
+            found.append(int(entry))
+    return found
+
+
+def _ignored_signals(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+    return set()
+
+
+class _Background:
+    """One refresh in a thread, so the test can look at the courier while it carries."""
+
+    def __init__(self, courier: SpawnCourier, job: CourierJob) -> None:
+        self.result: CourierResult | None = None
+        self._thread = threading.Thread(target=self._run, args=(courier, job))
+        self._thread.start()
+
+    def _run(self, courier: SpawnCourier, job: CourierJob) -> None:
+        self.result = courier.refresh(job)
+
+    def join(self) -> CourierResult:
+        self._thread.join(timeout=60)
+        assert self.result is not None, "the refresh did not end"
+        return self.result
+
+
+class TestRefresh:
+    """A spawned courier carries a refresh end to end, cold or from the spare."""
+
+    def test_cold_courier_refreshes_and_saves_the_rotated_token(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """Without a spare, a fresh courier rotates the chain and the new pair is on disk."""
+        profile = _profile(sandbox, tmp_path)
+        cold = SpawnCourier(warm=False)
+        try:
+            result = cold.refresh(profile.job())
+        finally:
+            cold.close()
+        assert result.kind == "refreshed", result.detail
+        [entry] = sandbox.log()
+        assert entry["outcome"] == "rotated"
+        assert profile.rt_hash() == entry["new_rt_hash"]
+        state = profile.store.load("p")
+        assert state is not None and state.in_flight is None and state.refresh_count == 1
+        assert _our_couriers() == []
+
+    def test_the_spare_carries_the_job_and_is_replaced(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """The waiting spare takes the job; a new spare waits after the answer."""
+        profile = _profile(sandbox, tmp_path)
+        spare = courier.prepare()
+        assert spare is not None
+        result = courier.refresh(profile.job())
+        assert result.kind == "refreshed", result.detail
+        assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
+        assert _reaped(spare)
+        replacement = courier.prepare()
+        assert replacement is not None and replacement != spare
+        assert _our_couriers() == [replacement]
+
+    def test_chain_goes_on_through_many_spares(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """Three refreshes in a row each rotate once, presenting the token the last saved."""
+        profile = _profile(sandbox, tmp_path)
+        spares = []
+        for _ in range(3):
+            pid = courier.prepare()
+            assert pid is not None
+            spares.append(pid)
+            assert courier.refresh(profile.job()).kind == "refreshed"
+        log = sandbox.log()
+        assert [e["outcome"] for e in log] == ["rotated"] * 3
+        assert [e["rt_hash"] for e in log[1:]] == [e["new_rt_hash"] for e in log[:-1]]
+        courier.close()
+        assert all(_reaped(pid) for pid in spares)  # no zombie left behind
+
+    def test_a_second_concurrent_refresh_spawns_cold(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """Two refreshes at once: one takes the spare, one spawns; one spare waits after."""
+        first = _profile(sandbox, tmp_path / "a")
+        second = _profile(sandbox, tmp_path / "b")
+        assert courier.prepare() is not None
+        sandbox.set_answer_delay(ANSWER_DELAY)
+        runs = [_Background(courier, first.job()), _Background(courier, second.job())]
+        assert [run.join().kind for run in runs] == ["refreshed", "refreshed"]
+        assert len(sandbox.log()) == 2
+        assert courier.prepare() is not None
+        assert len(_our_couriers()) == 1
+
+
+class TestSpare:
+    """The spare waits deaf and bound to its daemon; it is let go, aged out and reaped."""
+
+    def test_spare_exits_when_its_parent_dies_and_touches_nothing(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """SIGKILL of the daemon: its spare reads EOF and exits; no request, no write."""
+        profile = _profile(sandbox, tmp_path)
+        before = profile.file_bytes()
+        files = sorted(tmp_path.iterdir())
+        parent = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys\n"
+             "from aac_tokend.refresh.spawn import SpawnCourier\n"
+             "print(SpawnCourier().prepare(), flush=True)\n"
+             "sys.stdin.read()\n"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert parent.stdout is not None
+            spare = int(parent.stdout.readline())
+            assert not _gone(spare)
+        finally:
+            parent.kill()
+            parent.wait()
+        wait_for("the spare's exit", lambda: _gone(spare), EXIT_TIMEOUT)
+        assert sandbox.log() == []
+        assert profile.file_bytes() == before
+        assert sorted(tmp_path.iterdir()) == files
+
+    def test_close_lets_the_spare_go(self, courier: SpawnCourier) -> None:
+        """close() ends a waiting spare through EOF and reaps it."""
+        spare = courier.prepare()
+        assert spare is not None
+        courier.close()
+        assert _reaped(spare)
+
+    def test_spare_waits_in_its_own_session_deaf_to_signals(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """TERM/INT/HUP while waiting do not end it: it still carries the next refresh."""
+        profile = _profile(sandbox, tmp_path)
+        spare = courier.prepare()
+        assert spare is not None
+        assert os.getsid(spare) == spare != os.getsid(0)
+        assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= _ignored_signals(spare)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(spare, sig)
+        time.sleep(0.2)
+        assert not _gone(spare)
+        assert courier.refresh(profile.job()).kind == "refreshed"
+        assert _reaped(spare)
+
+    def test_spare_ignores_signals_while_carrying_a_job(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """TERM/HUP/INT after the server rotated: the rotated pair is still saved."""
+        profile = _profile(sandbox, tmp_path)
+        spare = courier.prepare()
+        assert spare is not None
+        sandbox.set_answer_delay(ANSWER_DELAY)
+        run = _Background(courier, profile.job())
+        wait_for("the rotation", sandbox.log)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            os.kill(spare, sig)
+        assert run.join().kind == "refreshed"
+        assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
+
+    def test_a_dead_spare_is_reaped_and_the_refresh_goes_cold(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """A spare killed while waiting is not handed the job: a cold courier carries it."""
+        profile = _profile(sandbox, tmp_path)
+        spare = courier.prepare()
+        assert spare is not None
+        os.kill(spare, signal.SIGKILL)
+        wait_for("the spare's death", lambda: _gone(spare), EXIT_TIMEOUT)
+        assert courier.refresh(profile.job()).kind == "refreshed"
+        assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
+        assert _reaped(spare)
+
+    def test_an_old_spare_is_let_go_on_the_refresh_path(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A spare older than the age limit is not used (old code); the refresh still goes."""
+        profile = _profile(sandbox, tmp_path)
+        now = [1_000_000.0]
+        spawner = SpawnCourier(clock=lambda: now[0])
+        try:
+            old = spawner.prepare()
+            assert old is not None
+            now[0] += SPARE_MAX_AGE_SECONDS + 1
+            assert spawner.refresh(profile.job()).kind == "refreshed"
+            wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
+            assert spawner.prepare() not in (None, old)
+        finally:
+            spawner.close()
+        assert _reaped(old)
+
+    def test_the_keeper_replaces_an_aging_spare_without_a_refresh(self) -> None:
+        """Between refreshes the keeper thread lets an old spare go and starts a new one."""
+        spawner = SpawnCourier(max_age=1.0)
+        try:
+            old = spawner.prepare()
+            assert old is not None
+            wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
+            assert spawner.prepare() not in (None, old)
+        finally:
+            spawner.close()
+
+
+@linux_only
+class TestIsolation:
+    """Nothing secret reaches argv or the environment; nothing of ours but the pipes."""
+
+    def test_job_is_never_in_cmdline_or_environ(
+        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+    ) -> None:
+        """While the spare carries its job, neither its argv nor its environment hold it."""
+        profile = _profile(sandbox, tmp_path)
+        job = profile.job()
+        spare = courier.prepare()
+        assert spare is not None
+        sandbox.set_answer_delay(ANSWER_DELAY)
+        run = _Background(courier, job)
+        wait_for("the rotation", sandbox.log)
+        cmdline = Path(f"/proc/{spare}/cmdline").read_bytes()
+        environ = Path(f"/proc/{spare}/environ").read_bytes()
+        assert run.join().kind == "refreshed"
+        assert cmdline.split(b"\0")[:-1] == [arg.encode() for arg in courier_command()]
+        secrets_ = (job.refresh_token.encode(), base64.b64encode(job.key), job.key.hex().encode())
+        for secret in secrets_:
+            assert secret not in cmdline
+            assert secret not in environ
+
+    def test_spare_holds_only_its_pipes(self, tmp_path: Path, courier: SpawnCourier) -> None:
+        """A listening socket and an open file of the daemon do not reach the spare."""
+        with socket.socket(socket.AF_UNIX) as listener, open(tmp_path / "f", "wb") as held:
+            listener.bind(str(tmp_path / "s"))
+            listener.listen()
+            spare = courier.prepare()
+            assert spare is not None
+            fds = {int(fd): os.readlink(f"/proc/{spare}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{spare}/fd")}  # fmt: skip
+            assert held.fileno() >= 0
+        assert sorted(fds) == [0, 1, 2]
+        assert fds[0].startswith("pipe:") and fds[1].startswith("pipe:")
+        assert fds[2] == "/dev/null"
+
+
+class TestImports:
+    """The courier imports what one refresh needs and nothing of the daemon."""
+
+    def test_a_refresh_imports_nothing_heavy_it_does_not_use(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A courier run under -X importtime, through a real refresh, lists none of them."""
+        profile = _profile(sandbox, tmp_path)
+        command = courier_command()
+        done = subprocess.run(
+            [command[0], "-X", "importtime", *command[1:]],
+            input=profile.job().to_bytes(), capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith(READY)
+        assert CourierResult.from_bytes(done.stdout[len(READY) :]).kind == "refreshed"
+        lines = done.stderr.decode().splitlines()
+        names = {
+            line.split("|")[-1].strip() + "." for line in lines if line.startswith("import time:")
+        }
+        assert {"requests.", "cryptography.", "aac_tokend.refresh.endpoint."} <= names  # parsed
+        unused = [n for n in names if n.startswith(NOT_FOR_A_REFRESH)]
+        assert sorted(unused) == []
