@@ -18,23 +18,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from aac_tokend.core.importer import build_state, parse_import_text
 from aac_tokend.core.tokens import token_hash
-from aac_tokend.refresh.courier import CourierJob, CourierResult
+from aac_tokend.refresh.result import CourierKind, CourierResult
 from aac_tokend.refresh.spawn import (
     COURIER_MODULE,
     READY,
     SPARE_MAX_AGE_SECONDS,
     SpawnCourier,
     courier_command,
+    spawn_message,
 )
+from aac_tokend.refresh.transaction import CourierJob
 from aac_tokend.sandbox.server import SandboxServer
-from aac_tokend.store.files import FileStore
+from aac_tokend.store.files import FileStore, FileStoreSpec
 
 from .crash_rig import proc_info, wait_for
 
@@ -68,6 +70,9 @@ NOT_FOR_A_REFRESH = tuple(
 #: A spare let go (EOF on its stdin) ends at once; this only bounds a busy machine.
 EXIT_TIMEOUT = 10.0
 
+#: The ``courier_for`` fixture: a SpawnCourier whose couriers open the store of this spec.
+CourierFor = Callable[[FileStoreSpec], SpawnCourier]
+
 
 @pytest.fixture
 def sandbox() -> Iterator[SandboxServer]:
@@ -77,17 +82,16 @@ def sandbox() -> Iterator[SandboxServer]:
 
 @dataclasses.dataclass
 class Profile:
-    """One stored profile in a state dir of its own, and the job that refreshes it."""
+    """One stored profile, the spec of its store (what its courier opens), and its job."""
 
+    spec: FileStoreSpec
     store: FileStore
-    directory: Path
-    key: bytes
     name: str = "p"
 
     def job(self) -> CourierJob:
         state = self.store.load(self.name)
         assert state is not None and state.refresh_token is not None
-        return CourierJob(self.name, state.refresh_token, str(self.directory), self.key)
+        return CourierJob(self.name, state.refresh_token)
 
     def rt_hash(self) -> str:
         state = self.store.load(self.name)
@@ -98,22 +102,33 @@ class Profile:
         return self.store.path(self.name).read_bytes()
 
 
-def _profile(sandbox: SandboxServer, directory: Path, name: str = "p") -> Profile:
-    key = secrets.token_bytes(32)
-    store = FileStore(directory, key)
+def _spec(directory: Path) -> FileStoreSpec:
+    """A store in ``directory`` under a key of its own (nothing is created until opened)."""
+    return FileStoreSpec(str(directory), secrets.token_bytes(32))
+
+
+def _profile(sandbox: SandboxServer, spec: FileStoreSpec, name: str = "p") -> Profile:
+    store = spec.open()
     request = parse_import_text(json.dumps(sandbox.generate()), profile=name)
     request = dataclasses.replace(request, token_endpoint=sandbox.token_endpoint)
     store.save(build_state(request, time.time()))
-    return Profile(store, directory, key, name)
+    return Profile(spec, store, name)
 
 
 @pytest.fixture
-def courier() -> Iterator[SpawnCourier]:
-    spawner = SpawnCourier()
+def courier_for() -> Iterator[CourierFor]:
+    """Builds a SpawnCourier for a store's spec; closes every one built after the test."""
+    built: list[SpawnCourier] = []
+
+    def build(spec: FileStoreSpec) -> SpawnCourier:
+        built.append(SpawnCourier(spec))
+        return built[-1]
+
     try:
-        yield spawner
+        yield build
     finally:
-        spawner.close()
+        for spawner in built:
+            spawner.close()
 
 
 def _gone(pid: int) -> bool:
@@ -180,13 +195,13 @@ class TestRefresh:
         self, sandbox: SandboxServer, tmp_path: Path
     ) -> None:
         """Without a spare, a fresh courier rotates the chain and the new pair is on disk."""
-        profile = _profile(sandbox, tmp_path)
-        cold = SpawnCourier(warm=False)
+        profile = _profile(sandbox, _spec(tmp_path))
+        cold = SpawnCourier(profile.spec, warm=False)
         try:
             result = cold.refresh(profile.job())
         finally:
             cold.close()
-        assert result.kind == "refreshed", result.detail
+        assert result.kind is CourierKind.REFRESHED, result.detail
         [entry] = sandbox.log()
         assert entry["outcome"] == "rotated"
         assert profile.rt_hash() == entry["new_rt_hash"]
@@ -195,14 +210,15 @@ class TestRefresh:
         assert _our_couriers() == []
 
     def test_the_spare_carries_the_job_and_is_replaced(
-        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+        self, sandbox: SandboxServer, tmp_path: Path, courier_for: CourierFor
     ) -> None:
         """The waiting spare takes the job; a new spare waits after the answer."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
+        courier = courier_for(profile.spec)
         spare = courier.prepare()
         assert spare is not None
         result = courier.refresh(profile.job())
-        assert result.kind == "refreshed", result.detail
+        assert result.kind is CourierKind.REFRESHED, result.detail
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
         assert _reaped(spare)
         replacement = courier.prepare()
@@ -210,16 +226,17 @@ class TestRefresh:
         assert _our_couriers() == [replacement]
 
     def test_chain_goes_on_through_many_spares(
-        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+        self, sandbox: SandboxServer, tmp_path: Path, courier_for: CourierFor
     ) -> None:
         """Three refreshes in a row each rotate once, presenting the token the last saved."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
+        courier = courier_for(profile.spec)
         spares = []
         for _ in range(3):
             pid = courier.prepare()
             assert pid is not None
             spares.append(pid)
-            assert courier.refresh(profile.job()).kind == "refreshed"
+            assert courier.refresh(profile.job()).kind is CourierKind.REFRESHED
         log = sandbox.log()
         assert [e["outcome"] for e in log] == ["rotated"] * 3
         assert [e["rt_hash"] for e in log[1:]] == [e["new_rt_hash"] for e in log[:-1]]
@@ -227,15 +244,16 @@ class TestRefresh:
         assert all(_reaped(pid) for pid in spares)  # no zombie left behind
 
     def test_a_second_concurrent_refresh_spawns_cold(
-        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+        self, sandbox: SandboxServer, tmp_path: Path, courier_for: CourierFor
     ) -> None:
         """Two refreshes at once: one takes the spare, one spawns; one spare waits after."""
-        first = _profile(sandbox, tmp_path / "a")
-        second = _profile(sandbox, tmp_path / "b")
+        spec = _spec(tmp_path)  # one store of two profiles, as a daemon has
+        first, second = _profile(sandbox, spec, "a"), _profile(sandbox, spec, "b")
+        courier = courier_for(spec)
         assert courier.prepare() is not None
         sandbox.set_answer_delay(ANSWER_DELAY)
         runs = [_Background(courier, first.job()), _Background(courier, second.job())]
-        assert [run.join().kind for run in runs] == ["refreshed", "refreshed"]
+        assert [run.join().kind for run in runs] == [CourierKind.REFRESHED] * 2
         assert len(sandbox.log()) == 2
         assert courier.prepare() is not None
         assert len(_our_couriers()) == 1
@@ -248,19 +266,23 @@ class TestSpare:
         self, sandbox: SandboxServer, tmp_path: Path
     ) -> None:
         """SIGKILL of the daemon: its spare reads EOF and exits; no request, no write."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
         files = sorted(tmp_path.iterdir())
         parent = subprocess.Popen(
             [sys.executable, "-c",
-             "import sys\n"
+             "import json, sys\n"
              "from aac_tokend.refresh.spawn import SpawnCourier\n"
-             "print(SpawnCourier().prepare(), flush=True)\n"
+             "from aac_tokend.store.files import FileStoreSpec\n"
+             "spec = FileStoreSpec.from_dict(json.loads(sys.stdin.readline()))\n"
+             "print(SpawnCourier(spec).prepare(), flush=True)\n"
              "sys.stdin.read()\n"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )  # fmt: skip
         try:
-            assert parent.stdout is not None
+            assert parent.stdin is not None and parent.stdout is not None
+            parent.stdin.write(json.dumps(profile.spec.to_dict()).encode() + b"\n")
+            parent.stdin.flush()
             spare = int(parent.stdout.readline())
             assert not _gone(spare)
         finally:
@@ -271,18 +293,20 @@ class TestSpare:
         assert profile.file_bytes() == before
         assert sorted(tmp_path.iterdir()) == files
 
-    def test_close_lets_the_spare_go(self, courier: SpawnCourier) -> None:
+    def test_close_lets_the_spare_go(self, tmp_path: Path, courier_for: CourierFor) -> None:
         """close() ends a waiting spare through EOF and reaps it."""
+        courier = courier_for(_spec(tmp_path))
         spare = courier.prepare()
         assert spare is not None
         courier.close()
         assert _reaped(spare)
 
     def test_spare_waits_in_its_own_session_deaf_to_signals(
-        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+        self, sandbox: SandboxServer, tmp_path: Path, courier_for: CourierFor
     ) -> None:
         """TERM/INT/HUP while waiting do not end it: it still carries the next refresh."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
+        courier = courier_for(profile.spec)
         spare = courier.prepare()
         assert spare is not None
         assert os.getsid(spare) == spare != os.getsid(0)
@@ -291,14 +315,15 @@ class TestSpare:
             os.kill(spare, sig)
         time.sleep(0.2)
         assert not _gone(spare)
-        assert courier.refresh(profile.job()).kind == "refreshed"
+        assert courier.refresh(profile.job()).kind is CourierKind.REFRESHED
         assert _reaped(spare)
 
     def test_spare_ignores_signals_while_carrying_a_job(
-        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+        self, sandbox: SandboxServer, tmp_path: Path, courier_for: CourierFor
     ) -> None:
         """TERM/HUP/INT after the server rotated: the rotated pair is still saved."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
+        courier = courier_for(profile.spec)
         spare = courier.prepare()
         assert spare is not None
         sandbox.set_answer_delay(ANSWER_DELAY)
@@ -306,19 +331,20 @@ class TestSpare:
         wait_for("the rotation", sandbox.log)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             os.kill(spare, sig)
-        assert run.join().kind == "refreshed"
+        assert run.join().kind is CourierKind.REFRESHED
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
 
     def test_a_dead_spare_is_reaped_and_the_refresh_goes_cold(
-        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+        self, sandbox: SandboxServer, tmp_path: Path, courier_for: CourierFor
     ) -> None:
         """A spare killed while waiting is not handed the job: a cold courier carries it."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
+        courier = courier_for(profile.spec)
         spare = courier.prepare()
         assert spare is not None
         os.kill(spare, signal.SIGKILL)
         wait_for("the spare's death", lambda: _gone(spare), EXIT_TIMEOUT)
-        assert courier.refresh(profile.job()).kind == "refreshed"
+        assert courier.refresh(profile.job()).kind is CourierKind.REFRESHED
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
         assert _reaped(spare)
 
@@ -326,23 +352,23 @@ class TestSpare:
         self, sandbox: SandboxServer, tmp_path: Path
     ) -> None:
         """A spare older than the age limit is not used (old code); the refresh still goes."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
         now = [1_000_000.0]
-        spawner = SpawnCourier(clock=lambda: now[0])
+        spawner = SpawnCourier(profile.spec, clock=lambda: now[0])
         try:
             old = spawner.prepare()
             assert old is not None
             now[0] += SPARE_MAX_AGE_SECONDS + 1
-            assert spawner.refresh(profile.job()).kind == "refreshed"
+            assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
             wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
             assert spawner.prepare() not in (None, old)
         finally:
             spawner.close()
         assert _reaped(old)
 
-    def test_the_keeper_replaces_an_aging_spare_without_a_refresh(self) -> None:
+    def test_the_keeper_replaces_an_aging_spare_without_a_refresh(self, tmp_path: Path) -> None:
         """Between refreshes the keeper thread lets an old spare go and starts a new one."""
-        spawner = SpawnCourier(max_age=1.0)
+        spawner = SpawnCourier(_spec(tmp_path), max_age=1.0)
         try:
             old = spawner.prepare()
             assert old is not None
@@ -357,11 +383,13 @@ class TestIsolation:
     """Nothing secret reaches argv or the environment; nothing of ours but the pipes."""
 
     def test_job_is_never_in_cmdline_or_environ(
-        self, sandbox: SandboxServer, tmp_path: Path, courier: SpawnCourier
+        self, sandbox: SandboxServer, tmp_path: Path, courier_for: CourierFor
     ) -> None:
-        """While the spare carries its job, neither its argv nor its environment hold it."""
-        profile = _profile(sandbox, tmp_path)
-        job = profile.job()
+        """While the spare carries its job, its argv and environment hold neither the
+        refresh token nor the store's key (both travel on stdin)."""
+        profile = _profile(sandbox, _spec(tmp_path))
+        courier = courier_for(profile.spec)
+        job, key = profile.job(), profile.spec.key
         spare = courier.prepare()
         assert spare is not None
         sandbox.set_answer_delay(ANSWER_DELAY)
@@ -369,15 +397,16 @@ class TestIsolation:
         wait_for("the rotation", sandbox.log)
         cmdline = Path(f"/proc/{spare}/cmdline").read_bytes()
         environ = Path(f"/proc/{spare}/environ").read_bytes()
-        assert run.join().kind == "refreshed"
+        assert run.join().kind is CourierKind.REFRESHED
         assert cmdline.split(b"\0")[:-1] == [arg.encode() for arg in courier_command()]
-        secrets_ = (job.refresh_token.encode(), base64.b64encode(job.key), job.key.hex().encode())
+        secrets_ = (job.refresh_token.encode(), key, base64.b64encode(key), key.hex().encode())
         for secret in secrets_:
             assert secret not in cmdline
             assert secret not in environ
 
-    def test_spare_holds_only_its_pipes(self, tmp_path: Path, courier: SpawnCourier) -> None:
+    def test_spare_holds_only_its_pipes(self, tmp_path: Path, courier_for: CourierFor) -> None:
         """A listening socket and an open file of the daemon do not reach the spare."""
+        courier = courier_for(_spec(tmp_path))
         with socket.socket(socket.AF_UNIX) as listener, open(tmp_path / "f", "wb") as held:
             listener.bind(str(tmp_path / "s"))
             listener.listen()
@@ -398,15 +427,16 @@ class TestImports:
         self, sandbox: SandboxServer, tmp_path: Path
     ) -> None:
         """A courier run under -X importtime, through a real refresh, lists none of them."""
-        profile = _profile(sandbox, tmp_path)
+        profile = _profile(sandbox, _spec(tmp_path))
         command = courier_command()
         done = subprocess.run(
             [command[0], "-X", "importtime", *command[1:]],
-            input=profile.job().to_bytes(), capture_output=True, timeout=60,
+            input=spawn_message(profile.spec, profile.job()), capture_output=True, timeout=60,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.startswith(READY)
-        assert CourierResult.from_bytes(done.stdout[len(READY) :]).kind == "refreshed"
+        result = CourierResult.from_bytes(done.stdout[len(READY) :])
+        assert result.kind is CourierKind.REFRESHED, result.detail
         lines = done.stderr.decode().splitlines()
         names = {
             line.split("|")[-1].strip() + "." for line in lines if line.startswith("import time:")

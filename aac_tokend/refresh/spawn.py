@@ -1,8 +1,9 @@
 """The spawned courier: a fresh interpreter carries each refresh, and one waits ready.
 
 Where fork is unsafe (macOS, see courier.py) a courier is ``python -m
-aac_tokend.refresh.spawn``, reading its job (refresh token) and its store's spec (state key) from a
-pipe on stdin, never from argv or the environment, and writing its result to stdout.
+aac_tokend.refresh.spawn``, reading its store's spec (with the state key) and its job (with
+the refresh token) from a pipe on stdin, never from argv or the environment, and writing its
+result to stdout.
 
 A fresh interpreter pays for its imports: measured on the 2-core CI machine, a cold spawn
 costs ~150-450 ms over an in-process refresh (requests and urllib3 ~100-250 ms,
@@ -19,6 +20,9 @@ One spare only: a second refresh running at the same time spawns a cold courier.
 runs the code that was on disk when it started, so the keeper thread replaces any spare
 older than ``SPARE_MAX_AGE_SECONDS`` (an upgrade in place reaches the couriers within
 minutes, even before the daemon restarts).
+
+Over 300 lines for one concern: both ends of the pipe (the daemon's ``SpawnCourier`` and the
+courier's ``main``) and the message between them, which change together.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ __all__ = [
 COURIER_MODULE = "aac_tokend.refresh.spawn"
 #: The byte a courier writes once its imports are done. Not JSON, so never a result.
 READY = b"\x06"
-#: A job is a few hundred bytes; more on stdin is not a job.
-MAX_JOB_BYTES = 65536
+#: A spawn message (the store's spec and the job) is a few hundred bytes; more is not one.
+MAX_MESSAGE_BYTES = 65536
 #: A spare runs the code on disk when it started: replaced after this long, so an upgrade
 #: in place reaches the couriers within minutes. Each replacement costs one interpreter
 #: start (~0.3 s of CPU) per 10 minutes, under 0.1 % of one core.
@@ -95,9 +99,10 @@ def spawn_message(spec: FileStoreSpec, job: CourierJob) -> bytes:
 
 
 def read_spawn_message(raw: bytes) -> tuple[FileStoreSpec, CourierJob]:
-    """The store spec and the job in a spawned courier's stdin."""
+    """The store's spec and the job in a spawned courier's stdin (``spawn_message``)."""
     data = json.loads(raw)
-    job, days = data["job"], data["job"].get("lifetime_days")
+    job = data["job"]
+    days = job.get("lifetime_days")
     return FileStoreSpec.from_dict(data["store"]), CourierJob(
         str(job["profile"]),
         str(job["refresh_token"]),
@@ -108,9 +113,10 @@ def read_spawn_message(raw: bytes) -> tuple[FileStoreSpec, CourierJob]:
 class SpawnCourier:
     """Spawns a courier per refresh (macOS default), handing the job to a warm spare.
 
-    ``warm=False`` spawns every courier cold (the benchmark's row without a spare). Call
-    ``close`` to let the spare go (tests, the benchmark); a daemon that just exits lets it
-    go too: the spare reads EOF.
+    Its couriers open the store ``spec`` names: the spec goes with each job on stdin (a
+    spare knows nothing of it until then). ``warm=False`` spawns every courier cold (the
+    benchmark's row without a spare). Call ``close`` to let the spare go (tests, the
+    benchmark); a daemon that just exits lets it go too: the spare reads EOF.
     """
 
     def __init__(
@@ -146,7 +152,8 @@ class SpawnCourier:
                 self._replenish()
 
     def _hand(self, proc: subprocess.Popen[bytes], job: CourierJob) -> CourierResult:
-        """Give ``proc`` its job on stdin, wait for its answer; LOST if none comes in time."""
+        """Give ``proc`` its store's spec and job on stdin, wait for its answer; LOST if
+        none comes in time."""
         import subprocess
 
         try:
@@ -293,7 +300,7 @@ def _wait_ready(fd: int, timeout: float) -> bool:
 
 # -- the courier's side ------------------------------------------------------------------------
 def main() -> int:
-    """Entry of a spawned courier: ready on stdout, job on stdin, result on stdout."""
+    """Entry of a spawned courier: ready on stdout, spec and job on stdin, result on stdout."""
     become_courier(life=0)  # no bound yet: a spare may wait long; it starts with the job
     endpoint = TokenEndpoint()  # its session, built before the clock of a refresh starts
     # What the first request would import on the refresh's clock (requests' netrc lookup).
@@ -302,7 +309,7 @@ def main() -> int:
 
     with contextlib.suppress(BrokenPipeError):  # let go while importing: EOF below
         os.write(1, READY)
-    raw = sys.stdin.buffer.read(MAX_JOB_BYTES)
+    raw = sys.stdin.buffer.read(MAX_MESSAGE_BYTES)
     if not raw:
         return 0  # the daemon let us go (or died) before a job came: nothing touched
     signal.alarm(MAX_LIFE_SECONDS)
