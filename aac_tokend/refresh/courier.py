@@ -27,7 +27,6 @@ import contextlib
 import os
 import selectors
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -162,17 +161,14 @@ class ForkCourier:
         return _finish(pid, read_fd)
 
 
-def _finish(pid: int, read_fd: int, proc: subprocess.Popen[bytes] | None = None) -> CourierResult:
+def _finish(pid: int, read_fd: int) -> CourierResult:
+    """The forked courier's answer on ``read_fd``, once it has ended (reaped)."""
     try:
         raw = _read_answer(read_fd, time.monotonic() + WAIT_SECONDS)
     finally:
-        if proc is None:
-            os.close(read_fd)
-    if proc is not None:
-        proc.wait(timeout=WAIT_SECONDS)
-    else:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        os.close(read_fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
     if not raw:
         return CourierResult(CourierKind.LOST, "the courier ended without an answer")
     return CourierResult.from_bytes(raw)
