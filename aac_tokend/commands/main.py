@@ -18,74 +18,36 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..client import ControlClient, format_token
+from ..client import ask_daemon, format_token, need_daemon
 from ..errors import (
-    CONTROL_REFUSALS,
     AacTokendError,
     ChainInUseError,
-    DaemonNotRunningError,
     InputError,
+    NoTokenError,
     ProfileError,
     StateCorruptError,
     StorageError,
+    UsageError,
 )
 from ..host.paths import Paths, check_token_socket, resolve_paths
+
+if TYPE_CHECKING:
+    from ..core.report import StatusRow
 from ..rundir import PROFILE_ENV
 
 __all__ = ["EVERY_COMMAND", "add_profile_option", "build_parser", "default_profile", "dispatch"]
 
-_EXIT_BY_CODE = {code: error.exit_code for code, error in CONTROL_REFUSALS.items()}
-
-
-class CommandError(Exception):
-    """A one-line failure of a command, with its exit status."""
-
-    def __init__(self, message: str, exit_code: int = 1, code: str | None = None) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.code = code  # the daemon's wire code, when the daemon refused
-
-
-#: Ops the daemon answers from memory at once (~20 ms for a thousand profiles): past this
-#: it is hung or swamped, and a monitor's `status --check` must not hang with it. The
-#: others may wait for a refresh (a courier's own bound is 50 s) or a profile's lock.
-READ_ONLY_OPS = frozenset({"status", "profiles", "token"})
-READ_TIMEOUT_SECONDS = 5.0
-WAIT_TIMEOUT_SECONDS = 120.0
-
 
 def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
     """The daemon's answer to one request, or None when no daemon is running."""
-    timeout = READ_TIMEOUT_SECONDS if op in READ_ONLY_OPS else WAIT_TIMEOUT_SECONDS
-    try:
-        with ControlClient(str(paths.control_socket), timeout=timeout) as client:
-            answer = client.request(op, **fields)
-    except (FileNotFoundError, ConnectionRefusedError):
-        return None
-    except TimeoutError as exc:
-        raise CommandError(
-            f"the daemon at {paths.control_socket} did not answer {op!r} within {timeout:.0f} s "
-            "(overloaded or hung); try again, and if it persists restart the daemon",
-            75,
-        ) from exc
-    except OSError as exc:
-        raise CommandError(f"cannot talk to the daemon at {paths.control_socket}: {exc}") from exc
-    if not answer.get("ok"):
-        code = str(answer.get("code", "error"))
-        raise CommandError(str(answer.get("message", code)), _EXIT_BY_CODE.get(code, 1), code)
-    return answer
+    return ask_daemon(str(paths.control_socket), op, **fields)
 
 
 def _need_daemon(paths: Paths, op: str, **fields: Any) -> dict[str, Any]:
-    answer = _ask(paths, op, **fields)
-    if answer is None:
-        raise DaemonNotRunningError(
-            f"the daemon is not running (no {paths.control_socket}); start it with `aac-tokend run`"
-        )
-    return answer
+    return need_daemon(str(paths.control_socket), op, **fields)
 
 
 def _offline_store(paths: Paths) -> Any:
@@ -150,10 +112,9 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
     from ..core.importer import build_state, parse_expiry_date, parse_import_text
 
     if args.expires and not args.legacy:
-        raise CommandError(
+        raise UsageError(
             "import: --expires is the expiry of a static token and goes with --legacy; "
-            "add --legacy or drop --expires",
-            2,
+            "add --legacy or drop --expires"
         )
     request = parse_import_text(_read_tokens(args.legacy), profile=args.profile, legacy=args.legacy)
     request = dataclasses.replace(
@@ -179,9 +140,8 @@ def cmd_import(args: argparse.Namespace, paths: Paths) -> int:
     check_token_socket(state.profile, paths.token_socket(state.profile))
     try:
         changed, where = _import_state(paths, request, state)
-    except (ChainInUseError, CommandError) as exc:
-        refused = isinstance(exc, ChainInUseError) or exc.code == "chain_in_use"
-        if not refused or not sys.stdin.isatty():
+    except ChainInUseError:  # from the daemon or from the store, alike
+        if not sys.stdin.isatty():
             raise
         _confirm_replace_chain(state.profile)
         request = dataclasses.replace(request, replace_chain=True)
@@ -201,7 +161,7 @@ def _confirm_replace_chain(name: str) -> None:
     )
     sys.stderr.flush()
     if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise CommandError(f"import: not confirmed; profile {name} was kept", 65)
+        raise InputError(f"import: not confirmed; profile {name} was kept")
 
 
 def _import_state(paths: Paths, request: Any, state: Any) -> tuple[bool, str]:
@@ -247,10 +207,9 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
     if state is None:
         raise ProfileError(f"no profile named {args.profile!r}; import one first")
     if not access_valid(state, time.time()):
-        raise CommandError(
+        raise NoTokenError(
             f"profile {args.profile}: the access token has expired and the daemon is not "
-            "running to refresh it; start it with `aac-tokend run`",
-            69,
+            "running to refresh it; start it with `aac-tokend run`"
         )
     sys.stdout.write(format_token(state.access_token, args.form))
     return 0
@@ -268,9 +227,9 @@ def _offline_load(store: Any, name: str) -> Any:
         raise StorageError(_misnamed(store.state_dir, name, exc)) from exc
 
 
-def _offline_status(paths: Paths) -> list[dict[str, Any]]:
+def _offline_status(paths: Paths) -> list[StatusRow]:
     from ..core.config import load_config
-    from ..core.report import profile_report, report_row
+    from ..core.report import RowState, profile_report, report_row
 
     store = _offline_store(paths)
     try:
@@ -283,13 +242,13 @@ def _offline_status(paths: Paths) -> list[dict[str, Any]]:
             state = store.load(name)
         except AacTokendError as exc:
             # The daemon's words for it (engine.UNUSABLE_STATES), without importing it.
-            state, alert = "unreadable", str(exc)
+            state, alert = RowState.UNREADABLE, str(exc)
             if isinstance(exc, StateCorruptError):
-                state = "corrupt"
+                state = RowState.CORRUPT
             elif isinstance(exc, ProfileError):
                 from ..daemon.engine import _misnamed
 
-                state, alert = "misnamed", _misnamed(store.state_dir, name, exc)
+                state, alert = RowState.MISNAMED, _misnamed(store.state_dir, name, exc)
             rows.append(report_row(profile=name, state=state, alert=alert))
             continue
         if state is not None:
@@ -306,7 +265,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     answer = _ask(paths, "status")
     key_error = None
     try:
-        rows = answer["profiles"] if answer else _offline_status(paths)
+        rows = _rows_from_wire(answer["profiles"]) if answer else _offline_status(paths)
     except AacTokendError as exc:
         # The state key cannot be loaded (a locked keyring, say): every profile is unknown,
         # and a script still gets its JSON and a check line saying what to do.
@@ -315,18 +274,21 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         rows, key_error = [], exc
     status = 0
     if args.check:
-        from ..core.report import CHECK_EXIT, check_rows
+        from ..core.report import CHECK_EXIT, Verdict, check_rows
 
         status, problems = check_rows(rows, daemon_running=answer is not None)
         if key_error is not None:
             status, problems = (
-                CHECK_EXIT["needs_person"],
+                CHECK_EXIT[Verdict.NEEDS_PERSON],
                 [f"cannot read the stored profiles: {key_error}"],
             )
         for line in problems:
             print(f"aac-tokend: check: {line}", file=sys.stderr)
     if args.json:
-        report: dict[str, Any] = {"daemon_running": answer is not None, "profiles": rows}
+        report: dict[str, Any] = {
+            "daemon_running": answer is not None,
+            "profiles": [row.to_wire() for row in rows],
+        }
         if key_error is not None:
             report["error"] = str(key_error)
             status = status or key_error.exit_code
@@ -339,19 +301,33 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
-    from ..core.report import verdict
+    from ..core.report import RowState, Verdict, verdict
 
-    row = _need_daemon(paths, "refresh", profile=args.profile)["profile"]
+    (row,) = _rows_from_wire([_need_daemon(paths, "refresh", profile=args.profile)["profile"]])
     if args.json:
-        print(json.dumps(row, indent=2))
-    elif row["token_valid"]:
-        print(f"{row['profile']}: {row['state']}, token valid until {row['access_expires_at']}")
+        print(json.dumps(row.to_wire(), indent=2))
+    elif row.token_valid:
+        print(f"{row.profile}: {row.state.value}, token valid until {row.access_expires_at}")
     else:
-        print(f"{row['profile']}: {row['state']}, no valid token (the access token expired at "
-              f"{row['access_expires_at']}): {row['alert'] or row['last_error']}")  # fmt: skip
-    if row["state"] == "ok":
+        print(f"{row.profile}: {row.state.value}, no valid token (the access token expired at "
+              f"{row.access_expires_at}): {row.alert or row.last_error}")  # fmt: skip
+    if row.state is RowState.OK:
         return 0
-    return 75 if verdict(row) == "wait" else 69  # the rule of `status --check` and `token`
+    # the rule of `status --check` and `token`
+    return 75 if verdict(row) is Verdict.WAIT else 69
+
+
+def _rows_from_wire(rows: Any) -> list[StatusRow]:
+    """The daemon's status rows, typed; one line if it sent something else."""
+    from ..core.report import StatusRow
+
+    try:
+        return [StatusRow.from_wire(row) for row in rows]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AacTokendError(
+            f"the daemon sent a status row this aac-tokend cannot read ({exc!r}); "
+            "is it another version? restart it"
+        ) from exc
 
 
 def _confirm_remove(name: str, yes: bool) -> None:
@@ -369,7 +345,7 @@ def _confirm_remove(name: str, yes: bool) -> None:
     )
     sys.stderr.flush()
     if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise CommandError(f"remove: not confirmed; profile {name} was kept")
+        raise AacTokendError(f"remove: not confirmed; profile {name} was kept")
 
 
 def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:
@@ -432,7 +408,7 @@ def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
                 return 0
         except AlreadyRunningError as exc:
             if time.monotonic() > deadline:
-                raise CommandError(
+                raise AacTokendError(
                     f"the daemon (pid {exc.pid}) was asked to stop but still runs after "
                     f"{STOP_WAIT_SECONDS:.0f} s; see its log"
                 ) from exc
@@ -589,9 +565,6 @@ def dispatch(argv: list[str]) -> int:
         result: int = args.func(args, resolve_paths(os.environ))
         return result
     except AacTokendError as exc:
-        print(f"aac-tokend: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except CommandError as exc:
         print(f"aac-tokend: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from ..core.config import Config
 from ..core.importer import ImportRequest, build_state
 from ..core.ownership import claim, stored_states
 from ..core.policy import SERVE_MARGIN_SECONDS, next_refresh_at, recover_interrupted
-from ..core.report import profile_report, report_row
+from ..core.report import RowState, StatusRow, profile_report, report_row
 from ..core.state import ProfileState, TokenKind, validate_profile_name
 from ..core.tokens import token_hash
 from ..errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
@@ -640,8 +640,9 @@ class Engine:
         else:
             self._socket_problems[name] = problem
 
-    def status(self, only: str | None = None) -> list[dict[str, Any]]:
-        """Each profile's report, as ``status --json`` prints it; with ``only``, just its.
+    def status(self, only: str | None = None) -> list[StatusRow]:
+        """Each profile's status row (``status --json`` prints their ``to_wire()``); with
+        ``only``, just its.
 
         ``only`` matters at scale: a thousand reports take ~20 ms, paid by every
         `refresh` answer, and token reads wait for the GIL meanwhile.
@@ -665,10 +666,11 @@ class Engine:
                 lifetime_days=self._lifetime_days(name),
             )
             # What a reader gets, by both clocks (the report alone knows only the wall clock).
-            row["token_valid"] = row["token_valid"] and self.current_token(name) is not None
+            valid = row.token_valid and self.current_token(name) is not None
+            row = dataclasses.replace(row, token_valid=valid)
             problem = self._socket_problems.get(name)
             if problem is not None:
-                row["token_socket"], row["alert"] = None, problem
+                row = dataclasses.replace(row, token_socket=None, alert=problem)
             rows.append(row)
         for name in sorted(set(self._waiting) - set(self._profiles)):
             if only is None or name == only:
@@ -677,7 +679,7 @@ class Engine:
                 rows.append(
                     report_row(
                         profile=name,
-                        state="retrying",
+                        state=RowState.RETRYING,
                         last_error="a refresh begun before the daemon restarted is still "
                         "finishing; the profile is served once it ends",
                         token_socket=str(self._socket_path(name)),
