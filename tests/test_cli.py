@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import pytest
 
 from aac_tokend.client import READ_TIMEOUT_SECONDS
-from aac_tokend.commands.main import ask_refresh_lifetime
+from aac_tokend.commands.prompts import ask_refresh_lifetime
 from aac_tokend.errors import InputError
 from tests.helpers_e2e import (
     CliResult,
