@@ -79,7 +79,7 @@ def status_rows(paths: Paths) -> list[StatusRow]:
         try:
             state = store.load(name)
         except AacTokendError as exc:
-            # The daemon's words for it (engine.UNUSABLE_STATES), without running it.
+            # The daemon's words for it (RowState.unusable), without running it.
             kind, alert = RowState.UNREADABLE, str(exc)
             if isinstance(exc, StateCorruptError):
                 kind = RowState.CORRUPT
