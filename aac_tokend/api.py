@@ -188,15 +188,17 @@ def run_cli(args: argparse.Namespace) -> int:
             raise InputError("--data is not valid JSON") from exc
     base = args.base_url
     if not base:
-        status = _control("status")
-        rows = [r for r in status.get("profiles", []) if r.get("profile") == args.profile]
-        if not rows:
+        from .core.report import rows_from_wire  # not for get_token's users: deferred
+
+        rows = rows_from_wire(_control("status").get("profiles", []))
+        row = next((r for r in rows if r.profile == args.profile), None)
+        if row is None:
             raise InputError(f"no profile named {args.profile!r}; import one first")
-        base = rows[0].get("api_base_url")
-        if not isinstance(base, str) or not base:
+        base = row.api_base_url
+        if not base:
             # An unusable profile (corrupt, unreadable, misnamed) has a row with no URL: its
             # alert is the answer, with the exit status of any other alert.
-            alert = rows[0].get("alert") or "the daemon knows no API base URL for it"
+            alert = row.alert or "the daemon knows no API base URL for it"
             raise AlertError(f"profile {args.profile}: {alert}; or pass --base-url")
     from .core.importer import _check_api_base  # import's words for a bad API base URL
 

@@ -27,7 +27,6 @@ from .prompts import ask_refresh_lifetime, confirm_remove, confirm_replace_chain
 
 if TYPE_CHECKING:
     from ..core.importer import ImportRequest
-    from ..core.report import StatusRow
     from ..core.state import ProfileState
 
 __all__ = [
@@ -133,10 +132,12 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    from ..core.report import rows_from_wire
+
     answer = _ask(paths, "status")
     key_error = None
     try:
-        rows = _rows_from_wire(answer["profiles"]) if answer else offline.status_rows(paths)
+        rows = rows_from_wire(answer["profiles"]) if answer else offline.status_rows(paths)
     except AacTokendError as exc:
         # The state key cannot be loaded (a locked keyring, say): every profile is unknown,
         # and a script still gets its JSON and a check line saying what to do.
@@ -172,9 +173,9 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
-    from ..core.report import RowState, Verdict, verdict
+    from ..core.report import RowState, Verdict, rows_from_wire, verdict
 
-    (row,) = _rows_from_wire([_need_daemon(paths, "refresh", profile=args.profile)["profile"]])
+    (row,) = rows_from_wire([_need_daemon(paths, "refresh", profile=args.profile)["profile"]])
     if args.json:
         print(json.dumps(row.to_wire(), indent=2))
     elif row.token_valid:
@@ -186,19 +187,6 @@ def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
         return 0
     # the rule of `status --check` and `token`
     return 75 if verdict(row) is Verdict.WAIT else 69
-
-
-def _rows_from_wire(rows: Any) -> list[StatusRow]:
-    """The daemon's status rows, typed; one line if it sent something else."""
-    from ..core.report import StatusRow
-
-    try:
-        return [StatusRow.from_wire(row) for row in rows]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AacTokendError(
-            f"the daemon sent a status row this aac-tokend cannot read ({exc!r}); "
-            "is it another version? restart it"
-        ) from exc
 
 
 def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:

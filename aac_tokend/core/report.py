@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from ..errors import AacTokendError
 from .conditions import condition_of
 from .policy import access_valid, refresh_token_end, status_of
 from .state import ProfileState, TokenKind
@@ -28,6 +29,7 @@ __all__ = [
     "iso",
     "profile_report",
     "report_row",
+    "rows_from_wire",
     "status_text",
     "verdict",
 ]
@@ -112,6 +114,20 @@ class StatusRow:
             facts["rejection"] = RowRejection(**facts["rejection"])
         facts["token_valid"] = bool(facts.get("token_valid"))
         return cls(**facts)
+
+
+def rows_from_wire(rows: object) -> list[StatusRow]:
+    """The status rows a daemon sent, typed; one line (AacTokendError) if it sent something
+    else (a daemon of another version, say)."""
+    try:
+        if not isinstance(rows, list):
+            raise TypeError(f"a list of rows, not {type(rows).__name__}")
+        return [StatusRow.from_wire(row) for row in rows]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AacTokendError(
+            f"the daemon sent a status row this aac-tokend cannot read ({exc!r}); "
+            "is it another version? restart it"
+        ) from exc
 
 
 #: Every field of a status row, in order; every row has each of them (README, `status`).
