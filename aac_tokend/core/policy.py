@@ -2,6 +2,10 @@
 
 No clock reads, no randomness: jitter is derived from a hash of the profile name and its
 counters, so the same inputs always give the same schedule (and tests can pin it).
+
+Over 300 lines: when to refresh and what an outcome does to the state share every constant
+here (the serve margin, the lifetime estimate, the backoff) and are tested against each
+other; split, each half would import the other's privates.
 """
 
 from __future__ import annotations

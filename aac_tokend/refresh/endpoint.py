@@ -5,6 +5,11 @@ without a network. ``TokenEndpoint`` is the only place that touches ``requests``
 place its exceptions are translated. It never retries by itself: under rotation a retried
 POST is a reuse, so every retry is the scheduler's decision, made after the outcome is
 durable.
+
+Over 300 lines: the connection classes that record whether a byte left ("did the request
+leave?") exist only for the one request ``TokenEndpoint`` makes and share its private
+attempt record. ``classify_response`` and its helpers (pure) could move to ``core``; left
+here while the courier's imports are being reworked, to spare that merge.
 """
 
 from __future__ import annotations
