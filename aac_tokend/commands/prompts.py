@@ -54,14 +54,19 @@ def ask_refresh_lifetime(read: Callable[[str], str]) -> float | None:
     return days
 
 
+def _yes(question: str) -> bool:
+    """Ask ``question`` on stderr; True only for an answer of y or yes."""
+    sys.stderr.write(question + " [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
 def confirm_replace_chain(name: str) -> None:
     """Ask on a terminal before a static token replaces a live chain's refresh token."""
-    sys.stderr.write(
+    if not _yes(
         f"Profile {name!r} holds a live OAuth chain; replace it with this static token? Its "
-        "refresh token is deleted for good (this may be the only copy). [y/N] "
-    )
-    sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        "refresh token is deleted for good (this may be the only copy)."
+    ):
         raise InputError(f"import: not confirmed; profile {name} was kept")
 
 
@@ -74,10 +79,9 @@ def confirm_remove(name: str, yes: bool) -> None:
             f"remove: refusing to delete profile {name!r} without confirmation (its refresh "
             "token cannot be recovered); pass --yes"
         )
-    sys.stderr.write(
+    if not _yes(
         f"Remove profile {name!r}? Its refresh token is deleted for good (this may be the "
-        "only copy). [y/N] "
-    )
-    sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        "only copy)."
+    ):
+        # exit 1, as before the error map (import's refusal is 65): kept, not aligned
         raise AacTokendError(f"remove: not confirmed; profile {name} was kept")
