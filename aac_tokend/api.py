@@ -22,16 +22,9 @@ from urllib.parse import urljoin
 
 import requests
 
-from .client import ControlClient, read_token
+from .client import need_daemon, read_token
 from .core.origin import direct_proxies, url_origin
-from .errors import (
-    AacTokendError,
-    AlertError,
-    DaemonNotRunningError,
-    EndpointUnavailableError,
-    InputError,
-    control_refusal,
-)
+from .errors import AlertError, EndpointUnavailableError, InputError
 from .host.paths import resolve_paths
 from .rundir import PROFILE_ENV
 
@@ -46,19 +39,8 @@ _METHOD_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|
 
 
 def _control(op: str, **fields: Any) -> dict[str, Any]:
-    path = str(resolve_paths(os.environ).control_socket)
-    try:
-        with ControlClient(path, timeout=120.0) as client:
-            return client.request(op, **fields)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise DaemonNotRunningError(
-            "the aac-tokend daemon is not running; start it with `aac-tokend run`"
-        ) from exc
-
-
-def _refusal(answer: dict[str, Any], default: str) -> AacTokendError:
-    """The daemon's refusal as the exception its code means (the CLI's exit status with it)."""
-    return control_refusal(str(answer.get("code", "error")), str(answer.get("message", default)))
+    """The daemon's answer (client.need_daemon: a refusal raises the error its code names)."""
+    return need_daemon(str(resolve_paths(os.environ).control_socket), op, **fields)
 
 
 def _profile(profile: str | None) -> str:
@@ -76,17 +58,12 @@ def get_token(profile: str | None = None) -> str:
         token = ""
     if token:
         return token
-    answer = _control("token", profile=profile)
-    if answer.get("ok"):
-        return str(answer["token"])
-    raise _refusal(answer, "no valid token")
+    return str(_control("token", profile=profile)["token"])
 
 
 def request_refresh(profile: str | None = None) -> None:
     """Ask the daemon to refresh ``profile`` now and wait for the outcome."""
-    answer = _control("refresh", profile=_profile(profile))
-    if not answer.get("ok"):
-        raise _refusal(answer, "refresh failed")
+    _control("refresh", profile=_profile(profile))
 
 
 class TokendAuth(requests.auth.AuthBase):
@@ -211,15 +188,17 @@ def run_cli(args: argparse.Namespace) -> int:
             raise InputError("--data is not valid JSON") from exc
     base = args.base_url
     if not base:
-        status = _control("status")
-        rows = [r for r in status.get("profiles", []) if r.get("profile") == args.profile]
-        if not rows:
+        from .core.report import rows_from_wire  # not for get_token's users: deferred
+
+        rows = rows_from_wire(_control("status").get("profiles", []))
+        row = next((r for r in rows if r.profile == args.profile), None)
+        if row is None:
             raise InputError(f"no profile named {args.profile!r}; import one first")
-        base = rows[0].get("api_base_url")
-        if not isinstance(base, str) or not base:
+        base = row.api_base_url
+        if not base:
             # An unusable profile (corrupt, unreadable, misnamed) has a row with no URL: its
             # alert is the answer, with the exit status of any other alert.
-            alert = rows[0].get("alert") or "the daemon knows no API base URL for it"
+            alert = row.alert or "the daemon knows no API base URL for it"
             raise AlertError(f"profile {args.profile}: {alert}; or pass --base-url")
     from .core.importer import check_api_base  # import's words for a bad API base URL
 

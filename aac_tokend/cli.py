@@ -56,7 +56,7 @@ def _fast_token(args: list[str]) -> int | None:
     if parsed is None:
         return None
     profile, form = parsed
-    from .rundir import runtime_dir_fast  # not .paths: see rundir's docstring
+    from .rundir import runtime_dir_fast, token_socket_name  # not .paths: see rundir
 
     runtime = runtime_dir_fast(os.environ)
     if runtime is None:
@@ -69,7 +69,7 @@ def _fast_token(args: list[str]) -> int | None:
     # ctypes: this process holds the token for milliseconds).
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     try:
-        token = read_token(f"{runtime}/{profile}.token.sock")
+        token = read_token(f"{runtime}/{token_socket_name(profile)}")
     except OSError:
         return None
     if not token:

@@ -1,5 +1,9 @@
 """Stdlib-only clients of the daemon's sockets, cheap enough for the `token` command.
 
+``ask_daemon`` and ``need_daemon`` are the one way to the control socket: the commands
+and the Python API (``api``) both use them, so a refusal, a hung daemon or a missing one
+ends the same way (the same exception, the same exit status) whichever asked.
+
 A shell prompt calling `aac-tokend token` pays every import on every call, so this module
 imports only ``_socket``, the C core of ``socket``: measured with ``python -S -X
 importtime``, ``import socket`` costs about 8 ms cold (it pulls in enum, selectors and
@@ -17,9 +21,25 @@ import time  # built into the interpreter: no import cost
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import Self
+    from typing import Any, Self
 
-__all__ = ["ControlClient", "format_token", "read_token"]
+__all__ = [
+    "READ_ONLY_OPS",
+    "READ_TIMEOUT_SECONDS",
+    "WAIT_TIMEOUT_SECONDS",
+    "ControlClient",
+    "ask_daemon",
+    "format_token",
+    "need_daemon",
+    "read_token",
+]
+
+#: Ops the daemon answers from memory at once (~20 ms for a thousand profiles): past this
+#: it is hung or swamped, and a monitor's `status --check` must not hang with it. The
+#: others may wait for a refresh (a courier's own bound is 50 s) or a profile's lock.
+READ_ONLY_OPS = frozenset({"status", "profiles", "token"})
+READ_TIMEOUT_SECONDS = 5.0
+WAIT_TIMEOUT_SECONDS = 120.0
 
 # Answers larger than this are refused: a status of a thousand profiles is a few hundred
 # KiB, so this only stops a runaway or foreign server from filling our memory.
@@ -144,3 +164,45 @@ class ControlClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def ask_daemon(path: str, op: str, **fields: object) -> dict[str, Any] | None:
+    """The daemon's answer to one request on the control socket ``path``; None when no
+    daemon listens there.
+
+    A refusal raises the exception its code names (``errors.from_wire``); a daemon that does
+    not answer within the op's time (READ_ONLY_OPS: READ_TIMEOUT_SECONDS) raises
+    TransientError, any other failure to talk to it AacTokendError.
+    """
+    from .errors import AacTokendError, TransientError, from_wire  # not on the fast path
+
+    timeout = READ_TIMEOUT_SECONDS if op in READ_ONLY_OPS else WAIT_TIMEOUT_SECONDS
+    try:
+        with ControlClient(path, timeout=timeout) as client:
+            answer = client.request(op, **fields)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except TimeoutError as exc:
+        raise TransientError(
+            f"the daemon at {path} did not answer {op!r} within {timeout:.0f} s "
+            "(overloaded or hung); try again, and if it persists restart the daemon"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise AacTokendError(f"cannot talk to the daemon at {path}: {exc}") from exc
+    if not answer.get("ok"):
+        code = str(answer.get("code", "error"))
+        raise from_wire(code, str(answer.get("message", code)))
+    return answer
+
+
+def need_daemon(path: str, op: str, **fields: object) -> dict[str, Any]:
+    """``ask_daemon``, for a request only a running daemon can answer
+    (DaemonNotRunningError, exit 4, without one)."""
+    answer = ask_daemon(path, op, **fields)
+    if answer is None:
+        from .errors import DaemonNotRunningError
+
+        raise DaemonNotRunningError(
+            f"the daemon is not running (no {path}); start it with `aac-tokend run`"
+        )
+    return answer

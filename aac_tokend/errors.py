@@ -1,25 +1,33 @@
 """The one exception tree of aac-tokend, split by what the caller does next.
 
-    AacTokendError
-    ├── TransientError              retry later: the chain is fine, the world is not
-    │   ├── EndpointUnavailableError    network, TLS, timeout, 408/429/5xx, a garbled answer
-    │   ├── BusyError                   a refresh of this profile is already in flight
-    │   └── KeyringUnavailableError     the OS keyring holding the state key is locked or absent
-    ├── AlertError                  stop and alert: a person has to act
-    │   ├── RefreshRejectedError        the token endpoint refused the refresh (OAuth error)
-    │   ├── StateCorruptError           a state file cannot be read back; it is left untouched
-    │   └── StorageError                the state could not be written durably
-    └── InputError                  fix the input, then try again
-        ├── TokenFormatError            not a JWT, or a JWT without what we need
-        ├── EndpointNotAllowedError     a token endpoint we refuse to send a refresh token to
-        ├── ConfigError                 config.toml has an unknown key or a bad value
-        ├── ProfileError                unknown profile, or a bad profile name
-        ├── TokenHeldError              another profile holds this refresh token
-        ├── TokenSpentError             this refresh token was already sent (it is spent)
-        ├── HolderUnknownError          a state file cannot be read: who holds what is unknown
-        ├── ChainInUseError             a static token would replace a live chain (needs --yes)
-        ├── AlreadyRunningError         another daemon owns the state (pid known)
-        └── DaemonNotRunningError       the command needs a running daemon
+    class                           wire code              exit  what it is
+    AacTokendError                  error                     1
+    ├── TransientError              transient                75  retry later (the world, not chain)
+    │   ├── EndpointUnavailableError endpoint_unavailable        network, TLS, timeout, 5xx, garbled
+    │   ├── BusyError               busy                         a refresh of it is in flight
+    │   ├── KeyringUnavailableError (transient)                  the OS keyring is locked or absent
+    │   └── NoTokenYetError         no_token_yet                 no valid token; the daemon retries
+    ├── AlertError                  alert                    69  stop and alert: a person must act
+    │   ├── NoTokenError            no_token                     no valid token until a person acts
+    │   ├── StateCorruptError       corrupt_state                a state file cannot be read back
+    │   └── StorageError            storage_error                the state could not be made durable
+    └── InputError                  bad_request              65  fix the input, then try again
+        ├── UsageError              (bad_request)             2  options that do not go together
+        ├── TokenFormatError        (bad_request)                not a JWT, or one lacking a claim
+        ├── EndpointNotAllowedError (bad_request)                an endpoint we refuse to send to
+        ├── ConfigError             config_error             78  a bad key or value in config.toml
+        ├── ProfileError            unknown_profile              unknown or unusable profile name
+        ├── TokenHeldError          (bad_request)                another profile holds this token
+        ├── TokenSpentError         (bad_request)                this refresh token was already sent
+        ├── HolderUnknownError      (bad_request)                a state file cannot be read
+        ├── ChainInUseError         chain_in_use                 a static token over a live chain
+        ├── AlreadyRunningError     (bad_request)             3  another daemon owns the state
+        └── DaemonNotRunningError   (bad_request)             4  the command needs a daemon
+
+Each class carries its control-socket wire ``code`` (in parentheses: inherited) and the CLI's
+``exit_code`` (blank: inherited); ``from_wire`` turns a refusal back into its class by
+walking the tree, so the daemon's answer, the exception a Python caller catches and the
+CLI's exit status cannot drift apart. A new error code is one class attribute here.
 
 Every message is one line, names what was wrong and what to do, and never contains a token.
 Lower-layer exceptions (requests, OSError, cryptography) are translated where they occur,
@@ -29,7 +37,6 @@ with ``raise ... from``.
 from __future__ import annotations
 
 __all__ = [
-    "CONTROL_REFUSALS",
     "AacTokendError",
     "AlertError",
     "AlreadyRunningError",
@@ -42,21 +49,26 @@ __all__ = [
     "HolderUnknownError",
     "InputError",
     "KeyringUnavailableError",
+    "NoTokenError",
+    "NoTokenYetError",
     "ProfileError",
-    "RefreshRejectedError",
     "StateCorruptError",
     "StorageError",
     "TokenFormatError",
     "TokenHeldError",
     "TokenSpentError",
     "TransientError",
-    "control_refusal",
+    "UsageError",
+    "from_wire",
 ]
 
 
 class AacTokendError(Exception):
     """Root of every error aac-tokend raises on purpose."""
 
+    #: the control socket's name for it (``"code"`` of a refusal); a subclass without its own
+    #: shares its parent's, and ``from_wire`` gives back the class that defines it
+    code = "error"
     #: exit status of the CLI when this error ends a command
     exit_code = 1
 
@@ -64,11 +76,14 @@ class AacTokendError(Exception):
 class TransientError(AacTokendError):
     """Retry later: nothing is wrong with the chain itself."""
 
+    code = "transient"
     exit_code = 75  # EX_TEMPFAIL
 
 
 class EndpointUnavailableError(TransientError):
     """The token endpoint could not be reached or gave no usable answer."""
+
+    code = "endpoint_unavailable"
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -78,38 +93,55 @@ class EndpointUnavailableError(TransientError):
 class BusyError(TransientError):
     """A refresh of this profile is already in flight."""
 
+    code = "busy"
+
 
 class KeyringUnavailableError(TransientError):
     """The OS keyring that holds the state key is locked, not running, or not answering."""
 
 
+class NoTokenYetError(TransientError):
+    """No valid access token now, while the daemon retries on its own."""
+
+    code = "no_token_yet"
+
+
 class AlertError(AacTokendError):
     """Stop and alert: the chain needs a person."""
 
+    code = "alert"
     exit_code = 69  # EX_UNAVAILABLE
 
 
-class RefreshRejectedError(AlertError):
-    """The token endpoint rejected the refresh with an OAuth error."""
+class NoTokenError(AlertError):
+    """No valid access token, and none will come without a person (the message says why)."""
 
-    def __init__(self, message: str, *, error: str, error_description: str | None) -> None:
-        super().__init__(message)
-        self.error = error
-        self.error_description = error_description
+    code = "no_token"
 
 
 class StateCorruptError(AlertError):
     """A state file exists but cannot be decrypted or parsed; it is never overwritten."""
 
+    code = "corrupt_state"
+
 
 class StorageError(AlertError):
     """The state could not be made durable (disk full, I/O error, read-only directory)."""
+
+    code = "storage_error"
 
 
 class InputError(AacTokendError):
     """Fix the input, then try again."""
 
+    code = "bad_request"
     exit_code = 65  # EX_DATAERR
+
+
+class UsageError(InputError):
+    """Command-line options that do not go together (what argparse cannot check)."""
+
+    exit_code = 2  # argparse's own status for a usage error
 
 
 class TokenFormatError(InputError):
@@ -123,11 +155,14 @@ class EndpointNotAllowedError(InputError):
 class ConfigError(InputError):
     """A bad configuration key or value; the message names the key and the file."""
 
+    code = "config_error"
     exit_code = 78  # EX_CONFIG
 
 
 class ProfileError(InputError):
     """An unknown profile, or a profile name that cannot be used."""
+
+    code = "unknown_profile"
 
 
 class TokenHeldError(InputError):
@@ -144,6 +179,8 @@ class HolderUnknownError(InputError):
 
 class ChainInUseError(InputError):
     """A ``--legacy`` import into a profile whose live OAuth chain it would delete."""
+
+    code = "chain_in_use"
 
 
 class AlreadyRunningError(InputError):
@@ -163,26 +200,17 @@ class DaemonNotRunningError(InputError):
     exit_code = 4
 
 
-#: The exception for each code a control-socket refusal carries; its exit_code is the exit
-#: status of the CLI (``token``, ``exec``, ``api``) and what a Python caller catches, so the
-#: two cannot drift apart. A code not listed is an AacTokendError (exit 1).
-CONTROL_REFUSALS: dict[str, type[AacTokendError]] = {
-    "no_token": AlertError,
-    "no_token_yet": TransientError,
-    "unknown_profile": ProfileError,
-    "bad_request": InputError,
-    "config_error": ConfigError,
-    "busy": BusyError,
-    "storage_error": StorageError,
-    "corrupt_state": StateCorruptError,
-    "transient": TransientError,
-    "endpoint_unavailable": EndpointUnavailableError,
-    "alert": AlertError,
-    "refresh_rejected": AlertError,  # the OAuth error itself stays in the daemon's message
-    "chain_in_use": ChainInUseError,
-}
+def _tree(cls: type[AacTokendError]) -> list[type[AacTokendError]]:
+    """``cls`` and every class below it in this module, parents before children."""
+    below = [sub for sub in cls.__subclasses__() if sub.__module__ == __name__]
+    return [cls, *(each for sub in below for each in _tree(sub))]
 
 
-def control_refusal(code: str, message: str) -> AacTokendError:
-    """The exception for a control reply refused with ``code`` (see CONTROL_REFUSALS)."""
-    return CONTROL_REFUSALS.get(code, AacTokendError)(message)
+def from_wire(code: str, message: str) -> AacTokendError:
+    """The exception a control-socket refusal ``(code, message)`` stands for: an instance of
+    the class that defines ``code``, or of AacTokendError for a code no class has (such as
+    the server's own ``unknown_op`` or ``internal_error``), exit 1."""
+    for cls in _tree(AacTokendError):
+        if cls.__dict__.get("code") == code:
+            return cls(message)
+    return AacTokendError(message)

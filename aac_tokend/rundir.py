@@ -16,12 +16,25 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["APP_NAME", "HOME_ENV", "PROFILE_ENV", "absolute", "runtime_dir_fast"]
+__all__ = [
+    "APP_NAME",
+    "HOME_ENV",
+    "PROFILE_ENV",
+    "absolute",
+    "runtime_dir_fast",
+    "token_socket_name",
+]
 
 APP_NAME = "aac-tokend"
 HOME_ENV = "AAC_TOKEND_HOME"
 #: The profile a command uses when given no --profile (the fast `token` path reads it too).
 PROFILE_ENV = "AAC_TOKEND_PROFILE"
+
+
+def token_socket_name(profile: str) -> str:
+    """The file name of ``profile``'s token socket in the runtime directory: the one place
+    it is spelt (the daemon serves it, the fast path and ``get_token`` read it)."""
+    return f"{profile}.token.sock"
 
 
 def _normalise(path: str) -> str:

@@ -169,7 +169,7 @@ def run_fault(sandbox: SandboxServer, fault: Fault) -> FaultResult:
                 out.problems.append("the engine does not hold the pair the server issued")
             if served is None or served.decode() != state.access_token:
                 out.problems.append("the engine does not serve the unsaved new token")
-            if not engine.status()[0]["alert"]:
+            if not engine.status()[0].alert:
                 out.problems.append("status does not report the unsaved state")
             if engine.refresh(fault.name) is not state or len(chain.entries) != 1:
                 out.problems.append("a refresh was sent while the newest pair was unsaved")
@@ -277,7 +277,7 @@ def hold(config_dir: Path, state_dir: Path, pending_dir: Path, profile: str) -> 
 
     engine = _engine(store, _FaultyRefresher(store, arm), state_dir)
     state = engine.refresh(profile)
-    print("held" if engine.status(only=profile)[0]["alert"] else "not held", flush=True)
+    print("held" if engine.status(only=profile)[0].alert else "not held", flush=True)
     del state
     while True:  # the test SIGKILLs us: the daemon dies holding the unsaved pair
         time.sleep(60)

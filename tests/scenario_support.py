@@ -334,7 +334,7 @@ class World:
 
     # -- what a person sees ---------------------------------------------------------------
     def status(self, profile: str = "work") -> dict[str, Any]:
-        return next(row for row in self.engine.status() if row["profile"] == profile)
+        return next(row.to_wire() for row in self.engine.status() if row.profile == profile)
 
     def token(self, profile: str = "work") -> bytes | None:
         return self.engine.current_token(profile)

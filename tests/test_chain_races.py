@@ -183,7 +183,7 @@ class TestUnsavedPairRetried:
         engine = _engine(store, key, courier, pending)
         engine.claim_import(_request(sandbox.generate(), "p", sandbox.token_endpoint))
         engine.refresh("p")
-        assert engine.status("p")[0]["alert"]  # the new pair is held in memory only
+        assert engine.status("p")[0].alert  # the new pair is held in memory only
         fs.failures = {}  # the disk has room again
         return engine, store
 
@@ -227,7 +227,7 @@ class TestUnsavedPairRetried:
             on_disk = store.load("p")
             assert on_disk is not None and on_disk.refresh_token == fresh["refresh_token"]
             assert _serves(engine, "p", fresh)
-            assert not engine.status("p")[0]["alert"]
+            assert not engine.status("p")[0].alert
             assert engine.refresh("p").refresh_count == 1
             sent = [e["rt_hash"] for e in sandbox.log()]
             assert sent[-1] == token_hash(str(fresh["refresh_token"]))

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from aac_tokend.commands.main import READ_TIMEOUT_SECONDS, ask_refresh_lifetime
+from aac_tokend.client import READ_TIMEOUT_SECONDS
+from aac_tokend.commands.prompts import ask_refresh_lifetime
 from aac_tokend.errors import InputError
 from tests.helpers_e2e import (
     CliResult,
@@ -208,6 +209,19 @@ class TestHungDaemon:
             took = time.monotonic() - started
         line = assert_one_line_error(result, 75)
         assert "did not answer" in line and took < READ_TIMEOUT_SECONDS + 10, (took, line)
+
+    @pytest.mark.parametrize("args", [("exec", "--", "true"), ("api", "GET", "/x")])
+    def test_exec_and_api_exit_as_token_does(self, home: E2EHome, args: tuple[str, ...]) -> None:
+        """`exec` and `api` ask through the same client as `token`: 75 and one line, not a
+        traceback."""
+        path = home.paths.control_socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+            hung.bind(str(path))
+            hung.listen(8)
+            result = home.cli(*args, timeout=60.0)
+        line = assert_one_line_error(result, 75)
+        assert "did not answer" in line, line
 
 
 class TestImportAsksForTheLifetime:

@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aac_tokend.api import get_token, run_cli
-from aac_tokend.client import ControlClient, read_token
-from aac_tokend.errors import AacTokendError, AlertError, InputError
+from aac_tokend.client import READ_TIMEOUT_SECONDS, ControlClient, read_token
+from aac_tokend.errors import AacTokendError, AlertError, InputError, TransientError
 
 #: Generous: only a stalled machine gets near it.
 WAIT = 10.0
@@ -249,6 +249,24 @@ class TestGetTokenRefusals:
             assert info.value.exit_code == status
         finally:
             control.close()
+
+
+class TestGetTokenHungDaemon:
+    """get_token ends a daemon that does not answer as `token` does."""
+
+    def test_no_answer_is_transient(self, sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A control socket that never answers: TransientError (75) within the read timeout."""
+        run = sockdir / "run"
+        run.mkdir(mode=0o700)
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(sockdir))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+            hung.bind(str(run / "control.sock"))
+            hung.listen(8)
+            started = time.monotonic()
+            with pytest.raises(TransientError, match="did not answer") as info:
+                get_token("default")
+        assert info.value.exit_code == 75
+        assert time.monotonic() - started < READ_TIMEOUT_SECONDS + 5
 
 
 class TestApiCliInput:

@@ -22,7 +22,7 @@ import pytest
 
 from aac_tokend.core.config import Config
 from aac_tokend.core.importer import build_state, parse_import_text
-from aac_tokend.core.report import CHECK_EXIT, check_rows
+from aac_tokend.core.report import CHECK_EXIT, StatusRow, check_rows
 from aac_tokend.core.state import ProfileState, RejectionReason
 from aac_tokend.core.tokens import token_hash
 from aac_tokend.daemon.alerts import Alerter
@@ -166,7 +166,9 @@ class TestRestartWhileCourierRuns:
             assert row["profile"] == "default" and row["state"] == "retrying"
             assert row["token_valid"] is False and row["alert"] is None
             assert row["token_socket"] == str(rig.paths.token_socket("default"))
-            assert check_rows([row], daemon_running=True)[0] == CHECK_EXIT["wait"]
+            assert (
+                check_rows([StatusRow.from_wire(row)], daemon_running=True)[0] == CHECK_EXIT["wait"]
+            )
             token = rig.wait_token()
             assert token == rig.state().access_token
             assert rig.durable_rt_hash() == killed["new_rt_hash"]
@@ -350,7 +352,7 @@ class TestJournalNotWritten:
             next_at = scheduler.next_at("p")
             assert next_at is not None and next_at >= before + 0.9  # backoff_first 2 s, jittered
             row = engine.status()[0]
-            assert row["state"] == "retrying" and "EROFS" in row["last_error"]
+            assert row.state == "retrying" and "EROFS" in str(row.last_error)
             fs.failures = {}
             assert engine.refresh("p").refresh_count == 1
             assert [e["outcome"] for e in sandbox.log()] == ["rotated"]

@@ -32,8 +32,15 @@ from hypothesis import strategies as st
 
 from aac_tokend import __version__
 from aac_tokend.core.importer import MAX_ACCESS_LIFETIME_SECONDS, MIN_ACCESS_LIFETIME_SECONDS
-from aac_tokend.core.outcome import Refreshed, RefreshOutcome, Rejected, Transient
-from aac_tokend.core.policy import UNREACHED_PREFIX, apply_outcome
+from aac_tokend.core.outcome import (
+    UNREACHED_PREFIX,
+    FailureKind,
+    Refreshed,
+    RefreshOutcome,
+    Rejected,
+    Transient,
+)
+from aac_tokend.core.policy import apply_outcome
 from aac_tokend.core.state import ProfileState, RejectionReason, TokenKind
 from aac_tokend.refresh.endpoint import (
     MAX_BODY_BYTES,
@@ -244,7 +251,7 @@ class TestAgainstSandbox:
         _, refresh = pair(sandbox)
         sandbox.fail_next(1, status=429, retry_after=7)
         outcome = sandbox_refresh(endpoint, sandbox, refresh)
-        assert outcome == Transient("token endpoint answered HTTP 429", 7.0, True)
+        assert outcome == Transient("token endpoint answered HTTP 429", 7.0, FailureKind.AMBIGUOUS)
 
     def test_503(self, endpoint: TokenEndpoint, sandbox: SandboxServer) -> None:
         """An injected 503 is Transient and ambiguous (a gateway may have forwarded it)."""
@@ -410,7 +417,7 @@ class TestOddAnswers:
     def test_503(self, endpoint: TokenEndpoint, odd: Any) -> None:
         """A 503 is Transient and ambiguous: the server behind a gateway may have rotated."""
         outcome = call(endpoint, odd(lambda h: h.reply(503, b"maintenance")))
-        assert outcome == Transient("token endpoint answered HTTP 503", None, True)
+        assert outcome == Transient("token endpoint answered HTTP 503", None, FailureKind.AMBIGUOUS)
 
     @pytest.mark.parametrize(
         "answer",
@@ -760,7 +767,7 @@ class TestOneDeadline:
         finally:
             server.close()
         assert len(server.requests) == 1
-        assert outcome == Transient("no complete answer within 0.5 s", None, True)
+        assert outcome == Transient("no complete answer within 0.5 s", None, FailureKind.AMBIGUOUS)
         assert took < 2.0
 
     def test_stalled_proxy_tunnel_is_cut_and_unreached(self) -> None:

@@ -18,6 +18,7 @@ from aac_tokend.core.config import Config
 from aac_tokend.core.importer import ImportRequest
 from aac_tokend.core.outcome import Refreshed, Rejected, Transient
 from aac_tokend.core.policy import begin_attempt
+from aac_tokend.core.report import RowState, StatusRow
 from aac_tokend.core.state import ProfileState
 from aac_tokend.core.tokens import token_hash
 from aac_tokend.daemon.alerts import Alerter
@@ -57,7 +58,7 @@ class Rig:
         assert state is not None
         return state
 
-    def row(self, name: str = "work") -> dict[str, object]:
+    def row(self, name: str = "work") -> StatusRow:
         (row,) = self.engine.status(only=name)
         return row
 
@@ -116,21 +117,21 @@ class TestAdoption:
         rig.store.corrupt("work")
         engine = _started(rig, oauth_state(profile="other"))
         assert engine.current_token("work") is None
-        assert rig.row()["state"] == "corrupt"
+        assert rig.row().state is RowState.CORRUPT
         assert engine.current_token("other") is not None
         engine.tick()
-        assert rig.row()["state"] == "corrupt"
+        assert rig.row().state is RowState.CORRUPT
         rig.store.repair("work", oauth_state())
         engine.tick()
         assert engine.current_token("work") == OLD_ACCESS.encode()
-        assert rig.row()["state"] != "corrupt"
+        assert rig.row().state is not RowState.CORRUPT
 
     def test_unreadable_entry_is_retried(self, rig: Rig) -> None:
         """An entry that cannot be read now is 'unreadable' until it reads again."""
         rig.store.save(oauth_state())
         rig.store.unreadable("work")
         engine = _started(rig, oauth_state(profile="other"))
-        assert rig.row()["state"] == "unreadable"
+        assert rig.row().state is RowState.UNREADABLE
         rig.store.unreadable("work", broken=False)
         engine.tick()
         assert engine.current_token("work") == OLD_ACCESS.encode()
@@ -140,8 +141,8 @@ class TestAdoption:
         rig.store.add_stray("work (conflicted copy)")
         _started(rig)
         row = rig.row("work (conflicted copy)")
-        assert row["state"] == "misnamed"
-        assert "memory:work (conflicted copy)" in str(row["alert"])
+        assert row.state is RowState.MISNAMED
+        assert "memory:work (conflicted copy)" in str(row.alert)
 
     def test_pending_outcome_of_the_journal_is_adopted(self, rig: Rig) -> None:
         """A journal with its outcome kept as pending: the outcome is saved and served."""
@@ -260,7 +261,7 @@ class TestUnsavedPair:
         assert engine.current_token("work") == NEW_ACCESS.encode()
         assert rig.state().in_flight is not None  # the store holds only the journal
         assert rig.store.pending("work") is not None
-        assert rig.row()["alert"]
+        assert rig.row().alert
         assert engine.refresh("work") is state
         assert len(rig.refresher.jobs) == 1 and rig.refresher.sent == [OLD_REFRESH]
         rig.store.fail_saves = True
@@ -270,7 +271,7 @@ class TestUnsavedPair:
         engine.tick()
         assert rig.state() == state
         assert rig.store.pending("work") is None
-        assert not rig.row()["alert"]
+        assert not rig.row().alert
 
 
 def _request(profile: str, access: str, refresh: str) -> ImportRequest:
@@ -341,4 +342,4 @@ class TestStatus:
         """One row per profile, served or not."""
         rig.store.corrupt("broken")
         _started(rig)
-        assert [row["profile"] for row in rig.engine.status()] == ["work", "broken"]
+        assert [row.profile for row in rig.engine.status()] == ["work", "broken"]

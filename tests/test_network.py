@@ -28,8 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from aac_tokend.core.outcome import Refreshed, Transient
-from aac_tokend.core.policy import UNREACHED_PREFIX
+from aac_tokend.core.outcome import UNREACHED_PREFIX, Refreshed, Transient
 from aac_tokend.refresh.endpoint import TokenEndpoint, name_network_failure
 from aac_tokend.sandbox.server import SandboxServer
 from tests.helpers_e2e import E2EHome, e2e_home, import_pair, running_sandbox

@@ -178,7 +178,7 @@ class TestAdoption:
         fs.failures = {"rename": errno.EIO}
         engine = _engine(store, pending, key)
         assert engine.current_token("work") == b"access-after-rotation"
-        assert engine.status()[0]["alert"] and pending.get("work") is not None
+        assert engine.status()[0].alert and pending.get("work") is not None
         assert engine.refresh("work").generation == successor.generation  # nothing is spent
         fs.failures = {}
         engine.tick()

@@ -8,11 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aac_tokend.core.outcome import Refreshed, Rejected, Transient
+from aac_tokend.core.outcome import FailureKind, Refreshed, Rejected, Transient
 from aac_tokend.core.policy import (
     MIN_REFRESH_INTERVAL_SECONDS,
     REFRESH_SLACK_SECONDS,
     SERVE_MARGIN_SECONDS,
+    UNREACHED_RETRY_CAP_SECONDS,
     PolicySettings,
     access_valid,
     apply_outcome,
@@ -254,6 +255,29 @@ class TestBackoff:
         assert at is not None
         assert at >= T0 + 130
 
+    def test_unreached_failure_retries_within_the_cap(self) -> None:
+        """A failure typed unreached, with no token to serve, retries within the fast cap."""
+        state = apply_outcome(
+            oauth(consecutive_failures=8, access_expires_at=T0 - 1),
+            Transient("down", failure=FailureKind.UNREACHED),
+            T0,
+        )
+        assert state.last_failure is FailureKind.UNREACHED
+        at = next_refresh_at(state, T0, DEFAULTS)
+        assert at is not None and at <= T0 + UNREACHED_RETRY_CAP_SECONDS
+
+    def test_the_kind_decides_not_the_words(self) -> None:
+        """The same words without the unreached kind keep the normal backoff."""
+        state = oauth(
+            consecutive_failures=8,
+            access_expires_at=T0 - 1,
+            last_attempt_at=T0,
+            last_error="cannot reach the token endpoint: ConnectTimeout",
+            last_failure=FailureKind.AMBIGUOUS,
+        )
+        at = next_refresh_at(state, T0, DEFAULTS)
+        assert at is not None and at > T0 + UNREACHED_RETRY_CAP_SECONDS
+
     def test_no_retry_after_clears_old_one(self) -> None:
         """A later failure without Retry-After drops the earlier server's wish."""
         state = oauth(consecutive_failures=1, retry_not_before=T0 + 999)
@@ -318,6 +342,7 @@ class TestApplyOutcome:
         assert after.in_flight is None
         assert after.ambiguous_rt_hash is None
         assert after.rejection is None
+        assert after.last_failure is None
 
     def test_refreshed_stores_new_pair_and_times(self) -> None:
         """The new tokens are stored, obtained now, expiring now + expires_in."""
@@ -370,7 +395,7 @@ class TestApplyOutcome:
     def test_ambiguous_transient_marks_the_sent_token(self) -> None:
         """A possibly-landed request records the hash of the refresh token it carried."""
         state = oauth()
-        after = apply_outcome(state, Transient("read timeout", ambiguous=True), T0)
+        after = apply_outcome(state, Transient("read timeout", failure=FailureKind.AMBIGUOUS), T0)
         assert state.refresh_token is not None
         assert after.ambiguous_rt_hash == token_hash(state.refresh_token)
 

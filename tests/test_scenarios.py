@@ -27,9 +27,8 @@ import structlog
 from aac_tokend.core.conditions import AlertEvent
 from aac_tokend.core.config import Config
 from aac_tokend.core.importer import parse_import_text
-from aac_tokend.core.outcome import Transient
+from aac_tokend.core.outcome import UNREACHED_PREFIX, FailureKind, Transient
 from aac_tokend.core.policy import (
-    UNREACHED_PREFIX,
     UNREACHED_RETRY_CAP_SECONDS,
     PolicySettings,
     begin_attempt,
@@ -748,11 +747,12 @@ class TestFailingEndpoint:
 
 
 def test_the_unreached_prefix_matches_what_the_endpoint_reports() -> None:
-    """The policy's fast retry keys on the endpoint's words for an unreachable server."""
+    """An unreachable server is typed unreached (the policy's fast retry keys on it) and
+    worded as old state files were, which are read by those words."""
     outcome = TokenEndpoint(connect_timeout=2.0).refresh(
         "http://127.0.0.1:9/as/token", "c", "r" * 20, now=0.0
     )
-    assert isinstance(outcome, Transient) and not outcome.ambiguous
+    assert isinstance(outcome, Transient) and outcome.failure is FailureKind.UNREACHED
     assert outcome.reason.startswith(UNREACHED_PREFIX)
 
 

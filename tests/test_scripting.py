@@ -7,6 +7,7 @@ sandbox's API and the system's curl.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -27,7 +28,17 @@ from hypothesis import strategies as st
 from aac_tokend.cli import fast_token_args
 from aac_tokend.client import format_token
 from aac_tokend.commands.main import build_parser, default_profile
-from aac_tokend.core.report import CHECK_EXIT, REPORT_FIELDS, check_rows, report_row, verdict
+from aac_tokend.core.report import (
+    CHECK_EXIT,
+    REPORT_FIELDS,
+    StatusRow,
+    check_rows,
+    profile_report,
+    report_row,
+    verdict,
+)
+from aac_tokend.core.state import Rejection, RejectionReason
+from aac_tokend.testing import oauth_state
 from tests.helpers_e2e import (
     CONSOLE_SCRIPT,
     WORKSPACE_PATH,
@@ -245,8 +256,8 @@ class TestFastPathReadsArgvLikeArgparse:
 # -- status --check ----------------------------------------------------------------------
 
 
-def _row(name: str = "default", state: str = "ok", **fields: Any) -> dict[str, Any]:
-    return {"profile": name, "state": state, "token_valid": True, "alert": None, **fields}
+def _row(name: str = "default", state: str = "ok", **fields: Any) -> StatusRow:
+    return report_row(**{"profile": name, "state": state, "token_valid": True, **fields})
 
 
 class TestCheckRows:
@@ -261,13 +272,13 @@ class TestCheckRows:
         [
             _row(state="rejected", alert="generate a new token"),
             _row(state="expired", token_valid=False),
-            _row(state="corrupt", token_valid=None),
+            _row(state="corrupt", token_valid=False),
             _row(alert="the refresh token expires in 6 days"),
             _row(state="unreadable", token_valid=False),
             _row(state="misnamed", token_valid=False),
         ],
     )
-    def test_needs_a_person(self, row: dict[str, Any]) -> None:
+    def test_needs_a_person(self, row: StatusRow) -> None:
         """Rejected, expired, corrupt or any alert: 69, naming the profile, daemon or not."""
         for running in (True, False):
             status, lines = check_rows([_row("work"), row], daemon_running=running)
@@ -294,9 +305,21 @@ class TestReportRow:
     @pytest.mark.parametrize("state", ["corrupt", "unreadable", "misnamed", "retrying"])
     def test_a_row_without_a_state_has_every_field(self, state: str) -> None:
         """A row built from a name alone has all fields: no valid token, the rest null."""
-        row = report_row(profile="work", state=state, alert="fix it")
+        row = report_row(profile="work", state=state, alert="fix it").to_wire()
         assert list(row) == list(REPORT_FIELDS)
         assert row["token_valid"] is False and row["kind"] is None and row["rejection"] is None
+
+    @pytest.mark.parametrize("rejected", [False, True])
+    def test_the_wire_form_reads_back_as_the_row(self, rejected: bool) -> None:
+        """A row sent as JSON (to_wire) reads back equal (from_wire), every field in order."""
+        state = oauth_state(profile="work")
+        if rejected:
+            why = Rejection(RejectionReason.REUSE_SUSPECTED, "invalid_grant", None, 1.0)
+            state = dataclasses.replace(state, rejection=why)
+        row = profile_report(state, 1_800_000_000.0, next_refresh=None, token_socket="/s")
+        wire = json.loads(json.dumps(row.to_wire()))
+        assert list(wire) == list(REPORT_FIELDS) and StatusRow.from_wire(wire) == row
+        assert wire["state"] == row.state.value and wire["kind"] == "oauth"
 
     def test_a_field_outside_the_schema_is_refused(self) -> None:
         """A misspelt field fails at once rather than reaching a script's JSON."""
@@ -320,18 +343,18 @@ class TestReportRow:
             (_row(state="expired", token_valid=False), "needs_person"),
         ],
     )
-    def test_verdict_is_the_check_rule(self, row: dict[str, Any], expected: str) -> None:
+    def test_verdict_is_the_check_rule(self, row: StatusRow, expected: str) -> None:
         """The one rule behind `status --check` and `token`'s exit status."""
         assert verdict(row) == expected
 
     @given(
         state=st.sampled_from(["ok", "retrying", "rejected", "expired", "corrupt", "unreadable",
                                "misnamed"]),
-        token_valid=st.sampled_from([True, False, None]),
+        token_valid=st.booleans(),
         alert=st.one_of(st.none(), st.just(""), st.text(min_size=1, max_size=20)),
     )  # fmt: skip
     def test_check_of_one_row_is_its_verdict(
-        self, state: str, token_valid: bool | None, alert: str | None
+        self, state: str, token_valid: bool, alert: str | None
     ) -> None:
         """For any one row, `status --check` exits with that row's verdict: no second rule."""
         row = report_row(profile="p", state=state, token_valid=token_valid, alert=alert)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aac_tokend.core.outcome import UNREACHED_PREFIX, FailureKind
 from aac_tokend.core.state import (
     FORMAT_VERSION,
     InFlight,
@@ -51,6 +52,7 @@ states = st.builds(
     refresh_count=counts,
     consecutive_failures=counts,
     last_error=maybe_texts,
+    last_failure=st.none() | st.sampled_from(FailureKind),
     last_attempt_at=maybe_times,
     retry_not_before=maybe_times,
     rejection=st.none()
@@ -108,6 +110,31 @@ class TestRoundTrip:
             del data[name]
         state = from_dict(data)
         assert (state.refresh_count, state.generation, state.in_flight) == (0, 0, None)
+
+
+class TestFailureKindOfOlderFiles:
+    """A state written before format 4 gets its failure kind from its last error's words."""
+
+    @pytest.mark.parametrize("version", [1, 2, 3])
+    def test_unreached_words_read_as_unreached(self, version: int) -> None:
+        """An older file whose last error is the endpoint's unreached wording loads typed."""
+        data = as_dict(sample(last_error=f"{UNREACHED_PREFIX}: ConnectTimeout"))
+        del data["last_failure"]
+        data["format"] = version
+        assert from_dict(data).last_failure is FailureKind.UNREACHED
+
+    @pytest.mark.parametrize("words", [None, "token endpoint answered HTTP 503", "interrupted"])
+    def test_other_words_read_as_unknown(self, words: str | None) -> None:
+        """Any other last error of an older file leaves the kind unknown (None)."""
+        data = as_dict(sample(last_error=words))
+        del data["last_failure"]
+        data["format"] = 3
+        assert from_dict(data).last_failure is None
+
+    def test_current_files_are_not_read_by_words(self) -> None:
+        """A format-4 file's kind is the stored one, whatever its last error says."""
+        data = as_dict(sample(last_error=f"{UNREACHED_PREFIX}: x", last_failure=None))
+        assert from_dict(data).last_failure is None
 
 
 class TestSecrecy:
@@ -193,6 +220,8 @@ class TestCorrupt:
             ("generation", [1]),
             ("last_error", 404),
             ("ambiguous_rt_hash", 7),
+            ("last_failure", "lost"),
+            ("last_failure", 1),
             ("rejection", "rejected"),
             ("rejection", [1]),
             ("rejection", {"reason": "bogus", "error": "e", "at": 1.0}),

@@ -68,7 +68,7 @@ def assert_renders(state: ProfileState, now: float) -> None:
     assert loaded == state
     at = next_refresh_at(loaded, now, PolicySettings())
     row = profile_report(loaded, now, next_refresh=at, token_socket="/run/x.token.sock")
-    json.dumps({"profiles": [row]}, allow_nan=False)  # strict JSON: no NaN or Infinity
+    json.dumps({"profiles": [row.to_wire()]}, allow_nan=False)  # strict JSON: no NaN or Infinity
     text = status_text([row], daemon_running=True)
     assert text.startswith(f"{state.profile}: ")
     condition_of(loaded, now)

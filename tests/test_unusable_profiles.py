@@ -190,10 +190,15 @@ class TestImportRefusals:
         # One that got in before this check (0.1.0) is served without a socket, not fatal.
         store = FileStore(home.paths.state_dir, load_or_create_key(home.paths.config_dir))
         store.save(build_state(request, time.time()))
+        # Adopted first, then its socket tried (daemon._sync_sockets): wait for the verdict,
+        # not only for the row (a status between the two shows the socket path, no alert).
         row = wait_until(
-            lambda: next((r for r in daemon.status()["profiles"] if r["profile"] == name), None),
+            lambda: next(
+                (r for r in daemon.status()["profiles"] if r["profile"] == name and r["alert"]),
+                None,
+            ),
             RETRY_TIMEOUT,
-            "the daemon to adopt the profile",
+            "the daemon to adopt the profile and report its socket",
         )
         assert row["token_socket"] is None and "no token socket" in row["alert"], row
         assert daemon.control("token", profile=name)["ok"] is True

@@ -2,6 +2,10 @@
 
 No clock reads, no randomness: jitter is derived from a hash of the profile name and its
 counters, so the same inputs always give the same schedule (and tests can pin it).
+
+Over 300 lines: when to refresh and what an outcome does to the state share every constant
+here (the serve margin, the lifetime estimate, the backoff) and are tested against each
+other; split, each half would import the other's privates.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ..errors import TokenFormatError
-from .outcome import Refreshed, RefreshOutcome, Rejected
+from .outcome import FailureKind, Refreshed, RefreshOutcome, Rejected
 from .ownership import remember_spent
 from .state import InFlight, ProfileState, Rejection, RejectionReason, Status, TokenKind
 from .tokens import parse_jwt, token_hash
@@ -66,10 +70,6 @@ UNREACHED_RETRY_CAP_SECONDS = 5.0
 #: of minutes) keeps its early part for the theft verdict.
 CLOCK_SKEW_SLACK_SECONDS = 3600.0
 CLOCK_SKEW_SLACK_FRACTION = 0.1
-
-#: How ``endpoint.TokenEndpoint`` starts the reason of an attempt that never reached the
-#: server; the only trace of that fact in the state (a scenario test pins the pairing).
-UNREACHED_PREFIX = "cannot reach the token endpoint"
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,6 @@ def backoff_delay(state: ProfileState, settings: PolicySettings) -> float:
     return ceiling * (0.5 + 0.5 * _unit(state.profile, "backoff", state.consecutive_failures))
 
 
-def _unreached(state: ProfileState) -> bool:
-    """True if the last failed attempt never reached the token endpoint."""
-    return state.last_error is not None and state.last_error.startswith(UNREACHED_PREFIX)
-
-
 def proactive_refresh_at(state: ProfileState, settings: PolicySettings) -> float:
     """When a healthy chain should refresh: ~75% into the lifetime, with a margin."""
     assert state.access_expires_at is not None
@@ -186,7 +181,7 @@ def next_refresh_at(state: ProfileState, now: float, settings: PolicySettings) -
     if state.consecutive_failures > 0:
         base = state.last_attempt_at if state.last_attempt_at is not None else now
         delay = backoff_delay(state, settings)
-        if _unreached(state) and not access_valid(state, now):
+        if state.last_failure is FailureKind.UNREACHED and not access_valid(state, now):
             delay = min(delay, UNREACHED_RETRY_CAP_SECONDS)
         at = base + delay
         if state.retry_not_before is not None:
@@ -236,6 +231,7 @@ def recover_interrupted(state: ProfileState, now: float) -> ProfileState:
         consecutive_failures=state.consecutive_failures + 1,
         last_attempt_at=state.in_flight.started_at,
         last_error="interrupted: the previous refresh attempt ended without a known outcome",
+        last_failure=FailureKind.AMBIGUOUS,
     )
 
 
@@ -316,6 +312,7 @@ def apply_outcome(
             refresh_count=state.refresh_count + 1,
             consecutive_failures=0,
             last_error=None,
+            last_failure=None,
             last_attempt_at=now,
             retry_not_before=None,
             rejection=None,
@@ -333,6 +330,7 @@ def apply_outcome(
             in_flight=None,
             last_attempt_at=now,
             last_error=f"rejected: {outcome.error}",
+            last_failure=FailureKind.ANSWERED,
         )
     if outcome.rotated_refresh_token is not None:
         # The server rotated and handed us the new refresh token, but no usable access token:
@@ -343,6 +341,7 @@ def apply_outcome(
             refresh_count=state.refresh_count + 1,
             consecutive_failures=state.consecutive_failures + 1,
             last_error=outcome.reason,
+            last_failure=outcome.failure,
             last_attempt_at=now,
             retry_not_before=None,
             in_flight=None,
@@ -351,6 +350,7 @@ def apply_outcome(
     return state.bumped(
         consecutive_failures=state.consecutive_failures + 1,
         last_error=outcome.reason,
+        last_failure=outcome.failure,
         last_attempt_at=now,
         retry_not_before=now + outcome.retry_after if outcome.retry_after else None,
         in_flight=None,

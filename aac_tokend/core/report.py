@@ -1,10 +1,19 @@
-"""What ``status`` says about a profile: a plain dict, times in ISO 8601 UTC."""
+"""What ``status`` says about a profile: a typed ``StatusRow``, a plain dict only at the wire.
+
+Times are shown in ISO 8601 UTC: a row is the report a person or a script reads, so its
+facts are already in the form ``status --json`` prints.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
+from ..errors import AacTokendError
 from .conditions import condition_of
 from .policy import access_valid, refresh_token_end, status_of
 from .state import ProfileState, TokenKind
@@ -12,70 +21,173 @@ from .state import ProfileState, TokenKind
 __all__ = [
     "CHECK_EXIT",
     "REPORT_FIELDS",
+    "RowRejection",
+    "RowState",
+    "StatusRow",
+    "Verdict",
     "check_rows",
     "iso",
     "profile_report",
     "report_row",
+    "rows_from_wire",
     "status_text",
     "verdict",
 ]
 
+
+class RowState(StrEnum):
+    """The ``state`` of a status row: a served profile's ``Status``, or why a file is unusable."""
+
+    OK = "ok"
+    RETRYING = "retrying"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CORRUPT = "corrupt"  # the file cannot be decrypted or parsed
+    UNREADABLE = "unreadable"  # the file (or its lock) cannot be read at all
+    MISNAMED = "misnamed"  # the file's name is not a profile's (often a sync conflict)
+
+    @property
+    def unusable(self) -> bool:
+        """True for a state file the daemon cannot use (no token, nothing to refresh)."""
+        return self in _UNUSABLE
+
+
+_UNUSABLE = frozenset({RowState.CORRUPT, RowState.UNREADABLE, RowState.MISNAMED})
+
+
+@dataclass(frozen=True)
+class RowRejection:
+    """How a chain's refusal shows in a row (``ProfileState.rejection``, times in ISO)."""
+
+    reason: str
+    error: str
+    error_description: str | None
+    at: str | None
+
+    def to_wire(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusRow:
+    """One profile's row in ``status``: every field always there (None when not known).
+
+    One type for every row (a served profile, one waiting for a courier, a file the daemon
+    cannot use), so a script reading ``status --json`` finds the same keys in each. A row
+    without a token says so: ``token_valid`` is False unless given.
+    """
+
+    profile: str
+    kind: TokenKind | None = None
+    state: RowState
+    token_valid: bool = False
+    access_expires_at: str | None = None
+    next_refresh_at: str | None = None
+    last_refresh_at: str | None = None
+    refresh_expires_at: str | None = None
+    refresh_count: int | None = None
+    consecutive_failures: int | None = None
+    last_error: str | None = None
+    rejection: RowRejection | None = None
+    alert: str | None = None
+    token_socket: str | None = None
+    token_endpoint: str | None = None
+    client_id: str | None = None
+    api_base_url: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The row as ``status --json`` prints it and the control socket sends it."""
+        row: dict[str, Any] = {name: getattr(self, name) for name in REPORT_FIELDS}
+        row["kind"] = self.kind.value if self.kind is not None else None
+        row["state"] = self.state.value
+        row["rejection"] = self.rejection.to_wire() if self.rejection is not None else None
+        return row
+
+    @classmethod
+    def from_wire(cls, row: Mapping[str, Any]) -> StatusRow:
+        """A row the daemon sent (``to_wire``'s dict); fields it does not know are ignored."""
+        facts = {name: row[name] for name in REPORT_FIELDS if name in row}
+        facts["state"] = RowState(row["state"])
+        if facts.get("kind") is not None:
+            facts["kind"] = TokenKind(facts["kind"])
+        if facts.get("rejection") is not None:
+            facts["rejection"] = RowRejection(**facts["rejection"])
+        facts["token_valid"] = bool(facts.get("token_valid"))
+        return cls(**facts)
+
+
+def rows_from_wire(rows: object) -> list[StatusRow]:
+    """The status rows a daemon sent, typed; one line (AacTokendError) if it sent something
+    else (a daemon of another version, say)."""
+    try:
+        if not isinstance(rows, list):
+            raise TypeError(f"a list of rows, not {type(rows).__name__}")
+        return [StatusRow.from_wire(row) for row in rows]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AacTokendError(
+            f"the daemon sent a status row this aac-tokend cannot read ({exc!r}); "
+            "is it another version? restart it"
+        ) from exc
+
+
 #: Every field of a status row, in order; every row has each of them (README, `status`).
-REPORT_FIELDS = (
-    "profile", "kind", "state", "token_valid", "access_expires_at", "next_refresh_at",
-    "last_refresh_at", "refresh_expires_at", "refresh_count", "consecutive_failures",
-    "last_error", "rejection", "alert", "token_socket", "token_endpoint", "client_id",
-    "api_base_url",
-)  # fmt: skip
+REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(StatusRow))
 
 
-#: ``status --check`` exit statuses, worst first: what the script's caller does next.
-CHECK_EXIT = {
-    "needs_person": 69,  # a rejected/expired/corrupt chain, an alert, or no profile at all
-    "no_daemon": 4,  # stored tokens may be fine, but nothing is refreshing them
-    "wait": 75,  # no valid token right now, while the daemon retries on its own
-    "ok": 0,  # every profile has a valid token and nothing to tell a person
-}
+class Verdict(StrEnum):
+    """What one status row asks of its reader: what the script's caller does next."""
 
-#: Profile states that no retry can fix: a person must import a new token (or fix a file).
-_NEEDS_PERSON_STATES = frozenset({"rejected", "expired", "corrupt", "unreadable", "misnamed"})
+    NEEDS_PERSON = "needs_person"  # a rejected/expired/corrupt chain, an alert, or no profile
+    NO_DAEMON = "no_daemon"  # stored tokens may be fine, but nothing is refreshing them
+    WAIT = "wait"  # no valid token right now, while the daemon retries on its own
+    OK = "ok"  # every profile has a valid token and nothing to tell a person
 
 
-def verdict(row: dict[str, Any]) -> str:
-    """What one status row asks of its reader: a key of CHECK_EXIT other than no_daemon.
+#: ``status --check`` exit statuses, worst first.
+CHECK_EXIT = {Verdict.NEEDS_PERSON: 69, Verdict.NO_DAEMON: 4, Verdict.WAIT: 75, Verdict.OK: 0}
+
+#: Row states that no retry can fix: a person must import a new token (or fix a file).
+_NEEDS_PERSON_STATES = frozenset({RowState.REJECTED, RowState.EXPIRED, *_UNUSABLE})
+
+
+def verdict(row: StatusRow) -> Verdict:
+    """What one status row asks of its reader (never NO_DAEMON: that is of the daemon).
 
     The single rule behind both ``status --check`` and the exit status of ``token``, so the
     two never disagree about the same profile at the same moment.
     """
-    if row.get("state") in _NEEDS_PERSON_STATES or row.get("alert"):
-        return "needs_person"
-    if not row.get("token_valid"):
-        return "wait"
-    return "ok"
+    if row.state in _NEEDS_PERSON_STATES or row.alert:
+        return Verdict.NEEDS_PERSON
+    if not row.token_valid:
+        return Verdict.WAIT
+    return Verdict.OK
 
 
-def check_rows(rows: list[dict[str, Any]], *, daemon_running: bool) -> tuple[int, list[str]]:
+def check_rows(rows: Iterable[StatusRow], *, daemon_running: bool) -> tuple[int, list[str]]:
     """The exit status of ``status --check`` for these status rows, and one line per problem.
 
     Pure: the rows are what ``status --json`` prints, so a script's reading of that JSON and
     this exit status always agree.
     """
+    rows = list(rows)
     if not rows:
-        return CHECK_EXIT["needs_person"], ["no profiles; import one with `aac-tokend import`"]
+        return CHECK_EXIT[Verdict.NEEDS_PERSON], [
+            "no profiles; import one with `aac-tokend import`"
+        ]
     person, wait = [], []
     for row in rows:
-        name, state, seen = row.get("profile"), row.get("state"), verdict(row)
-        if seen == "needs_person":
-            person.append(f"{name}: {state}: {row.get('alert') or 'needs a new token'}")
-        elif seen == "wait":
+        name, state, seen = row.profile, row.state.value, verdict(row)
+        if seen is Verdict.NEEDS_PERSON:
+            person.append(f"{name}: {state}: {row.alert or 'needs a new token'}")
+        elif seen is Verdict.WAIT:
             wait.append(f"{name}: {state}: no valid token yet; the daemon is retrying")
     if person:
-        return CHECK_EXIT["needs_person"], person
+        return CHECK_EXIT[Verdict.NEEDS_PERSON], person
     if not daemon_running:
-        return CHECK_EXIT["no_daemon"], ["the daemon is not running; nothing is refreshing"]
+        return CHECK_EXIT[Verdict.NO_DAEMON], ["the daemon is not running; nothing is refreshing"]
     if wait:
-        return CHECK_EXIT["wait"], wait
-    return CHECK_EXIT["ok"], []
+        return CHECK_EXIT[Verdict.WAIT], wait
+    return CHECK_EXIT[Verdict.OK], []
 
 
 def iso(ts: float | None) -> str | None:
@@ -101,7 +213,7 @@ def profile_report(
     token_socket: str | None,
     storage_error: bool = False,
     lifetime_days: float | None = None,
-) -> dict[str, Any]:
+) -> StatusRow:
     """The status of one profile; no token, only facts about it.
 
     ``lifetime_days`` is config.toml's refresh_lifetime_days: the refresh token's end for a
@@ -114,16 +226,16 @@ def profile_report(
         alert = "the newest tokens could not be written to disk; free space or fix the state dir"
     rejection = None
     if state.rejection is not None:
-        rejection = {
-            "reason": state.rejection.reason.value,
-            "error": state.rejection.error,
-            "error_description": state.rejection.error_description,
-            "at": iso(state.rejection.at),
-        }
-    return report_row(
+        rejection = RowRejection(
+            state.rejection.reason.value,
+            state.rejection.error,
+            state.rejection.error_description,
+            iso(state.rejection.at),
+        )
+    return StatusRow(
         profile=state.profile,
-        kind=state.kind.value,
-        state=status_of(state, now).value,
+        kind=state.kind,
+        state=RowState(status_of(state, now).value),
         token_valid=access_valid(state, now),
         access_expires_at=iso(state.access_expires_at),
         next_refresh_at=iso(next_refresh),
@@ -141,36 +253,34 @@ def profile_report(
     )
 
 
-def report_row(**facts: Any) -> dict[str, Any]:
-    """A status row with every field of REPORT_FIELDS: the facts given, None for the rest.
+def report_row(**facts: Any) -> StatusRow:
+    """A status row from the facts given (``state`` may be its name), None for the rest.
 
-    One builder for every row (a served profile, one waiting for a courier, a file the
-    daemon cannot use), so a script reading ``status --json`` finds the same keys in each.
-    A row without a token says so: ``token_valid`` is False unless given.
+    A misspelt field fails at once (ValueError) rather than reaching a script's JSON.
     """
     unknown = set(facts) - set(REPORT_FIELDS)
     if unknown:
         raise ValueError(f"not status fields: {sorted(unknown)}")
-    row: dict[str, Any] = dict.fromkeys(REPORT_FIELDS)
-    row["token_valid"] = False
-    row.update(facts)
-    return row
+    return StatusRow(**{**facts, "state": RowState(facts["state"])})
 
 
 _TEXT_FIELDS = ("access_expires_at", "next_refresh_at", "last_refresh_at",
                 "refresh_expires_at", "refresh_count", "last_error", "alert")  # fmt: skip
 
 
-def status_text(rows: list[dict[str, Any]], *, daemon_running: bool) -> str:
+def status_text(rows: Iterable[StatusRow], *, daemon_running: bool) -> str:
     """What ``status`` prints for people: one line per profile, then its known facts."""
     lines = []
     if not daemon_running:
         lines.append("daemon: not running (showing stored state; nothing is being refreshed)")
+    rows = list(rows)
     for row in rows:
-        kind = f" ({row['kind']})" if row.get("kind") else ""
-        lines.append(f"{row['profile']}: {row['state']}{kind}")
+        kind = f" ({row.kind.value})" if row.kind else ""
+        lines.append(f"{row.profile}: {row.state.value}{kind}")
         lines.extend(
-            f"  {key}: {row[key]}" for key in _TEXT_FIELDS if row.get(key) not in (None, "")
+            f"  {key}: {getattr(row, key)}"
+            for key in _TEXT_FIELDS
+            if getattr(row, key) not in (None, "")
         )
     if not rows:
         lines.append("no profiles; import one with `aac-tokend import`")

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from ..errors import ProfileError, StateCorruptError
+from .outcome import UNREACHED_PREFIX, FailureKind
 
 __all__ = [
     "FORMAT_VERSION",
@@ -30,10 +31,11 @@ __all__ = [
     "validate_profile_name",
 ]
 
-#: Version 2 added the spent-token history, version 3 the pair's issue time; older files
-#: (without them) are still read.
-FORMAT_VERSION = 3
-_READABLE_FORMATS = (1, 2, 3)
+#: Version 2 added the spent-token history, version 3 the pair's issue time, version 4 the
+#: kind of the last failure; older files (without them) are still read. (A new field needs a
+#: new version: an older daemon refuses a field it does not know, rather than drop it.)
+FORMAT_VERSION = 4
+_READABLE_FORMATS = (1, 2, 3, 4)
 
 #: Profile names become file and socket names: keep them short and shell-safe.
 _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -124,6 +126,9 @@ class ProfileState:
     refresh_count: int = 0
     consecutive_failures: int = 0
     last_error: str | None = None
+    # Whether the last failed attempt reached the token endpoint (None: no failure, or one
+    # the engine counted without an attempt, such as a courier lost before sending).
+    last_failure: FailureKind | None = None
     last_attempt_at: float | None = None
     retry_not_before: float | None = None
     rejection: Rejection | None = None
@@ -187,6 +192,11 @@ def state_from_json(raw: bytes) -> ProfileState:
                     at=rej["at"],
                 )
             )
+        failure = data.get("last_failure")
+        if failure is not None:
+            data["last_failure"] = FailureKind(failure)
+        elif version < 4:
+            data["last_failure"] = _failure_from_words(data.get("last_error"))
         inf = data.get("in_flight")
         if inf is not None:
             data["in_flight"] = _typed(InFlight(inf["rt_hash"], inf["started_at"]))
@@ -198,6 +208,15 @@ def state_from_json(raw: bytes) -> ProfileState:
         raise _corrupt("a field has the wrong type") from exc
     validate_profile_name(state.profile)
     return state
+
+
+def _failure_from_words(last_error: object) -> FailureKind | None:
+    """The failure kind of a state written before format 4 kept it: until then the only
+    trace of an unreached attempt was the endpoint's wording of it. Read once, at load;
+    nothing else in the package looks at the words."""
+    if isinstance(last_error, str) and last_error.startswith(UNREACHED_PREFIX):
+        return FailureKind.UNREACHED
+    return None
 
 
 def _hashes(value: object) -> tuple[str, ...]:

@@ -11,20 +11,17 @@ the tick, status.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..core.conditions import condition_of
 from ..core.config import Config
 from ..core.policy import next_refresh_at
-from ..core.report import profile_report, report_row
-from ..errors import ProfileError
+from ..core.report import RowState, StatusRow, profile_report, report_row
 from ..refresh.courier import Refresher
 from ..store.interface import StateStore
-from ..store.keyfile import SUFFIX
-from .adoption import misnamed_advice
 from .alerts import Alerter
 from .management import Management
 from .refreshing import Refreshing
@@ -122,8 +119,9 @@ class Engine(Refreshing, Management):
         else:
             self._socket_problems[name] = problem
 
-    def status(self, only: str | None = None) -> list[dict[str, Any]]:
-        """Each profile's report, as ``status --json`` prints it; with ``only``, just its.
+    def status(self, only: str | None = None) -> list[StatusRow]:
+        """Each profile's status row (``status --json`` prints their ``to_wire()``); with
+        ``only``, just its.
 
         ``only`` matters at scale: a thousand reports take ~20 ms, paid by every
         `refresh` answer, and token reads wait for the GIL meanwhile.
@@ -147,10 +145,11 @@ class Engine(Refreshing, Management):
                 lifetime_days=self._lifetime_days(name),
             )
             # What a reader gets, by both clocks (the report alone knows only the wall clock).
-            row["token_valid"] = row["token_valid"] and self.current_token(name) is not None
+            valid = row.token_valid and self.current_token(name) is not None
+            row = dataclasses.replace(row, token_valid=valid)
             problem = self._socket_problems.get(name)
             if problem is not None:
-                row["token_socket"], row["alert"] = None, problem
+                row = dataclasses.replace(row, token_socket=None, alert=problem)
             rows.append(row)
         for name in sorted(set(self._waiting) - set(self._profiles)):
             if only is None or name == only:
@@ -159,7 +158,7 @@ class Engine(Refreshing, Management):
                 rows.append(
                     report_row(
                         profile=name,
-                        state="retrying",
+                        state=RowState.RETRYING,
                         last_error="a refresh begun before the daemon restarted is still "
                         "finishing; the profile is served once it ends",
                         token_socket=str(self._socket_path(name)),
@@ -169,8 +168,3 @@ class Engine(Refreshing, Management):
             if only is None or name == only:
                 rows.append(report_row(profile=name, state=state, alert=error))
         return rows
-
-
-def _misnamed(state_dir: Path, name: str, exc: ProfileError) -> str:
-    """``misnamed_advice`` for a file store's entry: the offline commands still call this."""
-    return misnamed_advice(str(state_dir / (name + SUFFIX)), exc)

@@ -28,7 +28,8 @@ from ..serve.token_server import TokenServer
 from ..service import sdnotify
 from ..service.activation import listen_fds
 from ..store.fileio import ensure_private_dir
-from ..store.files import FileStoreSpec, load_or_create_key
+from ..store.files import FileStoreSpec
+from ..store.opening import store_spec
 from ..store.owner import OwnerLock
 from .alerts import Alerter
 from .engine import Engine
@@ -92,8 +93,7 @@ class Daemon:
 
     def _serve(self) -> int:
         paths = self.paths
-        key = load_or_create_key(paths.config_dir, state_dir=paths.state_dir)
-        spec = FileStoreSpec(str(paths.state_dir), key, pending_dir=str(paths.pending_dir))
+        spec = store_spec(paths)
         store = spec.open()
         ensure_private_dir(paths.runtime_dir)
         _check_second_file_system(paths)

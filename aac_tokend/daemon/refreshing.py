@@ -99,6 +99,7 @@ class Refreshing(Adoption):
             consecutive_failures=state.consecutive_failures + 1,
             last_attempt_at=self._clock.now(),
             last_error=detail,
+            last_failure=None,  # no attempt of ours to classify: never "unreached"
         )
 
     def _absorb_locked(self, name: str, result: CourierResult) -> ProfileState:
@@ -132,6 +133,7 @@ class Refreshing(Adoption):
                     consecutive_failures=failures,
                     last_attempt_at=self._clock.now(),
                     last_error=detail,
+                    last_failure=None,
                 )
         self._hold(state, unsaved)
         return state

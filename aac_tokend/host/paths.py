@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Apart, so that `aac-tokend token` finds its socket without this module's imports.
-from ..rundir import APP_NAME, HOME_ENV, runtime_dir_fast
+from ..rundir import APP_NAME, HOME_ENV, runtime_dir_fast, token_socket_name
 
 __all__ = [
     "APP_NAME",
@@ -61,7 +61,7 @@ class Paths:
         return self.runtime_dir / "pending"
 
     def token_socket(self, profile: str) -> Path:
-        return self.runtime_dir / f"{profile}.token.sock"
+        return self.runtime_dir / token_socket_name(profile)
 
 
 def check_token_socket(profile: str, path: Path) -> None:

@@ -5,6 +5,11 @@ without a network. ``TokenEndpoint`` is the only place that touches ``requests``
 place its exceptions are translated. It never retries by itself: under rotation a retried
 POST is a reuse, so every retry is the scheduler's decision, made after the outcome is
 durable.
+
+Over 300 lines: the connection classes that record whether a byte left ("did the request
+leave?") exist only for the one request ``TokenEndpoint`` makes and share its private
+attempt record. ``classify_response`` and its helpers (pure) could move to ``core``; left
+here while the courier's imports are being reworked, to spare that merge.
 """
 
 from __future__ import annotations
@@ -27,8 +32,15 @@ import urllib3.exceptions
 
 from .. import __version__
 from ..core.origin import direct_proxies
-from ..core.outcome import Refreshed, RefreshOutcome, Rejected, Transient
-from ..core.policy import ASSUMED_LIFETIME_SECONDS, UNREACHED_PREFIX
+from ..core.outcome import (
+    UNREACHED_PREFIX,
+    FailureKind,
+    Refreshed,
+    RefreshOutcome,
+    Rejected,
+    Transient,
+)
+from ..core.policy import ASSUMED_LIFETIME_SECONDS
 from ..core.tokens import mask_tokens, parse_jwt
 from ..errors import TokenFormatError
 
@@ -175,7 +187,8 @@ def classify_response(
                 )
             # The server may have rotated the refresh token before the answer got garbled.
             return Transient(
-                "token endpoint answered 200 without a usable access_token", None, True
+                "token endpoint answered 200 without a usable access_token",
+                failure=FailureKind.AMBIGUOUS,
             )
         return Refreshed(
             token.strip(),
@@ -193,12 +206,17 @@ def classify_response(
             f"token endpoint answered HTTP {status} {said or 'with an empty error'}"
             " (not a verdict on the grant: retrying)",
             retry_after,
-            not said,  # an empty error is no OAuth answer: who wrote it is unknown
+            # an empty error is no OAuth answer: who wrote it is unknown
+            FailureKind.ANSWERED if said else FailureKind.AMBIGUOUS,
         )
     if status in (408, 429) or 500 <= status <= 599:
-        return Transient(f"token endpoint answered HTTP {status}", retry_after, True)
+        return Transient(
+            f"token endpoint answered HTTP {status}", retry_after, FailureKind.AMBIGUOUS
+        )
     return Transient(
-        f"token endpoint answered HTTP {status} without an OAuth error", retry_after, True
+        f"token endpoint answered HTTP {status} without an OAuth error",
+        retry_after,
+        FailureKind.AMBIGUOUS,
     )
 
 
@@ -452,13 +470,17 @@ def _failed(exc: BaseException, attempt: _Attempt) -> Transient:
         expired, sent, ours = attempt.expired, attempt.sent, attempt.connected
     if sent or (not ours and not _unsent_by_type(exc)):
         if expired:
-            return Transient(f"no complete answer within {attempt.deadline:g} s", None, True)
-        return Transient(f"no complete answer: {name}", None, True)
+            return Transient(
+                f"no complete answer within {attempt.deadline:g} s", None, FailureKind.AMBIGUOUS
+            )
+        return Transient(f"no complete answer: {name}", None, FailureKind.AMBIGUOUS)
     if expired:
-        return Transient(f"{UNREACHED_PREFIX} within {attempt.deadline:g} s")
+        return Transient(
+            f"{UNREACHED_PREFIX} within {attempt.deadline:g} s", None, FailureKind.UNREACHED
+        )
     # A proxy or TLS failure is named as such, with what to check (see name_network_failure).
     named = name_network_failure(exc)
-    return Transient(f"{UNREACHED_PREFIX}: {named or name}")
+    return Transient(f"{UNREACHED_PREFIX}: {named or name}", None, FailureKind.UNREACHED)
 
 
 #: What to check, said once for every proxy failure: the service manager passes on only

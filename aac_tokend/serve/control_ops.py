@@ -7,26 +7,47 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from enum import StrEnum
 
 from .. import __version__
 from ..core.importer import ImportRequest
-from ..core.report import verdict
-from ..daemon.engine import UNUSABLE_STATES, Engine
+from ..core.report import RowState, StatusRow, Verdict, verdict
+from ..daemon.engine import Engine
 from ..errors import (
     AacTokendError,
     BusyError,
     InputError,
+    NoTokenError,
+    NoTokenYetError,
     ProfileError,
     StateCorruptError,
     StorageError,
 )
-from .control_server import error_code
 
-__all__ = ["ControlOps", "code_for"]
+__all__ = ["ControlOps", "Lookup"]
 
 
-code_for = error_code  # one mapping of errors to wire codes, shared with the server
+class Lookup(StrEnum):
+    """What a request's profile name comes to, before any op touches it."""
+
+    FOUND = "found"  # served: the op goes ahead
+    WAITING = "waiting"  # a courier of an earlier daemon still holds it: busy, for seconds
+    CORRUPT = "corrupt"  # its file cannot be decrypted or parsed
+    UNREADABLE = "unreadable"  # its file (or lock) cannot be read
+    MISNAMED = "misnamed"  # a file whose name is not a profile's
+    MISSING = "missing"  # no such profile
+
+    @property
+    def unusable(self) -> bool:
+        """A file that exists and cannot be used (status shows it; remove deletes it)."""
+        return self in (Lookup.CORRUPT, Lookup.UNREADABLE, Lookup.MISNAMED)
+
+
+_LOOKUP_OF_STATE = {
+    RowState.CORRUPT: Lookup.CORRUPT,
+    RowState.UNREADABLE: Lookup.UNREADABLE,
+    RowState.MISNAMED: Lookup.MISNAMED,
+}
 
 
 def _fail(code: str, message: str) -> dict[str, object]:
@@ -60,31 +81,40 @@ class ControlOps:
             answer: dict[str, object] = method(request)
             return answer
         except AacTokendError as exc:
-            return _fail(code_for(exc), str(exc))
+            return _fail(exc.code, str(exc))
+
+    def _lookup(self, name: str) -> tuple[Lookup, StatusRow | None]:
+        """What ``name`` comes to, and the row that says why when it cannot be used."""
+        if name in self._engine.profiles():
+            return Lookup.FOUND, None
+        if self._engine.waiting_for_courier(name):
+            return Lookup.WAITING, None
+        # A profile whose file cannot be read exists: say so, not "no profile".
+        for row in self._engine.status(only=name):
+            if row.state.unusable:
+                return _LOOKUP_OF_STATE[row.state], row
+        return Lookup.MISSING, None
 
     def _profile(self, request: dict[str, object], *, unusable_ok: bool = False) -> str:
         name = request.get("profile", "default")
         if not isinstance(name, str):
             raise InputError("'profile' must be a string")
-        if name not in self._engine.profiles():
-            if self._engine.waiting_for_courier(name):
-                raise BusyError(
-                    f"profile {name}: a refresh begun before the daemon restarted is still "
-                    "finishing; try again in a few seconds"
-                )
-            # A profile whose file cannot be read exists: say so, not "no profile".
-            for row in self._engine.status(only=name):
-                if unusable_ok and row["state"] in UNUSABLE_STATES:
-                    return name  # remove: deleting the file is the way out, as offline
-                if row["state"] == "corrupt":
-                    raise StateCorruptError(str(row["alert"]))
-                if row["state"] in UNUSABLE_STATES:
-                    raise StorageError(str(row["alert"]))
-            raise ProfileError(f"no profile named {name[:70]!r}; import one first")
-        return name
+        found, row = self._lookup(name)
+        if found is Lookup.FOUND or (unusable_ok and found.unusable):
+            return name  # remove: deleting an unusable file is the way out, as offline
+        if found is Lookup.WAITING:
+            raise BusyError(
+                f"profile {name}: a refresh begun before the daemon restarted is still "
+                "finishing; try again in a few seconds"
+            )
+        if found is Lookup.CORRUPT and row is not None:
+            raise StateCorruptError(str(row.alert))
+        if found.unusable and row is not None:
+            raise StorageError(str(row.alert))
+        raise ProfileError(f"no profile named {name[:70]!r}; import one first")
 
-    def _report(self, name: str) -> dict[str, Any]:
-        return next(row for row in self._engine.status(only=name) if row["profile"] == name)
+    def _report(self, name: str) -> StatusRow:
+        return next(row for row in self._engine.status(only=name) if row.profile == name)
 
     def op_token(self, request: dict[str, object]) -> dict[str, object]:
         name = self._profile(request)
@@ -92,20 +122,20 @@ class ControlOps:
         if token is None:
             row = self._report(name)
             reason = (
-                row["alert"]
-                or row["last_error"]
+                row.alert
+                or row.last_error
                 or "the access token has expired and no new one is here yet"
             )
             # The same rule as `status --check`: only what needs a person is no_token (69).
-            code = "no_token" if verdict(row) == "needs_person" else "no_token_yet"
-            return _fail(code, f"profile {name}: no valid token ({row['state']}): {reason}")
+            error = NoTokenError if verdict(row) is Verdict.NEEDS_PERSON else NoTokenYetError
+            raise error(f"profile {name}: no valid token ({row.state.value}): {reason}")
         return {"ok": True, "profile": name, "token": token.decode()}
 
     def op_status(self, request: dict[str, object]) -> dict[str, object]:
         return {
             "ok": True,
             "daemon": {"pid": os.getpid(), "version": __version__},
-            "profiles": self._engine.status(),
+            "profiles": [row.to_wire() for row in self._engine.status()],
         }
 
     def op_profiles(self, request: dict[str, object]) -> dict[str, object]:
@@ -114,11 +144,11 @@ class ControlOps:
     def op_refresh(self, request: dict[str, object]) -> dict[str, object]:
         name = self._profile(request)
         self._engine.refresh(name, wait=True)
-        return {"ok": True, "profile": self._report(name)}
+        return {"ok": True, "profile": self._report(name).to_wire()}
 
     def op_import(self, request: dict[str, object]) -> dict[str, object]:
         state, changed = self._engine.claim_import(ImportRequest.from_wire(dict(request)))
-        return {"ok": True, "profile": self._report(state.profile), "changed": changed}
+        return {"ok": True, "profile": self._report(state.profile).to_wire(), "changed": changed}
 
     def op_remove(self, request: dict[str, object]) -> dict[str, object]:
         name = self._profile(request, unusable_ok=True)

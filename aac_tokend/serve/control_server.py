@@ -42,7 +42,6 @@ from aac_tokend.serve.wire import answer as _answer
 from aac_tokend.serve.wire import failure as _failure
 
 __all__ = [
-    "ERROR_CODES",
     "IDLE_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_DEPTH",
@@ -54,7 +53,6 @@ __all__ = [
     "RATE_LIMIT",
     "ControlHandler",
     "ControlServer",
-    "error_code",
 ]
 
 # The largest legitimate request is an import of a token pair: an access JWT and a refresh
@@ -113,33 +111,6 @@ _STOP_TIMEOUT = 2.0  # stop() waits this long for the I/O thread: a drain plus a
 # handler cannot hold up the exit.
 _DRAIN_TIMEOUT = 0.5
 
-# Wire codes of errors that escape the handler; a class not listed takes its nearest
-# ancestor's code. control_ops answers with the same mapping, so the CLI maps
-# both kinds of answer to the same exit status.
-ERROR_CODES: dict[type[errors.AacTokendError], str] = {
-    errors.BusyError: "busy",
-    errors.EndpointUnavailableError: "endpoint_unavailable",
-    errors.TransientError: "transient",
-    errors.RefreshRejectedError: "refresh_rejected",
-    errors.StateCorruptError: "corrupt_state",
-    errors.StorageError: "storage_error",
-    errors.AlertError: "alert",
-    errors.ConfigError: "config_error",
-    errors.ProfileError: "unknown_profile",
-    errors.ChainInUseError: "chain_in_use",
-    errors.InputError: "bad_request",
-    errors.AacTokendError: "error",
-}
-
-
-def error_code(exc: errors.AacTokendError) -> str:
-    """Return the wire code of ``exc``: that of its nearest class in ERROR_CODES."""
-    for cls in type(exc).__mro__:
-        code = ERROR_CODES.get(cls)
-        if code is not None:
-            return code
-    return "error"
-
 
 def _respond(handler: ControlHandler, request: dict[str, object], echo: bytes) -> bytes:
     """Return the answer line to ``request``; whatever the handler does, never raises."""
@@ -150,7 +121,7 @@ def _respond(handler: ControlHandler, request: dict[str, object], echo: bytes) -
             message = str(exc)
         except Exception:
             message = type(exc).__name__
-        return _failure(error_code(exc), message, echo)
+        return _failure(exc.code, message, echo)  # the wire code is the class's (errors.py)
     except Exception as exc:
         # str(exc) of a foreign exception might quote a token; its class name cannot.
         return _failure("internal_error", type(exc).__name__, echo)

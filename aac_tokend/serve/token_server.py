@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from aac_tokend.errors import ProfileError
+from aac_tokend.rundir import token_socket_name
 from aac_tokend.serve.unixsock import adopt_listener, bind_listener, fast_acceptor, peer_uid
 
 __all__ = ["TokenServer", "TokenSource"]
@@ -143,7 +144,7 @@ class TokenServer:
 
     def socket_path(self, profile: str) -> Path:
         """Return the token socket path of ``profile``."""
-        return self.runtime_dir / f"{profile}.token.sock"
+        return self.runtime_dir / token_socket_name(profile)
 
     def profiles(self) -> list[str]:
         """Return the profiles currently served."""

@@ -163,8 +163,6 @@ class FileStore:
         return self.unseal(profile, blob)
 
     #: Until the offline commands move onto ``unseal`` (they read pending records with it).
-    decrypt = unseal
-
     def save(self, state: ProfileState) -> None:
         """Replace the profile's state atomically and durably; never over a corrupt file."""
         self._write(state.profile, self.seal(state))
