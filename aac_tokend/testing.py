@@ -123,7 +123,7 @@ class FakeScheduler:
             job.fn()
         return len(due)
 
-    def tick(self) -> None:
+    def run_intervals(self) -> None:
         """Run every interval job once (what the real scheduler does every few seconds)."""
         for _, fn in list(self.intervals.values()):
             fn()

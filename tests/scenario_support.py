@@ -312,7 +312,7 @@ class World:
     # -- time ----------------------------------------------------------------------------
     def step(self) -> None:
         """What the real scheduler does at a wake-up: the tick, then every due job."""
-        self.scheduler.tick()
+        self.scheduler.run_intervals()
         self.scheduler.run_due(self.clock.now())
 
     def run(self, seconds: float, step: float = 1.0) -> None:

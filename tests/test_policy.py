@@ -20,17 +20,17 @@ from aac_tokend.core.policy import (
     backoff_delay,
     begin_attempt,
     classify_rejection,
+    health_of,
     may_retry,
     next_refresh_at,
     recover_interrupted,
-    status_of,
 )
 from aac_tokend.core.state import (
+    Health,
     InFlight,
     ProfileState,
     Rejection,
     RejectionReason,
-    Status,
     TokenKind,
 )
 from aac_tokend.core.tokens import token_hash
@@ -316,7 +316,7 @@ class TestEstimateNeverStopsRefreshes:
         assert may_retry(state, now)
         at = next_refresh_at(state, now, DEFAULTS)
         assert at is not None and at >= now
-        assert status_of(state, now) is not Status.EXPIRED
+        assert health_of(state, now) is not Health.EXPIRED
 
 
 class TestApplyOutcome:
@@ -381,7 +381,7 @@ class TestApplyOutcome:
         assert after.in_flight is None
         assert next_refresh_at(after, T0 + 1, DEFAULTS) is None
         assert next_refresh_at(after, T0 + 10 * DAY, DEFAULTS) is None
-        assert status_of(after, T0 + 1) is Status.REJECTED
+        assert health_of(after, T0 + 1) is Health.REJECTED
 
     def test_transient_counts_a_failure(self) -> None:
         """A transient failure adds a failure, records the reason and clears the journal."""
@@ -574,41 +574,41 @@ class TestJournal:
 
 
 class TestStatus:
-    """status_of: what a person sees."""
+    """health_of: what a person sees."""
 
     def test_ok(self) -> None:
         """A healthy chain is ok."""
-        assert status_of(oauth(), T0) is Status.OK
+        assert health_of(oauth(), T0) is Health.OK
 
     def test_retrying(self) -> None:
         """A chain with failures but still refreshable is retrying."""
-        assert status_of(oauth(consecutive_failures=2), T0) is Status.RETRYING
+        assert health_of(oauth(consecutive_failures=2), T0) is Health.RETRYING
 
     def test_retrying_even_when_access_expired(self) -> None:
         """An expired access token with a live refresh token is retrying, not expired."""
         state = oauth(consecutive_failures=2)
-        assert status_of(state, T0 + 7200) is Status.RETRYING
+        assert health_of(state, T0 + 7200) is Health.RETRYING
 
     def test_rejected(self) -> None:
         """A rejection wins over everything."""
         rej = Rejection(RejectionReason.INVALID_CLIENT, "invalid_client", None, T0)
-        assert status_of(oauth(rejection=rej), T0 + 10 * DAY) is Status.REJECTED
+        assert health_of(oauth(rejection=rej), T0 + 10 * DAY) is Health.REJECTED
 
     def test_chain_past_its_estimate_is_not_expired(self) -> None:
         """Access dead and the estimated end long past: still retrying, the server decides."""
         state = oauth(refresh_expires_at=T0 + 100, consecutive_failures=1)
-        assert status_of(state, T0 + 100 + 30 * DAY) is Status.RETRYING
+        assert health_of(state, T0 + 100 + 30 * DAY) is Health.RETRYING
 
     def test_expired_legacy(self) -> None:
         """A legacy token past its expiry is expired; before it, ok."""
         state = oauth(kind=TokenKind.LEGACY, refresh_token=None)
-        assert status_of(state, T0) is Status.OK
-        assert status_of(state, T0 + 3600) is Status.EXPIRED
+        assert health_of(state, T0) is Health.OK
+        assert health_of(state, T0 + 3600) is Health.EXPIRED
 
     def test_legacy_without_expiry_stays_ok(self) -> None:
         """A legacy token without a known expiry is always served."""
         state = oauth(kind=TokenKind.LEGACY, refresh_token=None, access_expires_at=None)
-        assert status_of(state, T0 + 1000 * DAY) is Status.OK
+        assert health_of(state, T0 + 1000 * DAY) is Health.OK
 
     def test_serve_margin(self) -> None:
         """A token is not served within the serve margin of its expiry."""

@@ -648,7 +648,7 @@ class TestFailingEndpoint:
         for wake in range(1, int(600 / FINE_STEP) + 1):
             world.clock.advance(FINE_STEP)
             now = world.clock.now()
-            world.scheduler.tick()
+            world.scheduler.run_intervals()
             due = world.scheduler.next_at("work")
             if due is not None and due <= now:  # an attempt is about to leave: make it fail
                 world.sandbox.fail_next(1, status=503)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..errors import TokenFormatError
 from .outcome import FailureKind, Refreshed, RefreshOutcome, Rejected
 from .ownership import remember_spent
-from .state import InFlight, ProfileState, Rejection, RejectionReason, Status, TokenKind
+from .state import Health, InFlight, ProfileState, Rejection, RejectionReason, TokenKind
 from .tokens import parse_jwt, token_hash
 
 __all__ = [
@@ -27,11 +27,11 @@ __all__ = [
     "backoff_delay",
     "begin_attempt",
     "classify_rejection",
+    "health_of",
     "may_retry",
     "next_refresh_at",
     "recover_interrupted",
     "refresh_token_end",
-    "status_of",
 ]
 
 DAY = 86400.0
@@ -193,19 +193,19 @@ def next_refresh_at(state: ProfileState, now: float, settings: PolicySettings) -
     return max(at, now)
 
 
-def status_of(state: ProfileState, now: float) -> Status:
+def health_of(state: ProfileState, now: float) -> Health:
     """The status a person sees: rejected, expired, retrying or ok.
 
     Expired is a legacy token past its expiry: an OAuth chain ends only when the server
     refuses it (rejected), never on our estimate of its lifetime.
     """
     if state.rejection is not None:
-        return Status.REJECTED
+        return Health.REJECTED
     if not access_valid(state, now) and not may_retry(state, now):
-        return Status.EXPIRED
+        return Health.EXPIRED
     if state.consecutive_failures > 0:
-        return Status.RETRYING
-    return Status.OK
+        return Health.RETRYING
+    return Health.OK
 
 
 def begin_attempt(state: ProfileState, now: float) -> ProfileState:

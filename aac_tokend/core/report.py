@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import AacTokendError
 from .conditions import condition_of
-from .policy import access_valid, refresh_token_end, status_of
+from .policy import access_valid, health_of, refresh_token_end
 from .state import ProfileState, TokenKind
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
 
 
 class RowState(StrEnum):
-    """The ``state`` of a status row: a served profile's ``Status``, or why a file is unusable."""
+    """The ``state`` of a status row: a served profile's ``Health``, or why a file is unusable."""
 
     OK = "ok"
     RETRYING = "retrying"
@@ -235,7 +235,7 @@ def profile_report(
     return StatusRow(
         profile=state.profile,
         kind=state.kind,
-        state=RowState(status_of(state, now).value),
+        state=RowState(health_of(state, now).value),
         token_valid=access_valid(state, now),
         access_expires_at=iso(state.access_expires_at),
         next_refresh_at=iso(next_refresh),

@@ -20,11 +20,11 @@ from .outcome import UNREACHED_PREFIX, FailureKind
 
 __all__ = [
     "FORMAT_VERSION",
+    "Health",
     "InFlight",
     "ProfileState",
     "Rejection",
     "RejectionReason",
-    "Status",
     "TokenKind",
     "state_from_json",
     "state_to_json",
@@ -61,8 +61,8 @@ class TokenKind(StrEnum):
     LEGACY = "legacy"  # a static, non-refreshable Designer Cloud access token
 
 
-class Status(StrEnum):
-    """What ``status`` reports for a profile."""
+class Health(StrEnum):
+    """How a served profile is doing: the ``state`` its status row reports."""
 
     OK = "ok"
     RETRYING = "retrying"

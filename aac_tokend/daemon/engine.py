@@ -28,12 +28,9 @@ from .refreshing import Refreshing
 from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
 from .serving import ProfileEntry, ServedToken
 
-__all__ = ["UNUSABLE_STATES", "Engine"]
+__all__ = ["Engine"]
 
 TICK_KEY = "__tick__"
-#: What ``status`` says of a state file the daemon cannot use (each row also says what to do):
-#: cannot be decrypted or parsed, cannot be read (EIO, a directory), not a profile's name.
-UNUSABLE_STATES = frozenset({"corrupt", "unreadable", "misnamed"})
 
 
 class Engine(Refreshing, Management):

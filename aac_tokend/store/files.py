@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..core.state import ProfileState, state_from_json, state_to_json, validate_profile_name
 from ..errors import BusyError, ProfileError, StateCorruptError, StorageError
 from .fileio import FileLayer, OsFileLayer, ensure_private_dir, open_lock_file
+from .interface import StateStore
 from .keyfile import KEY_BYTES, SUFFIX, load_or_create_key, stored_state_count
 from .pending import PendingStore
 
@@ -80,7 +81,7 @@ class FileStoreSpec:
         return cls(str(data["state_dir"]), key, str(data.get("pending_dir", "")))
 
 
-class FileStore:
+class FileStore(StateStore):
     """Encrypted profile states in a 0700 directory, written atomically and durably."""
 
     def __init__(
@@ -235,14 +236,6 @@ class FileStore:
         """Hold the profile's refresh lock (a courier holds it for its whole life)."""
         with hold_lock(self.state_dir / f"{validate_profile_name(profile)}.lock", timeout):
             yield
-
-    def lock_is_free(self, profile: str) -> bool:
-        """True if no courier (or other writer) holds the profile's lock right now."""
-        try:
-            with self.locked(profile, timeout=0):
-                return True
-        except BusyError:
-            return False
 
     # -- outcomes the state disk refused: kept by the PendingStore, if given one ---------
     def keep_pending(self, profile: str, blob: bytes) -> None:

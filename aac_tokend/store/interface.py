@@ -18,6 +18,7 @@ import contextlib
 from typing import Protocol
 
 from ..core.state import ProfileState
+from ..errors import BusyError
 
 __all__ = ["StateStore"]
 
@@ -57,8 +58,15 @@ class StateStore(Protocol):
         ...
 
     def lock_is_free(self, profile: str) -> bool:
-        """True if nobody (a courier of an earlier daemon, a command) holds the lock now."""
-        ...
+        """True if nobody (a courier of an earlier daemon, a command) holds the lock now.
+
+        Shared by the stores that subclass this protocol: trying the lock is the only
+        answer that cannot race with a holder letting go."""
+        try:
+            with self.locked(profile, timeout=0):
+                return True
+        except BusyError:
+            return False
 
     # -- listing ----------------------------------------------------------------------
     def profiles(self) -> list[str]:

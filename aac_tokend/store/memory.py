@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 from ..core.state import ProfileState, state_from_json, state_to_json, validate_profile_name
 from ..errors import BusyError, ProfileError, StateCorruptError, StorageError
+from .interface import StateStore
 
 __all__ = ["MemoryStore"]
 
@@ -27,7 +28,7 @@ _MAGIC = b"AAMS\x01"
 _MAC_BYTES = hashlib.sha256().digest_size
 
 
-class MemoryStore:
+class MemoryStore(StateStore):
     """Profile states in a dict, one lock per profile; passes the store contract suite."""
 
     def __init__(self) -> None:
@@ -143,13 +144,6 @@ class MemoryStore:
             yield
         finally:
             lock.release()
-
-    def lock_is_free(self, profile: str) -> bool:
-        try:
-            with self.locked(profile, timeout=0):
-                return True
-        except BusyError:
-            return False
 
     # -- listing ----------------------------------------------------------------------------
     def profiles(self) -> list[str]:
