@@ -292,6 +292,12 @@ class TestPendingContract:
         store.keep_pending("a", store.seal(make_state("a")))
         assert store.pending("b") is None
 
+    def test_record_of_another_profile_is_corrupt(self, store: StateStore) -> None:
+        """A record that is not the profile's own is StateCorruptError, not returned."""
+        store.keep_pending("a", store.seal(make_state("b")))
+        with pytest.raises(StateCorruptError):
+            store.pending("a")
+
 
 class TestCorruptContract:
     """An entry that cannot be read back is reported, listed, and never written over."""

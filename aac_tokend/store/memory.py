@@ -178,7 +178,11 @@ class MemoryStore(StateStore):
         self._pending[validate_profile_name(profile)] = blob
 
     def pending(self, profile: str) -> bytes | None:
-        return self._pending.get(profile)
+        """The kept blob; StateCorruptError if it is not this profile's (as FileStore)."""
+        blob = self._pending.get(profile)
+        if blob is not None:
+            self.unseal(profile, blob)
+        return blob
 
     def clear_pending(self, profile: str) -> None:
         self._pending.pop(profile, None)
