@@ -23,7 +23,7 @@ from aac_tokend.core.state import ProfileState
 from aac_tokend.core.tokens import token_hash
 from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
-from aac_tokend.errors import ProfileError, TokenHeldError
+from aac_tokend.errors import ProfileError, StorageError, TokenHeldError
 from aac_tokend.refresh.result import CourierKind
 from aac_tokend.testing import (
     T0,
@@ -65,7 +65,11 @@ class Rig:
 
 @pytest.fixture
 def rig() -> Iterator[Rig]:
-    clock, store, sink = FakeClock(T0), MemoryStore(), RecordingSink()
+    yield _rig(MemoryStore())
+
+
+def _rig(store: MemoryStore) -> Rig:
+    clock, sink = FakeClock(T0), RecordingSink()
     refresher, scheduler = FakeRefresher(store, clock), FakeScheduler()
     engine = Engine(
         store=store,
@@ -76,7 +80,7 @@ def rig() -> Iterator[Rig]:
         alerter=Alerter([sink]),
         socket_path=lambda name: Path("/run/test-engine") / f"{name}.token.sock",
     )
-    yield Rig(store, refresher, clock, scheduler, sink, engine)
+    return Rig(store, refresher, clock, scheduler, sink, engine)
 
 
 def _started(rig: Rig, *states: ProfileState) -> Engine:
@@ -333,6 +337,154 @@ class TestImportAndRemove:
         with pytest.raises(ProfileError):
             rig.engine.refresh("nobody")
         assert rig.refresher.jobs == []
+
+
+class TestBetweenCourierAndEngine:
+    """An import or remove landing after the courier let go of the lock wins over its result."""
+
+    def test_remove_after_a_refused_save_stays_removed(self, rig: Rig) -> None:
+        """The refused pair is dropped, not held: nothing served, kept or listed, ever."""
+        engine = _started(rig)
+        rig.refresher.refuse_outcome()
+        rig.refresher.script(_rotated())
+        rig.refresher.after_unlock = lambda: engine.remove("work")
+        with pytest.raises(ProfileError, match="removed during the refresh"):
+            engine.refresh("work")
+        assert rig.refresher.results[-1].kind is CourierKind.STORAGE_FAILED
+        for _ in range(2):
+            assert engine.profiles() == [] and engine.status() == []
+            assert engine.current_token("work") is None
+            assert rig.store.pending("work") is None and rig.store.load("work") is None
+            assert rig.scheduler.next_at("work") is None
+            engine.tick()
+
+    def test_import_after_a_refused_save_wins(self, rig: Rig) -> None:
+        """The import is served and held, so its pair cannot be imported elsewhere."""
+        engine = _started(rig)
+        rig.refresher.refuse_outcome()
+        rig.refresher.script(_rotated())
+        imported = _request("work", "imported-access-cccc", "imported-rt-dd")
+        rig.refresher.after_unlock = lambda: engine.import_profile(imported)
+        state = engine.refresh("work")
+        assert state.refresh_token == "imported-rt-dd" and state == rig.state()
+        assert engine.current_token("work") == b"imported-access-cccc"
+        assert rig.store.pending("work") is None and not rig.row().alert
+        with pytest.raises(TokenHeldError, match="'work'"):
+            engine.import_profile(_request("team", "imported-access-cccc", "imported-rt-dd"))
+        engine.tick()
+        assert rig.state() == state and rig.store.load("team") is None
+
+    def test_remove_after_a_rotation_is_a_profile_error(self, rig: Rig) -> None:
+        """A durable outcome read back after a remove: the refresh says so, typed."""
+        engine = _started(rig)
+        rig.refresher.script(_rotated())
+        rig.refresher.after_unlock = lambda: engine.remove("work")
+        with pytest.raises(ProfileError, match="removed during the refresh"):
+            engine.refresh("work")
+        assert engine.profiles() == [] and engine.current_token("work") is None
+
+    def test_remove_after_a_lost_courier_is_a_profile_error(self, rig: Rig) -> None:
+        """A lost courier's profile removed before the engine adopts its journal: typed too."""
+        engine = _started(rig)
+        rig.refresher.die_after_journal()
+        rig.refresher.after_unlock = lambda: engine.remove("work")
+        with pytest.raises(ProfileError, match="removed during the refresh"):
+            engine.refresh("work")
+        assert engine.profiles() == [] and rig.store.load("work") is None
+
+    def test_import_before_the_courier_locks_is_not_a_failure(self, rig: Rig) -> None:
+        """A courier that finds a fresh import sends nothing and charges it no failure."""
+        engine = _started(rig)
+        imported = _request("work", "imported-access-cccc", "imported-rt-dd")
+        rig.refresher.before_lock = lambda: engine.import_profile(imported)
+        state = engine.refresh("work")
+        assert rig.refresher.results[-1].kind is CourierKind.STATE_CHANGED
+        assert rig.refresher.sent == []
+        assert state == rig.state() and state.refresh_token == "imported-rt-dd"
+        assert state.consecutive_failures == 0 and state.last_error is None
+        assert rig.row().state is RowState.OK
+
+
+class _JournalStays(MemoryStore):
+    """A disk that takes the journal but fails its directory's fsync, then every write."""
+
+    armed = False
+
+    def save_journal(self, journal: ProfileState) -> None:
+        super().save_journal(journal)
+        if self.armed:
+            self.armed, self.fail_saves = False, True
+            raise StorageError("cannot write memory:work (test: EIO after the rename)")
+
+
+class TestJournalLeftOnTheStore:
+    """A journal that stays after a failed attempt: the attempt counts as a failure."""
+
+    def test_journal_write_and_its_undo_fail(self) -> None:
+        """The journal stays (maybe sent); status shows retrying, one failure, the error."""
+        rig = _rig(_JournalStays())
+        engine = _started(rig)
+        assert isinstance(rig.store, _JournalStays)
+        rig.store.armed = True
+        state = engine.refresh("work")
+        rig.store.fail_saves = False
+        assert rig.refresher.results[-1].kind is CourierKind.STORAGE_FAILED
+        assert rig.refresher.sent == [] and rig.state().in_flight is not None
+        assert state.consecutive_failures == 1 and state.last_error
+        row = rig.row()
+        assert row.state is RowState.RETRYING and row.consecutive_failures == 1
+        at = rig.scheduler.next_at("work")
+        assert at is not None and at > rig.clock.now()
+
+    def test_lost_courier_whose_recovery_cannot_be_saved(self, rig: Rig) -> None:
+        """A lost courier's journal that cannot be settled on the store still counts."""
+        engine = _started(rig)
+        rig.refresher.die_after_journal()
+
+        def disk_fails() -> None:
+            rig.store.fail_saves = True
+
+        rig.refresher.after_unlock = disk_fails
+        state = engine.refresh("work")
+        rig.store.fail_saves = False
+        assert rig.refresher.results[-1].kind is CourierKind.LOST
+        assert rig.state().in_flight is not None
+        assert state.consecutive_failures == 1
+        assert rig.row().state is RowState.RETRYING
+
+
+class TestFileMovedAway:
+    """A served profile whose stored entry went away outside the daemon."""
+
+    def test_leaves_status_at_the_next_tick(self, rig: Rig) -> None:
+        """Not listed, served nor scheduled any more once the tick sees it gone."""
+        engine = _started(rig, oauth_state(), oauth_state(profile="other"))
+        rig.store.delete("work")
+        engine.tick()
+        assert engine.profiles() == ["other"]
+        assert [row.profile for row in engine.status()] == ["other"]
+        assert engine.current_token("work") is None and rig.scheduler.next_at("work") is None
+
+    def test_with_an_unsaved_pair_leaves_too(self, rig: Rig) -> None:
+        """A pair the store refused is dropped with it, never written back."""
+        engine = _started(rig)
+        rig.refresher.refuse_outcome()
+        rig.refresher.script(_rotated())
+        engine.refresh("work")
+        rig.store.delete("work")
+        engine.tick()
+        engine.tick()
+        assert engine.profiles() == [] and rig.store.load("work") is None
+        assert rig.store.pending("work") is None
+
+    def test_remove_succeeds(self, rig: Rig) -> None:
+        """remove of a served profile whose entry is already gone forgets it."""
+        engine = _started(rig)
+        rig.store.delete("work")
+        engine.remove("work")
+        assert engine.profiles() == [] and engine.current_token("work") is None
+        with pytest.raises(ProfileError):
+            engine.remove("work")
 
 
 class TestStatus:

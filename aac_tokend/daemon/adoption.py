@@ -57,6 +57,8 @@ class Adoption(Serving):
             else:
                 names = self._store.profiles()
                 self._scanned = (stamp, now)
+                for gone in set(self._profiles) - set(names):
+                    self._forget_if_gone(gone)
         except StorageError as exc:
             log.error("state_dir_unreadable", error=str(exc))
             return
@@ -83,6 +85,25 @@ class Adoption(Serving):
                 adopt = threading.Thread(target=self._adopt_after_courier, args=(name,))
                 adopt.daemon = True
                 adopt.start()
+
+    def _forget_if_gone(self, name: str) -> None:
+        """Forget a served profile whose stored entry is gone (moved away by hand).
+
+        Checked under its lock, as a remove: a refresh or an import in progress finishes
+        first. While the lock is busy the next tick lists the directory again."""
+        try:
+            with self._store.locked(name, 0):
+                if name not in self._profiles or self._store.load(name) is not None:
+                    return
+                self._clear_pending(name)  # a pair the store refused goes with it
+                self._forget_locked(name)
+        except BusyError:
+            self._scanned = None
+            return
+        except AacTokendError:
+            return  # unreadable now, not gone: still served; a later listing looks again
+        self._after_forget(name)
+        log.warning("profile_file_gone", profile=name, where=self._store.where(name))
 
     def _mark_unusable(self, name: str, state: str, error: str) -> None:
         if self._unusable.get(name) != (state, error):  # logged once, not on every tick
@@ -161,7 +182,8 @@ class Adoption(Serving):
         """Write the pair the disk refused, if the disk still holds the journal it follows.
 
         An import or a remove may have landed since (each clears ``unsaved`` under the same
-        lock): writing the blob then would undo the import or bring the profile back.
+        lock): writing the blob then would undo the import or bring the profile back. A
+        state file gone without a remove (moved away by hand) takes the profile with it.
         """
         try:
             with self._store.locked(name, 0):
@@ -171,15 +193,22 @@ class Adoption(Serving):
                     return  # imported anew or removed meanwhile
                 held = self._store.unseal(name, blob)
                 disk = self._store.load(name)
-                if disk is None or not follows(held, disk):
-                    if disk is not None:
-                        self._hold(disk)  # what the disk moved on to; drops the pair
+                if disk is None:  # moved away by hand: forgotten, never written back
+                    self._clear_pending(name)
+                    self._forget_locked(name)
+                elif not follows(held, disk):
+                    self._hold(disk)  # what the disk moved on to; drops the pair
                     self._clear_pending(name)
                     log.info("unsaved_state_dropped", profile=name, reason="the file moved on")
                     return
-                self._store.save(held)
-                with self._lock:
-                    entry.unsaved = None
+                else:
+                    self._store.save(held)
+                    with self._lock:
+                        entry.unsaved = None
+            if disk is None:
+                self._after_forget(name)
+                log.warning("profile_file_gone", profile=name, where=self._store.where(name))
+                return
             self._clear_pending(name)
             log.warning("state_saved_late", profile=name)
         except (StorageError, BusyError, StateCorruptError) as exc:

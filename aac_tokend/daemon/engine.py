@@ -98,6 +98,8 @@ class Engine(Refreshing, Management):
         for name, entry in list(self._profiles.items()):
             if entry.unsaved is not None:
                 self._retry_unsaved(name, entry)
+                if self._profiles.get(name) is not entry:
+                    continue  # its state file was gone: forgotten
             if entry.refreshing:
                 continue
             # Due by the time that passed, even if the wall clock stepped back since.

@@ -14,7 +14,7 @@ import structlog
 from ..core.importer import ImportRequest, build_state
 from ..core.ownership import claim, stored_states
 from ..core.state import ProfileState
-from ..errors import AacTokendError
+from ..errors import AacTokendError, ProfileError
 from ..host.paths import check_token_socket
 from ..refresh.courier import WAIT_SECONDS
 from .serving import Serving
@@ -86,9 +86,17 @@ class Management(Serving):
         return own, others
 
     def remove(self, name: str) -> None:
-        """Stop serving and refreshing ``name`` and delete its state."""
+        """Stop serving and refreshing ``name`` and delete its state.
+
+        A profile served whose state file is already gone (moved away by hand) is forgotten:
+        the removal is done, not refused.
+        """
         with self._store.locked(name, WAIT_SECONDS):
-            self._store.delete(name)
+            try:
+                self._store.delete(name)
+            except ProfileError:
+                if name not in self._profiles:
+                    raise
             self._clear_pending(name)
             self._forget_locked(name)
         self._after_forget(name)

@@ -9,6 +9,7 @@ a store that refuses the outcome.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..core.outcome import RefreshOutcome
@@ -103,6 +104,9 @@ class FakeRefresher:
     durable (``LOST``, the journal left on the store); ``refuse_outcome`` makes the store
     refuse the next outcome (``STORAGE_FAILED``, the sealed pair kept as pending).
     ``jobs`` are the jobs it got; ``sent`` the refresh tokens that reached the "server".
+    ``before_lock`` and ``after_unlock`` run once, if set, in the next refresh: before the
+    courier takes the profile's lock, and after it let go, before the engine absorbs (an
+    import or a remove landing in that gap).
     """
 
     def __init__(self, store: StateStore, clock: Clock) -> None:
@@ -112,6 +116,8 @@ class FakeRefresher:
         self.results: list[CourierResult] = []
         self._outcomes: list[RefreshOutcome] = []
         self._die = self._refuse = False
+        self.before_lock: Callable[[], object] | None = None
+        self.after_unlock: Callable[[], object] | None = None
 
     def script(self, *outcomes: RefreshOutcome) -> None:
         self._outcomes.extend(outcomes)
@@ -128,9 +134,15 @@ class FakeRefresher:
         endpoint.die, self._die = self._die, False
         store: StateStore = _OutcomeRefused(self.store) if self._refuse else self.store
         self._refuse = False
+        before, self.before_lock = self.before_lock, None
+        if before is not None:
+            before()
         try:
             result = carry(job, store, endpoint, self.clock.now, retry_for=0)
         except _DiedError:  # the lock goes with the process, the journal stays
             result = CourierResult(CourierKind.LOST, "the courier ended without an answer")
         self.results.append(result)
+        after, self.after_unlock = self.after_unlock, None
+        if after is not None:
+            after()
         return result
