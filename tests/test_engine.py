@@ -453,6 +453,17 @@ class TestJournalLeftOnTheStore:
         assert rig.row().state is RowState.RETRYING
 
 
+class _Unlistable(MemoryStore):
+    """A store whose listing can fail (a state directory that cannot be read)."""
+
+    listing_fails = False
+
+    def profiles(self) -> list[str]:
+        if self.listing_fails:
+            raise StorageError("cannot list memory: (test: EIO)")
+        return super().profiles()
+
+
 class TestFileMovedAway:
     """A served profile whose stored entry went away outside the daemon."""
 
@@ -476,6 +487,20 @@ class TestFileMovedAway:
         engine.tick()
         assert engine.profiles() == [] and rig.store.load("work") is None
         assert rig.store.pending("work") is None
+
+    def test_unsaved_pair_not_written_back_while_unlisted(self) -> None:
+        """With the listing failing, the late retry itself forgets the profile it finds gone."""
+        rig = _rig(_Unlistable())
+        engine = _started(rig)
+        rig.refresher.refuse_outcome()
+        rig.refresher.script(_rotated())
+        engine.refresh("work")
+        assert isinstance(rig.store, _Unlistable)
+        rig.store.delete("work")
+        rig.store.listing_fails = True
+        engine.tick()
+        assert engine.profiles() == [] and rig.store.load("work") is None
+        assert rig.store.pending("work") is None and rig.scheduler.next_at("work") is None
 
     def test_remove_succeeds(self, rig: Rig) -> None:
         """remove of a served profile whose entry is already gone forgets it."""
