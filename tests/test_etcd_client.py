@@ -62,7 +62,7 @@ def etcd(cluster: EtcdCluster) -> Iterator[EtcdCluster]:
     yield cluster
     for m in cluster.members:
         if m.proc is None:
-            cluster.start_member(m)
+            cluster.start_member(m, wait=False)  # all first: one alone has no quorum
         else:
             cluster.resume(m)
     for m in cluster.members:
