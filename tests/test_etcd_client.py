@@ -27,6 +27,7 @@ from aac_tokend.fleet.etcd import (
     RangeOp,
     RangeResult,
     TlsFiles,
+    WatchEvent,
 )
 from aac_tokend.fleet.etcd_errors import (
     EtcdAuthError,
@@ -378,6 +379,20 @@ class TestAuth:
         with pytest.raises(EtcdAuthError):
             anonymous.put(b"/fleet/k", b"v")
 
+    def test_watch_with_credentials_and_a_stale_token(self, secured: EtcdCluster) -> None:
+        """A watch opened with a token etcd has dropped authenticates again and sees events."""
+        app = EtcdClient(secured.endpoints[:1], credentials=Credentials("app", "app-pw"))
+        app.put(b"/fleet/watched", b"0")  # authenticates: the token is cached
+        time.sleep(3)  # ... and dropped by etcd (TTL 1 s)
+        with app.watch(b"/fleet/watched", idle_timeout=5) as watch:
+            revision = app.put(b"/fleet/watched", b"1").revision
+            deadline = time.monotonic() + 10
+            item = next(watch)
+            while not isinstance(item, WatchEvent) and time.monotonic() < deadline:
+                item = next(watch)
+        assert isinstance(item, WatchEvent)
+        assert (item.value, item.revision) == (b"1", revision)
+
     def test_token_renewed_after_its_ttl(self, secured: EtcdCluster) -> None:
         """After etcd drops the token (TTL 1 s), the next call authenticates again and works."""
         url = secured.members[0].url
@@ -427,3 +442,19 @@ class TestTls:
         client = EtcdClient(tls_cluster.endpoints, tls=TlsFiles(str(pki.ca)), timeout=3)
         with pytest.raises(EtcdUnsentError):
             client.put(b"/tls/k", b"nope")
+
+
+class TestNotImported:
+    """With fleet mode off nothing loads the client: no module outside fleet imports it."""
+
+    def test_no_module_outside_fleet_imports_it(self) -> None:
+        """Every import of aac_tokend.fleet (at any level, in any function) is inside fleet."""
+        from tests.test_layout import all_imports, resolved
+
+        bad = [
+            f"{i.importer}:{i.line}"
+            for i in all_imports()
+            if resolved(i).startswith("aac_tokend.fleet")
+            and not i.importer.startswith("aac_tokend.fleet")
+        ]
+        assert not bad

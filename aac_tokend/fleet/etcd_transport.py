@@ -144,7 +144,11 @@ class Transport:
         for renewed in (False, True):
             token = self._tokens.get(member)
             if token is None:
-                token = self._authenticate(member, deadline)
+                try:
+                    token = self._authenticate(member, deadline)
+                except _SentError as exc:
+                    # Only the authentication may have arrived; the call itself did not leave.
+                    raise _UnsentError(f"authentication unanswered: {exc}") from exc
             try:
                 return self.post(member, path, body, deadline, token, share)
             except EtcdAuthError as exc:

@@ -45,6 +45,13 @@ __all__ = ["EventType", "Watch", "WatchEvent", "WatchProgress"]
 #: gRPC metadata through the gateway: end the watch when the member has no leader.
 _REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
 
+#: Streams opened and broken in a row, without a created, progress or event in between,
+#: before the watch says etcd is unavailable: enough for every member of a 5-member
+#: cluster to fail once and a token to be renewed, few enough to answer within seconds.
+_BREAKS_BEFORE_GIVING_UP = 6
+#: Growing pause between such reopenings, so a member that refuses at once is not spun on.
+_REOPEN_PAUSE_SECONDS = 0.1
+
 _BROKEN = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 
@@ -93,11 +100,20 @@ class Watch:
         self.next_revision = start_revision
         self.member: str | None = None
         self.reconnects = 0
+        self._breaks_in_a_row = 0
         self._session = session_for(transport.tls)
         self._response: requests.Response | None = None
         self._lines: Any = None
         self._pending: deque[WatchEvent] = deque()
         self._closed = False
+        # "From now" means from this call, not from the first next(): wait for etcd to say
+        # which revision now is (its created response), so nothing in between is missed.
+        while self.next_revision == 0:
+            try:
+                self._step()
+            except BaseException:
+                self.close()
+                raise
 
     def __iter__(self) -> Self:
         return self
@@ -126,33 +142,49 @@ class Watch:
                 return self._pending.popleft()
             if self._closed:
                 raise StopIteration
-            if self._lines is None:
-                self._connect()
-            try:
-                line = next(self._lines)
-            except (StopIteration, *_BROKEN):
-                line = None
-            if not line:
-                if line is None:  # a blank line is the gateway's keepalive, not a break
-                    self._drop()
-                    self.reconnects += 1
-                continue
-            progress = self._handle(line)
+            progress = self._step()
             if progress is not None:
                 return progress
+
+    def _step(self) -> WatchProgress | None:
+        """Read one line of the stream (opening it if need be) and act on it."""
+        if self._lines is None:
+            self._connect()
+        try:
+            line = next(self._lines)
+        except (StopIteration, *_BROKEN):
+            line = None
+        if line is None:
+            self._broken("the stream ended or was silent too long")
+            return None
+        if not line:  # a blank line is the gateway's keepalive, not a break
+            return None
+        return self._handle(line)
+
+    def _broken(self, reason: str) -> None:
+        """Drop the stream to open it again; give up if it keeps breaking with nothing said."""
+        self._drop()
+        self.reconnects += 1
+        self._breaks_in_a_row += 1
+        if self._breaks_in_a_row > _BREAKS_BEFORE_GIVING_UP:
+            self.close()
+            raise EtcdUnavailableError(
+                f"etcd watch broke {self._breaks_in_a_row} times in a row without a word "
+                f"from etcd; last: {reason}"
+            )
+        time.sleep(_REOPEN_PAUSE_SECONDS * (self._breaks_in_a_row - 1))
 
     def _handle(self, line: bytes) -> WatchProgress | None:
         try:
             message = json.loads(line)
             result: JsonObject = message.get("result") or {}
         except (ValueError, AttributeError):
-            result = {}
+            message, result = None, {}
         if not result:  # an error line ("no leader", "invalid auth token"): try again
-            if isinstance(message, dict) and "auth" in str(message.get("error", "")):
-                assert self.member is not None
+            said = str(message.get("error", "")) if isinstance(message, dict) else "garbled"
+            if "auth token" in said and self.member is not None:
                 self._transport.forget_token(self.member)
-            self._drop()
-            self.reconnects += 1
+            self._broken(said[:200])
             return None
         revision = int(result.get("header", {}).get("revision", 0))
         compacted = int(result.get("compact_revision", 0))
@@ -164,13 +196,15 @@ class Watch:
                 compact_revision=compacted,
             )
         if result.get("canceled"):
-            reason = str(result.get("cancel_reason", ""))
-            if "permission" in reason:
+            reason = str(result.get("cancel_reason", ""))[:200]
+            if "invalid auth token" in reason and self.member is not None:
+                self._transport.forget_token(self.member)  # etcd dropped it: authenticate again
+            elif "permission denied" in reason or "user name" in reason:
                 self.close()
                 raise EtcdAuthError(f"etcd {self.member} cancelled the watch: {reason}")
-            self._drop()
-            self.reconnects += 1
+            self._broken(reason)
             return None
+        self._breaks_in_a_row = 0  # etcd spoke: the stream works
         if result.get("created"):
             if self.next_revision == 0:
                 self.next_revision = revision + 1
