@@ -212,3 +212,21 @@ class TestCompaction:
             writer.compact(latest)
             with pytest.raises(EtcdWatchCompactedError):
                 events(watch, 2)
+
+
+class TestLeaderless:
+    """A member cut off from the quorum ends the watch instead of serving a frozen view."""
+
+    def test_watch_on_a_member_that_lost_its_leader_ends(self, etcd: EtcdCluster) -> None:
+        """With the other two killed, the watch raises (hasleader) instead of ticking forever."""
+        client = follower_first(etcd)
+        with client.watch(unique("leaderless"), idle_timeout=IDLE) as watch:
+            alone = next(m for m in etcd.members if m.url == watch.member)
+            for m in etcd.members:
+                if m is not alone:
+                    etcd.kill(m)
+            deadline = time.monotonic() + 15
+            with pytest.raises(EtcdUnavailableError):
+                # progress notifications from the lone member would go on for ever
+                while time.monotonic() < deadline:
+                    next(watch)
