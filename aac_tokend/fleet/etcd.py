@@ -20,8 +20,8 @@ one endpoint only, no default timeout (30 s is its lease TTL, not a bound), no u
 password auth, the granted lease TTL dropped, a watch thread that can stall silently, and
 failures that do not say whether a write may have been applied. Adding those means
 wrapping or replacing most of it, and a dependency (futurist, pbr) for what is left. This
-client is about 1,250 lines (half of them docstrings, types and comments) in six modules
-and depends on requests only.
+client is about 1,250 lines with its docstrings, in six modules, and depends on requests
+only.
 
 Keys and values are bytes (base64 on the wire). Reads are linearizable unless
 ``serializable=True``. Writes that may have reached etcd without an answer raise
