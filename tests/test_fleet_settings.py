@@ -321,3 +321,29 @@ class TestMargin:
         work = {"work": PolicySettings(min_margin_seconds=100)}
         with pytest.raises(ConfigError, match=r"key 'min_margin_seconds' \(60\)"):
             check_margins(s, PolicySettings(), work, "c")
+
+
+class TestPurity:
+    """fleet.settings is as pure as core, since core.config calls it."""
+
+    def test_imports_only_core_errors_and_pure_stdlib(self) -> None:
+        """fleet/settings.py imports no I/O, clock or library, and nothing of aac_tokend
+        beyond core and errors."""
+        from tests.test_layout import IMPURE, PACKAGE, imports_of, resolved, subpackage
+
+        bad = [
+            i
+            for i in imports_of(PACKAGE / "fleet" / "settings.py")
+            if (
+                i.target.startswith("aac_tokend")
+                and subpackage(resolved(i)) not in ("core", "errors")
+            )
+            or (
+                not i.target.startswith("aac_tokend")
+                and (
+                    i.target.split(".")[0] in IMPURE
+                    or i.target.split(".")[0] not in sys.stdlib_module_names
+                )
+            )
+        ]
+        assert not bad, bad
