@@ -6,11 +6,18 @@
     │   ├── EndpointUnavailableError endpoint_unavailable        network, TLS, timeout, 5xx, garbled
     │   ├── BusyError               busy                         a refresh of it is in flight
     │   ├── KeyringUnavailableError (transient)                  the OS keyring is locked or absent
-    │   └── NoTokenYetError         no_token_yet                 no valid token; the daemon retries
+    │   ├── NoTokenYetError         no_token_yet                 no valid token; the daemon retries
+    │   ├── EtcdUnavailableError    (transient)                  etcd: no member answered in time
+    │   │   ├── EtcdUnsentError     (transient)                  etcd: a write that never left
+    │   │   └── EtcdOutcomeUnknownError (transient)              etcd: may have applied
+    │   ├── EtcdLeaseGoneError      (transient)                  etcd: the lease is gone
+    │   └── EtcdWatchCompactedError (transient)                  etcd: watch compacted, re-read
     ├── AlertError                  alert                    69  stop and alert: a person must act
     │   ├── NoTokenError            no_token                     no valid token until a person acts
     │   ├── StateCorruptError       corrupt_state                a state file cannot be read back
-    │   └── StorageError            storage_error                the state could not be made durable
+    │   ├── StorageError            storage_error                the state could not be made durable
+    │   ├── EtcdAuthError           (alert)                      etcd: credentials refused
+    │   └── RollbackError           (alert)                      fleet: an older generation
     └── InputError                  bad_request              65  fix the input, then try again
         ├── UsageError              (bad_request)             2  options that do not go together
         ├── TokenFormatError        (bad_request)                not a JWT, or one lacking a claim
@@ -22,7 +29,9 @@
         ├── HolderUnknownError      (bad_request)                a state file cannot be read
         ├── ChainInUseError         chain_in_use                 a static token over a live chain
         ├── AlreadyRunningError     (bad_request)             3  another daemon owns the state
-        └── DaemonNotRunningError   (bad_request)             4  the command needs a daemon
+        ├── DaemonNotRunningError   (bad_request)             4  the command needs a daemon
+        ├── EtcdRequestError        (bad_request)                etcd: a malformed request
+        └── FleetKeyFormatError     (bad_request)                a pasted fleet key is not one
 
 Each class carries its control-socket wire ``code`` (in parentheses: inherited) and the CLI's
 ``exit_code`` (blank: inherited); ``from_wire`` turns a refusal back into its class by
@@ -46,12 +55,21 @@ __all__ = [
     "DaemonNotRunningError",
     "EndpointNotAllowedError",
     "EndpointUnavailableError",
+    "EtcdAuthError",
+    "EtcdLeaseGoneError",
+    "EtcdOutcomeUnknownError",
+    "EtcdRequestError",
+    "EtcdUnavailableError",
+    "EtcdUnsentError",
+    "EtcdWatchCompactedError",
+    "FleetKeyFormatError",
     "HolderUnknownError",
     "InputError",
     "KeyringUnavailableError",
     "NoTokenError",
     "NoTokenYetError",
     "ProfileError",
+    "RollbackError",
     "StateCorruptError",
     "StorageError",
     "TokenFormatError",
@@ -198,6 +216,55 @@ class DaemonNotRunningError(InputError):
     """The command needs the daemon, and none is running."""
 
     exit_code = 4
+
+
+# -- fleet mode (aac_tokend/fleet/): etcd, the fleet key, rollbacks ----------------------------
+class EtcdUnavailableError(TransientError):
+    """No member answered within the time limit (for a read: retry later)."""
+
+
+class EtcdUnsentError(EtcdUnavailableError):
+    """A write that no member can have received: it was not applied, retrying is safe."""
+
+
+class EtcdOutcomeUnknownError(EtcdUnavailableError):
+    """A write whose request may have reached etcd and whose reply was lost.
+
+    It may or may not have been applied; the caller finds out with a linearizable read
+    (never by sending it again to another member).
+    """
+
+
+class EtcdLeaseGoneError(TransientError):
+    """The lease a request names does not exist (expired or revoked)."""
+
+
+class EtcdWatchCompactedError(TransientError):
+    """The revisions a watch needed are compacted away: re-read the keys, then watch again."""
+
+    def __init__(self, message: str, *, compact_revision: int = 0) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
+
+
+class EtcdAuthError(AlertError):
+    """etcd refused our credentials or their permissions: a person has to fix them."""
+
+
+class EtcdRequestError(InputError):
+    """etcd refused the request itself (its gRPC code kept for the caller as ``grpc_code``)."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.grpc_code = code  # None: etcd gave none
+
+
+class FleetKeyFormatError(InputError):
+    """A pasted fleet key that is not an export of one (mistyped, truncated, something else)."""
+
+
+class RollbackError(AlertError):
+    """etcd offered a generation older than one this host has seen: it is not used."""
 
 
 def _tree(cls: type[AacTokendError]) -> list[type[AacTokendError]]:

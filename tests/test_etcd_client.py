@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from aac_tokend.errors import AlertError, TransientError
+from aac_tokend.errors import (
+    AlertError,
+    EtcdAuthError,
+    EtcdLeaseGoneError,
+    EtcdOutcomeUnknownError,
+    EtcdUnavailableError,
+    EtcdUnsentError,
+    TransientError,
+)
 from aac_tokend.fleet.etcd import (
     Compare,
     Credentials,
@@ -28,13 +36,6 @@ from aac_tokend.fleet.etcd import (
     RangeResult,
     TlsFiles,
     WatchEvent,
-)
-from aac_tokend.fleet.etcd_errors import (
-    EtcdAuthError,
-    EtcdLeaseGoneError,
-    EtcdOutcomeUnknownError,
-    EtcdUnavailableError,
-    EtcdUnsentError,
 )
 from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, ReplyDroppingProxy, free_port
 from tests.etcd_cluster import TlsFiles as Pki

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from aac_tokend.errors import EtcdUnavailableError, EtcdWatchCompactedError
 from aac_tokend.fleet.etcd import EtcdClient, Watch, WatchEvent, WatchProgress
-from aac_tokend.fleet.etcd_errors import EtcdUnavailableError, EtcdWatchCompactedError
 from aac_tokend.fleet.etcd_watch import EventType
 from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
 

@@ -3,6 +3,9 @@
 ``parse_config`` is pure (text in, ``Config`` out); ``host.configfile.load_config`` is the
 edge that reads the file. Every problem is one ``ConfigError`` line naming the file, the
 dotted key and what is allowed, so a typo never silently falls back to a default.
+
+Longer than 300 lines: the keys, their ranges and the one checker that reads them are one
+table; split, each half would have to be read beside the other.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigError, ProfileError
 from .policy import PolicySettings
 from .state import validate_profile_name
+
+if TYPE_CHECKING:
+    from ..fleet.settings import FleetSettings
 
 __all__ = [
     "CONFIG_FILENAME",
@@ -87,6 +93,7 @@ _OTHER_KEYS = (
     "log_format",
     "log_level",
     "profiles",
+    "fleet",
 )
 _TOP_KEYS = (*POLICY_RANGES, *_OTHER_KEYS)
 
@@ -106,6 +113,7 @@ class Config:
     notifications: bool = True
     log_format: str = "auto"
     log_level: str = "info"
+    fleet: FleetSettings | None = None  # the [fleet] table; None: single host, no etcd
 
     def policy_for(self, profile: str) -> PolicySettings:
         """The policy of ``profile``: its ``[profiles.NAME]`` overrides, else the top level."""
@@ -252,6 +260,14 @@ def _profiles(check: _Checker, value: object, base: PolicySettings) -> Mapping[s
     return MappingProxyType(profiles)
 
 
+def _fleet(
+    value: object, source: str, policy: PolicySettings, profiles: Mapping[str, PolicySettings]
+) -> FleetSettings:
+    from ..fleet.settings import fleet_from_table  # only for a [fleet] table: see fleet/
+
+    return fleet_from_table(value, source, policy, profiles)
+
+
 def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
     """Parse and validate config text; ``source`` names the file in error messages."""
     check = _Checker(source)
@@ -276,11 +292,10 @@ def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
     check.unknown_keys(doc, _TOP_KEYS, "")
     policy = check.policy(doc, PolicySettings(), "")
     defaults = Config()
+    profiles = _profiles(check, doc["profiles"], policy) if "profiles" in doc else _no_profiles()
     return Config(
         policy=policy,
-        profile_policies=(
-            _profiles(check, doc["profiles"], policy) if "profiles" in doc else _no_profiles()
-        ),
+        profile_policies=profiles,
         on_alert=check.value(doc, "on_alert", "", _argv, None),
         alert_timeout_seconds=check.value(
             doc,
@@ -292,4 +307,5 @@ def parse_config(text: str, source: str = CONFIG_FILENAME) -> Config:
         notifications=check.value(doc, "notifications", "", _boolean, defaults.notifications),
         log_format=check.value(doc, "log_format", "", _choice(LOG_FORMATS), defaults.log_format),
         log_level=check.value(doc, "log_level", "", _choice(LOG_LEVELS), defaults.log_level),
+        fleet=_fleet(doc["fleet"], source, policy, profiles) if "fleet" in doc else None,
     )

@@ -82,7 +82,7 @@ class Daemon:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         _raise_nofile_limit()
         os.umask(0o077)
-        self._config = load_config(self.paths.config_dir)
+        self._config = _single_host(load_config(self.paths.config_dir), self.paths)
         configure_logging(self._config.log_format, self._config.log_level)
         owner = OwnerLock(self.paths.daemon_lock)
         owner.acquire(on_wait=_waiting_for_offline_command)
@@ -185,7 +185,7 @@ class Daemon:
         """Re-read config.toml; a bad file keeps the running config and is reported."""
         sdnotify.reloading()
         try:
-            config = load_config(self.paths.config_dir)
+            config = _single_host(load_config(self.paths.config_dir), self.paths)
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             sdnotify.ready("reload failed; running with the previous config")
@@ -229,6 +229,21 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def _single_host(config: Config, paths: Paths) -> Config:
+    """``config``, unless it asks for fleet mode, which this version cannot run yet.
+
+    A ``[fleet]`` table is parsed and checked (so its mistakes are found now), but serving it
+    on one host alone would look like fleet mode while being none: refused, in one line.
+    """
+    if config.fleet is not None:
+        raise ConfigError(
+            f"config error in {paths.config_dir / CONFIG_FILENAME}: [fleet] (fleet mode, on "
+            "etcd) is not available in this version yet; remove the [fleet] table to run "
+            "this host on its own"
+        )
+    return config
 
 
 def _waiting_for_offline_command(pid: int) -> None:

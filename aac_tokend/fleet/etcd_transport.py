@@ -24,7 +24,7 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
-from .etcd_errors import (
+from ..errors import (
     EtcdAuthError,
     EtcdLeaseGoneError,
     EtcdOutcomeUnknownError,

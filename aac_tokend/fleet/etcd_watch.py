@@ -33,7 +33,7 @@ from typing import Any, Self
 import requests
 import urllib3.exceptions
 
-from .etcd_errors import (
+from ..errors import (
     EtcdAuthError,
     EtcdUnavailableError,
     EtcdWatchCompactedError,
