@@ -16,7 +16,7 @@ crypto lock) and HTTP session, never logs, never touches the daemon's sockets
 (it closes every descriptor but its result pipe), and forks happen under ``FORK_LOCK``,
 which every in-daemon encryption also takes, so no OpenSSL lock is held across the fork.
 macOS frameworks are not fork-safe (proxy lookup through _scproxy crashes after fork),
-so there the courier is spawned (spawn.py: ``python -m aac_tokend.refresh.spawn``, a spare
+so there the courier is spawned (spawn.py: ``python -P -m aac_tokend.refresh.spawned``, a spare
 started in advance, its job and its store's spec on a pipe on stdin, never in argv or the
 environment). The transaction both run is transaction.py's ``carry``.
 """
