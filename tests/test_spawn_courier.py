@@ -495,15 +495,15 @@ class TestDeadline:
         free: SIGALRM ends it before it runs any code; nothing is sent or written."""
         profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
-        spawner = SpawnCourier(profile.spec, life=2.0)
+        spawner = SpawnCourier(profile.spec, life=3.0)
         try:
             spare = spawner.prepare()
             assert spare is not None
             with profile.store.locked(profile.name, 10):
                 run = _Background(spawner, profile.job())
-                time.sleep(0.8)  # the spare reads its job, arms its alarm, waits for the lock
+                time.sleep(1.5)  # the spare reads its job, arms its alarm, waits for the lock
                 os.kill(spare, signal.SIGSTOP)
-                time.sleep(2.0)  # its deadline passes while it is stopped
+                time.sleep(2.5)  # its deadline passes while it is stopped
             os.kill(spare, signal.SIGCONT)  # the lock is free now
             result = run.join()
         finally:

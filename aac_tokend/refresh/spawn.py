@@ -145,7 +145,9 @@ class SpawnCourier:
     Its couriers open the store ``spec`` names: the spec goes with each job on stdin (a
     spare knows nothing of it until then). ``warm=False`` spawns every courier cold (the
     benchmark's row without a spare). Call ``close`` to let the spare go (tests, the
-    benchmark); a daemon that just exits lets it go too: the spare reads EOF.
+    benchmark); a daemon that just exits lets it go too: the spare reads EOF. ``life`` (a
+    courier's bound from the handover) and ``tick`` (the keeper's look) are shortened by the
+    tests; ``interpreter`` is the Python the couriers run (ours).
     """
 
     def __init__(
