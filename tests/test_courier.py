@@ -13,6 +13,8 @@ import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -22,6 +24,7 @@ import pytest
 
 from aac_tokend.core.config import Config
 from aac_tokend.core.importer import build_state, parse_import_text
+from aac_tokend.core.policy import begin_attempt
 from aac_tokend.core.report import CHECK_EXIT, StatusRow, check_rows
 from aac_tokend.core.state import ProfileState, RejectionReason
 from aac_tokend.core.tokens import token_hash
@@ -469,3 +472,73 @@ class TestAlarmSparesTheAnswer:
         assert os.WIFEXITED(status), f"the courier was killed by signal {os.WTERMSIG(status)}"
         state = FileStore(tmp_path, key).load("p")
         assert state is not None and state.refresh_count == 1 and state.in_flight is None
+
+
+class TestGenerationFence:
+    """A courier sends only if the stored state still has the generation its job names."""
+
+    def test_a_late_courier_sends_nothing_under_a_retrys_journal(
+        self, quick_sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """Same token, but a retry journaled it since: STATE_CHANGED, nothing sent."""
+        store = FileStore(tmp_path, secrets.token_bytes(32))
+        rt = _stored(quick_sandbox, store)
+        before = store.load("p")
+        assert before is not None
+        job = CourierJob("p", rt, generation=before.generation)
+        store.save_journal(begin_attempt(before, time.time()))  # the retry, then a full disk
+        result = carry(job, store, TokenEndpoint(), time.time)
+        assert result.kind is CourierKind.STATE_CHANGED
+        assert quick_sandbox.log() == []
+        after = store.load("p")
+        assert after is not None and after.in_flight is not None  # left for the daemon
+
+    def test_a_job_built_from_the_journal_still_recovers_it(
+        self, quick_sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A courier that died after journaling: the next job, built from that state, goes."""
+        store = FileStore(tmp_path, secrets.token_bytes(32))
+        rt = _stored(quick_sandbox, store)
+        before = store.load("p")
+        assert before is not None
+        journal = begin_attempt(before, time.time())
+        store.save_journal(journal)
+        job = CourierJob("p", rt, generation=journal.generation)
+        assert carry(job, store, TokenEndpoint(), time.time).kind is CourierKind.REFRESHED
+        after = store.load("p")
+        assert after is not None and after.refresh_count == 1 and after.in_flight is None
+        assert len(rotations(quick_sandbox.log())) == 1
+
+
+#: A daemon out of descriptors asks its ForkCourier for a refresh; prints the result.
+_OUT_OF_DESCRIPTORS = """
+import os, resource, sys
+from aac_tokend.refresh.courier import ForkCourier
+from aac_tokend.refresh.transaction import CourierJob
+from aac_tokend.store.files import FileStoreSpec
+courier = ForkCourier(FileStoreSpec(sys.argv[1], b"k" * 32))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+sys.stdout.write(courier.refresh(CourierJob("p", "rt")).to_bytes().decode())
+"""
+
+
+class TestForkNotStarted:
+    """A courier that cannot be forked is a typed result, not an exception."""
+
+    def test_no_descriptor_for_the_pipe_is_not_started(self, tmp_path: Path) -> None:
+        """os.pipe failing (EMFILE) comes back NOT_STARTED, naming the reason."""
+        done = subprocess.run(
+            [sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(tmp_path)],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = CourierResult.from_bytes(done.stdout)
+        assert result.kind is CourierKind.NOT_STARTED
+        assert not result.kind.durable
+        assert "could not be started" in result.detail and "Too many open files" in result.detail

@@ -24,7 +24,8 @@ from aac_tokend.core.tokens import token_hash
 from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.errors import ProfileError, StorageError, TokenHeldError
-from aac_tokend.refresh.result import CourierKind
+from aac_tokend.refresh.result import CourierKind, CourierResult
+from aac_tokend.refresh.transaction import CourierJob
 from aac_tokend.testing import (
     T0,
     FakeClock,
@@ -520,3 +521,49 @@ class TestStatus:
         rig.store.corrupt("broken")
         _started(rig)
         assert [row.profile for row in rig.engine.status()] == ["work", "broken"]
+
+
+class _Unstartable:
+    """A refresher whose courier cannot be started (no interpreter, no process slot)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[CourierJob] = []
+
+    def refresh(self, job: CourierJob) -> CourierResult:
+        self.jobs.append(job)
+        return CourierResult(CourierKind.NOT_STARTED, "the courier could not be started: gone")
+
+
+class TestCourierNotStarted:
+    """A courier that could not start is a failure like any other: counted, backed off."""
+
+    def test_not_started_is_counted_and_backs_off(self, rig: Rig) -> None:
+        """The failure and its reason show in the state; the retry waits."""
+        refresher = _Unstartable()
+        engine = Engine(
+            store=rig.store,
+            refresher=refresher,
+            scheduler=rig.scheduler,
+            clock=rig.clock,
+            config=Config(notifications=False),
+            alerter=Alerter([rig.sink]),
+            socket_path=lambda name: Path("/run/test-engine") / f"{name}.token.sock",
+        )
+        rig.store.save(oauth_state())
+        engine.start()
+        rig.clock.advance(3000)  # due
+        state = engine.refresh("work")
+        assert state.consecutive_failures == 1 and state.refresh_token == OLD_REFRESH
+        assert state.last_error == "the courier could not be started: gone"
+        at = rig.scheduler.next_at("work")
+        assert at is not None and at > rig.clock.now()
+        assert engine.current_token("work") == OLD_ACCESS.encode()
+        assert engine.refresh("work").consecutive_failures == 2
+
+    def test_the_job_names_the_generation_it_was_built_from(self, rig: Rig) -> None:
+        """The courier's fence: the job carries the served state's generation."""
+        engine = _started(rig)
+        generation = rig.state().generation
+        rig.refresher.script(_rotated())
+        engine.refresh("work")
+        assert rig.refresher.jobs[-1].generation == generation

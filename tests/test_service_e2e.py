@@ -288,7 +288,7 @@ def find_courier(home: Home) -> tuple[int, dict[str, str]] | None:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"aac_tokend.refresh.spawn" not in cmdline.split(b"\0"):
+        if b"aac_tokend.refresh.spawned" not in cmdline.split(b"\0"):
             continue
         env = proc_environ(int(entry.name))
         if env is not None and env.get("AAC_TOKEND_HOME") == str(home.root):

@@ -1,13 +1,14 @@
 """The spawned courier (macOS default, forced here): a fresh interpreter and its warm spare.
 
-Real processes against the real sandbox on loopback: couriers are ``python -m
-aac_tokend.refresh.spawn`` children of this test process, looked at through /proc. Over 300
+Real processes against the real sandbox on loopback: couriers are ``python -P -m
+aac_tokend.refresh.spawned`` children of this test process, looked at through /proc. Over 300
 lines for one concern: each test spells out the processes it starts and what it reads.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,11 +26,13 @@ import pytest
 
 from aac_tokend.core.importer import build_state, parse_import_text
 from aac_tokend.core.tokens import token_hash
+from aac_tokend.refresh.endpoint import MAX_BODY_BYTES
 from aac_tokend.refresh.result import CourierKind, CourierResult
 from aac_tokend.refresh.spawn import (
     COURIER_MODULE,
     READY,
     SPARE_MAX_AGE_SECONDS,
+    WAIT_MARGIN_SECONDS,
     SpawnCourier,
     courier_command,
     spawn_message,
@@ -444,3 +447,205 @@ class TestImports:
         assert {"requests.", "cryptography.", "aac_tokend.refresh.endpoint."} <= names  # parsed
         unused = [n for n in names if n.startswith(NOT_FOR_A_REFRESH)]
         assert sorted(unused) == []
+
+
+def _ended(pid: int) -> bool:
+    """True once ``pid`` has ended and been reaped by its parent (no zombie left)."""
+    return proc_info(pid) is None
+
+
+def _cold_run(message: bytes) -> CourierResult:
+    """A cold courier given ``message`` on stdin, run to its end; its answer."""
+    done = subprocess.run(courier_command(), input=message, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(READY)
+    return CourierResult.from_bytes(done.stdout[len(READY) :])
+
+
+@linux_only
+class TestDeadline:
+    """A courier's bound counts from the handover: late, it sends nothing."""
+
+    def test_a_spare_stopped_with_its_job_sends_nothing_after_the_daemon_gave_up(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """SIGSTOP before it reads its job, LOST, SIGCONT: the spare sends nothing."""
+        profile = _profile(sandbox, _spec(tmp_path))
+        before = profile.file_bytes()
+        spawner = SpawnCourier(profile.spec, life=1.0)
+        try:
+            spare = spawner.prepare()
+            assert spare is not None
+            os.kill(spare, signal.SIGSTOP)
+            started = time.monotonic()
+            result = spawner.refresh(profile.job())
+            assert result.kind is CourierKind.LOST
+            assert time.monotonic() - started >= 1.0 + WAIT_MARGIN_SECONDS  # the bound, and more
+            os.kill(spare, signal.SIGCONT)
+            wait_for("the old spare's end", lambda: _ended(spare), EXIT_TIMEOUT)
+        finally:
+            spawner.close()
+        assert sandbox.log() == []
+        assert profile.file_bytes() == before
+
+    def test_a_courier_stopped_when_its_alarm_comes_due_ends_on_sigcont(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """Stopped while waiting for the lock, past its deadline, then resumed with the lock
+        free: SIGALRM ends it before it runs any code; nothing is sent or written."""
+        profile = _profile(sandbox, _spec(tmp_path))
+        before = profile.file_bytes()
+        spawner = SpawnCourier(profile.spec, life=3.0)
+        try:
+            spare = spawner.prepare()
+            assert spare is not None
+            with profile.store.locked(profile.name, 10):
+                run = _Background(spawner, profile.job())
+                time.sleep(1.5)  # the spare reads its job, arms its alarm, waits for the lock
+                os.kill(spare, signal.SIGSTOP)
+                time.sleep(2.5)  # its deadline passes while it is stopped
+            os.kill(spare, signal.SIGCONT)  # the lock is free now
+            result = run.join()
+        finally:
+            spawner.close()
+        assert result.kind is CourierKind.LOST
+        assert result.detail == "the courier ended without an answer"
+        assert sandbox.log() == []
+        assert profile.file_bytes() == before
+
+    def test_a_job_read_past_its_deadline_is_not_started(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A message whose deadline has passed: NOT_STARTED, no request, no write."""
+        profile = _profile(sandbox, _spec(tmp_path))
+        before = profile.file_bytes()
+        message = spawn_message(profile.spec, profile.job(), time.monotonic() - 0.1)
+        result = _cold_run(message)
+        assert result.kind is CourierKind.NOT_STARTED, result.detail
+        assert sandbox.log() == []
+        assert profile.file_bytes() == before
+
+
+class TestNotStarted:
+    """A courier that cannot be started is a typed result the engine counts."""
+
+    def test_a_missing_interpreter_is_not_started(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """The venv's interpreter gone: NOT_STARTED with the reason, nothing sent."""
+        profile = _profile(sandbox, _spec(tmp_path))
+        gone = str(tmp_path / "venv" / "bin" / "python")
+        for warm in (False, True):
+            spawner = SpawnCourier(profile.spec, warm=warm, interpreter=gone)
+            try:
+                result = spawner.refresh(profile.job())
+            finally:
+                spawner.close()
+            assert result.kind is CourierKind.NOT_STARTED
+            assert "could not be started" in result.detail and gone in result.detail
+        assert sandbox.log() == []
+
+
+class TestMessage:
+    """The message to a spawned courier holds any job the endpoint can give."""
+
+    def test_a_token_as_long_as_an_answer_reaches_the_courier(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A refresh token of a whole answer's bytes, each escaped to six: read whole."""
+        profile = _profile(sandbox, _spec(tmp_path))
+        job = CourierJob(profile.name, "\x7f" * MAX_BODY_BYTES)  # \u007f in the message
+        message = spawn_message(profile.spec, job)
+        assert len(message) > 6 * MAX_BODY_BYTES
+        result = _cold_run(message)
+        # Read and parsed: the stored token differs, so nothing is sent (not LOST).
+        assert result.kind is CourierKind.STATE_CHANGED, result.detail
+        assert sandbox.log() == []
+
+
+@linux_only
+class TestKeeper:
+    """The keeper replaces a spare that died, and reaps couriers let go at once."""
+
+    def test_the_keeper_replaces_a_dead_spare(self, tmp_path: Path) -> None:
+        """A spare killed while waiting is reaped and replaced without a refresh."""
+        spawner = SpawnCourier(_spec(tmp_path), tick=0.5)
+        try:
+            spare = spawner.prepare()
+            assert spare is not None
+            os.kill(spare, signal.SIGKILL)
+            wait_for("the dead spare reaped", lambda: _ended(spare), EXIT_TIMEOUT)
+            wait_for("a new spare", lambda: [p for p in _our_couriers() if p != spare])
+            assert spawner.prepare() not in (None, spare)
+        finally:
+            spawner.close()
+
+    def test_a_spare_let_go_is_reaped_within_seconds(self, tmp_path: Path) -> None:
+        """An aged spare let go leaves no zombie for a whole keeper tick."""
+        now = [1_000_000.0]
+        spawner = SpawnCourier(_spec(tmp_path), clock=lambda: now[0])
+        try:
+            old = spawner.prepare()
+            assert old is not None
+            now[0] += SPARE_MAX_AGE_SECONDS + 1
+            new = spawner.prepare()  # lets the old one go
+            assert new not in (None, old)
+            wait_for("the old spare reaped", lambda: _ended(old), 5.0)
+        finally:
+            spawner.close()
+
+
+@linux_only
+class TestWorkingDirectory:
+    """The courier runs none of the code in the daemon's working directory."""
+
+    def test_a_module_planted_in_the_cwd_is_not_imported(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """A netrc.py beside the daemon (the courier imports netrc) is never run."""
+        profile = _profile(sandbox, _spec(tmp_path / "store"))
+        planted, marker = tmp_path / "cwd", tmp_path / "ran"
+        planted.mkdir()
+        (planted / "netrc.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        here = os.getcwd()
+        os.chdir(planted)
+        try:
+            spawner = SpawnCourier(profile.spec)
+            try:
+                spare = spawner.prepare()
+                assert spare is not None
+                assert os.readlink(f"/proc/{spare}/cwd") == "/"
+                assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
+            finally:
+                spawner.close()
+        finally:
+            os.chdir(here)
+        assert not marker.exists()
+
+
+@linux_only
+class TestDeafFromTheStart:
+    """A cold courier holds its job from its first instant: no signal ends it then."""
+
+    def test_sigterm_during_the_imports_does_not_end_a_cold_courier(
+        self, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """SIGTERM sent again and again from the moment it exists: the refresh goes."""
+        profile = _profile(sandbox, _spec(tmp_path))
+        spawner = SpawnCourier(profile.spec, warm=False)
+        try:
+            run = _Background(spawner, profile.job())
+            hit = set()
+            deadline = time.monotonic() + 30
+            while run.result is None and time.monotonic() < deadline:
+                for pid in _our_couriers():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                        hit.add(pid)
+                time.sleep(0.002)
+            result = run.join()
+        finally:
+            spawner.close()
+        assert hit, "the courier was never seen"
+        assert result.kind is CourierKind.REFRESHED, result.detail
+        assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]

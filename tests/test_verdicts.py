@@ -308,8 +308,8 @@ class TestConfiguredLifetime:
     def test_job_carries_the_days_to_a_spawned_courier(self) -> None:
         """The days survive the job's trip through a pipe (the spawned courier's stdin)."""
         spec = FileStoreSpec("/tmp/x", b"k" * 32, pending_dir="/tmp/y")
-        job = CourierJob("p", "rt", lifetime_days=30.0)
-        assert read_spawn_message(spawn_message(spec, job)) == (spec, job)
+        job = CourierJob("p", "rt", lifetime_days=30.0, generation=7)
+        assert read_spawn_message(spawn_message(spec, job, 123.5)) == (spec, job, 123.5)
         bare = CourierJob("p", "rt")
         assert read_spawn_message(spawn_message(spec, bare))[1].lifetime_days is None
 

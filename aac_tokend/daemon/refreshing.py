@@ -55,7 +55,12 @@ class Refreshing(Adoption):
             # last error, and the log gets only the power-of-two failure lines below.
             started = log.info if state.consecutive_failures == 0 else log.debug
             started("refresh_started", profile=name, refresh_token=token_hash(state.refresh_token))
-            job = CourierJob(name, state.refresh_token, lifetime_days=self._lifetime_days(name))
+            job = CourierJob(
+                name,
+                state.refresh_token,
+                lifetime_days=self._lifetime_days(name),
+                generation=state.generation,
+            )
             result = self._refresher.refresh(job)
             return self._absorb(name, result, state)
         finally:

@@ -16,7 +16,7 @@ crypto lock) and HTTP session, never logs, never touches the daemon's sockets
 (it closes every descriptor but its result pipe), and forks happen under ``FORK_LOCK``,
 which every in-daemon encryption also takes, so no OpenSSL lock is held across the fork.
 macOS frameworks are not fork-safe (proxy lookup through _scproxy crashes after fork),
-so there the courier is spawned (spawn.py: ``python -m aac_tokend.refresh.spawn``, a spare
+so there the courier is spawned (spawn.py: ``python -P -m aac_tokend.refresh.spawned``, a spare
 started in advance, its job and its store's spec on a pipe on stdin, never in argv or the
 environment). The transaction both run is transaction.py's ``carry``.
 """
@@ -92,19 +92,24 @@ class InProcessRefresher:
         return carry(job, self._store, self._endpoint, self._clock)
 
 
-def become_courier(life: int = MAX_LIFE_SECONDS) -> None:
-    """Leave the daemon's session and signals behind; bound our own life (until the answer)."""
+def become_courier(life: float = MAX_LIFE_SECONDS) -> None:
+    """Leave the daemon's session and signals behind; bound our own life (until the answer).
+
+    The bound is SIGALRM's default action: a courier stopped (SIGSTOP) when its alarm comes
+    due is ended by the kernel as SIGCONT resumes it, before it runs any code of its own."""
     if os.getsid(0) != os.getpid():  # a spawned courier is already a session leader
         os.setsid()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.alarm(life)
+    # setitimer, not alarm(): alarm counts whole seconds, and a spawned courier's bound is
+    # what is left of its job's (spawn.py).
+    signal.setitimer(signal.ITIMER_REAL, life)
 
 
 def disarm() -> None:
     """The answer is in: from here to the durable write, nothing may stop the courier."""
-    signal.alarm(0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _read_answer(fd: int, deadline: float) -> bytes:
@@ -136,9 +141,17 @@ class ForkCourier:
         import urllib3.exceptions  # noqa: F401
 
     def refresh(self, job: CourierJob) -> CourierResult:
-        read_fd, write_fd = os.pipe()
-        with FORK_LOCK:
-            pid = os.fork()
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:  # out of descriptors: nothing was sent; the engine backs off
+            return _not_started(exc)
+        try:
+            with FORK_LOCK:
+                pid = os.fork()
+        except OSError as exc:  # out of processes or memory: as above
+            os.close(read_fd)
+            os.close(write_fd)
+            return _not_started(exc)
         if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' outcomes
             try:
                 # First of all, let go of everything inherited: above all the daemon's
@@ -159,6 +172,10 @@ class ForkCourier:
                 os._exit(0)
         os.close(write_fd)
         return _finish(pid, read_fd)
+
+
+def _not_started(exc: OSError) -> CourierResult:
+    return CourierResult(CourierKind.NOT_STARTED, f"the courier could not be started: {exc}")
 
 
 def _finish(pid: int, read_fd: int) -> CourierResult:

@@ -25,6 +25,7 @@ class CourierKind(StrEnum):
     CORRUPT = "corrupt"  # the stored state cannot be read back: nothing was sent
     STORAGE_FAILED = "storage_failed"  # a write failed; ``unsaved`` holds a sealed outcome
     LOST = "lost"  # the courier ended without an answer (killed, crashed, timed out)
+    NOT_STARTED = "not_started"  # no courier ran (it could not be started, or came too late)
 
     @property
     def durable(self) -> bool:

@@ -1,9 +1,11 @@
 """The spawned courier: a fresh interpreter carries each refresh, and one waits ready.
 
-Where fork is unsafe (macOS, see courier.py) a courier is ``python -m
-aac_tokend.refresh.spawn``, reading its store's spec (with the state key) and its job (with
+Where fork is unsafe (macOS, see courier.py) a courier is ``python -P -m
+aac_tokend.refresh.spawned`` (a tiny entry that turns deaf to signals, then runs ``main``
+here), started in ``/``, reading its store's spec (with the state key) and its job (with
 the refresh token) from a pipe on stdin, never from argv or the environment, and writing its
-result to stdout.
+result to stdout. ``-P`` and ``/``: the daemon's working directory is nobody's code, and a
+module planted there would otherwise shadow the stdlib in a process that holds the key.
 
 A fresh interpreter pays for its imports: measured on the 2-core CI machine, a cold spawn
 costs ~150-450 ms over an in-process refresh (requests and urllib3 ~100-250 ms,
@@ -12,14 +14,20 @@ budget of +100 ms. A refresh needs requests and cryptography, so no trimming get
 So one courier is started in advance, a *spare*: it does its imports, leaves the daemon's
 session, turns deaf to SIGTERM/SIGINT/SIGHUP, tells the daemon it is ready and blocks on
 stdin. A refresh hands its job to the spare (no interpreter start on the refresh path) and
-a replacement is started after the answer, off the refresh's clock. The spare's life bound
-(SIGALRM, ``MAX_LIFE_SECONDS``) starts when its job arrives. If the daemon dies, the spare
-reads EOF and exits at once: it has touched no state.
+a replacement is started after the answer, off the refresh's clock. The courier's life
+bound (``MAX_LIFE_SECONDS``) counts from when the daemon hands the job over, as a forked
+courier's counts from the fork: the message carries a deadline on ``time.monotonic()``,
+which on Linux (CLOCK_MONOTONIC) and macOS (mach_absolute_time) is one clock for every
+process of the host, since boot. The courier sends nothing past it, and its SIGALRM is
+armed for what is left. So a spare stopped (SIGSTOP) with its job unread, which the daemon
+gave up on, cannot wake later and send a token that was retried meanwhile. If the daemon
+dies, the spare reads EOF and exits at once: it has touched no state.
 
 One spare only: a second refresh running at the same time spawns a cold courier. A spare
 runs the code that was on disk when it started, so the keeper thread replaces any spare
 older than ``SPARE_MAX_AGE_SECONDS`` (an upgrade in place reaches the couriers within
-minutes, even before the daemon restarts).
+minutes, even before the daemon restarts), replaces one that died, and reaps the couriers
+let go.
 
 Over 300 lines for one concern: both ends of the pipe (the daemon's ``SpawnCourier`` and the
 courier's ``main``) and the message between them, which change together.
@@ -40,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..store.files import FileStoreSpec
 from .courier import MAX_LIFE_SECONDS, WAIT_SECONDS, become_courier, disarm
-from .endpoint import TokenEndpoint
+from .endpoint import MAX_BODY_BYTES, TokenEndpoint
 from .result import CourierKind, CourierResult
 from .transaction import CourierJob, carry
 
@@ -58,11 +66,17 @@ __all__ = [
 ]
 
 #: The module a spawned courier runs; its name in ``ps`` (and what the tests look for).
-COURIER_MODULE = "aac_tokend.refresh.spawn"
+COURIER_MODULE = "aac_tokend.refresh.spawned"
 #: The byte a courier writes once its imports are done. Not JSON, so never a result.
 READY = b"\x06"
-#: A spawn message (the store's spec and the job) is a few hundred bytes; more is not one.
-MAX_MESSAGE_BYTES = 65536
+#: A spawn message is a few hundred bytes, but its refresh token is whatever the server
+#: gave: up to a whole answer (the endpoint reads at most MAX_BODY_BYTES), and JSON-escaped
+#: again here each character of it takes at most 6 bytes (a \uXXXX escape) for at least one
+#: in the answer. Plus the store's spec and the other fields, well under 64 KiB.
+MAX_MESSAGE_BYTES = 6 * MAX_BODY_BYTES + 65536
+#: The daemon waits this much longer than a courier's bound (the courier's own SIGALRM ends
+#: it first, so a LOST courier has ended or is past its deadline and sends nothing).
+WAIT_MARGIN_SECONDS = WAIT_SECONDS - MAX_LIFE_SECONDS
 #: A spare runs the code on disk when it started: replaced after this long, so an upgrade
 #: in place reaches the couriers within minutes. Each replacement costs one interpreter
 #: start (~0.3 s of CPU) per 10 minutes, under 0.1 % of one core.
@@ -70,44 +84,59 @@ SPARE_MAX_AGE_SECONDS = 600.0
 #: How often the keeper looks at the spare's age. Wall-clock age (a suspended laptop's spare
 #: is as old as the calendar says), checked often enough to see a clock step soon.
 KEEPER_TICK_SECONDS = 30.0
+#: How often the keeper looks while a courier let go has not yet ended (a spare let go ends
+#: within milliseconds): it is reaped at once, not left a zombie for a whole tick.
+REAP_TICK_SECONDS = 1.0
+#: Blocked in the daemon's thread while it starts a courier, so the child starts with them
+#: blocked: spawned.py ignores them before its imports; one sent meanwhile is discarded.
+_DEAF_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
-def courier_command() -> list[str]:
+def courier_command(interpreter: str = sys.executable) -> list[str]:
     """The argv of a spawned courier: nothing secret, and the same interpreter as ours."""
     # Not -S or -I: skipping site saved ~10 ms of a cold start here (the spare hides start-up
     # anyway), and would skip what site does for the user: .pth hooks (pip-system-certs and
     # the like, which make requests trust a corporate CA), sitecustomize, the user site-packages
     # of a `pip install --user`. -X frozen_modules is already on in release builds.
-    return [sys.executable, "-m", COURIER_MODULE]
+    # -P (3.11+): not the working directory first on sys.path (see the module docstring).
+    return [interpreter, "-P", "-m", COURIER_MODULE]
 
 
 def _lost(detail: str) -> CourierResult:
     return CourierResult(CourierKind.LOST, detail)
 
 
-def spawn_message(spec: FileStoreSpec, job: CourierJob) -> bytes:
-    """What a spawned courier reads on stdin: where its store is, and its job."""
+def spawn_message(spec: FileStoreSpec, job: CourierJob, deadline: float | None = None) -> bytes:
+    """What a spawned courier reads on stdin: where its store is, its job, and the
+    ``time.monotonic()`` past which it sends nothing (by default ``MAX_LIFE_SECONDS`` on)."""
+    if deadline is None:
+        deadline = time.monotonic() + MAX_LIFE_SECONDS
     data: dict[str, Any] = {
         "store": spec.to_dict(),
         "job": {
             "profile": job.profile,
             "refresh_token": job.refresh_token,
             "lifetime_days": job.lifetime_days,
+            "generation": job.generation,
         },
+        "deadline": deadline,
     }
     return json.dumps(data).encode()
 
 
-def read_spawn_message(raw: bytes) -> tuple[FileStoreSpec, CourierJob]:
-    """The store's spec and the job in a spawned courier's stdin (``spawn_message``)."""
+def read_spawn_message(raw: bytes) -> tuple[FileStoreSpec, CourierJob, float]:
+    """The store's spec, the job and its deadline in a spawned courier's stdin
+    (``spawn_message``)."""
     data = json.loads(raw)
     job = data["job"]
-    days = job.get("lifetime_days")
-    return FileStoreSpec.from_dict(data["store"]), CourierJob(
+    days, generation = job.get("lifetime_days"), job.get("generation")
+    courier_job = CourierJob(
         str(job["profile"]),
         str(job["refresh_token"]),
         lifetime_days=float(days) if days is not None else None,
+        generation=int(generation) if generation is not None else None,
     )
+    return FileStoreSpec.from_dict(data["store"]), courier_job, float(data["deadline"])
 
 
 class SpawnCourier:
@@ -116,7 +145,9 @@ class SpawnCourier:
     Its couriers open the store ``spec`` names: the spec goes with each job on stdin (a
     spare knows nothing of it until then). ``warm=False`` spawns every courier cold (the
     benchmark's row without a spare). Call ``close`` to let the spare go (tests, the
-    benchmark); a daemon that just exits lets it go too: the spare reads EOF.
+    benchmark); a daemon that just exits lets it go too: the spare reads EOF. ``life`` (a
+    courier's bound from the handover) and ``tick`` (the keeper's look) are shortened by the
+    tests; ``interpreter`` is the Python the couriers run (ours).
     """
 
     def __init__(
@@ -126,11 +157,18 @@ class SpawnCourier:
         warm: bool = True,
         max_age: float = SPARE_MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.time,
+        life: float = MAX_LIFE_SECONDS,
+        tick: float = KEEPER_TICK_SECONDS,
+        interpreter: str = sys.executable,
     ) -> None:
         self._spec = spec
         self._warm = warm
         self._max_age = max_age
         self._clock = clock
+        #: A courier's bound from the handover (tests shorten it); the wait is longer.
+        self._life = life
+        self._tick = min(tick, max_age)
+        self._command = courier_command(interpreter)
         self._lock = threading.Lock()
         self._spare: subprocess.Popen[bytes] | None = None
         self._spare_born = 0.0
@@ -138,13 +176,24 @@ class SpawnCourier:
         #: Couriers left to finish alone (timed out) or spares let go: reaped when done.
         self._retired: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
+        #: Set when there is something for the keeper to do now (a courier let go; close).
+        self._nudge = threading.Event()
         self._keeper: threading.Thread | None = None
 
     # -- the refresh path ------------------------------------------------------------------
     def refresh(self, job: CourierJob) -> CourierResult:
         """Hand ``job`` to the spare (or a cold courier) and wait for its answer."""
         self._reap()
-        proc = self._take() or _spawn()
+        proc = self._take()
+        if proc is None:
+            try:
+                proc = _spawn(self._command)
+            except OSError as exc:
+                # Nothing was sent: the engine counts a failure and backs off. (The OSError
+                # names the interpreter's path or a resource, never a token.)
+                return CourierResult(
+                    CourierKind.NOT_STARTED, f"the courier could not be started: {exc}"
+                )
         try:
             return self._hand(proc, job)
         finally:
@@ -156,8 +205,11 @@ class SpawnCourier:
         none comes in time."""
         import subprocess
 
+        # The courier's bound counts from now, not from when it reads the job: a spare
+        # stopped before reading it must not wake, after we gave up, and send the token.
+        message = spawn_message(self._spec, job, time.monotonic() + self._life)
         try:
-            raw, _ = proc.communicate(spawn_message(self._spec, job), timeout=WAIT_SECONDS)
+            raw, _ = proc.communicate(message, timeout=self._life + WAIT_MARGIN_SECONDS)
         except subprocess.TimeoutExpired:
             # Left to finish alone, as a forked courier is: its own bound ends it.
             self._retire(proc)
@@ -210,13 +262,16 @@ class SpawnCourier:
 
     def _replenish(self) -> None:
         with self._lock:
-            if self._stop.is_set() or (self._spare is not None and self._fresh()):
+            spare = self._spare
+            if self._stop.is_set() or (
+                spare is not None and self._fresh() and spare.poll() is None
+            ):
                 return
-            old, self._spare = self._spare, None
+            old, self._spare = spare, None
             # No spare if the start fails (out of processes or descriptors?): the next
             # refresh spawns cold and tries again. Never an error here: the answer is in.
             with contextlib.suppress(OSError):
-                self._spare = _spawn()
+                self._spare = _spawn(self._command)
             self._spare_born = self._clock()
             self._spare_ready = False
             if self._keeper is None:
@@ -228,12 +283,20 @@ class SpawnCourier:
             self._retire(old)
 
     def _keep(self) -> None:
-        """Replace a spare that grew too old; reap what was let go."""
-        while not self._stop.wait(min(KEEPER_TICK_SECONDS, self._max_age)):
+        """Replace a spare that grew too old or died; reap what was let go."""
+        while True:
+            with self._lock:
+                waiting = bool(self._retired)
+            self._nudge.wait(min(self._tick, REAP_TICK_SECONDS) if waiting else self._tick)
+            self._nudge.clear()
+            if self._stop.is_set():
+                return
             self._reap()
             with self._lock:
-                stale = self._spare is not None and not self._fresh()
-            if stale:
+                spare = self._spare
+                # poll() reaps a dead spare; out of the slot while prepare() reads it.
+                replace = spare is not None and (not self._fresh() or spare.poll() is not None)
+            if replace:
                 self._replenish()
 
     def _retire(self, proc: subprocess.Popen[bytes]) -> None:
@@ -248,6 +311,7 @@ class SpawnCourier:
         with self._lock:
             self._retired.append(proc)
         self._reap()
+        self._nudge.set()
 
     def _reap(self) -> None:
         """Collect couriers that have ended, so none stays a zombie."""
@@ -258,6 +322,7 @@ class SpawnCourier:
         """Let the spare go and stop the keeper; wait for let-go couriers (not for ones
         still carrying a job past ``timeout``)."""
         self._stop.set()
+        self._nudge.set()
         with self._lock:
             spare, self._spare = self._spare, None
             keeper = self._keeper
@@ -274,18 +339,26 @@ class SpawnCourier:
         self._reap()
 
 
-def _spawn() -> subprocess.Popen[bytes]:
-    """A courier in a session of its own, with none of our descriptors but its pipes."""
+def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
+    """A courier in a session of its own, in ``/``, with none of our descriptors but its
+    pipes, and SIGTERM/SIGINT/SIGHUP blocked until spawned.py ignores them."""
     import subprocess  # only the daemon spawns; a courier never needs it
 
-    return subprocess.Popen(
-        courier_command(),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-    )
+    # The mask is this thread's alone (signals to the daemon go to its other threads) and
+    # the child inherits it through exec: a cold courier has its job from its first instant.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _DEAF_SIGNALS)
+    try:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _wait_ready(fd: int, timeout: float) -> bool:
@@ -309,19 +382,30 @@ def main() -> int:
 
     with contextlib.suppress(BrokenPipeError):  # let go while importing: EOF below
         os.write(1, READY)
-    raw = sys.stdin.buffer.read(MAX_MESSAGE_BYTES)
+    raw = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)  # to EOF: the daemon closes it
     if not raw:
         return 0  # the daemon let us go (or died) before a job came: nothing touched
-    signal.alarm(MAX_LIFE_SECONDS)
-    spec, job = read_spawn_message(raw)
-    result = carry(job, spec.open(), endpoint, time.time, on_answer=disarm)
-    sys.stdout.buffer.write(result.to_bytes())
-    sys.stdout.flush()
+    if len(raw) > MAX_MESSAGE_BYTES:
+        return _answer(_not_started(f"its message is over {MAX_MESSAGE_BYTES} bytes"))
+    spec, job, deadline = read_spawn_message(raw)
+    # Armed first, then checked: stopped between the two, the alarm is late by the stop but
+    # the check sees the deadline passed. Stopped after the check, the alarm comes due while
+    # we are stopped, and SIGCONT ends us (SIGALRM's default) before we run any code.
+    left = deadline - time.monotonic()
+    if left > 0:
+        signal.setitimer(signal.ITIMER_REAL, left)
+    if left <= 0 or time.monotonic() >= deadline:
+        disarm()
+        return _answer(_not_started("it read its job past the job's deadline"))
+    return _answer(carry(job, spec.open(), endpoint, time.time, on_answer=disarm))
+
+
+def _not_started(why: str) -> CourierResult:
+    return CourierResult(CourierKind.NOT_STARTED, f"the courier sent nothing: {why}")
+
+
+def _answer(result: CourierResult) -> int:
+    with contextlib.suppress(BrokenPipeError):  # the daemon gave up on us: nobody to tell
+        sys.stdout.buffer.write(result.to_bytes())
+        sys.stdout.flush()
     return 0
-
-
-if __name__ == "__main__":
-    code = main()
-    # Not sys.exit: the interpreter's teardown takes 50-200 ms here, and the daemon waits
-    # for our end (EOF) before it has its answer. What matters is durable and flushed.
-    os._exit(code)

@@ -37,8 +37,10 @@ class CourierJob:
     """What one refresh needs: the profile and the refresh token the daemon believes current.
 
     ``lifetime_days`` is config.toml's refresh_lifetime_days for the profile: the verdict on
-    an invalid_grant needs it when the state has no lifetime of its own. Where the state is
-    kept is not the job's business: the refresher was built with its store.
+    an invalid_grant needs it when the state has no lifetime of its own. ``generation`` is
+    that of the state the job was built from: the courier sends only if the stored state
+    still has it (None: the token alone decides). Where the state is kept is not the job's
+    business: the refresher was built with its store.
     """
 
     profile: str
@@ -46,6 +48,7 @@ class CourierJob:
     # Keyword-only: an optional value once took another's place in a positional call.
     _: KW_ONLY
     lifetime_days: float | None = None
+    generation: int | None = None
 
     def __repr__(self) -> str:
         return f"CourierJob(profile={self.profile!r})"
@@ -130,6 +133,10 @@ def carry(
                 or state.kind is not TokenKind.OAUTH
                 or state.rejection is not None
                 or state.refresh_token != job.refresh_token
+                # A fence beside the token: a courier that woke late (a spare stopped with its
+                # job, given up on) finds the same token under a journal a retry wrote since,
+                # and must not send it again (the server would revoke the family).
+                or (job.generation is not None and state.generation != job.generation)
                 or not state.token_endpoint
                 or not state.client_id
             ):
