@@ -24,7 +24,7 @@ import requests
 
 from .client import need_daemon, read_token
 from .core.origin import direct_proxies, url_origin
-from .errors import AlertError, EndpointUnavailableError, InputError
+from .errors import AlertError, EndpointUnavailableError, InputError, ProfileError
 from .host.paths import resolve_paths
 from .rundir import PROFILE_ENV
 
@@ -44,8 +44,19 @@ def _control(op: str, **fields: Any) -> dict[str, Any]:
 
 
 def _profile(profile: str | None) -> str:
-    """The profile asked for, else $AAC_TOKEND_PROFILE, else "default" (as the CLI does)."""
-    return profile if profile is not None else (os.environ.get(PROFILE_ENV) or "default")
+    """The profile asked for, else $AAC_TOKEND_PROFILE, else "default" (as the CLI does);
+    a name no profile can have is ProfileError (65), never a path to follow."""
+    from .core.state import validate_profile_name
+
+    if profile is not None:
+        return validate_profile_name(profile)
+    value = os.environ.get(PROFILE_ENV)
+    if not value:
+        return "default"
+    try:
+        return validate_profile_name(value)
+    except ProfileError as exc:
+        raise ProfileError(f"{PROFILE_ENV}: {exc}; fix or unset it") from None
 
 
 def get_token(profile: str | None = None) -> str:

@@ -40,9 +40,10 @@ def fast_token_args(args: list[str], default_profile: str) -> tuple[str, str] | 
             profile = arg.split("=", 1)[1]
         else:
             return None
-    # Profile names start with a letter or digit and hold no "/" (state.validate_profile_name).
-    if not (profile[:1].isascii() and profile[:1].isalnum()) or "/" in profile:
-        return None
+    from .rundir import is_profile_name  # imported by the fast path anyway
+
+    if not is_profile_name(profile):
+        return None  # the long way names the bad name (or $AAC_TOKEND_PROFILE)
     return profile, form
 
 
