@@ -17,12 +17,13 @@ import json
 import os
 import string
 import sys
+import time
 from typing import Any
 from urllib.parse import urljoin
 
 import requests
 
-from .client import need_daemon, read_token
+from .client import READ_TIMEOUT_SECONDS, need_daemon, read_token
 from .core.origin import direct_proxies, url_origin
 from .errors import AlertError, EndpointUnavailableError, InputError, ProfileError
 from .host.paths import resolve_paths
@@ -38,9 +39,10 @@ API_TIMEOUT_SECONDS = (5.0, 60.0)
 _METHOD_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 
 
-def _control(op: str, **fields: Any) -> dict[str, Any]:
+def _control(op: str, *, deadline: float = 0.0, **fields: Any) -> dict[str, Any]:
     """The daemon's answer (client.need_daemon: a refusal raises the error its code names)."""
-    return need_daemon(str(resolve_paths(os.environ).control_socket), op, **fields)
+    control = str(resolve_paths(os.environ).control_socket)
+    return need_daemon(control, op, deadline=deadline, **fields)
 
 
 def _profile(profile: str | None) -> str:
@@ -61,15 +63,17 @@ def _profile(profile: str | None) -> str:
 
 def get_token(profile: str | None = None) -> str:
     """The profile's current access token from the running daemon (AlertError if none)."""
+    # One budget for both sockets, as `token` has: a hung daemon costs READ_TIMEOUT_SECONDS.
+    deadline = time.monotonic() + READ_TIMEOUT_SECONDS
     profile = _profile(profile)
     path = str(resolve_paths(os.environ).token_socket(profile))
     try:
-        token = read_token(path)
+        token = read_token(path, deadline=deadline)
     except OSError:  # not served, busy, cut short: the control socket says why, or has it
         token = ""
     if token:
         return token
-    return str(_control("token", profile=profile)["token"])
+    return str(_control("token", deadline=deadline, profile=profile)["token"])
 
 
 def request_refresh(profile: str | None = None) -> None:

@@ -7,8 +7,13 @@ classes listening on real Unix sockets, and the commands run as real processes.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +22,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aac_tokend.api import get_token
+from aac_tokend.cli import EXIT_BROKEN_PIPE
+from aac_tokend.client import READ_TIMEOUT_SECONDS, ask_daemon, read_token
 from aac_tokend.core.state import validate_profile_name
-from aac_tokend.errors import ProfileError
+from aac_tokend.errors import AacTokendError, ProfileError, TransientError
 from aac_tokend.host.paths import resolve_paths
 from aac_tokend.rundir import is_profile_name, token_socket_name
 from tests.helpers_e2e import E2EHome, assert_one_line_error, e2e_home
@@ -147,3 +154,212 @@ class TestProfileNameIsNotAPath:
         plant_foreign_socket(home, fakes)
         result = home.cli("token", env=dict(home.env, AAC_TOKEND_PROFILE="../evil"))
         assert "AAC_TOKEND_PROFILE" in assert_one_line_error(result, 65)
+
+
+def answer_with(reply: bytes) -> Callable[[socket.socket], None]:
+    """A behaviour reading one request line and answering ``reply``."""
+
+    def behaviour(conn: socket.socket) -> None:
+        conn.makefile("rb").readline()
+        conn.sendall(reply)
+
+    return behaviour
+
+
+def trickle(conn: socket.socket) -> None:
+    """A swamped or hostile peer: one byte every 0.2 s, never a whole line."""
+    for _ in range(200):
+        conn.sendall(b" ")
+        time.sleep(0.2)
+
+
+def hold(conn: socket.socket) -> None:
+    """A hung daemon: takes the connection, never answers, until the client gives up."""
+    while conn.recv(1024):
+        pass
+
+
+def hang_up(conn: socket.socket) -> None:
+    """A daemon stopping: reads the request and closes without an answer."""
+    conn.recv(1024)
+
+
+class TestWrongShapedAnswers:
+    """Valid JSON of the wrong shape is one line and exit 1, never a traceback."""
+
+    @pytest.mark.parametrize(
+        "command",
+        [("token",), ("status", "--check"), ("profiles",), ("refresh",), ("exec", "--", "true")],
+    )
+    def test_ok_alone_is_one_line(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], command: tuple[str, ...]
+    ) -> None:
+        """An answer of {"ok": true} alone names what it lacks and says to restart the daemon."""
+        fakes(home.home / "run" / "control.sock", answer_with(b'{"ok":true}\n'))
+        line = assert_one_line_error(home.cli(*command), 1)
+        assert "lacks" in line and "restart it" in line
+
+    def test_remove_unconfirmed_is_not_removed(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon]
+    ) -> None:
+        """`remove` does not say "removed" when the answer does not say so."""
+        fakes(home.home / "run" / "control.sock", answer_with(b'{"ok":true}\n'))
+        result = home.cli("remove", "--yes", "never-existed")
+        assert_one_line_error(result, 1)
+        assert result.stdout == ""
+
+    def test_token_of_wrong_type(self, home: E2EHome, fakes: Callable[..., FakeDaemon]) -> None:
+        """A token that is a number is one line, not a TypeError."""
+        fakes(home.home / "run" / "control.sock", answer_with(b'{"ok":true,"token":123}\n'))
+        assert_one_line_error(home.cli("token"), 1)
+
+    def test_deep_nesting(self, home: E2EHome, fakes: Callable[..., FakeDaemon]) -> None:
+        """An answer nested 100,000 deep is one line, not a RecursionError."""
+        fakes(home.home / "run" / "control.sock", answer_with(b"[" * 100_000 + b"\n"))
+        assert_one_line_error(home.cli("status", "--check"), 1)
+
+    def test_get_token_raises_the_house_error(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """get_token() against {"ok": true} raises AacTokendError, not KeyError."""
+        fakes(home.home / "run" / "control.sock", answer_with(b'{"ok":true}\n'))
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(home.home))
+        monkeypatch.delenv("AAC_TOKEND_PROFILE", raising=False)
+        with pytest.raises(AacTokendError, match="lacks 'token'") as info:
+            get_token()
+        assert info.value.exit_code == 1
+
+
+class TestOneDeadline:
+    """A request has one deadline for connect, send and every read: a trickle cannot stretch it."""
+
+    def test_trickling_control_socket(
+        self, sockdir: Path, fakes: Callable[..., FakeDaemon]
+    ) -> None:
+        """ask_daemon against a peer sending a byte at a time ends at its deadline (75)."""
+        fake = fakes(sockdir / "control.sock", trickle)
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="did not answer"):
+            ask_daemon(str(fake.path), "status", deadline=time.monotonic() + 1.0)
+        assert time.monotonic() - started < 3.0
+
+    def test_trickling_token_socket(self, sockdir: Path, fakes: Callable[..., FakeDaemon]) -> None:
+        """read_token against a peer sending a byte at a time ends at its timeout."""
+        fake = fakes(sockdir / "default.token.sock", trickle)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            read_token(str(fake.path), timeout=1.0)
+        assert time.monotonic() - started < 3.0
+
+    def test_status_check_against_a_trickle(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon]
+    ) -> None:
+        """`status --check` against a trickling daemon exits 75 within the read timeout."""
+        fakes(home.home / "run" / "control.sock", trickle)
+        started = time.monotonic()
+        assert_one_line_error(home.cli("status", "--check"), 75)
+        assert time.monotonic() - started < READ_TIMEOUT_SECONDS + 3
+
+    def test_get_token_one_budget(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """get_token() against a hung daemon (both sockets) spends one budget, not 2 s + 5 s."""
+        fakes(home.home / "run" / "default.token.sock", hold)
+        fakes(home.home / "run" / "control.sock", hold)
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(home.home))
+        monkeypatch.delenv("AAC_TOKEND_PROFILE", raising=False)
+        started = time.monotonic()
+        with pytest.raises(TransientError):
+            get_token()
+        assert time.monotonic() - started < READ_TIMEOUT_SECONDS + 1
+
+    @pytest.mark.parametrize("command", ["token", "reload", "stop"])
+    def test_hung_daemon_is_short(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], command: str
+    ) -> None:
+        """`token` (both sockets hung), `reload` and `stop` give up after the read timeout (75)."""
+        fakes(home.home / "run" / "default.token.sock", hold)
+        fakes(home.home / "run" / "control.sock", hold)
+        started = time.monotonic()
+        assert_one_line_error(home.cli(command), 75)
+        assert time.monotonic() - started < READ_TIMEOUT_SECONDS + 2
+
+
+class TestHangUp:
+    """A daemon hanging up before it answers (stopping, restarting) is 75: try again."""
+
+    def test_ask_daemon(self, sockdir: Path, fakes: Callable[..., FakeDaemon]) -> None:
+        """ask_daemon raises TransientError saying the daemon hung up."""
+        fake = fakes(sockdir / "control.sock", hang_up)
+        with pytest.raises(TransientError, match="hung up") as info:
+            ask_daemon(str(fake.path), "status")
+        assert info.value.exit_code == 75
+
+    @pytest.mark.parametrize("command", [("token",), ("status", "--check"), ("profiles",)])
+    def test_commands(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], command: tuple[str, ...]
+    ) -> None:
+        """The commands exit 75 with one line."""
+        fakes(home.home / "run" / "control.sock", hang_up)
+        assert "hung up" in assert_one_line_error(home.cli(*command), 75)
+
+
+def shell(home: E2EHome, line: str) -> subprocess.CompletedProcess[str]:
+    """Run ``line`` in sh with AAC as the `python -m aac_tokend` command."""
+    env = dict(home.env, AAC=f"{sys.executable} -m aac_tokend")
+    return subprocess.run(
+        ["sh", "-c", line], env=env, capture_output=True, text=True, timeout=60, cwd=home.root
+    )
+
+
+class TestOutputGuard:
+    """A stdout that cannot take the output is one line and exit 1; a closed pipe is quiet."""
+
+    @pytest.mark.parametrize(
+        ("line", "words"),
+        [("$AAC token >&-", "closed"), ("$AAC token --header >/dev/full", "No space")],
+    )
+    def test_fast_path(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], line: str, words: str
+    ) -> None:
+        """The token fast path with stdout closed or full: one line, exit 1."""
+        fakes(home.home / "run" / "default.token.sock", lambda conn: conn.sendall(b"a.b.c\n"))
+        result = shell(home, line)
+        assert result.returncode == 1, result
+        assert result.stderr.count("\n") == 1 and words in result.stderr, result
+
+    def test_status_json_to_full(self, home: E2EHome, fakes: Callable[..., FakeDaemon]) -> None:
+        """`status --json >/dev/full` is one line, exit 1."""
+        fakes(home.home / "run" / "control.sock", answer_with(b'{"ok":true,"profiles":[]}\n'))
+        result = shell(home, "$AAC status --json >/dev/full")
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result
+
+    def test_closed_pipe_is_quiet(self, home: E2EHome, fakes: Callable[..., FakeDaemon]) -> None:
+        """A pipe whose reader is gone: nothing on stderr, the status of a SIGPIPE death."""
+        fakes(home.home / "run" / "default.token.sock", lambda conn: conn.sendall(b"a.b.c\n"))
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = subprocess.run(
+                home.command("token"), stdout=write_end, stderr=subprocess.PIPE,
+                env=home.env, timeout=60, text=True,
+            )  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert (proc.returncode, proc.stderr) == (EXIT_BROKEN_PIPE, "")
+
+
+class TestCtrlC:
+    """Ctrl-C is a quiet 130 wherever `token` is waiting."""
+
+    def test_in_the_fast_path(self, home: E2EHome, fakes: Callable[..., FakeDaemon]) -> None:
+        """SIGINT while the fast path waits on a hung token socket: 130, nothing on stderr."""
+        fakes(home.home / "run" / "default.token.sock", hold)
+        fakes(home.home / "run" / "control.sock", hold)
+        proc = subprocess.Popen(
+            home.command("token"), env=home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)
+        assert (proc.returncode, err) == (130, b"")

@@ -43,9 +43,9 @@ __all__ = [
 ]
 
 
-def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
+def _ask(paths: Paths, op: str, *, deadline: float = 0.0, **fields: Any) -> dict[str, Any] | None:
     """The daemon's answer to one request, or None when no daemon is running."""
-    return ask_daemon(str(paths.control_socket), op, **fields)
+    return ask_daemon(str(paths.control_socket), op, deadline=deadline, **fields)
 
 
 def _need_daemon(paths: Paths, op: str, **fields: Any) -> dict[str, Any]:
@@ -109,11 +109,11 @@ def _import_state(paths: Paths, request: ImportRequest, state: ProfileState) -> 
     if answer is None:
         changed = offline.import_state(paths, request, state)
         return changed, "saved; `aac-tokend run` will keep it alive"
-    return bool(answer.get("changed", True)), "handed to the running daemon"
+    return answer["changed"], "handed to the running daemon"
 
 
 def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
-    answer = _ask(paths, "token", profile=args.profile)
+    answer = _ask(paths, "token", deadline=getattr(args, "deadline", 0.0), profile=args.profile)
     if answer is not None:
         sys.stdout.write(format_token(answer["token"], args.form))
         return 0

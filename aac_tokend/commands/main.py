@@ -174,9 +174,11 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
 TOKEN_COMMANDS = frozenset({"import", "token", "api", "exec", "status", "remove"})
 
 
-def dispatch(argv: list[str]) -> int:
-    """Parse and run; errors become one line on stderr and an exit status."""
+def dispatch(argv: list[str], *, deadline: float = 0.0) -> int:
+    """Parse and run; errors become one line on stderr and an exit status. ``deadline``
+    (time.monotonic()) is what is left of `token`'s one budget after its fast path."""
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args.deadline = deadline
     if args.command in TOKEN_COMMANDS:
         from ..host.coredump import forbid_core_dumps
 
