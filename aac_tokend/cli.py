@@ -65,10 +65,7 @@ def _fast_token(args: list[str], deadline: float) -> int | None:
     profile, form = parsed
     from .rundir import runtime_dir_fast, token_socket_name  # not .paths: see rundir
 
-    try:
-        runtime = runtime_dir_fast(os.environ)
-    except RuntimeError:  # AAC_TOKEND_HOME=~nosuchuser/...: the long way names it
-        return None
+    runtime = runtime_dir_fast(os.environ)
     if runtime is None:
         return None
     import resource  # a small C module; coredump.py itself, and ctypes, cost more

@@ -250,6 +250,11 @@ def ask_daemon(
             f"the daemon at {path} hung up before answering {op!r} (restarting?); try again"
         ) from exc
     except (OSError, ValueError) as exc:
+        from pathlib import Path  # imported already by whoever found ``path``
+
+        from .serve.unixsock import check_path_length
+
+        check_path_length(Path(path))  # too long to connect to: `run`'s words and status (65)
         raise AacTokendError(f"cannot talk to the daemon at {path}: {exc}") from exc
     if not answer.get("ok"):
         code = str(answer.get("code", "error"))

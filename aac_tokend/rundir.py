@@ -86,6 +86,8 @@ def runtime_dir_fast(env: Mapping[str, str] = os.environ) -> str | None:
     """
     home = env.get(HOME_ENV)
     if home:
+        if home.startswith("~") and os.path.expanduser(home) == home:
+            return None  # ~nosuchuser/...: resolve_paths names it
         return os.path.join(absolute(home), "run")
     xdg = env.get("XDG_RUNTIME_DIR", "")
     if sys.platform.startswith("linux") and os.path.isabs(xdg) and _sound_runtime_dir(xdg):

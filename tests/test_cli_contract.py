@@ -25,7 +25,7 @@ from aac_tokend.api import get_token
 from aac_tokend.cli import EXIT_BROKEN_PIPE
 from aac_tokend.client import READ_TIMEOUT_SECONDS, ask_daemon, read_token
 from aac_tokend.core.state import validate_profile_name
-from aac_tokend.errors import AacTokendError, ProfileError, TransientError
+from aac_tokend.errors import AacTokendError, InputError, ProfileError, TransientError
 from aac_tokend.host.paths import resolve_paths
 from aac_tokend.rundir import is_profile_name, token_socket_name
 from tests.helpers_e2e import E2EHome, assert_one_line_error, e2e_home
@@ -363,3 +363,49 @@ class TestCtrlC:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=WAIT)
         assert (proc.returncode, err) == (130, b"")
+
+
+class TestForeignTokenSocket:
+    """A token socket answering a non-ASCII line is not the daemon's: the control socket decides."""
+
+    def test_read_token_refuses_it(self, sockdir: Path, fakes: Callable[..., FakeDaemon]) -> None:
+        """read_token raises ConnectionError (an OSError), not UnicodeDecodeError."""
+        fake = fakes(sockdir / "default.token.sock", lambda conn: conn.sendall(b"\xc3\xa9t\xff\n"))
+        with pytest.raises(ConnectionError, match="malformed"):
+            read_token(str(fake.path))
+
+    def test_token_and_get_token_go_the_long_way(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`token` and get_token() take the control socket's token instead."""
+        bad = b"\xc3\xa9t\xff\n"
+        fakes(home.home / "run" / "default.token.sock", lambda conn: conn.sendall(bad))
+        answer = b'{"ok":true,"profile":"default","token":"c.d.e"}\n'
+        fakes(home.home / "run" / "control.sock", answer_with(answer))
+        result = home.cli("token")
+        assert (result.returncode, result.stdout, result.stderr) == (0, "c.d.e\n", "")
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(home.home))
+        monkeypatch.delenv("AAC_TOKEND_PROFILE", raising=False)
+        assert get_token() == "c.d.e"
+
+
+class TestHomeVariable:
+    """A bad AAC_TOKEND_HOME is one line naming the variable (65), for every reader."""
+
+    def test_unknown_user_in_tilde(self, home: E2EHome, monkeypatch: pytest.MonkeyPatch) -> None:
+        """~nosuchuser/x: `status`, `token` and get_token() name the variable; no RuntimeError."""
+        env = dict(home.env, AAC_TOKEND_HOME="~nosuchuser-atk/x")
+        for command in ("status", "token"):
+            line = assert_one_line_error(home.cli(command, env=env), 65)
+            assert "AAC_TOKEND_HOME" in line
+        monkeypatch.setenv("AAC_TOKEND_HOME", "~nosuchuser-atk/x")
+        with pytest.raises(InputError, match="AAC_TOKEND_HOME"):
+            get_token()
+
+    def test_control_socket_too_long(self, home: E2EHome) -> None:
+        """A control socket path over the Unix limit: `run`'s words and status (65), not 1."""
+        long_home = home.root / ("h" * 110)
+        env = dict(home.env, AAC_TOKEND_HOME=str(long_home))
+        for command in ("status", "token", "profiles"):
+            line = assert_one_line_error(home.cli(command, env=env), 65)
+            assert "set AAC_TOKEND_HOME to a shorter directory" in line
