@@ -7,6 +7,7 @@ classes listening on real Unix sockets, and the commands run as real processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -24,10 +26,13 @@ from hypothesis import strategies as st
 from aac_tokend.api import get_token
 from aac_tokend.cli import EXIT_BROKEN_PIPE
 from aac_tokend.client import READ_TIMEOUT_SECONDS, ask_daemon, read_token
-from aac_tokend.core.state import validate_profile_name
+from aac_tokend.core.report import StatusRow, check_rows, report_row
+from aac_tokend.core.state import Rejection, RejectionReason, validate_profile_name
 from aac_tokend.errors import AacTokendError, InputError, ProfileError, TransientError
 from aac_tokend.host.paths import resolve_paths
 from aac_tokend.rundir import is_profile_name, token_socket_name
+from aac_tokend.store.opening import open_file_store
+from aac_tokend.testing import oauth_state
 from tests.helpers_e2e import E2EHome, assert_one_line_error, e2e_home
 
 #: Generous: only a stalled machine gets near it.
@@ -409,3 +414,60 @@ class TestHomeVariable:
         for command in ("status", "token", "profiles"):
             line = assert_one_line_error(home.cli(command, env=env), 65)
             assert "set AAC_TOKEND_HOME to a shorter directory" in line
+
+
+def _row(name: str, state: str = "ok", **fields: Any) -> StatusRow:
+    return report_row(**{"profile": name, "state": state, "token_valid": True, **fields})
+
+
+class TestCheckSaysEverything:
+    """`status --check` names every profile that is not fine; the worst group sets the status."""
+
+    def test_wait_and_person_and_no_daemon(self) -> None:
+        """A 69 does not hide the 75 profiles nor the "daemon not running" line."""
+        rows = [
+            _row("a", "rejected", alert="generate a new token"),
+            _row("b", "retrying", token_valid=False),
+            _row("c"),
+        ]
+        status, lines = check_rows(rows, daemon_running=False)
+        assert status == 69
+        assert [line.split(":")[0] for line in lines] == [
+            "a",
+            "the daemon is not running; nothing is refreshing",
+            "b",
+        ]
+
+    def test_wait_and_no_daemon(self) -> None:
+        """No daemon (4) still lists the profiles without a valid token."""
+        status, lines = check_rows([_row("b", "retrying", token_valid=False)], daemon_running=False)
+        assert status == 4 and len(lines) == 2 and lines[1].startswith("b: ")
+
+
+class TestOfflineToken:
+    """`token` without a daemon follows the daemon's rule: a person (69) or the daemon (4)."""
+
+    def test_expired_access_of_a_healthy_chain(self, home: E2EHome) -> None:
+        """A sound chain whose access token expired only needs the daemon: 4, saying to start it."""
+        plant_state(home, rejected=False)
+        line = assert_one_line_error(home.cli("token"), 4)
+        assert "aac-tokend run" in line
+
+    def test_rejected_chain_needs_a_person(self, home: E2EHome) -> None:
+        """A rejected chain is an alert (69), not advice to start the daemon."""
+        plant_state(home, rejected=True)
+        line = assert_one_line_error(home.cli("token"), 69)
+        assert "aac-tokend run" not in line and "rejected" in line
+
+
+def plant_state(home: E2EHome, *, rejected: bool) -> None:
+    """Store profile 'default' (no daemon) whose access token expired an hour ago."""
+    now = time.time()
+    state = oauth_state(
+        profile="default", access_obtained_at=now - 7200, access_expires_at=now - 3600,
+        imported_at=now - 7200, pair_issued_at=now - 7200,
+    )  # fmt: skip
+    if rejected:
+        why = Rejection(RejectionReason.REUSE_SUSPECTED, "invalid_grant", None, now - 60)
+        state = dataclasses.replace(state, rejection=why)
+    open_file_store(resolve_paths(home.env)).save(state)

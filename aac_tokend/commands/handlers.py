@@ -17,6 +17,7 @@ from ..client import ask_daemon, format_token, need_daemon
 from ..errors import (
     AacTokendError,
     ChainInUseError,
+    DaemonNotRunningError,
     NoTokenError,
     ProfileError,
     UsageError,
@@ -118,12 +119,21 @@ def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
         sys.stdout.write(format_token(answer["token"], args.form))
         return 0
     from ..core.policy import access_valid
+    from ..core.report import Verdict, verdict
 
     state = offline.load_profile(paths, args.profile)
     if state is None:
         raise ProfileError(f"no profile named {args.profile!r}; import one first")
     if not access_valid(state, time.time()):
-        raise NoTokenError(
+        # The daemon's rule for `token` (op_token) and that of `status --check`: what needs
+        # a person is an alert (69); anything else only needs the daemon running (4).
+        row = offline.profile_row(paths, state)
+        if verdict(row) is Verdict.NEEDS_PERSON:
+            reason = row.alert or row.last_error or "needs a new token"
+            raise NoTokenError(
+                f"profile {row.profile}: no valid token ({row.state.value}): {reason}"
+            )
+        raise DaemonNotRunningError(
             f"profile {args.profile}: the access token has expired and the daemon is not "
             "running to refresh it; start it with `aac-tokend run`"
         )

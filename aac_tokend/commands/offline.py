@@ -63,17 +63,12 @@ def profile_names(paths: Paths) -> list[str]:
 def status_rows(paths: Paths) -> list[StatusRow]:
     """Each stored profile's status row, as the daemon would report it (no next refresh,
     no token socket: nothing is served)."""
-    from ..core.report import RowState, profile_report, report_row
-    from ..host.configfile import load_config
+    from ..core.report import RowState, report_row
     from ..store.opening import open_stored_state
 
     store = open_stored_state(paths)
     if store is None:
         return []
-    try:
-        config = load_config(paths.config_dir)
-    except AacTokendError:
-        config = None  # status still answers; `aac-tokend run` says what is wrong with it
     rows = []
     for name in store.profiles():
         try:
@@ -88,13 +83,22 @@ def status_rows(paths: Paths) -> list[StatusRow]:
             rows.append(report_row(profile=name, state=kind, alert=alert))
             continue
         if state is not None:
-            days = config.policy_for(name).refresh_lifetime_days if config else None
-            rows.append(
-                profile_report(
-                    state, time.time(), next_refresh=None, token_socket=None, lifetime_days=days
-                )
-            )
+            rows.append(profile_row(paths, state))
     return rows
+
+
+def profile_row(paths: Paths, state: ProfileState) -> StatusRow:
+    """``state``'s status row as the daemon would report it, now (nothing served)."""
+    from ..core.report import profile_report
+    from ..host.configfile import load_config
+
+    try:
+        days = load_config(paths.config_dir).policy_for(state.profile).refresh_lifetime_days
+    except AacTokendError:
+        days = None  # status still answers; `aac-tokend run` says what is wrong with it
+    return profile_report(
+        state, time.time(), next_refresh=None, token_socket=None, lifetime_days=days
+    )
 
 
 def import_state(paths: Paths, request: ImportRequest, state: ProfileState) -> bool:
