@@ -6,7 +6,8 @@
     │   ├── EndpointUnavailableError endpoint_unavailable        network, TLS, timeout, 5xx, garbled
     │   ├── BusyError               busy                         a refresh of it is in flight
     │   ├── KeyringUnavailableError (transient)                  the OS keyring is locked or absent
-    │   └── NoTokenYetError         no_token_yet                 no valid token; the daemon retries
+    │   ├── NoTokenYetError         no_token_yet                 no valid token; the daemon retries
+    │   └── RateLimitedError        rate_limited                 too many control requests at once
     ├── AlertError                  alert                    69  stop and alert: a person must act
     │   ├── NoTokenError            no_token                     no valid token until a person acts
     │   ├── StateCorruptError       corrupt_state                a state file cannot be read back
@@ -21,6 +22,7 @@
         ├── TokenSpentError         (bad_request)                this refresh token was already sent
         ├── HolderUnknownError      (bad_request)                a state file cannot be read
         ├── ChainInUseError         chain_in_use                 a static token over a live chain
+        ├── RequestTooLargeError    request_too_large            a control request over the limit
         ├── AlreadyRunningError     (bad_request)             3  another daemon owns the state
         └── DaemonNotRunningError   (bad_request)             4  the command needs a daemon
 
@@ -52,6 +54,8 @@ __all__ = [
     "NoTokenError",
     "NoTokenYetError",
     "ProfileError",
+    "RateLimitedError",
+    "RequestTooLargeError",
     "StateCorruptError",
     "StorageError",
     "TokenFormatError",
@@ -104,6 +108,12 @@ class NoTokenYetError(TransientError):
     """No valid access token now, while the daemon retries on its own."""
 
     code = "no_token_yet"
+
+
+class RateLimitedError(TransientError):
+    """The control socket refused a request: too many at once from its clients."""
+
+    code = "rate_limited"
 
 
 class AlertError(AacTokendError):
@@ -181,6 +191,12 @@ class ChainInUseError(InputError):
     """A ``--legacy`` import into a profile whose live OAuth chain it would delete."""
 
     code = "chain_in_use"
+
+
+class RequestTooLargeError(InputError):
+    """The control socket refused a request over its size limit."""
+
+    code = "request_too_large"
 
 
 class AlreadyRunningError(InputError):

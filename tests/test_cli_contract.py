@@ -28,7 +28,15 @@ from aac_tokend.cli import EXIT_BROKEN_PIPE
 from aac_tokend.client import READ_TIMEOUT_SECONDS, ask_daemon, read_token
 from aac_tokend.core.report import StatusRow, check_rows, report_row
 from aac_tokend.core.state import Rejection, RejectionReason, validate_profile_name
-from aac_tokend.errors import AacTokendError, InputError, ProfileError, TransientError
+from aac_tokend.errors import (
+    AacTokendError,
+    InputError,
+    ProfileError,
+    RateLimitedError,
+    RequestTooLargeError,
+    TransientError,
+    from_wire,
+)
 from aac_tokend.host.paths import resolve_paths
 from aac_tokend.rundir import is_profile_name, token_socket_name
 from aac_tokend.store.opening import open_file_store
@@ -471,3 +479,16 @@ def plant_state(home: E2EHome, *, rejected: bool) -> None:
         why = Rejection(RejectionReason.REUSE_SUSPECTED, "invalid_grant", None, now - 60)
         state = dataclasses.replace(state, rejection=why)
     open_file_store(resolve_paths(home.env)).save(state)
+
+
+class TestWireCodes:
+    """The control server's own refusals come back as classes with their exit statuses."""
+
+    @pytest.mark.parametrize(
+        ("code", "cls", "status"),
+        [("rate_limited", RateLimitedError, 75), ("request_too_large", RequestTooLargeError, 65)],
+    )
+    def test_from_wire(self, code: str, cls: type[AacTokendError], status: int) -> None:
+        """rate_limited is a retry (75), request_too_large bad input (65), not a plain 1."""
+        error = from_wire(code, "why")
+        assert type(error) is cls and error.exit_code == status and str(error) == "why"
