@@ -226,13 +226,16 @@ def run_cli(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except requests.exceptions.RequestException as exc:
         raise EndpointUnavailableError(
-            f"api: {method[:10]} {path[:80]}: {_network_words(exc)}"
+            f"api: {method[:10]} {path[:80]!r}: {_network_words(exc)}"
         ) from None  # no chain: the error's own text may hold a proxy URL with its password
     try:
         print(json.dumps(response.json(), indent=2))
     except ValueError:
         print(response.text[:10000])
     if not response.ok:
-        print(f"aac-tokend: error: HTTP {response.status_code} from {path}", file=sys.stderr)
+        # quoted: PATH is the caller's, and may hold a newline that would split the line
+        print(
+            f"aac-tokend: error: HTTP {response.status_code} from {path[:200]!r}", file=sys.stderr
+        )
         return 1
     return 0

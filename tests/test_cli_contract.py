@@ -6,8 +6,10 @@ classes listening on real Unix sockets, and the commands run as real processes.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import http.server
 import os
 import signal
 import socket
@@ -23,13 +25,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aac_tokend.api import get_token
+from aac_tokend.api import get_token, run_cli
 from aac_tokend.cli import EXIT_BROKEN_PIPE
 from aac_tokend.client import READ_TIMEOUT_SECONDS, ask_daemon, read_token
 from aac_tokend.core.report import StatusRow, check_rows, report_row
 from aac_tokend.core.state import Rejection, RejectionReason, validate_profile_name
 from aac_tokend.errors import (
     AacTokendError,
+    EndpointUnavailableError,
     InputError,
     ProfileError,
     RateLimitedError,
@@ -492,3 +495,60 @@ class TestWireCodes:
         """rate_limited is a retry (75), request_too_large bad input (65), not a plain 1."""
         error = from_wire(code, "why")
         assert type(error) is cls and error.exit_code == status and str(error) == "why"
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """Answers 404 with an empty JSON object to every GET."""
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class TestApiPathQuoted:
+    """`api`'s failure lines quote PATH, so a newline in it cannot split them."""
+
+    def test_http_failure(
+        self,
+        home: E2EHome,
+        fakes: Callable[..., FakeDaemon],
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A 404 for PATH "/x<newline>y" is one line on stderr."""
+        fakes(home.home / "run" / "default.token.sock", lambda conn: conn.sendall(b"a.b.c\n"))
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(home.home))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            args = argparse.Namespace(
+                method="GET", path="/x%0Ay\ny", data=None, profile="default",
+                base_url=f"http://127.0.0.1:{server.server_address[1]}",
+            )  # fmt: skip
+            status = run_cli(args)  # requests sends the newline percent-encoded
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(WAIT)
+        err = capsys.readouterr().err
+        assert status == 1 and err.count("\n") == 1 and "'/x%0Ay\\ny'" in err
+
+    def test_network_failure(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A failed connection for PATH "/x<newline>y" is a one-line error."""
+        fakes(home.home / "run" / "default.token.sock", lambda conn: conn.sendall(b"a.b.c\n"))
+        monkeypatch.setenv("AAC_TOKEND_HOME", str(home.home))
+        args = argparse.Namespace(
+            method="GET", path="/x\ny", data=None, profile="default", base_url="http://127.0.0.1:9"
+        )
+        with pytest.raises(EndpointUnavailableError) as info:
+            run_cli(args)
+        assert "\n" not in str(info.value) and "'/x\\ny'" in str(info.value)
