@@ -5,7 +5,8 @@ only ``socket`` when the daemon answers; everything else (argparse, requests, cr
 structlog) is imported lazily by the commands that need it.
 
 Exit statuses: 0 success; 1 other failure; 2 usage; 3 already running; 4 daemon not
-running; 65 bad input; 69 a rejected or expired chain; 75 temporary failure; 78 bad config.
+running; 65 bad input; 69 a rejected or expired chain; 75 temporary failure; 78 bad config;
+130 Ctrl-C; 141 (EXIT_BROKEN_PIPE) stdout a pipe its reader closed.
 ``AAC_TOKEND_PROFILE`` names the profile used when a command is given no ``--profile``.
 """
 

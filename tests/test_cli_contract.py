@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aac_tokend import cli as cli_module
 from aac_tokend.api import get_token, run_cli
 from aac_tokend.cli import EXIT_BROKEN_PIPE
 from aac_tokend.client import READ_TIMEOUT_SECONDS, ask_daemon, read_token
@@ -552,3 +553,11 @@ class TestApiPathQuoted:
         with pytest.raises(EndpointUnavailableError) as info:
             run_cli(args)
         assert "\n" not in str(info.value) and "'/x\\ny'" in str(info.value)
+
+
+class TestOneBudgetConstant:
+    """cli's own copy of the read timeout (argparse's commands do not import client)."""
+
+    def test_cli_budget_is_the_clients(self) -> None:
+        """cli's `token` budget is client.READ_TIMEOUT_SECONDS."""
+        assert cli_module._READ_TIMEOUT_SECONDS == READ_TIMEOUT_SECONDS
