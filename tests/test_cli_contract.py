@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import http.server
+import json
 import os
 import signal
 import socket
@@ -30,7 +31,7 @@ from aac_tokend.api import get_token, run_cli
 from aac_tokend.cli import EXIT_BROKEN_PIPE
 from aac_tokend.client import READ_TIMEOUT_SECONDS, ask_daemon, read_token
 from aac_tokend.core.report import StatusRow, check_rows, report_row
-from aac_tokend.core.state import Rejection, RejectionReason, validate_profile_name
+from aac_tokend.core.state import Rejection, RejectionReason, TokenKind, validate_profile_name
 from aac_tokend.errors import (
     AacTokendError,
     EndpointUnavailableError,
@@ -561,3 +562,38 @@ class TestOneBudgetConstant:
     def test_cli_budget_is_the_clients(self) -> None:
         """cli's `token` budget is client.READ_TIMEOUT_SECONDS."""
         assert cli_module._READ_TIMEOUT_SECONDS == READ_TIMEOUT_SECONDS
+
+
+class TestMinorEdges:
+    """exec's statuses are a shell's; refresh of a legacy token; remove of a misnamed file."""
+
+    def test_exec_without_command_is_usage(self, home: E2EHome) -> None:
+        """`exec` with no command is a usage error (2)."""
+        assert_one_line_error(home.cli("exec", "--"), 2)
+
+    def test_exec_of_a_missing_command_is_127(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon]
+    ) -> None:
+        """`exec -- /nonexistent` exits 127, as a shell does, with one line."""
+        fakes(home.home / "run" / "default.token.sock", lambda conn: conn.sendall(b"a.b.c\n"))
+        assert_one_line_error(home.cli("exec", "--", "/nonexistent/cmd"), 127)
+
+    def test_refresh_of_a_token_without_expiry(
+        self, home: E2EHome, fakes: Callable[..., FakeDaemon]
+    ) -> None:
+        """A valid token with no known expiry is not "valid until None"."""
+        row = report_row(profile="default", state="ok", kind=TokenKind.LEGACY, token_valid=True)
+        answer = json.dumps({"ok": True, "profile": row.to_wire()}).encode() + b"\n"
+        fakes(home.home / "run" / "control.sock", answer_with(answer))
+        result = home.cli("refresh")
+        assert result.returncode == 0, result
+        assert "None" not in result.stdout and "no expiry known" in result.stdout
+
+    def test_remove_of_a_misnamed_file(self, home: E2EHome) -> None:
+        """`remove 'work (copy)'` of a sync tool's copy: move it aside (69); nothing deleted."""
+        paths = resolve_paths(home.env)
+        open_file_store(paths).save(oauth_state(profile="work"))
+        copy = paths.state_dir / "work (copy).state"
+        copy.write_bytes((paths.state_dir / "work.state").read_bytes())
+        line = assert_one_line_error(home.cli("remove", "--yes", "work (copy)"), 69)
+        assert "move one aside" in line and copy.exists()

@@ -189,7 +189,8 @@ def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         print(json.dumps(row.to_wire(), indent=2))
     elif row.token_valid:
-        print(f"{row.profile}: {row.state.value}, token valid until {row.access_expires_at}")
+        until = f"until {row.access_expires_at}" if row.access_expires_at else "(no expiry known)"
+        print(f"{row.profile}: {row.state.value}, token valid {until}")
     else:
         print(f"{row.profile}: {row.state.value}, no valid token (the access token expired at "
               f"{row.access_expires_at}): {row.alert or row.last_error}")  # fmt: skip

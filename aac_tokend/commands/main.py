@@ -64,12 +64,10 @@ def add_profile_option(parser: argparse.ArgumentParser) -> None:
 def _check_profile_env(args: argparse.Namespace) -> None:
     """Fill in a profile not given with --profile; a bad $AAC_TOKEND_PROFILE is named as
     such, and only when it is used (an explicit --profile wins, and is checked as itself)."""
-    if not hasattr(args, "profile"):
-        return
-    if args.profile is not None:
-        from ..core.state import validate_profile_name
-
-        validate_profile_name(args.profile)  # a name, never a path: ProfileError (65)
+    # An explicit --profile is not checked here: `token -p` and `remove` of a misnamed
+    # file ("work (copy)") give that file's advice. No path is built from a bad name:
+    # rundir.token_socket_name and the store refuse one (ProfileError, 65).
+    if not hasattr(args, "profile") or args.profile is not None:
         return
     args.profile = default_profile()
     value = os.environ.get(PROFILE_ENV)

@@ -128,12 +128,20 @@ def import_state(paths: Paths, request: ImportRequest, state: ProfileState) -> b
 
 def remove_profile(paths: Paths, name: str) -> None:
     """Delete ``name``'s state (and any pair a dead daemon left unsaved)."""
+    from ..core.state import validate_profile_name
     from ..refresh.courier import WAIT_SECONDS
     from ..store.opening import open_file_store
     from ..store.owner import OwnerLock
 
     with OwnerLock(paths.daemon_lock):
         store = open_file_store(paths)
+        try:
+            validate_profile_name(name)
+        except ProfileError as exc:
+            if name not in store.profiles():
+                raise  # no such file: a bad name typed, not a bad file found
+            # a misnamed file: moved aside by hand, never deleted by a name it cannot have
+            raise StorageError(_misnamed_advice(store, name, exc)) from exc
         # Like the daemon: a courier (of a daemon killed mid-refresh) holds the lock
         # until its outcome is on disk; deleting under it would let it write back.
         if not store.lock_is_free(name):
