@@ -1,7 +1,9 @@
 """The command line's contract at its edges: bad names, bad answers, slow or vanishing daemons.
 
 Each class answers one finding of an outside review. The daemons here are small honest
-classes listening on real Unix sockets, and the commands run as real processes.
+classes listening on real Unix sockets, and the commands run as real processes. Over 300
+lines: one class per finding, all sharing FakeDaemon and its behaviours; split by finding
+if it grows further.
 """
 
 from __future__ import annotations
