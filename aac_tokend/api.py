@@ -17,14 +17,15 @@ import json
 import os
 import string
 import sys
+import time
 from typing import Any
 from urllib.parse import urljoin
 
 import requests
 
-from .client import need_daemon, read_token
+from .client import READ_TIMEOUT_SECONDS, need_daemon, read_token
 from .core.origin import direct_proxies, url_origin
-from .errors import AlertError, EndpointUnavailableError, InputError
+from .errors import AlertError, EndpointUnavailableError, InputError, ProfileError
 from .host.paths import resolve_paths
 from .rundir import PROFILE_ENV
 
@@ -38,27 +39,41 @@ API_TIMEOUT_SECONDS = (5.0, 60.0)
 _METHOD_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 
 
-def _control(op: str, **fields: Any) -> dict[str, Any]:
+def _control(op: str, *, deadline: float = 0.0, **fields: Any) -> dict[str, Any]:
     """The daemon's answer (client.need_daemon: a refusal raises the error its code names)."""
-    return need_daemon(str(resolve_paths(os.environ).control_socket), op, **fields)
+    control = str(resolve_paths(os.environ).control_socket)
+    return need_daemon(control, op, deadline=deadline, **fields)
 
 
 def _profile(profile: str | None) -> str:
-    """The profile asked for, else $AAC_TOKEND_PROFILE, else "default" (as the CLI does)."""
-    return profile if profile is not None else (os.environ.get(PROFILE_ENV) or "default")
+    """The profile asked for, else $AAC_TOKEND_PROFILE, else "default" (as the CLI does);
+    a name no profile can have is ProfileError (65), never a path to follow."""
+    from .core.state import validate_profile_name
+
+    if profile is not None:
+        return validate_profile_name(profile)
+    value = os.environ.get(PROFILE_ENV)
+    if not value:
+        return "default"
+    try:
+        return validate_profile_name(value)
+    except ProfileError as exc:
+        raise ProfileError(f"{PROFILE_ENV}: {exc}; fix or unset it") from None
 
 
 def get_token(profile: str | None = None) -> str:
     """The profile's current access token from the running daemon (AlertError if none)."""
+    # One budget for both sockets, as `token` has: a hung daemon costs READ_TIMEOUT_SECONDS.
+    deadline = time.monotonic() + READ_TIMEOUT_SECONDS
     profile = _profile(profile)
     path = str(resolve_paths(os.environ).token_socket(profile))
     try:
-        token = read_token(path)
+        token = read_token(path, deadline=deadline)
     except OSError:  # not served, busy, cut short: the control socket says why, or has it
         token = ""
     if token:
         return token
-    return str(_control("token", profile=profile)["token"])
+    return str(_control("token", deadline=deadline, profile=profile)["token"])
 
 
 def request_refresh(profile: str | None = None) -> None:
@@ -211,13 +226,16 @@ def run_cli(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except requests.exceptions.RequestException as exc:
         raise EndpointUnavailableError(
-            f"api: {method[:10]} {path[:80]}: {_network_words(exc)}"
+            f"api: {method[:10]} {path[:80]!r}: {_network_words(exc)}"
         ) from None  # no chain: the error's own text may hold a proxy URL with its password
     try:
         print(json.dumps(response.json(), indent=2))
     except ValueError:
         print(response.text[:10000])
     if not response.ok:
-        print(f"aac-tokend: error: HTTP {response.status_code} from {path}", file=sys.stderr)
+        # quoted: PATH is the caller's, and may hold a newline that would split the line
+        print(
+            f"aac-tokend: error: HTTP {response.status_code} from {path[:200]!r}", file=sys.stderr
+        )
         return 1
     return 0

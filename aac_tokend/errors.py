@@ -11,7 +11,8 @@
     │   │   ├── EtcdUnsentError     (transient)                  etcd: a write that never left
     │   │   └── EtcdOutcomeUnknownError (transient)              etcd: may have applied
     │   ├── EtcdLeaseGoneError      (transient)                  etcd: the lease is gone
-    │   └── EtcdWatchCompactedError (transient)                  etcd: watch compacted, re-read
+    │   ├── EtcdWatchCompactedError (transient)                  etcd: watch compacted, re-read
+    │   └── RateLimitedError        rate_limited                 too many control requests at once
     ├── AlertError                  alert                    69  stop and alert: a person must act
     │   ├── NoTokenError            no_token                     no valid token until a person acts
     │   ├── StateCorruptError       corrupt_state                a state file cannot be read back
@@ -28,6 +29,7 @@
         ├── TokenSpentError         (bad_request)                this refresh token was already sent
         ├── HolderUnknownError      (bad_request)                a state file cannot be read
         ├── ChainInUseError         chain_in_use                 a static token over a live chain
+        ├── RequestTooLargeError    request_too_large            a control request over the limit
         ├── AlreadyRunningError     (bad_request)             3  another daemon owns the state
         ├── DaemonNotRunningError   (bad_request)             4  the command needs a daemon
         ├── EtcdRequestError        (bad_request)                etcd: a malformed request
@@ -69,6 +71,8 @@ __all__ = [
     "NoTokenError",
     "NoTokenYetError",
     "ProfileError",
+    "RateLimitedError",
+    "RequestTooLargeError",
     "RollbackError",
     "StateCorruptError",
     "StorageError",
@@ -122,6 +126,12 @@ class NoTokenYetError(TransientError):
     """No valid access token now, while the daemon retries on its own."""
 
     code = "no_token_yet"
+
+
+class RateLimitedError(TransientError):
+    """The control socket refused a request: too many at once from its clients."""
+
+    code = "rate_limited"
 
 
 class AlertError(AacTokendError):
@@ -199,6 +209,12 @@ class ChainInUseError(InputError):
     """A ``--legacy`` import into a profile whose live OAuth chain it would delete."""
 
     code = "chain_in_use"
+
+
+class RequestTooLargeError(InputError):
+    """The control socket refused a request over its size limit."""
+
+    code = "request_too_large"
 
 
 class AlreadyRunningError(InputError):

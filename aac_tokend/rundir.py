@@ -21,6 +21,7 @@ __all__ = [
     "HOME_ENV",
     "PROFILE_ENV",
     "absolute",
+    "is_profile_name",
     "runtime_dir_fast",
     "token_socket_name",
 ]
@@ -31,9 +32,32 @@ HOME_ENV = "AAC_TOKEND_HOME"
 PROFILE_ENV = "AAC_TOKEND_PROFILE"
 
 
+_NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_REST = _NAME_FIRST | frozenset("_.-")
+
+
+def is_profile_name(name: str) -> bool:
+    """True if ``name`` is a name a profile can have: ``state.validate_profile_name``'s rule
+    without ``re`` (several ms on the fast path); tests/test_cli_contract.py pins the two."""
+    return (
+        0 < len(name) <= 64
+        and name[0] in _NAME_FIRST
+        and set(name) <= _NAME_REST
+        and not name.endswith((".lock", ".state", ".tmp"))
+    )
+
+
 def token_socket_name(profile: str) -> str:
     """The file name of ``profile``'s token socket in the runtime directory: the one place
-    it is spelt (the daemon serves it, the fast path and ``get_token`` read it)."""
+    it is spelt (the daemon serves it, the fast path and ``get_token`` read it).
+
+    A name no profile can have (``../evil``) is refused here (ProfileError, 65), so that no
+    reader follows it out of the runtime directory to a socket the daemon never made."""
+    if not is_profile_name(profile):
+        from .core.state import validate_profile_name
+
+        validate_profile_name(profile)  # raises, with the one wording of the rule
+        raise AssertionError(f"rundir.is_profile_name and state disagree on {profile!r}")
     return f"{profile}.token.sock"
 
 
@@ -62,6 +86,8 @@ def runtime_dir_fast(env: Mapping[str, str] = os.environ) -> str | None:
     """
     home = env.get(HOME_ENV)
     if home:
+        if home.startswith("~") and os.path.expanduser(home) == home:
+            return None  # ~nosuchuser/...: resolve_paths names it
         return os.path.join(absolute(home), "run")
     xdg = env.get("XDG_RUNTIME_DIR", "")
     if sys.platform.startswith("linux") and os.path.isabs(xdg) and _sound_runtime_dir(xdg):

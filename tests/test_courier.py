@@ -174,7 +174,10 @@ class TestRestartWhileCourierRuns:
             )
             token = rig.wait_token()
             assert token == rig.state().access_token
-            assert rig.durable_rt_hash() == killed["new_rt_hash"], (sandbox.log(), rig.daemon_log()[-3000:])
+            assert rig.durable_rt_hash() == killed["new_rt_hash"], (
+                sandbox.log(),
+                rig.daemon_log()[-3000:],
+            )
             assert "waiting_for_courier" in rig.daemon_log()
             sandbox.set_answer_delay(0.0)
             rig.refresh_in_background().join()

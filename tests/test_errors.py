@@ -69,7 +69,7 @@ class TestTheMap:
         assert type(exc) is cls and str(exc) == "why it failed"
         assert (exc.code, exc.exit_code) == (code, status)
 
-    @pytest.mark.parametrize("code", ["unknown_op", "internal_error", "rate_limited", ""])
+    @pytest.mark.parametrize("code", ["unknown_op", "internal_error", ""])
     def test_a_code_no_class_has_is_the_root(self, code: str) -> None:
         """The server's own protocol codes, and codes of a newer daemon, are exit 1."""
         exc = errors.from_wire(code, "m")

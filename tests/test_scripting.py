@@ -282,7 +282,8 @@ class TestCheckRows:
         """Rejected, expired, corrupt or any alert: 69, naming the profile, daemon or not."""
         for running in (True, False):
             status, lines = check_rows([_row("work"), row], daemon_running=running)
-            assert status == 69 and len(lines) == 1 and lines[0].startswith("default: ")
+            # the daemon's own line too when it is not running (tests/test_cli_contract.py)
+            assert status == 69 and len(lines) == 2 - running and lines[0].startswith("default: ")
 
     def test_no_profiles_needs_a_person(self) -> None:
         """No profile at all is not "all fine": 69, saying to import one."""
@@ -387,6 +388,22 @@ class TestTokenExitFollowsCheck:
         refresh = home.cli("refresh")
         assert refresh.returncode == 75, str(refresh)
         assert "valid until" not in refresh.stdout and "no valid token" in refresh.stdout
+
+
+    def test_a_failed_refresh_with_a_valid_token_is_fine_for_both(
+        self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
+    ) -> None:
+        """One 503 while the token is still valid: `refresh` exits 0, as `status --check` does."""
+        sandbox = sandboxes(access_ttl=600)
+        import_pair(home, sandbox)
+        home.daemon().start(profiles=["default"])
+        sandbox.fail_next(1, status=503)
+        refresh = home.cli("refresh", "--json")
+        row = json.loads(refresh.stdout)
+        assert row["state"] == "retrying" and row["token_valid"] is True, row
+        check = home.cli("status", "--check")
+        assert check.returncode == 0, str(check)
+        assert refresh.returncode == check.returncode, str(refresh)
 
 
 def _replay(sandbox: RecordingSandbox, refresh_token: str) -> int:

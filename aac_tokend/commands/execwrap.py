@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from ..errors import InputError
+from ..errors import UsageError
 
 __all__ = ["add_arguments", "run_cli"]
 
@@ -28,7 +29,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
-        raise InputError("exec needs a command: aac-tokend exec -- CMD ARGS...")
+        raise UsageError("exec needs a command: aac-tokend exec -- CMD ARGS...")
     from ..rundir import PROFILE_ENV
 
     env = dict(os.environ, AAC_ACCESS_TOKEN=get_token(args.profile))
@@ -40,5 +41,7 @@ def run_cli(args: argparse.Namespace) -> int:
         os.execvpe(cmd[0], cmd, env)  # noqa: S606 - running the user's own command is the point
     except OSError as exc:
         forbid_core_dumps()  # still us, still holding the token
-        raise InputError(f"cannot run {cmd[0]!r}: {exc.strerror}") from exc
+        # A shell's statuses: 127 for a command not found, 126 for one found but not run.
+        print(f"aac-tokend: error: cannot run {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     return 127

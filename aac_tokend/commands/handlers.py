@@ -17,6 +17,7 @@ from ..client import ask_daemon, format_token, need_daemon
 from ..errors import (
     AacTokendError,
     ChainInUseError,
+    DaemonNotRunningError,
     NoTokenError,
     ProfileError,
     UsageError,
@@ -43,9 +44,9 @@ __all__ = [
 ]
 
 
-def _ask(paths: Paths, op: str, **fields: Any) -> dict[str, Any] | None:
+def _ask(paths: Paths, op: str, *, deadline: float = 0.0, **fields: Any) -> dict[str, Any] | None:
     """The daemon's answer to one request, or None when no daemon is running."""
-    return ask_daemon(str(paths.control_socket), op, **fields)
+    return ask_daemon(str(paths.control_socket), op, deadline=deadline, **fields)
 
 
 def _need_daemon(paths: Paths, op: str, **fields: Any) -> dict[str, Any]:
@@ -109,21 +110,30 @@ def _import_state(paths: Paths, request: ImportRequest, state: ProfileState) -> 
     if answer is None:
         changed = offline.import_state(paths, request, state)
         return changed, "saved; `aac-tokend run` will keep it alive"
-    return bool(answer.get("changed", True)), "handed to the running daemon"
+    return answer["changed"], "handed to the running daemon"
 
 
 def cmd_token(args: argparse.Namespace, paths: Paths) -> int:
-    answer = _ask(paths, "token", profile=args.profile)
+    answer = _ask(paths, "token", deadline=getattr(args, "deadline", 0.0), profile=args.profile)
     if answer is not None:
         sys.stdout.write(format_token(answer["token"], args.form))
         return 0
     from ..core.policy import access_valid
+    from ..core.report import Verdict, verdict
 
     state = offline.load_profile(paths, args.profile)
     if state is None:
         raise ProfileError(f"no profile named {args.profile!r}; import one first")
     if not access_valid(state, time.time()):
-        raise NoTokenError(
+        # The daemon's rule for `token` (op_token) and that of `status --check`: what needs
+        # a person is an alert (69); anything else only needs the daemon running (4).
+        row = offline.profile_row(paths, state)
+        if verdict(row) is Verdict.NEEDS_PERSON:
+            reason = row.alert or row.last_error or "needs a new token"
+            raise NoTokenError(
+                f"profile {row.profile}: no valid token ({row.state.value}): {reason}"
+            )
+        raise DaemonNotRunningError(
             f"profile {args.profile}: the access token has expired and the daemon is not "
             "running to refresh it; start it with `aac-tokend run`"
         )
@@ -173,20 +183,20 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace, paths: Paths) -> int:
-    from ..core.report import RowState, Verdict, rows_from_wire, verdict
+    from ..core.report import CHECK_EXIT, rows_from_wire, verdict
 
     (row,) = rows_from_wire([_need_daemon(paths, "refresh", profile=args.profile)["profile"]])
     if args.json:
         print(json.dumps(row.to_wire(), indent=2))
     elif row.token_valid:
-        print(f"{row.profile}: {row.state.value}, token valid until {row.access_expires_at}")
+        until = f"until {row.access_expires_at}" if row.access_expires_at else "(no expiry known)"
+        print(f"{row.profile}: {row.state.value}, token valid {until}")
     else:
         print(f"{row.profile}: {row.state.value}, no valid token (the access token expired at "
               f"{row.access_expires_at}): {row.alert or row.last_error}")  # fmt: skip
-    if row.state is RowState.OK:
-        return 0
-    # the rule of `status --check` and `token`
-    return 75 if verdict(row) is Verdict.WAIT else 69
+    # The rule of `status --check` and `token` (a retry under way while the token is still
+    # valid is fine: 0, as --check says).
+    return CHECK_EXIT[verdict(row)]
 
 
 def cmd_remove(args: argparse.Namespace, paths: Paths) -> int:

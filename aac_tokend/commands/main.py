@@ -64,6 +64,9 @@ def add_profile_option(parser: argparse.ArgumentParser) -> None:
 def _check_profile_env(args: argparse.Namespace) -> None:
     """Fill in a profile not given with --profile; a bad $AAC_TOKEND_PROFILE is named as
     such, and only when it is used (an explicit --profile wins, and is checked as itself)."""
+    # An explicit --profile is not checked here: `token -p` and `remove` of a misnamed
+    # file ("work (copy)") give that file's advice. No path is built from a bad name:
+    # rundir.token_socket_name and the store refuse one (ProfileError, 65).
     if not hasattr(args, "profile") or args.profile is not None:
         return
     args.profile = default_profile()
@@ -169,9 +172,11 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
 TOKEN_COMMANDS = frozenset({"import", "token", "api", "exec", "status", "remove"})
 
 
-def dispatch(argv: list[str]) -> int:
-    """Parse and run; errors become one line on stderr and an exit status."""
+def dispatch(argv: list[str], *, deadline: float = 0.0) -> int:
+    """Parse and run; errors become one line on stderr and an exit status. ``deadline``
+    (time.monotonic()) is what is left of `token`'s one budget after its fast path."""
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args.deadline = deadline
     if args.command in TOKEN_COMMANDS:
         from ..host.coredump import forbid_core_dumps
 

@@ -63,17 +63,12 @@ def profile_names(paths: Paths) -> list[str]:
 def status_rows(paths: Paths) -> list[StatusRow]:
     """Each stored profile's status row, as the daemon would report it (no next refresh,
     no token socket: nothing is served)."""
-    from ..core.report import RowState, profile_report, report_row
-    from ..host.configfile import load_config
+    from ..core.report import RowState, report_row
     from ..store.opening import open_stored_state
 
     store = open_stored_state(paths)
     if store is None:
         return []
-    try:
-        config = load_config(paths.config_dir)
-    except AacTokendError:
-        config = None  # status still answers; `aac-tokend run` says what is wrong with it
     rows = []
     for name in store.profiles():
         try:
@@ -88,13 +83,22 @@ def status_rows(paths: Paths) -> list[StatusRow]:
             rows.append(report_row(profile=name, state=kind, alert=alert))
             continue
         if state is not None:
-            days = config.policy_for(name).refresh_lifetime_days if config else None
-            rows.append(
-                profile_report(
-                    state, time.time(), next_refresh=None, token_socket=None, lifetime_days=days
-                )
-            )
+            rows.append(profile_row(paths, state))
     return rows
+
+
+def profile_row(paths: Paths, state: ProfileState) -> StatusRow:
+    """``state``'s status row as the daemon would report it, now (nothing served)."""
+    from ..core.report import profile_report
+    from ..host.configfile import load_config
+
+    try:
+        days = load_config(paths.config_dir).policy_for(state.profile).refresh_lifetime_days
+    except AacTokendError:
+        days = None  # status still answers; `aac-tokend run` says what is wrong with it
+    return profile_report(
+        state, time.time(), next_refresh=None, token_socket=None, lifetime_days=days
+    )
 
 
 def import_state(paths: Paths, request: ImportRequest, state: ProfileState) -> bool:
@@ -124,12 +128,20 @@ def import_state(paths: Paths, request: ImportRequest, state: ProfileState) -> b
 
 def remove_profile(paths: Paths, name: str) -> None:
     """Delete ``name``'s state (and any pair a dead daemon left unsaved)."""
+    from ..core.state import validate_profile_name
     from ..refresh.courier import WAIT_SECONDS
     from ..store.opening import open_file_store
     from ..store.owner import OwnerLock
 
     with OwnerLock(paths.daemon_lock):
         store = open_file_store(paths)
+        try:
+            validate_profile_name(name)
+        except ProfileError as exc:
+            if name not in store.profiles():
+                raise  # no such file: a bad name typed, not a bad file found
+            # a misnamed file: moved aside by hand, never deleted by a name it cannot have
+            raise StorageError(_misnamed_advice(store, name, exc)) from exc
         # Like the daemon: a courier (of a daemon killed mid-refresh) holds the lock
         # until its outcome is on disk; deleting under it would let it write back.
         if not store.lock_is_free(name):

@@ -174,20 +174,21 @@ def check_rows(rows: Iterable[StatusRow], *, daemon_running: bool) -> tuple[int,
         return CHECK_EXIT[Verdict.NEEDS_PERSON], [
             "no profiles; import one with `aac-tokend import`"
         ]
-    person, wait = [], []
+    # Every profile that is not fine gets its line, whichever group decides the exit status:
+    # the most severe, in the order of ``groups``.
+    groups: dict[Verdict, list[str]] = {v: [] for v in (Verdict.NEEDS_PERSON, Verdict.NO_DAEMON)}
+    groups[Verdict.WAIT] = []
+    retrying = "the daemon is retrying" if daemon_running else "nothing is refreshing it"
     for row in rows:
         name, state, seen = row.profile, row.state.value, verdict(row)
         if seen is Verdict.NEEDS_PERSON:
-            person.append(f"{name}: {state}: {row.alert or 'needs a new token'}")
+            groups[seen].append(f"{name}: {state}: {row.alert or 'needs a new token'}")
         elif seen is Verdict.WAIT:
-            wait.append(f"{name}: {state}: no valid token yet; the daemon is retrying")
-    if person:
-        return CHECK_EXIT[Verdict.NEEDS_PERSON], person
+            groups[seen].append(f"{name}: {state}: no valid token yet; {retrying}")
     if not daemon_running:
-        return CHECK_EXIT[Verdict.NO_DAEMON], ["the daemon is not running; nothing is refreshing"]
-    if wait:
-        return CHECK_EXIT[Verdict.WAIT], wait
-    return CHECK_EXIT[Verdict.OK], []
+        groups[Verdict.NO_DAEMON].append("the daemon is not running; nothing is refreshing")
+    worst = next((v for v, lines in groups.items() if lines), Verdict.OK)
+    return CHECK_EXIT[worst], [line for lines in groups.values() for line in lines]
 
 
 def iso(ts: float | None) -> str | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Apart, so that `aac-tokend token` finds its socket without this module's imports.
-from ..rundir import APP_NAME, HOME_ENV, runtime_dir_fast, token_socket_name
+from ..rundir import APP_NAME, HOME_ENV, absolute, runtime_dir_fast, token_socket_name
 
 __all__ = [
     "APP_NAME",
@@ -97,7 +97,17 @@ def resolve_paths(env: Mapping[str, str] = os.environ) -> Paths:
     """The instance's paths, from AAC_TOKEND_HOME or the platform's conventions."""
     home = env.get(HOME_ENV)
     if home:
-        root = Path(home).expanduser().absolute()
+        # rundir's expansion, which the fast path uses: Path.expanduser would raise a bare
+        # RuntimeError for ~nosuchuser, which os.path.expanduser leaves as it is.
+        if home.startswith("~") and os.path.expanduser(home) == home:
+            from ..errors import InputError
+
+            user = home[1:].split("/", 1)[0]
+            raise InputError(
+                f"{HOME_ENV}={home[:200]!r} cannot be used: there is no user {user[:64]!r} "
+                f"to expand ~{user[:64]} for; give {HOME_ENV} an absolute path or unset it"
+            )
+        root = Path(absolute(home))
         _check_home(root)
         return Paths(root / "config", root / "state", root / "run")
     import warnings
