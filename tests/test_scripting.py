@@ -389,7 +389,6 @@ class TestTokenExitFollowsCheck:
         assert refresh.returncode == 75, str(refresh)
         assert "valid until" not in refresh.stdout and "no valid token" in refresh.stdout
 
-
     def test_a_failed_refresh_with_a_valid_token_is_fine_for_both(
         self, home: E2EHome, sandboxes: Callable[..., RecordingSandbox]
     ) -> None:
