@@ -274,6 +274,16 @@ class EtcdCluster:
         assert m.proc is not None
         m.proc.send_signal(signal.SIGCONT)
 
+    def restore(self) -> None:
+        """Every member running again (killed ones restarted, paused ones resumed), healthy."""
+        for m in self.members:
+            if m.proc is None:
+                self.start_member(m, wait=False)  # all first: one alone has no quorum
+            else:
+                self.resume(m)
+        for m in self.members:
+            self.wait_healthy(m)
+
     def stop(self) -> None:
         """Stop every member: SIGCONT and SIGTERM, then SIGKILL whatever is left after 2 s."""
         running = [m for m in self.members if m.proc is not None]

@@ -62,13 +62,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
 def etcd(cluster: EtcdCluster) -> Iterator[EtcdCluster]:
     """The shared cluster with every member running again after the test."""
     yield cluster
-    for m in cluster.members:
-        if m.proc is None:
-            cluster.start_member(m, wait=False)  # all first: one alone has no quorum
-        else:
-            cluster.resume(m)
-    for m in cluster.members:
-        cluster.wait_healthy(m)
+    cluster.restore()
 
 
 @pytest.fixture
