@@ -41,7 +41,7 @@ from aac_tokend.refresh.transaction import CourierJob
 from aac_tokend.sandbox.server import SandboxServer
 from aac_tokend.store.files import FileStore, FileStoreSpec
 
-from .crash_rig import proc_info, wait_for
+from .crash_rig import ignored_signals, proc_info, wait_for
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -164,14 +164,6 @@ def _our_couriers() -> list[int]:
         if COURIER_MODULE.encode() in cmdline.split(b"\0"):
             found.append(int(entry))
     return found
-
-
-def _ignored_signals(pid: int) -> set[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            mask = int(line.split()[1], 16)
-            return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
-    return set()
 
 
 class _Background:
@@ -313,7 +305,7 @@ class TestSpare:
         spare = courier.prepare()
         assert spare is not None
         assert os.getsid(spare) == spare != os.getsid(0)
-        assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= _ignored_signals(spare)
+        assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= ignored_signals(spare)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             os.kill(spare, sig)
         time.sleep(0.2)
