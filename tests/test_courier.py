@@ -261,6 +261,14 @@ def _stored(sandbox: SandboxServer, store: FileStore, profile: str = "p") -> str
     return str(pair["refresh_token"])
 
 
+def _stored_state(sandbox: SandboxServer, store: FileStore) -> tuple[str, ProfileState]:
+    """A new chain stored as profile p: its refresh token and the state as loaded back."""
+    rt = _stored(sandbox, store)
+    state = store.load("p")
+    assert state is not None
+    return rt, state
+
+
 class TestCarry:
     """The transaction a courier carries, run in this process against the sandbox."""
 
@@ -477,9 +485,7 @@ class TestGenerationFence:
     ) -> None:
         """Same token, but a retry journaled it since: STATE_CHANGED, nothing sent."""
         store = FileStore(tmp_path, secrets.token_bytes(32))
-        rt = _stored(quick_sandbox, store)
-        before = store.load("p")
-        assert before is not None
+        rt, before = _stored_state(quick_sandbox, store)
         job = CourierJob("p", rt, generation=before.generation)
         store.save_journal(begin_attempt(before, time.time()))  # the retry, then a full disk
         result = carry(job, store, TokenEndpoint(), time.time)
@@ -493,9 +499,7 @@ class TestGenerationFence:
     ) -> None:
         """A courier that died after journaling: the next job, built from that state, goes."""
         store = FileStore(tmp_path, secrets.token_bytes(32))
-        rt = _stored(quick_sandbox, store)
-        before = store.load("p")
-        assert before is not None
+        rt, before = _stored_state(quick_sandbox, store)
         journal = begin_attempt(before, time.time())
         store.save_journal(journal)
         job = CourierJob("p", rt, generation=journal.generation)
