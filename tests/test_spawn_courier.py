@@ -191,11 +191,8 @@ class TestRefresh:
     ) -> None:
         """Without a spare, a fresh courier rotates the chain and the new pair is on disk."""
         profile = _profile(sandbox, _spec(tmp_path))
-        cold = SpawnCourier(profile.spec, warm=False)
-        try:
+        with contextlib.closing(SpawnCourier(profile.spec, warm=False)) as cold:
             result = cold.refresh(profile.job())
-        finally:
-            cold.close()
         assert result.kind is CourierKind.REFRESHED, result.detail
         [entry] = sandbox.log()
         assert entry["outcome"] == "rotated"
@@ -349,28 +346,22 @@ class TestSpare:
         """A spare older than the age limit is not used (old code); the refresh still goes."""
         profile = _profile(sandbox, _spec(tmp_path))
         now = [1_000_000.0]
-        spawner = SpawnCourier(profile.spec, clock=lambda: now[0])
-        try:
+        with contextlib.closing(SpawnCourier(profile.spec, clock=lambda: now[0])) as spawner:
             old = spawner.prepare()
             assert old is not None
             now[0] += SPARE_MAX_AGE_SECONDS + 1
             assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
             wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
             assert spawner.prepare() not in (None, old)
-        finally:
-            spawner.close()
         assert _reaped(old)
 
     def test_the_keeper_replaces_an_aging_spare_without_a_refresh(self, tmp_path: Path) -> None:
         """Between refreshes the keeper thread lets an old spare go and starts a new one."""
-        spawner = SpawnCourier(_spec(tmp_path), max_age=1.0)
-        try:
+        with contextlib.closing(SpawnCourier(_spec(tmp_path), max_age=1.0)) as spawner:
             old = spawner.prepare()
             assert old is not None
             wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
             assert spawner.prepare() not in (None, old)
-        finally:
-            spawner.close()
 
 
 @linux_only
@@ -464,8 +455,7 @@ class TestDeadline:
         """SIGSTOP before it reads its job, LOST, SIGCONT: the spare sends nothing."""
         profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
-        spawner = SpawnCourier(profile.spec, life=1.0)
-        try:
+        with contextlib.closing(SpawnCourier(profile.spec, life=1.0)) as spawner:
             spare = spawner.prepare()
             assert spare is not None
             os.kill(spare, signal.SIGSTOP)
@@ -475,8 +465,6 @@ class TestDeadline:
             assert time.monotonic() - started >= 1.0 + WAIT_MARGIN_SECONDS  # the bound, and more
             os.kill(spare, signal.SIGCONT)
             wait_for("the old spare's end", lambda: _ended(spare), EXIT_TIMEOUT)
-        finally:
-            spawner.close()
         assert sandbox.log() == []
         assert profile.file_bytes() == before
 
@@ -487,8 +475,7 @@ class TestDeadline:
         free: SIGALRM ends it before it runs any code; nothing is sent or written."""
         profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
-        spawner = SpawnCourier(profile.spec, life=3.0)
-        try:
+        with contextlib.closing(SpawnCourier(profile.spec, life=3.0)) as spawner:
             spare = spawner.prepare()
             assert spare is not None
             with profile.store.locked(profile.name, 10):
@@ -498,8 +485,6 @@ class TestDeadline:
                 time.sleep(2.5)  # its deadline passes while it is stopped
             os.kill(spare, signal.SIGCONT)  # the lock is free now
             result = run.join()
-        finally:
-            spawner.close()
         assert result.kind is CourierKind.LOST
         assert result.detail == "the courier ended without an answer"
         assert sandbox.log() == []
@@ -528,11 +513,10 @@ class TestNotStarted:
         profile = _profile(sandbox, _spec(tmp_path))
         gone = str(tmp_path / "venv" / "bin" / "python")
         for warm in (False, True):
-            spawner = SpawnCourier(profile.spec, warm=warm, interpreter=gone)
-            try:
+            with contextlib.closing(
+                SpawnCourier(profile.spec, warm=warm, interpreter=gone)
+            ) as spawner:
                 result = spawner.refresh(profile.job())
-            finally:
-                spawner.close()
             assert result.kind is CourierKind.NOT_STARTED
             assert "could not be started" in result.detail and gone in result.detail
         assert sandbox.log() == []
@@ -561,30 +545,24 @@ class TestKeeper:
 
     def test_the_keeper_replaces_a_dead_spare(self, tmp_path: Path) -> None:
         """A spare killed while waiting is reaped and replaced without a refresh."""
-        spawner = SpawnCourier(_spec(tmp_path), tick=0.5)
-        try:
+        with contextlib.closing(SpawnCourier(_spec(tmp_path), tick=0.5)) as spawner:
             spare = spawner.prepare()
             assert spare is not None
             os.kill(spare, signal.SIGKILL)
             wait_for("the dead spare reaped", lambda: _ended(spare), EXIT_TIMEOUT)
             wait_for("a new spare", lambda: [p for p in _our_couriers() if p != spare])
             assert spawner.prepare() not in (None, spare)
-        finally:
-            spawner.close()
 
     def test_a_spare_let_go_is_reaped_within_seconds(self, tmp_path: Path) -> None:
         """An aged spare let go leaves no zombie for a whole keeper tick."""
         now = [1_000_000.0]
-        spawner = SpawnCourier(_spec(tmp_path), clock=lambda: now[0])
-        try:
+        with contextlib.closing(SpawnCourier(_spec(tmp_path), clock=lambda: now[0])) as spawner:
             old = spawner.prepare()
             assert old is not None
             now[0] += SPARE_MAX_AGE_SECONDS + 1
             new = spawner.prepare()  # lets the old one go
             assert new not in (None, old)
             wait_for("the old spare reaped", lambda: _ended(old), 5.0)
-        finally:
-            spawner.close()
 
 
 @linux_only
@@ -602,14 +580,11 @@ class TestWorkingDirectory:
         here = os.getcwd()
         os.chdir(planted)
         try:
-            spawner = SpawnCourier(profile.spec)
-            try:
+            with contextlib.closing(SpawnCourier(profile.spec)) as spawner:
                 spare = spawner.prepare()
                 assert spare is not None
                 assert os.readlink(f"/proc/{spare}/cwd") == "/"
                 assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
-            finally:
-                spawner.close()
         finally:
             os.chdir(here)
         assert not marker.exists()
@@ -624,8 +599,7 @@ class TestDeafFromTheStart:
     ) -> None:
         """SIGTERM sent again and again from the moment it exists: the refresh goes."""
         profile = _profile(sandbox, _spec(tmp_path))
-        spawner = SpawnCourier(profile.spec, warm=False)
-        try:
+        with contextlib.closing(SpawnCourier(profile.spec, warm=False)) as spawner:
             run = _Background(spawner, profile.job())
             hit = set()
             deadline = time.monotonic() + 30
@@ -636,8 +610,6 @@ class TestDeafFromTheStart:
                         hit.add(pid)
                 time.sleep(0.002)
             result = run.join()
-        finally:
-            spawner.close()
         assert hit, "the courier was never seen"
         assert result.kind is CourierKind.REFRESHED, result.detail
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
