@@ -134,6 +134,13 @@ def courier_for() -> Iterator[CourierFor]:
             spawner.close()
 
 
+def _spare(courier: SpawnCourier) -> int:
+    """The pid of the courier's waiting spare, started if there was none (it must start)."""
+    spare = courier.prepare()
+    assert spare is not None
+    return spare
+
+
 def _gone(pid: int) -> bool:
     info = proc_info(pid)
     return info is None or info.state in ("Z", "X")
@@ -207,8 +214,7 @@ class TestRefresh:
         """The waiting spare takes the job; a new spare waits after the answer."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         result = courier.refresh(profile.job())
         assert result.kind is CourierKind.REFRESHED, result.detail
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
@@ -225,8 +231,7 @@ class TestRefresh:
         courier = courier_for(profile.spec)
         spares = []
         for _ in range(3):
-            pid = courier.prepare()
-            assert pid is not None
+            pid = _spare(courier)
             spares.append(pid)
             assert courier.refresh(profile.job()).kind is CourierKind.REFRESHED
         log = sandbox.log()
@@ -288,8 +293,7 @@ class TestSpare:
     def test_close_lets_the_spare_go(self, tmp_path: Path, courier_for: CourierFor) -> None:
         """close() ends a waiting spare through EOF and reaps it."""
         courier = courier_for(_spec(tmp_path))
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         courier.close()
         assert _reaped(spare)
 
@@ -299,8 +303,7 @@ class TestSpare:
         """TERM/INT/HUP while waiting do not end it: it still carries the next refresh."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         assert os.getsid(spare) == spare != os.getsid(0)
         assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= ignored_signals(spare)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -316,8 +319,7 @@ class TestSpare:
         """TERM/HUP/INT after the server rotated: the rotated pair is still saved."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         sandbox.set_answer_delay(ANSWER_DELAY)
         run = _Background(courier, profile.job())
         wait_for("the rotation", sandbox.log)
@@ -332,8 +334,7 @@ class TestSpare:
         """A spare killed while waiting is not handed the job: a cold courier carries it."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         os.kill(spare, signal.SIGKILL)
         wait_for("the spare's death", lambda: _gone(spare), EXIT_TIMEOUT)
         assert courier.refresh(profile.job()).kind is CourierKind.REFRESHED
@@ -347,8 +348,7 @@ class TestSpare:
         profile = _profile(sandbox, _spec(tmp_path))
         now = [1_000_000.0]
         with contextlib.closing(SpawnCourier(profile.spec, clock=lambda: now[0])) as spawner:
-            old = spawner.prepare()
-            assert old is not None
+            old = _spare(spawner)
             now[0] += SPARE_MAX_AGE_SECONDS + 1
             assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
             wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
@@ -358,8 +358,7 @@ class TestSpare:
     def test_the_keeper_replaces_an_aging_spare_without_a_refresh(self, tmp_path: Path) -> None:
         """Between refreshes the keeper thread lets an old spare go and starts a new one."""
         with contextlib.closing(SpawnCourier(_spec(tmp_path), max_age=1.0)) as spawner:
-            old = spawner.prepare()
-            assert old is not None
+            old = _spare(spawner)
             wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
             assert spawner.prepare() not in (None, old)
 
@@ -376,8 +375,7 @@ class TestIsolation:
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
         job, key = profile.job(), profile.spec.key
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         sandbox.set_answer_delay(ANSWER_DELAY)
         run = _Background(courier, job)
         wait_for("the rotation", sandbox.log)
@@ -396,8 +394,7 @@ class TestIsolation:
         with socket.socket(socket.AF_UNIX) as listener, open(tmp_path / "f", "wb") as held:
             listener.bind(str(tmp_path / "s"))
             listener.listen()
-            spare = courier.prepare()
-            assert spare is not None
+            spare = _spare(courier)
             fds = {int(fd): os.readlink(f"/proc/{spare}/fd/{fd}")
                    for fd in os.listdir(f"/proc/{spare}/fd")}  # fmt: skip
             assert held.fileno() >= 0
@@ -456,8 +453,7 @@ class TestDeadline:
         profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
         with contextlib.closing(SpawnCourier(profile.spec, life=1.0)) as spawner:
-            spare = spawner.prepare()
-            assert spare is not None
+            spare = _spare(spawner)
             os.kill(spare, signal.SIGSTOP)
             started = time.monotonic()
             result = spawner.refresh(profile.job())
@@ -476,8 +472,7 @@ class TestDeadline:
         profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
         with contextlib.closing(SpawnCourier(profile.spec, life=3.0)) as spawner:
-            spare = spawner.prepare()
-            assert spare is not None
+            spare = _spare(spawner)
             with profile.store.locked(profile.name, 10):
                 run = _Background(spawner, profile.job())
                 time.sleep(1.5)  # the spare reads its job, arms its alarm, waits for the lock
@@ -546,8 +541,7 @@ class TestKeeper:
     def test_the_keeper_replaces_a_dead_spare(self, tmp_path: Path) -> None:
         """A spare killed while waiting is reaped and replaced without a refresh."""
         with contextlib.closing(SpawnCourier(_spec(tmp_path), tick=0.5)) as spawner:
-            spare = spawner.prepare()
-            assert spare is not None
+            spare = _spare(spawner)
             os.kill(spare, signal.SIGKILL)
             wait_for("the dead spare reaped", lambda: _ended(spare), EXIT_TIMEOUT)
             wait_for("a new spare", lambda: [p for p in _our_couriers() if p != spare])
@@ -557,8 +551,7 @@ class TestKeeper:
         """An aged spare let go leaves no zombie for a whole keeper tick."""
         now = [1_000_000.0]
         with contextlib.closing(SpawnCourier(_spec(tmp_path), clock=lambda: now[0])) as spawner:
-            old = spawner.prepare()
-            assert old is not None
+            old = _spare(spawner)
             now[0] += SPARE_MAX_AGE_SECONDS + 1
             new = spawner.prepare()  # lets the old one go
             assert new not in (None, old)
@@ -581,8 +574,7 @@ class TestWorkingDirectory:
         os.chdir(planted)
         try:
             with contextlib.closing(SpawnCourier(profile.spec)) as spawner:
-                spare = spawner.prepare()
-                assert spare is not None
+                spare = _spare(spawner)
                 assert os.readlink(f"/proc/{spare}/cwd") == "/"
                 assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
         finally:
