@@ -21,6 +21,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +209,14 @@ class EtcdCluster:
         for m in self.members:
             self.wait_healthy(m)
         return self
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[EtcdCluster]:
+        """The cluster started, and stopped at the end of the block (also if starting failed)."""
+        try:
+            yield self.start()
+        finally:
+            self.stop()
 
     def start_member(self, m: Member, *, wait: bool = True) -> None:
         """Start (or restart, on its existing data) one member."""

@@ -25,14 +25,9 @@ IDLE = 1.5
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """Three members that send watch progress notifications every 300 ms."""
-    c = EtcdCluster(
-        tmp_path_factory.mktemp("etcd-watch"),
-        extra_args=("--experimental-watch-progress-notify-interval=300ms",),
-    )
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    progress = "--experimental-watch-progress-notify-interval=300ms"
+    with EtcdCluster(tmp_path_factory.mktemp("etcd-watch"), extra_args=(progress,)).running() as c:
+        yield c
 
 
 @pytest.fixture
