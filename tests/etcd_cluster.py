@@ -4,7 +4,9 @@ Members listen on free loopback ports with data in a temporary directory, and ev
 started here is stopped (SIGTERM, then SIGKILL) by ``stop()``, which the fixtures call even
 when a test fails. Timings are scaled down (heartbeat 50 ms, election 500 ms) by flags, not
 by code paths of their own. ``TlsFiles`` makes a CA, a server certificate and a client
-certificate with ``cryptography`` for the ``--client-cert-auth`` variant.
+certificate with ``cryptography`` for the ``--client-cert-auth`` variant. Over 300 lines
+because it is the etcd tests' whole rig (cluster, certificates, reply-dropping proxy), shared
+by both etcd test files so that neither repeats it.
 """
 
 from __future__ import annotations
