@@ -101,6 +101,15 @@ def proc_info(pid: int) -> ProcInfo | None:
     return ProcInfo(pid, rest[0], int(rest[1]), int(rest[3]), int(rest[19]))
 
 
+def ignored_signals(pid: int) -> set[int]:
+    """The signals the process ignores, from /proc/<pid>/status's SigIgn mask."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+    return set()
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -4,7 +4,9 @@ Members listen on free loopback ports with data in a temporary directory, and ev
 started here is stopped (SIGTERM, then SIGKILL) by ``stop()``, which the fixtures call even
 when a test fails. Timings are scaled down (heartbeat 50 ms, election 500 ms) by flags, not
 by code paths of their own. ``TlsFiles`` makes a CA, a server certificate and a client
-certificate with ``cryptography`` for the ``--client-cert-auth`` variant.
+certificate with ``cryptography`` for the ``--client-cert-auth`` variant. Over 300 lines
+because it is the etcd tests' whole rig (cluster, certificates, reply-dropping proxy), shared
+by both etcd test files so that neither repeats it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +212,14 @@ class EtcdCluster:
             self.wait_healthy(m)
         return self
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[EtcdCluster]:
+        """The cluster started, and stopped at the end of the block (also if starting failed)."""
+        try:
+            yield self.start()
+        finally:
+            self.stop()
+
     def start_member(self, m: Member, *, wait: bool = True) -> None:
         """Start (or restart, on its existing data) one member."""
         m.data_dir.mkdir(parents=True, exist_ok=True)
@@ -273,6 +284,16 @@ class EtcdCluster:
         """SIGCONT a paused member."""
         assert m.proc is not None
         m.proc.send_signal(signal.SIGCONT)
+
+    def restore(self) -> None:
+        """Every member running again (killed ones restarted, paused ones resumed), healthy."""
+        for m in self.members:
+            if m.proc is None:
+                self.start_member(m, wait=False)  # all first: one alone has no quorum
+            else:
+                self.resume(m)
+        for m in self.members:
+            self.wait_healthy(m)
 
     def stop(self) -> None:
         """Stop every member: SIGCONT and SIGTERM, then SIGKILL whatever is left after 2 s."""

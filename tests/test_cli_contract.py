@@ -9,7 +9,6 @@ if it grows further.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import http.server
 import json
@@ -49,40 +48,12 @@ from aac_tokend.rundir import is_profile_name, token_socket_name
 from aac_tokend.store.opening import open_file_store
 from aac_tokend.testing import oauth_state
 from tests.helpers_e2e import E2EHome, assert_one_line_error, e2e_home
+from tests.unix_server import FakeDaemon
 
 #: Generous: only a stalled machine gets near it.
 WAIT = 10.0
 
 FOREIGN = b"FOREIGN-TOKEN-NOT-FROM-THE-DAEMON"
-
-
-class FakeDaemon:
-    """Listens on a real Unix socket at ``path``; ``behaviour`` handles each connection."""
-
-    def __init__(self, path: Path, behaviour: Callable[[socket.socket], None]) -> None:
-        self.path = path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(16)
-        self._behaviour = behaviour
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                self._behaviour(conn)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(WAIT)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from aac_tokend.api import get_token, run_cli
 from aac_tokend.client import READ_TIMEOUT_SECONDS, ControlClient, read_token
 from aac_tokend.errors import AacTokendError, AlertError, InputError, TransientError
+from tests.unix_server import FakeDaemon
 
 #: Generous: only a stalled machine gets near it.
 WAIT = 10.0
@@ -30,42 +31,15 @@ REPO = Path(__file__).resolve().parent.parent
 TCHARS = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 
 
-class OneShotServer:
-    """Listens on ``path`` and runs ``behaviour`` on each accepted connection, then closes it."""
-
-    def __init__(self, path: Path, behaviour: Callable[[socket.socket], None]) -> None:
-        self.path = str(path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.path)
-        self._listener.listen()
-        self._behaviour = behaviour
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                self._behaviour(conn)
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(WAIT)
-
-
 @pytest.fixture
 def serve(sockdir: Path) -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
-    """Start a OneShotServer with the given behaviour; return its path."""
-    servers: list[OneShotServer] = []
+    """Start a FakeDaemon with the given behaviour; return its path."""
+    servers: list[FakeDaemon] = []
 
     def start(behaviour: Callable[[socket.socket], None]) -> str:
-        server = OneShotServer(sockdir / f"s{len(servers)}.sock", behaviour)
+        server = FakeDaemon(sockdir / f"s{len(servers)}.sock", behaviour)
         servers.append(server)
-        return server.path
+        return str(server.path)
 
     yield start
     for server in servers:
@@ -212,8 +186,8 @@ class TestGetTokenFallback:
         """A token socket that cuts its answer short (ConnectionError) is not the last word."""
         run = sockdir / "run"
         run.mkdir(mode=0o700)
-        broken = OneShotServer(run / "default.token.sock", lambda conn: conn.sendall(b"a.b"))
-        control = OneShotServer(
+        broken = FakeDaemon(run / "default.token.sock", lambda conn: conn.sendall(b"a.b"))
+        control = FakeDaemon(
             run / "control.sock",
             json_lines(lambda request: {"ok": True, "profile": "default", "token": "c.d.e"}),
         )
@@ -238,7 +212,7 @@ class TestGetTokenRefusals:
         """A refusal is retry (75), bad input (65) or alert (69) as its code says, not always 69."""
         run = sockdir / "run"
         run.mkdir(mode=0o700)
-        control = OneShotServer(
+        control = FakeDaemon(
             run / "control.sock",
             json_lines(lambda request: {"ok": False, "code": code, "message": "why it failed"}),
         )
@@ -293,7 +267,7 @@ class TestApiCliInput:
         run = sockdir / "run"
         run.mkdir(mode=0o700)
         row = {"profile": "default", "state": "corrupt", "api_base_url": None, "alert": "bad file"}
-        control = OneShotServer(
+        control = FakeDaemon(
             run / "control.sock", json_lines(lambda request: {"ok": True, "profiles": [row]})
         )
         monkeypatch.setenv("AAC_TOKEND_HOME", str(sockdir))

@@ -44,7 +44,7 @@ from aac_tokend.sandbox.server import SandboxServer
 from aac_tokend.store.files import FileStore, FileStoreSpec
 from aac_tokend.testing import FailingFileLayer, FakeScheduler
 
-from .crash_rig import Rig, chains, proc_info, rotations, wait_for
+from .crash_rig import Rig, chains, ignored_signals, proc_info, rotations, wait_for
 
 #: Sandbox answer delay of the kill tests: the window between the server's rotation (logged
 #: at once) and the courier's durable save is at least this wide, so a kill lands inside it.
@@ -206,14 +206,6 @@ def _unix_socket_inodes() -> set[str]:
     return {f"socket:[{line.split()[6]}]" for line in lines if len(line.split()) > 6}
 
 
-def _ignored_signals(pid: int) -> set[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            mask = int(line.split()[1], 16)
-            return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
-    return set()
-
-
 class TestCourierIsolation:
     """A courier is out of the daemon's reach: own session, deaf, no inherited descriptors."""
 
@@ -232,7 +224,7 @@ class TestCourierIsolation:
             courier = wait_for("the courier", lambda: rig.couriers(daemon.pid))[0]
             wait_for("the rotation", lambda: _new_rotation(sandbox, 0))
             assert os.getsid(courier) == courier != os.getsid(daemon.pid)
-            assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= _ignored_signals(courier)
+            assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= ignored_signals(courier)
             targets = _fd_targets(courier)
             pipes = [t for t in targets.values() if t.startswith("pipe:")]
             assert len(pipes) == (1 if kind == "fork" else 2)  # spawn: stdin and stdout
@@ -267,6 +259,14 @@ def _stored(sandbox: SandboxServer, store: FileStore, profile: str = "p") -> str
     request = dataclasses.replace(request, token_endpoint=sandbox.token_endpoint)
     store.save(build_state(request, time.time()))
     return str(pair["refresh_token"])
+
+
+def _stored_state(sandbox: SandboxServer, store: FileStore) -> tuple[str, ProfileState]:
+    """A new chain stored as profile p: its refresh token and the state as loaded back."""
+    rt = _stored(sandbox, store)
+    state = store.load("p")
+    assert state is not None
+    return rt, state
 
 
 class TestCarry:
@@ -485,9 +485,7 @@ class TestGenerationFence:
     ) -> None:
         """Same token, but a retry journaled it since: STATE_CHANGED, nothing sent."""
         store = FileStore(tmp_path, secrets.token_bytes(32))
-        rt = _stored(quick_sandbox, store)
-        before = store.load("p")
-        assert before is not None
+        rt, before = _stored_state(quick_sandbox, store)
         job = CourierJob("p", rt, generation=before.generation)
         store.save_journal(begin_attempt(before, time.time()))  # the retry, then a full disk
         result = carry(job, store, TokenEndpoint(), time.time)
@@ -501,9 +499,7 @@ class TestGenerationFence:
     ) -> None:
         """A courier that died after journaling: the next job, built from that state, goes."""
         store = FileStore(tmp_path, secrets.token_bytes(32))
-        rt = _stored(quick_sandbox, store)
-        before = store.load("p")
-        assert before is not None
+        rt, before = _stored_state(quick_sandbox, store)
         journal = begin_attempt(before, time.time())
         store.save_journal(journal)
         job = CourierJob("p", rt, generation=journal.generation)

@@ -51,24 +51,15 @@ SLACK = 1.0
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """Three members shared by this module's tests."""
-    c = EtcdCluster(tmp_path_factory.mktemp("etcd"))
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    with EtcdCluster(tmp_path_factory.mktemp("etcd")).running() as c:
+        yield c
 
 
 @pytest.fixture
 def etcd(cluster: EtcdCluster) -> Iterator[EtcdCluster]:
     """The shared cluster with every member running again after the test."""
     yield cluster
-    for m in cluster.members:
-        if m.proc is None:
-            cluster.start_member(m, wait=False)  # all first: one alone has no quorum
-        else:
-            cluster.resume(m)
-    for m in cluster.members:
-        cluster.wait_healthy(m)
+    cluster.restore()
 
 
 @pytest.fixture
@@ -352,13 +343,10 @@ def _enable_auth(url: str) -> None:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """Three members with auth on and a 1 s simple-token TTL."""
-    c = EtcdCluster(tmp_path_factory.mktemp("etcd-auth"), extra_args=("--auth-token-ttl=1",))
-    try:
-        c.start()
+    base = tmp_path_factory.mktemp("etcd-auth")
+    with EtcdCluster(base, extra_args=("--auth-token-ttl=1",)).running() as c:
         _enable_auth(c.endpoints[0])
         yield c
-    finally:
-        c.stop()
 
 
 class TestAuth:
@@ -419,11 +407,8 @@ class TestAuth:
 def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """Three members on https with --client-cert-auth."""
     base: Path = tmp_path_factory.mktemp("etcd-tls")
-    c = EtcdCluster(base, tls=Pki.make(base / "pki"))
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    with EtcdCluster(base, tls=Pki.make(base / "pki")).running() as c:
+        yield c
 
 
 class TestTls:

@@ -14,7 +14,7 @@ import pytest
 from aac_tokend.errors import EtcdUnavailableError, EtcdWatchCompactedError
 from aac_tokend.fleet.etcd import EtcdClient, Watch, WatchEvent, WatchProgress
 from aac_tokend.fleet.etcd_watch import EventType
-from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
+from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, Member
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
@@ -25,27 +25,16 @@ IDLE = 1.5
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """Three members that send watch progress notifications every 300 ms."""
-    c = EtcdCluster(
-        tmp_path_factory.mktemp("etcd-watch"),
-        extra_args=("--experimental-watch-progress-notify-interval=300ms",),
-    )
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    progress = "--experimental-watch-progress-notify-interval=300ms"
+    with EtcdCluster(tmp_path_factory.mktemp("etcd-watch"), extra_args=(progress,)).running() as c:
+        yield c
 
 
 @pytest.fixture
 def etcd(cluster: EtcdCluster) -> Iterator[EtcdCluster]:
     """The shared cluster with every member running again after the test."""
     yield cluster
-    for m in cluster.members:
-        if m.proc is None:
-            cluster.start_member(m, wait=False)  # all first: one alone has no quorum
-        else:
-            cluster.resume(m)
-    for m in cluster.members:
-        cluster.wait_healthy(m)
+    cluster.restore()
 
 
 @pytest.fixture
@@ -63,6 +52,16 @@ def follower_first(etcd: EtcdCluster) -> EtcdClient:
     leader = etcd.leader()
     order = [m.url for m in etcd.members if m is not leader] + [leader.url]
     return EtcdClient(order, timeout=3, connect_timeout=0.5)
+
+
+def member_of(etcd: EtcdCluster, watch: Watch) -> Member:
+    """The member the watch is on now."""
+    return next(m for m in etcd.members if m.url == watch.member)
+
+
+def writer_without(etcd: EtcdCluster, member: Member) -> EtcdClient:
+    """A client of every member but ``member`` (killed or paused by the test)."""
+    return EtcdClient([m.url for m in etcd.members if m is not member], timeout=5)
 
 
 def unique(name: str) -> bytes:
@@ -141,9 +140,9 @@ class TestResume:
             next(watch)
             r1 = client.put(key, b"1").revision
             assert [e.revision for e in events(watch, 1)] == [r1]
-            dead = next(m for m in etcd.members if m.url == watch.member)
+            dead = member_of(etcd, watch)
             etcd.kill(dead)
-            writer = EtcdClient([m.url for m in etcd.members if m is not dead], timeout=5)
+            writer = writer_without(etcd, dead)
             r2 = writer.put(key, b"2").revision
             r3 = writer.put(key, b"3").revision
             got = events(watch, 2)
@@ -156,9 +155,9 @@ class TestResume:
         key = unique("paused")
         with client.watch(key, idle_timeout=IDLE) as watch:
             next(watch)
-            stuck = next(m for m in etcd.members if m.url == watch.member)
+            stuck = member_of(etcd, watch)
             etcd.pause(stuck)
-            writer = EtcdClient([m.url for m in etcd.members if m is not stuck], timeout=5)
+            writer = writer_without(etcd, stuck)
             r1 = writer.put(key, b"while paused").revision
             started = time.monotonic()
             got = events(watch, 1)
@@ -204,9 +203,9 @@ class TestCompaction:
         key = unique("compact-resume")
         with client.watch(key, idle_timeout=IDLE) as watch:
             next(watch)
-            dead = next(m for m in etcd.members if m.url == watch.member)
+            dead = member_of(etcd, watch)
             etcd.kill(dead)
-            writer = EtcdClient([m.url for m in etcd.members if m is not dead], timeout=5)
+            writer = writer_without(etcd, dead)
             writer.put(key, b"missed")
             latest = writer.put(key, b"missed too").revision
             writer.compact(latest)
@@ -221,7 +220,7 @@ class TestLeaderless:
         """With the other two killed, the watch raises (hasleader) instead of ticking forever."""
         client = follower_first(etcd)
         with client.watch(unique("leaderless"), idle_timeout=IDLE) as watch:
-            alone = next(m for m in etcd.members if m.url == watch.member)
+            alone = member_of(etcd, watch)
             for m in etcd.members:
                 if m is not alone:
                     etcd.kill(m)

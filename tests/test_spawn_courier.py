@@ -41,7 +41,7 @@ from aac_tokend.refresh.transaction import CourierJob
 from aac_tokend.sandbox.server import SandboxServer
 from aac_tokend.store.files import FileStore, FileStoreSpec
 
-from .crash_rig import proc_info, wait_for
+from .crash_rig import ignored_signals, proc_info, wait_for
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -134,6 +134,13 @@ def courier_for() -> Iterator[CourierFor]:
             spawner.close()
 
 
+def _spare(courier: SpawnCourier) -> int:
+    """The pid of the courier's waiting spare, started if there was none (it must start)."""
+    spare = courier.prepare()
+    assert spare is not None
+    return spare
+
+
 def _gone(pid: int) -> bool:
     info = proc_info(pid)
     return info is None or info.state in ("Z", "X")
@@ -166,14 +173,6 @@ def _our_couriers() -> list[int]:
     return found
 
 
-def _ignored_signals(pid: int) -> set[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            mask = int(line.split()[1], 16)
-            return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
-    return set()
-
-
 class _Background:
     """One refresh in a thread, so the test can look at the courier while it carries."""
 
@@ -199,11 +198,8 @@ class TestRefresh:
     ) -> None:
         """Without a spare, a fresh courier rotates the chain and the new pair is on disk."""
         profile = _profile(sandbox, _spec(tmp_path))
-        cold = SpawnCourier(profile.spec, warm=False)
-        try:
+        with contextlib.closing(SpawnCourier(profile.spec, warm=False)) as cold:
             result = cold.refresh(profile.job())
-        finally:
-            cold.close()
         assert result.kind is CourierKind.REFRESHED, result.detail
         [entry] = sandbox.log()
         assert entry["outcome"] == "rotated"
@@ -218,8 +214,7 @@ class TestRefresh:
         """The waiting spare takes the job; a new spare waits after the answer."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         result = courier.refresh(profile.job())
         assert result.kind is CourierKind.REFRESHED, result.detail
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]
@@ -236,8 +231,7 @@ class TestRefresh:
         courier = courier_for(profile.spec)
         spares = []
         for _ in range(3):
-            pid = courier.prepare()
-            assert pid is not None
+            pid = _spare(courier)
             spares.append(pid)
             assert courier.refresh(profile.job()).kind is CourierKind.REFRESHED
         log = sandbox.log()
@@ -299,8 +293,7 @@ class TestSpare:
     def test_close_lets_the_spare_go(self, tmp_path: Path, courier_for: CourierFor) -> None:
         """close() ends a waiting spare through EOF and reaps it."""
         courier = courier_for(_spec(tmp_path))
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         courier.close()
         assert _reaped(spare)
 
@@ -310,10 +303,9 @@ class TestSpare:
         """TERM/INT/HUP while waiting do not end it: it still carries the next refresh."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         assert os.getsid(spare) == spare != os.getsid(0)
-        assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= _ignored_signals(spare)
+        assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= ignored_signals(spare)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             os.kill(spare, sig)
         time.sleep(0.2)
@@ -327,8 +319,7 @@ class TestSpare:
         """TERM/HUP/INT after the server rotated: the rotated pair is still saved."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         sandbox.set_answer_delay(ANSWER_DELAY)
         run = _Background(courier, profile.job())
         wait_for("the rotation", sandbox.log)
@@ -343,8 +334,7 @@ class TestSpare:
         """A spare killed while waiting is not handed the job: a cold courier carries it."""
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         os.kill(spare, signal.SIGKILL)
         wait_for("the spare's death", lambda: _gone(spare), EXIT_TIMEOUT)
         assert courier.refresh(profile.job()).kind is CourierKind.REFRESHED
@@ -357,28 +347,20 @@ class TestSpare:
         """A spare older than the age limit is not used (old code); the refresh still goes."""
         profile = _profile(sandbox, _spec(tmp_path))
         now = [1_000_000.0]
-        spawner = SpawnCourier(profile.spec, clock=lambda: now[0])
-        try:
-            old = spawner.prepare()
-            assert old is not None
+        with contextlib.closing(SpawnCourier(profile.spec, clock=lambda: now[0])) as spawner:
+            old = _spare(spawner)
             now[0] += SPARE_MAX_AGE_SECONDS + 1
             assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
             wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
             assert spawner.prepare() not in (None, old)
-        finally:
-            spawner.close()
         assert _reaped(old)
 
     def test_the_keeper_replaces_an_aging_spare_without_a_refresh(self, tmp_path: Path) -> None:
         """Between refreshes the keeper thread lets an old spare go and starts a new one."""
-        spawner = SpawnCourier(_spec(tmp_path), max_age=1.0)
-        try:
-            old = spawner.prepare()
-            assert old is not None
+        with contextlib.closing(SpawnCourier(_spec(tmp_path), max_age=1.0)) as spawner:
+            old = _spare(spawner)
             wait_for("the old spare's end", lambda: _gone(old), EXIT_TIMEOUT)
             assert spawner.prepare() not in (None, old)
-        finally:
-            spawner.close()
 
 
 @linux_only
@@ -393,8 +375,7 @@ class TestIsolation:
         profile = _profile(sandbox, _spec(tmp_path))
         courier = courier_for(profile.spec)
         job, key = profile.job(), profile.spec.key
-        spare = courier.prepare()
-        assert spare is not None
+        spare = _spare(courier)
         sandbox.set_answer_delay(ANSWER_DELAY)
         run = _Background(courier, job)
         wait_for("the rotation", sandbox.log)
@@ -413,8 +394,7 @@ class TestIsolation:
         with socket.socket(socket.AF_UNIX) as listener, open(tmp_path / "f", "wb") as held:
             listener.bind(str(tmp_path / "s"))
             listener.listen()
-            spare = courier.prepare()
-            assert spare is not None
+            spare = _spare(courier)
             fds = {int(fd): os.readlink(f"/proc/{spare}/fd/{fd}")
                    for fd in os.listdir(f"/proc/{spare}/fd")}  # fmt: skip
             assert held.fileno() >= 0
@@ -472,10 +452,8 @@ class TestDeadline:
         """SIGSTOP before it reads its job, LOST, SIGCONT: the spare sends nothing."""
         profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
-        spawner = SpawnCourier(profile.spec, life=1.0)
-        try:
-            spare = spawner.prepare()
-            assert spare is not None
+        with contextlib.closing(SpawnCourier(profile.spec, life=1.0)) as spawner:
+            spare = _spare(spawner)
             os.kill(spare, signal.SIGSTOP)
             started = time.monotonic()
             result = spawner.refresh(profile.job())
@@ -483,8 +461,6 @@ class TestDeadline:
             assert time.monotonic() - started >= 1.0 + WAIT_MARGIN_SECONDS  # the bound, and more
             os.kill(spare, signal.SIGCONT)
             wait_for("the old spare's end", lambda: _ended(spare), EXIT_TIMEOUT)
-        finally:
-            spawner.close()
         assert sandbox.log() == []
         assert profile.file_bytes() == before
 
@@ -495,10 +471,8 @@ class TestDeadline:
         free: SIGALRM ends it before it runs any code; nothing is sent or written."""
         profile = _profile(sandbox, _spec(tmp_path))
         before = profile.file_bytes()
-        spawner = SpawnCourier(profile.spec, life=3.0)
-        try:
-            spare = spawner.prepare()
-            assert spare is not None
+        with contextlib.closing(SpawnCourier(profile.spec, life=3.0)) as spawner:
+            spare = _spare(spawner)
             with profile.store.locked(profile.name, 10):
                 run = _Background(spawner, profile.job())
                 time.sleep(1.5)  # the spare reads its job, arms its alarm, waits for the lock
@@ -506,8 +480,6 @@ class TestDeadline:
                 time.sleep(2.5)  # its deadline passes while it is stopped
             os.kill(spare, signal.SIGCONT)  # the lock is free now
             result = run.join()
-        finally:
-            spawner.close()
         assert result.kind is CourierKind.LOST
         assert result.detail == "the courier ended without an answer"
         assert sandbox.log() == []
@@ -536,11 +508,10 @@ class TestNotStarted:
         profile = _profile(sandbox, _spec(tmp_path))
         gone = str(tmp_path / "venv" / "bin" / "python")
         for warm in (False, True):
-            spawner = SpawnCourier(profile.spec, warm=warm, interpreter=gone)
-            try:
+            with contextlib.closing(
+                SpawnCourier(profile.spec, warm=warm, interpreter=gone)
+            ) as spawner:
                 result = spawner.refresh(profile.job())
-            finally:
-                spawner.close()
             assert result.kind is CourierKind.NOT_STARTED
             assert "could not be started" in result.detail and gone in result.detail
         assert sandbox.log() == []
@@ -569,30 +540,22 @@ class TestKeeper:
 
     def test_the_keeper_replaces_a_dead_spare(self, tmp_path: Path) -> None:
         """A spare killed while waiting is reaped and replaced without a refresh."""
-        spawner = SpawnCourier(_spec(tmp_path), tick=0.5)
-        try:
-            spare = spawner.prepare()
-            assert spare is not None
+        with contextlib.closing(SpawnCourier(_spec(tmp_path), tick=0.5)) as spawner:
+            spare = _spare(spawner)
             os.kill(spare, signal.SIGKILL)
             wait_for("the dead spare reaped", lambda: _ended(spare), EXIT_TIMEOUT)
             wait_for("a new spare", lambda: [p for p in _our_couriers() if p != spare])
             assert spawner.prepare() not in (None, spare)
-        finally:
-            spawner.close()
 
     def test_a_spare_let_go_is_reaped_within_seconds(self, tmp_path: Path) -> None:
         """An aged spare let go leaves no zombie for a whole keeper tick."""
         now = [1_000_000.0]
-        spawner = SpawnCourier(_spec(tmp_path), clock=lambda: now[0])
-        try:
-            old = spawner.prepare()
-            assert old is not None
+        with contextlib.closing(SpawnCourier(_spec(tmp_path), clock=lambda: now[0])) as spawner:
+            old = _spare(spawner)
             now[0] += SPARE_MAX_AGE_SECONDS + 1
             new = spawner.prepare()  # lets the old one go
             assert new not in (None, old)
             wait_for("the old spare reaped", lambda: _ended(old), 5.0)
-        finally:
-            spawner.close()
 
 
 @linux_only
@@ -610,14 +573,10 @@ class TestWorkingDirectory:
         here = os.getcwd()
         os.chdir(planted)
         try:
-            spawner = SpawnCourier(profile.spec)
-            try:
-                spare = spawner.prepare()
-                assert spare is not None
+            with contextlib.closing(SpawnCourier(profile.spec)) as spawner:
+                spare = _spare(spawner)
                 assert os.readlink(f"/proc/{spare}/cwd") == "/"
                 assert spawner.refresh(profile.job()).kind is CourierKind.REFRESHED
-            finally:
-                spawner.close()
         finally:
             os.chdir(here)
         assert not marker.exists()
@@ -632,8 +591,7 @@ class TestDeafFromTheStart:
     ) -> None:
         """SIGTERM sent again and again from the moment it exists: the refresh goes."""
         profile = _profile(sandbox, _spec(tmp_path))
-        spawner = SpawnCourier(profile.spec, warm=False)
-        try:
+        with contextlib.closing(SpawnCourier(profile.spec, warm=False)) as spawner:
             run = _Background(spawner, profile.job())
             hit = set()
             deadline = time.monotonic() + 30
@@ -644,8 +602,6 @@ class TestDeafFromTheStart:
                         hit.add(pid)
                 time.sleep(0.002)
             result = run.join()
-        finally:
-            spawner.close()
         assert hit, "the courier was never seen"
         assert result.kind is CourierKind.REFRESHED, result.detail
         assert profile.rt_hash() == sandbox.log()[0]["new_rt_hash"]

@@ -7,9 +7,10 @@ it and a way to damage one of its entries. Each store's own promises stay in its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,27 @@ class TestStateStoreContract:
         assert store.listing_stamp() != settled
 
 
+@contextlib.contextmanager
+def held_by_a_thread(store: StateStore, profile: str) -> Iterator[threading.Event]:
+    """``profile``'s lock held by another thread until the yielded event is set or the block
+    ends (the thread is joined then)."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with store.locked(profile, timeout=1.0):
+            held.set()
+            release.wait(THREAD_TIMEOUT)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(THREAD_TIMEOUT)
+        yield release
+    finally:
+        release.set()
+        thread.join()
+
+
 class TestLockContract:
     """The per-profile lock orders writers, across threads as across processes."""
 
@@ -167,23 +189,10 @@ class TestLockContract:
 
     def test_lock_excludes_another_thread(self, store: StateStore) -> None:
         """A lock held by one thread times out in another with BusyError, and is not free."""
-        held, release = threading.Event(), threading.Event()
-
-        def holder() -> None:
-            with store.locked("work", timeout=1.0):
-                held.set()
-                release.wait(THREAD_TIMEOUT)
-
-        thread = threading.Thread(target=holder)
-        thread.start()
-        try:
-            assert held.wait(THREAD_TIMEOUT)
+        with held_by_a_thread(store, "work"):
             assert not store.lock_is_free("work")
             with pytest.raises(BusyError), store.locked("work", timeout=0.1):
                 pass
-        finally:
-            release.set()
-            thread.join()
         assert store.lock_is_free("work")
 
     def test_lock_is_free(self, store: StateStore) -> None:
@@ -220,23 +229,10 @@ class TestLockContract:
 
     def test_waiter_gets_lock_when_freed(self, store: StateStore) -> None:
         """A waiter with a long timeout gets the lock once the holder (a thread) lets go."""
-        held, release = threading.Event(), threading.Event()
-
-        def holder() -> None:
-            with store.locked("work", timeout=1.0):
-                held.set()
-                release.wait(THREAD_TIMEOUT)
-
-        thread = threading.Thread(target=holder)
-        thread.start()
-        try:
-            assert held.wait(THREAD_TIMEOUT)
+        with held_by_a_thread(store, "work") as release:
             threading.Timer(0.2, release.set).start()
             with store.locked("work", timeout=THREAD_TIMEOUT):
                 assert release.is_set()
-        finally:
-            release.set()
-            thread.join()
 
 
 class TestSealContract:

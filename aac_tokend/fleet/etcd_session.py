@@ -1,23 +1,22 @@
 """The HTTP session to etcd members: TLS files, and a record of whether a request left.
 
-Our connection class notes the first ``send`` after the connection is up (the TLS
-handshake is part of connecting) on the ``Attempt`` of the calling thread: an error before
-that send proves the member received nothing; after it, the request may have been acted on.
+The watched connection classes (``netio``) note the first ``send`` after the connection is
+up (the TLS handshake is part of connecting) on the ``Attempt`` of the calling thread: an
+error before that send proves the member received nothing; after it, the request may have
+been acted on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import requests
-import requests.adapters
-import urllib3.connection
-import urllib3.connectionpool
+
+from ..netio import WatchedAdapter, watching
 
 __all__ = ["Attempt", "Credentials", "TlsFiles", "attempt", "session_for"]
 
@@ -48,36 +47,12 @@ class Attempt:
     def __init__(self) -> None:
         self.sent = False
 
+    def watch(self, sock: object) -> None:
+        """A connection is up: nothing sent yet, and no deadline here to refuse it."""
 
-_current = threading.local()
-
-
-class _WatchedMixin:
-    """Notes the first send of the request (not the connect or handshake) on the attempt."""
-
-    def send(self, data: Any) -> None:
-        if self.sock is None:  # type: ignore[attr-defined]
-            self.connect()  # type: ignore[attr-defined]  # http.client connects lazily in send
-        attempt: Attempt | None = getattr(_current, "attempt", None)
-        if attempt is not None:
-            attempt.sent = True
-        super().send(data)  # type: ignore[misc]
-
-
-class _HTTPConnection(_WatchedMixin, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_WatchedMixin, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+    def sending(self, sock: object) -> None:
+        """A byte of the request is about to go to the socket."""
+        self.sent = True
 
 
 def _tls12_context() -> ssl.SSLContext:
@@ -94,30 +69,26 @@ def _tls12_context() -> ssl.SSLContext:
 # mid-answer). Under TLS 1.2 the server's Finished comes after that check, so a refusal
 # fails the connect and the request provably never left. ECDHE with AES-GCM, which etcd
 # offers, keeps 1.2 sound; the exact "did it leave?" is what the fleet's fencing rests on.
-class _WatchedAdapter(requests.adapters.HTTPAdapter):
+class _Tls12Adapter(WatchedAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["ssl_context"] = _tls12_context()
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
 @contextlib.contextmanager
 def attempt() -> Iterator[Attempt]:
     """Record, for requests this thread makes inside the block, whether a byte was sent."""
     current = Attempt()
-    _current.attempt = current
-    try:
+    with watching(current):
         yield current
-    finally:
-        _current.attempt = None
 
 
 def session_for(tls: TlsFiles | None) -> requests.Session:
     """A session with the watched adapter, our CA and client certificate, and no proxies."""
     session = requests.Session()
     session.trust_env = False  # etcd members are named explicitly; never via a proxy
-    session.mount("http://", _WatchedAdapter())
-    session.mount("https://", _WatchedAdapter())
+    session.mount("http://", _Tls12Adapter())
+    session.mount("https://", _Tls12Adapter())
     if tls is not None:
         session.verify = tls.ca
         if tls.cert is not None:

@@ -12,12 +12,10 @@ but cannot be read is an error, never a reset to zero (that would re-admit every
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from ..store.fileio import (
     FileLayer,
     OsFileLayer,
     ensure_private_dir,
+    flock_within,
     open_lock_file,
     read_regular_file,
 )
@@ -97,15 +96,8 @@ class HighWater:
                     f"cannot open the lock file {self._lock_path}: {exc.strerror}"
                 ) from exc
             try:
-                deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise self._busy() from None
-                        time.sleep(LOCK_POLL_SECONDS)
+                if not flock_within(fd, LOCK_TIMEOUT_SECONDS, LOCK_POLL_SECONDS):
+                    raise self._busy()
                 yield
             finally:
                 os.close(fd)

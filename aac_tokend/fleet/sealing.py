@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import os
 import secrets
 import struct
 from pathlib import Path
@@ -28,7 +27,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import FleetKeyFormatError, StateCorruptError, StorageError
-from ..store.fileio import FileLayer, OsFileLayer, ensure_private_dir, read_regular_file
+from ..store.fileio import FileLayer, OsFileLayer, ensure_private_dir
+from ..store.keyfile import read_key_file, write_new_key_file
 
 __all__ = [
     "FLEET_KEY_BYTES",
@@ -190,40 +190,23 @@ def load_fleet_key(config_dir: Path) -> bytes:
     """The fleet key, checked: a regular file of ours, mode 0600, exactly 32 bytes."""
     path = config_dir / FLEET_KEY_FILENAME
     try:
-        key, info = read_regular_file(path, FLEET_KEY_BYTES + 1, follow_symlinks=False)
+        return read_key_file(path, FLEET_KEY_BYTES, "fleet key", unreadable=_AGAIN, damaged=_AGAIN)
     except FileNotFoundError:
         raise StorageError(
             f"no fleet key at {path}; create it on the first host, or import the line that "
             "'export' printed there"
         ) from None
-    except OSError as exc:
-        raise StorageError(
-            f"cannot read the fleet key {path}: {exc.strerror} (a symlink is never followed); "
-            "import it again from another host of the fleet"
-        ) from exc
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise StorageError(
-            f"the fleet key {path} must be owned by you with mode 0600; run chmod 600 on it"
-        )
-    if len(key) != FLEET_KEY_BYTES:
-        raise StateCorruptError(
-            f"the fleet key {path} is damaged; import it again from another host of the fleet"
-        )
-    return key
+
+
+_AGAIN = "import it again from another host of the fleet"
 
 
 def _install(config_dir: Path, key: bytes, fs: FileLayer | None, verb: str) -> None:
     fs = fs or OsFileLayer()
     ensure_private_dir(config_dir)
     path = config_dir / FLEET_KEY_FILENAME
-    tmp = config_dir / f".{FLEET_KEY_FILENAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        try:
-            fs.write_durably(tmp, key)
-            os.link(tmp, path)  # fails if a key is there: never replaced
-        finally:
-            tmp.unlink(missing_ok=True)  # also after a failed write: no stray key copy
-        fs.fsync_dir(config_dir)
+        write_new_key_file(path, key, fs)
     except FileExistsError:
         existing = load_fleet_key(config_dir)
         if verb == "import" and secrets.compare_digest(existing, key):

@@ -26,8 +26,6 @@ from typing import Any
 
 import requests
 import requests.adapters
-import urllib3.connection
-import urllib3.connectionpool
 import urllib3.exceptions
 
 from .. import __version__
@@ -43,6 +41,7 @@ from ..core.outcome import (
 from ..core.policy import ASSUMED_LIFETIME_SECONDS
 from ..core.tokens import mask_tokens, parse_jwt
 from ..errors import TokenFormatError
+from ..netio import WatchedAdapter, watching
 
 __all__ = [
     "TERMINAL_OAUTH_ERRORS",
@@ -286,78 +285,6 @@ class _DeadlineError(OSError):
     """The refresh deadline passed before sending (an OSError, so urllib3 handles it as one)."""
 
 
-_current = threading.local()
-
-
-def _attempt() -> _Attempt | None:
-    return getattr(_current, "attempt", None)
-
-
-class _WatchedMixin:
-    """Reports connect and send to the current attempt (see the comment above)."""
-
-    _connecting = False
-
-    def connect(self) -> None:
-        self._connecting = True  # a proxy's CONNECT goes through send(): not the request
-        try:
-            super().connect()  # type: ignore[misc]
-        finally:
-            self._connecting = False
-        if (attempt := _attempt()) is not None:
-            attempt.watch(self.sock)  # type: ignore[attr-defined]
-
-    def _new_conn(self) -> socket.socket:
-        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
-        if (attempt := _attempt()) is not None:
-            try:
-                attempt.watch(sock)  # the watchdog can cut the TLS handshake too
-            except _DeadlineError:
-                sock.close()
-                raise
-        return sock
-
-    def send(self, data: Any) -> None:
-        if self.sock is None and not self._connecting:  # type: ignore[attr-defined]
-            self.connect()  # http.client connects lazily inside send: not a send yet
-        if (attempt := _attempt()) is not None and not self._connecting:
-            attempt.sending(self.sock)  # type: ignore[attr-defined]
-        super().send(data)  # type: ignore[misc]
-
-
-class _HTTPConnection(_WatchedMixin, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_WatchedMixin, urllib3.connection.HTTPSConnection):
-    pass
-
-
-class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
-
-
-class _WatchedAdapter(requests.adapters.HTTPAdapter):
-    """requests' adapter with the watched connection classes (SOCKS proxies excepted)."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _POOLS
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = _POOLS
-        return manager
-
-
 def _unsent_by_type(exc: BaseException) -> bool:
     """For connections that are not ours: True only for failures before any socket existed."""
     if isinstance(
@@ -414,7 +341,7 @@ class TokenEndpoint:
             # requests' stock adapter becomes the watched one; an adapter of the caller's
             # own is kept, and its failures are judged by type alone.
             if type(session.adapters.get(prefix)) is requests.adapters.HTTPAdapter:
-                session.mount(prefix, _WatchedAdapter())
+                session.mount(prefix, WatchedAdapter())
         self._session = session
         self._timeouts = (min(connect_timeout, deadline), min(read_timeout, deadline))
         self._deadline = deadline
@@ -426,13 +353,12 @@ class TokenEndpoint:
         attempt = _Attempt(self._deadline)
         watchdog = threading.Timer(self._deadline, attempt.expire)
         watchdog.daemon = True
-        _current.attempt = attempt
         watchdog.start()
         try:
-            return self._post(endpoint, client_id, refresh_token, now, attempt)
+            with watching(attempt):
+                return self._post(endpoint, client_id, refresh_token, now, attempt)
         finally:
             watchdog.cancel()
-            _current.attempt = None
 
     def _post(
         self, endpoint: str, client_id: str, refresh_token: str, now: float, attempt: _Attempt

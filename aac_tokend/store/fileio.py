@@ -7,8 +7,11 @@ crash campaign replaces this layer with one that fails with ENOSPC or EIO on dem
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -153,3 +156,18 @@ def open_lock_file(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def flock_within(
+    fd: int, timeout: float, poll: float, sleep: Callable[[float], None] = time.sleep
+) -> bool:
+    """An exclusive flock on ``fd``, tried every ``poll`` s for ``timeout`` s; False if held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            sleep(poll)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import threading
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..core.state import ProfileState, state_from_json, state_to_json, validate_profile_name
 from ..errors import BusyError, ProfileError, StateCorruptError, StorageError
-from .fileio import FileLayer, OsFileLayer, ensure_private_dir, open_lock_file
+from .fileio import FileLayer, OsFileLayer, ensure_private_dir, flock_within, open_lock_file
 from .interface import StateStore
 from .keyfile import KEY_BYTES, SUFFIX, load_or_create_key, stored_state_count
 from .pending import PendingStore
@@ -269,18 +268,11 @@ def hold_lock(
     except OSError as exc:
         raise StorageError(f"cannot open lock file {path}: {exc.strerror}") from exc
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise BusyError(
-                        f"{path.name}: another refresh of this profile is still running; "
-                        "try again in a few seconds"
-                    ) from None
-                sleep(LOCK_POLL_SECONDS)
+        if not flock_within(fd, timeout, LOCK_POLL_SECONDS, sleep):
+            raise BusyError(
+                f"{path.name}: another refresh of this profile is still running; "
+                "try again in a few seconds"
+            )
         yield
     finally:
         os.close(fd)
