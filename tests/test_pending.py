@@ -365,3 +365,25 @@ class TestDaemonKill:
         assert after.rejection is None and after.refresh_count == adopted.refresh_count + 1
         assert [e["outcome"] for e in sandbox.log()] == ["rotated", "rotated"]
         assert first.refresh_token != adopted.refresh_token
+
+
+class TestStillOwed:
+    """Which refused outcome must still be written: the rule of absorbing and of the late retry."""
+
+    def test_a_state_the_disk_holds_but_could_not_confirm_is_owed(self) -> None:
+        """The rename landed and the directory's fsync failed: the very state is owed again."""
+        from aac_tokend.store.pending import still_owed
+        from aac_tokend.testing import oauth_state
+
+        held = oauth_state(generation=5, refresh_token="rt-new")
+        assert still_owed(held, dataclasses.replace(held))
+
+    def test_a_state_that_moved_on_is_not_owed(self) -> None:
+        """An import (another token, any generation) on disk wins: nothing is owed."""
+        from aac_tokend.store.pending import still_owed
+        from aac_tokend.testing import oauth_state
+
+        held = oauth_state(generation=5, refresh_token="rt-new")
+        imported = oauth_state(generation=6, refresh_token="rt-imported")
+        assert not still_owed(held, imported)
+        assert not still_owed(held, dataclasses.replace(imported, generation=5))

@@ -18,7 +18,7 @@ from ..core.policy import recover_interrupted
 from ..core.state import ProfileState, validate_profile_name
 from ..errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
 from ..refresh.courier import WAIT_SECONDS
-from ..store.pending import follows
+from ..store.pending import follows, still_owed
 from .serving import ProfileEntry, Serving
 
 __all__ = ["FULL_SCAN_SECONDS", "Adoption", "misnamed_advice"]
@@ -196,7 +196,7 @@ class Adoption(Serving):
                 if disk is None:  # moved away by hand: forgotten, never written back
                     self._clear_pending(name)
                     self._forget_locked(name)
-                elif not follows(held, disk):
+                elif not still_owed(held, disk):
                     self._hold(disk)  # what the disk moved on to; drops the pair
                     self._clear_pending(name)
                     log.info("unsaved_state_dropped", profile=name, reason="the file moved on")

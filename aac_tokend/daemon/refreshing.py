@@ -20,7 +20,7 @@ from ..core.tokens import token_hash
 from ..errors import AacTokendError, BusyError, ProfileError, StateCorruptError, StorageError
 from ..refresh.courier import LOCK_WAIT_SECONDS, WAIT_SECONDS, CourierJob
 from ..refresh.result import CourierKind, CourierResult
-from ..store.pending import follows
+from ..store.pending import still_owed
 from .adoption import Adoption
 
 __all__ = ["Refreshing"]
@@ -150,7 +150,7 @@ class Refreshing(Adoption):
     def _absorb_refused(self, name: str, blob: bytes) -> tuple[ProfileState, bytes | None]:
         """The state to hold for a pair the store refused: it, or what the disk moved on to.
 
-        The rule of the late retry (``follows``), under the same lock: an import or a
+        The rule of the late retry (``still_owed``), under the same lock: an import or a
         remove that landed since the courier let go wins, and the pair is dropped.
         """
         held = self._store.unseal(name, blob)
@@ -163,7 +163,7 @@ class Refreshing(Adoption):
         if disk is None:
             self._clear_pending(name)
             self._gone_locked(name)
-        if not follows(held, disk):
+        if not still_owed(held, disk):
             self._clear_pending(name)
             log.info("unsaved_state_dropped", profile=name, reason="the file moved on")
             return disk, None

@@ -91,7 +91,8 @@ def check_socket_room(layout: Layout) -> str:
             f"{limit}-byte limit of Unix sockets; install with AAC_TOKEND_HOME set to a "
             "shorter directory, e.g. AAC_TOKEND_HOME=~/.aac-tokend"
         )
-    room = limit - len(os.fsencode(layout.paths.token_socket("")))
+    # A one-letter profile's path, less that letter: what the name itself may take.
+    room = limit - len(os.fsencode(layout.paths.token_socket("x"))) + 1
     return f"note: token socket paths leave room for profile names of up to {room} bytes"
 
 

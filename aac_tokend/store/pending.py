@@ -23,7 +23,7 @@ from ..core.state import ProfileState, validate_profile_name
 from ..errors import AacTokendError, StorageError
 from .fileio import FileLayer, OsFileLayer, ensure_private_dir
 
-__all__ = ["SUFFIX", "PendingStore", "follows"]
+__all__ = ["SUFFIX", "PendingStore", "follows", "still_owed"]
 
 SUFFIX = ".pending"
 
@@ -42,6 +42,18 @@ def follows(held: ProfileState, disk: ProfileState) -> bool:
         return False
     spent = {*held.spent_rt_hashes, *held.spent_imported_rt_hashes, held.ambiguous_rt_hash}
     return disk.in_flight.rt_hash in spent
+
+
+def still_owed(held: ProfileState, disk: ProfileState) -> bool:
+    """True if ``held`` (an outcome the store refused) must still be written over ``disk``.
+
+    It follows the journal on disk (``follows``), or the disk already holds this very state
+    but could not confirm it durable (the rename landed, the directory's fsync failed): it
+    is owed again then, and nothing may spend its token until a write says it is durable.
+    Anything else on disk (an import, a recovery) moved on, and ``held`` is dropped.
+    """
+    same = held.generation == disk.generation and held.refresh_token == disk.refresh_token
+    return same or follows(held, disk)
 
 
 class PendingStore:
