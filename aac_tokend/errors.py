@@ -12,6 +12,7 @@
     │   │   └── EtcdOutcomeUnknownError (transient)              etcd: may have applied
     │   ├── EtcdLeaseGoneError      (transient)                  etcd: the lease is gone
     │   ├── EtcdWatchCompactedError (transient)                  etcd: watch compacted, re-read
+    │   ├── FenceLostError          (transient)                  fleet: not the owner, or moved on
     │   └── RateLimitedError        rate_limited                 too many control requests at once
     ├── AlertError                  alert                    69  stop and alert: a person must act
     │   ├── NoTokenError            no_token                     no valid token until a person acts
@@ -43,6 +44,9 @@ CLI's exit status cannot drift apart. A new error code is one class attribute he
 Every message is one line, names what was wrong and what to do, and never contains a token.
 Lower-layer exceptions (requests, OSError, cryptography) are translated where they occur,
 with ``raise ... from``.
+
+Longer than 300 lines because it is the whole tree, one short class per decision a caller
+makes; split, the map above would describe classes in several files.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ __all__ = [
     "EtcdUnavailableError",
     "EtcdUnsentError",
     "EtcdWatchCompactedError",
+    "FenceLostError",
     "FleetKeyFormatError",
     "HolderUnknownError",
     "InputError",
@@ -261,6 +266,11 @@ class EtcdWatchCompactedError(TransientError):
     def __init__(self, message: str, *, compact_revision: int = 0) -> None:
         super().__init__(message)
         self.compact_revision = compact_revision
+
+
+class FenceLostError(TransientError):
+    """A fleet transaction's compare failed: this host no longer owns the profile's chain, or
+    the chain moved on since it was read. Nothing was written; the caller reads again."""
 
 
 class EtcdAuthError(AlertError):
