@@ -31,6 +31,9 @@ __all__ = ["add_arguments", "run_cli"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=45.0, help="how long to watch refreshes")
     parser.add_argument("--access-ttl", type=int, default=15, help="sandbox access token life")
+    parser.add_argument(
+        "--fleet", action="store_true", help="three hosts sharing one chain through a local etcd"
+    )
 
 
 def _say(text: str) -> None:
@@ -198,6 +201,10 @@ class _Demo:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run the demo; it always cleans up its processes and files."""
+    if args.fleet:
+        from .demo_fleet import run_fleet_demo
+
+        return run_fleet_demo(args.seconds, args.access_ttl)
     demo = _Demo(args.seconds, args.access_ttl)
     try:
         return demo.run()
