@@ -94,7 +94,7 @@ class _FleetDemo:
                 rows = client.request("status")["profiles"]
         except (OSError, ValueError, KeyError):
             return None
-        return rows[0] if rows else None
+        return rows[0] if isinstance(rows, list) and rows else None
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
