@@ -19,6 +19,10 @@ sequence number checked against this host's high-water mark and then noted, so n
 older than what this host has seen is ever used. etcd errors pass up unchanged:
 ``EtcdUnsentError`` (not applied), ``EtcdOutcomeUnknownError`` (maybe applied: the caller
 resolves it with ``find_attempt``).
+
+Over 300 lines because it is the whole set of the chain keys' transactions, each beside the
+compares that make it safe; split, the reason one compares the lease and another must not
+would sit in two files.
 """
 
 from __future__ import annotations
@@ -341,8 +345,8 @@ def _refuse_reuse(profile: str, state: ProfileState, current: ChainRecord, fleet
     token = state.refresh_token
     if state.kind is not TokenKind.OAUTH or token is None:
         return
-    if token == current.state.refresh_token:
-        raise _held(profile, fleet)
+    # The journal first: its token is the current one too, and "may be on the wire right
+    # now" is what the person needs to hear.
     attempt = current.unresolved
     in_flight = current.state.in_flight
     if attempt is not None and in_flight is not None and in_flight.rt_hash == token_hash(token):
@@ -351,6 +355,8 @@ def _refuse_reuse(profile: str, state: ProfileState, current: ChainRecord, fleet
             "sending this refresh token right now (its attempt is not resolved); presenting "
             "it again would make the server revoke the chain: import the newest pair instead"
         )
+    if token == current.state.refresh_token:
+        raise _held(profile, fleet)
 
 
 def _held(profile: str, fleet: str) -> TokenHeldError:
