@@ -41,16 +41,27 @@ from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
 
+#: Every token a test here puts in a state: none may be found in etcd in clear.
+USED_TOKENS: set[str] = set()
+
+
 def a_state(tag: str = "chain", **changes: Any) -> ProfileState:
     salt = os.urandom(6).hex()
     pair = {"access_token": f"{tag}-access-{salt}", "refresh_token": f"{tag}-refresh-{salt}"}
+    USED_TOKENS.update(pair.values())
     return oauth_state(**{**pair, **changes})
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One member shared by the module; at the end, no token in clear anywhere in it."""
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1).running() as c:
         yield c
+        every = EtcdClient(c.endpoints).range(b"/", prefix=True)
+        assert every.kvs, "the tests wrote nothing?"
+        for kv in every.kvs:
+            for token in USED_TOKENS:
+                assert token.encode() not in kv.value, f"a token in clear at {kv.key!r}"
 
 
 @dataclass
@@ -100,9 +111,9 @@ def rig(cluster: EtcdCluster, tmp_path: Path) -> Rig:
 
 
 def rotated(entry: ChainRecord) -> ChainRecord:
-    answer = Refreshed(
-        "rotated-access-" + os.urandom(4).hex(), "rotated-rt-" + os.urandom(4).hex(), 3600.0
-    )
+    pair = a_state("rotated")
+    assert pair.refresh_token is not None
+    answer = Refreshed(pair.access_token, pair.refresh_token, 3600.0)
     return outcome_of(entry, apply_outcome(entry.state, answer, T0 + 61))
 
 

@@ -75,6 +75,11 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
         pytest.skip(SKIP_REASON)
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1).running() as cluster:
         yield cluster
+        # etcd holds ciphertext only: no token of the suite in clear in any value
+        from aac_tokend.fleet.etcd import EtcdClient
+
+        for kv in EtcdClient(cluster.endpoints).range(b"/", prefix=True).kvs:
+            assert ACCESS.encode() not in kv.value and REFRESH.encode() not in kv.value
 
 
 def _fleet_harness(tmp_path: Path, cluster: EtcdCluster) -> Harness:

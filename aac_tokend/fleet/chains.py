@@ -170,6 +170,7 @@ class FleetChains:
     ) -> int:
         """Put the journal entry if this host's lease holds the owner key and the chain is
         still at ``read_revision``; the new revision, or FenceLostError."""
+        validate_profile_name(profile)
         if lease_id <= 0 or read_revision <= 0:
             # An absent key compares as lease 0 and revision 0: never a fence.
             raise ValueError("a journal needs a lease and the revision of an existing chain")
@@ -195,6 +196,7 @@ class FleetChains:
         """Put ``record`` if the chain is still at ``entry_revision`` (never comparing the
         lease: an owner's outcome and an heir's resolution race on the revision alone);
         the new revision, None if someone else wrote first."""
+        validate_profile_name(profile)
         if entry_revision <= 0:
             raise ValueError("a resolution needs the revision of an existing chain")
         result = self.client.txn(
@@ -251,6 +253,8 @@ class FleetChains:
         the chain's current one (TokenHeldError) nor one it has sent or may have sent: the
         unresolved journal's, the spent ones (TokenSpentError). Nothing else is changed
         then. The new state continues the chain's generation and spent history."""
+        if state.profile != profile:
+            raise ValueError("the state is another profile's")
         current = self.read(profile)
         if current is None:
             raise ProfileError(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.state import ProfileState, state_from_json, state_to_json, validate_profile_name
-from ..errors import FenceLostError, ProfileError, StateCorruptError, StorageError
+from ..errors import ChainInUseError, FenceLostError, ProfileError, StateCorruptError, StorageError
 from ..store.fileio import FileLayer, ensure_private_dir
 from ..store.files import hold_lock
 from ..store.interface import StateStore
@@ -83,7 +83,11 @@ class FleetStore(StateStore):
         if known is None:
             current = self.chains.read(profile)  # a damaged chain: StateCorruptError
             if current is None:
-                self._remember(profile, self.chains.create(profile, state))
+                try:
+                    created = self.chains.create(profile, state)
+                except ChainInUseError:  # another host created it since the read
+                    raise self._moved_on(profile) from None
+                self._remember(profile, created)
                 return
             known = current
         record = with_state(known.record, state)
