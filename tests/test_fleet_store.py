@@ -19,7 +19,7 @@ import pytest
 from aac_tokend.core.outcome import Refreshed
 from aac_tokend.core.policy import apply_outcome, begin_attempt
 from aac_tokend.core.state import ProfileState
-from aac_tokend.errors import FenceLostError, StateCorruptError, StorageError
+from aac_tokend.errors import BusyError, FenceLostError, StateCorruptError, StorageError
 from aac_tokend.fleet.chains import FleetChains, Versioned
 from aac_tokend.fleet.etcd import EtcdClient
 from aac_tokend.fleet.highwater import HighWater
@@ -160,18 +160,19 @@ class TestPendingOutcome:
         assert rig.chains().read("work") == Versioned(outcome, landed or 0)
 
     def test_only_that_very_state(self, rig: Rig) -> None:
-        """A different state of the same generation is saved as a plain save, against the
-        revision last loaded, not as the outcome."""
+        """A different state of the same generation is not the outcome: it is a plain save,
+        refused over the unresolved entry, which stays as it was."""
         _, entry, rev = rig.journaled()
         store = rig.store()
         outcome = rotated(entry)
         store.unseal("work", store.seal_outcome(outcome, rev))
         other = replace(outcome.state, refresh_count=outcome.state.refresh_count + 5)
-        store.load("work")
-        store.save(other)
+        with pytest.raises(BusyError, match="not resolved"):
+            store.save(other)
+        assert rig.chains().read("work") == Versioned(entry, rev)
+        store.save(outcome.state)  # that very state still goes through
         current = rig.chains().read("work")
-        assert current is not None
-        assert current.record.state == other and current.record.resolved is None
+        assert current is not None and current.record == outcome
 
     def test_pending_file_is_local_private_and_sealed(self, rig: Rig) -> None:
         """The record is state_dir/fleet-NAME/PROFILE.pending, 0600 in a 0700 directory,
@@ -244,6 +245,18 @@ class TestSave:
         assert first is not None and second is not None
         assert second.record.seq == first.record.seq + 1
         assert second.record == with_state(first.record, second.record.state)
+
+    def test_unresolved_journal_not_saved_over(self, rig: Rig) -> None:
+        """A plain save never replaces an unresolved journal entry (BusyError), loaded or
+        not: only the attempt's resolution may, and the courier's outcome still lands."""
+        _, entry, rev = rig.journaled()
+        blind, loaded = rig.store("a"), rig.store("b")
+        assert loaded.load("work") == entry.state
+        for store in (blind, loaded):
+            with pytest.raises(BusyError, match="not resolved"):
+                store.save(a_state())
+        outcome = rotated(entry)
+        assert rig.chains().commit_resolution("work", outcome, entry_revision=rev)
 
     def test_save_journal_refused(self, rig: Rig) -> None:
         """save_journal writes nothing: journals are the fenced courier's."""

@@ -11,6 +11,7 @@ passes ``tests/test_store_contract.py`` against a real etcd.
   of ``with_state``), so a save never writes over a chain that moved on: FenceLostError, and
   the caller reads again. A save with nothing read before creates the chain (create-only) or,
   if it exists, reads it now: the caller holds the lock and has no older view to protect.
+  No plain save replaces an unresolved journal entry (BusyError): only its resolution may.
 - Journals are written by the fenced courier alone (``FleetChains.commit_journal``):
   ``save_journal`` refuses.
 - The pending record is LOCAL (``state_dir/fleet-<fleet>/<profile>.pending``, atomic, 0600,
@@ -30,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from ..core.state import ProfileState, state_from_json, state_to_json, validate_profile_name
-from ..errors import ChainInUseError, FenceLostError, ProfileError, StateCorruptError, StorageError
+from ..errors import (
+    BusyError,
+    ChainInUseError,
+    FenceLostError,
+    ProfileError,
+    StateCorruptError,
+    StorageError,
+)
 from ..store.fileio import FileLayer, ensure_private_dir
 from ..store.files import hold_lock
 from ..store.interface import StateStore
@@ -90,6 +98,15 @@ class FleetStore(StateStore):
                 self._remember(profile, created)
                 return
             known = current
+        attempt = known.record.unresolved
+        if attempt is not None:
+            # Only the attempt's outcome or an heir's resolution (commit_resolution, after W)
+            # may replace a journal entry: a plain save would drop the attempt unresolved,
+            # and its courier's outcome, the rotated pair, with it.
+            raise BusyError(
+                f"{self.where(profile)}: an attempt by host {attempt.host!r} is not resolved "
+                "yet; nothing was written: try again once it is"
+            )
         record = with_state(known.record, state)
         revision = self.chains.commit_resolution(profile, record, entry_revision=known.revision)
         if revision is None:
