@@ -6,6 +6,11 @@ as on a single host. The engine sees one ``StateStore`` and one ``Refresher``; t
 each call by the profile's name. Which names the fleet covers is config (``[fleet]
 profiles``), so a name never changes sides while the daemon runs.
 
+The engine knows a store's trouble as ``StorageError`` (kept serving, reported, retried):
+etcd out of reach, or a compare that failed (the chain moved on under another host), reach
+it as one, naming etcd. The fenced courier uses the fleet store directly and sees them as
+they are.
+
 A covered name that still has a local state file (not moved in yet) is listed, and
 loading it says what to do: the engine reports it as unusable, and serves nothing from it.
 """
@@ -13,10 +18,10 @@ loading it says what to do: the engine reports it as unusable, and serves nothin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..core.state import ProfileState
-from ..errors import StorageError
+from ..errors import EtcdLeaseGoneError, EtcdUnavailableError, FenceLostError, StorageError
 from ..refresh.courier import CourierJob, Refresher
 from ..refresh.result import CourierResult
 from ..store.interface import StateStore
@@ -36,9 +41,17 @@ class RoutingStore(StateStore):
     def _for(self, profile: str) -> StateStore:
         return self._fleet if self._covers(profile) else self._local
 
+    @contextlib.contextmanager
+    def _etcd(self) -> Iterator[None]:
+        try:
+            yield
+        except (EtcdUnavailableError, EtcdLeaseGoneError, FenceLostError) as exc:
+            raise StorageError(f"fleet {self._fleet_name!r}: {exc}") from exc
+
     def load(self, profile: str) -> ProfileState | None:
         if self._covers(profile):
-            state = self._fleet.load(profile)
+            with self._etcd():
+                state = self._fleet.load(profile)
             if state is None and self._local.load(profile) is not None:
                 raise StorageError(
                     f"profile {profile!r} is in fleet {self._fleet_name!r} (config.toml "
@@ -49,13 +62,15 @@ class RoutingStore(StateStore):
         return self._local.load(profile)
 
     def save(self, state: ProfileState) -> None:
-        self._for(state.profile).save(state)
+        with self._etcd():
+            self._for(state.profile).save(state)
 
     def save_journal(self, journal: ProfileState) -> None:
         self._for(journal.profile).save_journal(journal)
 
     def delete(self, profile: str) -> None:
-        self._for(profile).delete(profile)
+        with self._etcd():
+            self._for(profile).delete(profile)
 
     def where(self, profile: str) -> str:
         return self._for(profile).where(profile)
@@ -68,7 +83,8 @@ class RoutingStore(StateStore):
 
     def profiles(self) -> list[str]:
         local = self._local.profiles()
-        fleet = self._fleet.profiles()
+        with self._etcd():
+            fleet = self._fleet.profiles()
         return sorted(set(fleet) | set(local))
 
     def listing_stamp(self) -> int:

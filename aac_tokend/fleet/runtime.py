@@ -84,7 +84,7 @@ class FleetRuntime:
         sealer = Sealer(key, settings.name, lock=CRYPTO_LOCK)
         highwater = HighWater(paths.state_dir, settings.name)
         self.chains = FleetChains(self.client, keys, sealer, highwater)
-        self.store = FleetStore(self.chains, sealer, paths.state_dir, settings.name)
+        self.store = FleetStore(self.chains, paths.state_dir)
         self.leases = LeaseKeeper(
             self.client, settings.lease_ttl_seconds, settings.keepalive_fraction
         )
