@@ -1,0 +1,304 @@
+"""``fleet move-in`` and ``fleet move-out``: a chain crosses between this host's state
+directory and etcd, crash-safe at every step.
+
+A chain must never be in two places (both could be refreshed: a token spent twice) and never
+in none (lost). Each move keeps a local marker file until etcd confirms its side, so a rerun
+after a crash at any step finishes the move:
+
+- move-in renames ``<profile>.state`` to ``<profile>.moving`` (durably) first: from then the
+  local daemon no longer sees the chain, yet it is not lost. ``FleetChains.create`` follows,
+  then a linearizable read confirms it; only then is ``.moving`` deleted. A create that surely
+  did not apply renames the file back.
+- move-out writes the record read from etcd to ``<profile>.moving-out`` (durably) first, then
+  ``FleetChains.remove`` (compare the revision read: a chain that moved on meanwhile is read
+  again), and renames ``.moving-out`` to ``<profile>.state`` once etcd no longer has it.
+
+Neither marker ends in ``.state``, so no store lists it as a profile. Both are sealed with
+the local state key like any state file. Both moves run under the single-owner lock (the
+local daemon must be stopped: ``commands/fleet.py`` says so) and the profile's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..core.state import ProfileState
+from ..core.tokens import token_hash
+from ..errors import (
+    BusyError,
+    EtcdOutcomeUnknownError,
+    FenceLostError,
+    InputError,
+    ProfileError,
+    StorageError,
+    TransientError,
+)
+from ..fleet.records import ChainRecord
+from ..store.files import FileStore
+
+__all__ = [
+    "MOVE_LOCK_SECONDS",
+    "REMOVE_TRIES",
+    "Chains",
+    "Moved",
+    "VersionedRecord",
+    "move_in",
+    "move_out",
+    "moving_in_path",
+    "moving_out_path",
+]
+
+#: How long a move waits for the profile's lock: a courier of a killed daemon holds it until
+#: its outcome is on disk, within its own bound (offline.IMPORT_LOCK_SECONDS, alike).
+MOVE_LOCK_SECONDS = 10.0
+#: A fleet owner may refresh the chain between our read and our remove; each refresh is a
+#: few etcd writes minutes apart, so three reads in a row that lose the race mean something
+#: else is writing the key: stop and say so rather than loop.
+REMOVE_TRIES = 3
+
+
+class VersionedRecord(Protocol):
+    """``fleet.chains.Versioned``: a chain record and its key's mod_revision."""
+
+    @property
+    def record(self) -> ChainRecord: ...
+    @property
+    def revision(self) -> int: ...
+
+
+class Chains(Protocol):
+    """What the moves need of ``fleet.chains.FleetChains`` (design section A)."""
+
+    def read(self, profile: str) -> VersionedRecord | None: ...
+    def create(self, profile: str, state: ProfileState) -> VersionedRecord: ...
+    def remove(self, profile: str, *, expected_revision: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What a move did: ``finished`` is True when it completed an interrupted one."""
+
+    profile: str
+    seq: int | None
+    finished: bool
+
+
+def moving_in_path(store: FileStore, profile: str) -> Path:
+    """The move-in marker: the state file renamed, kept until etcd confirms the create."""
+    return store.state_dir / f"{profile}.moving"
+
+
+def moving_out_path(store: FileStore, profile: str) -> Path:
+    """The move-out marker: etcd's record written here before the chain key is removed."""
+    return store.state_dir / f"{profile}.moving-out"
+
+
+def _identity(state: ProfileState) -> str:
+    # The refresh token names an OAuth chain; a static token is its own chain.
+    return token_hash(state.refresh_token or state.access_token)
+
+
+def _descends(remote: ProfileState, local: ProfileState) -> bool:
+    """``remote`` is ``local``'s chain, possibly refreshed since (owners may refresh it
+    the moment it lands in etcd): its token is current there or was spent there."""
+    mine = _identity(local)
+    return mine == _identity(remote) or mine in remote.spent_rt_hashes
+
+
+def _rename(store: FileStore, src: Path, dst: Path) -> None:
+    try:
+        os.rename(src, dst)
+        _fsync_dir(store.state_dir)
+    except OSError as exc:
+        raise StorageError(f"cannot rename {src} to {dst}: {exc.strerror}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_marker(store: FileStore, profile: str, path: Path) -> ProfileState | None:
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}; fix it, then run again") from exc
+    return store.unseal(profile, blob, where=path)
+
+
+def _write_marker(store: FileStore, path: Path, state: ProfileState) -> None:
+    tmp = store.state_dir / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, store.seal(state))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StorageError(f"cannot write {path}: {exc.strerror}; nothing was moved") from exc
+    _rename(store, tmp, path)
+
+
+def _unlink(store: FileStore, path: Path) -> None:
+    try:
+        path.unlink()
+        _fsync_dir(store.state_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(
+            f"cannot remove {path}: {exc.strerror}; the move is done, remove it by hand"
+        ) from exc
+
+
+def check_movable(state: ProfileState, pending: bytes | None, fleet: str) -> None:
+    """Refuse a chain that cannot go to the fleet as it is (each a one-line InputError)."""
+    name = state.profile
+    if state.in_flight is not None:
+        raise InputError(
+            f"profile {name} has an unresolved refresh (its journal is in flight); start "
+            "`aac-tokend run` once so it resolves it, stop it, then move the profile in"
+        )
+    if pending is not None:
+        raise InputError(
+            f"profile {name} has a refreshed pair a stopped daemon could not save; start "
+            "`aac-tokend run` once so it saves it, stop it, then move the profile in"
+        )
+    if state.rejection is not None:
+        raise InputError(
+            f"profile {name} was rejected by the token endpoint and needs a new pair, not a "
+            f"fleet; import a new pair (`aac-tokend import -p {name}`), then move it into "
+            f"fleet {fleet}"
+        )
+
+
+def move_in(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved:
+    """Move ``profile``'s local chain into etcd (or finish an interrupted move-in)."""
+    marker = moving_in_path(store, profile)
+    state_path = store.path(profile)
+    with store.locked(profile, MOVE_LOCK_SECONDS):
+        state = _read_marker(store, profile, marker)
+        finishing = state is not None
+        if state is not None:
+            if state_path.exists():
+                raise StorageError(
+                    f"both {state_path} and {marker} exist (a move-in was interrupted and a "
+                    "pair imported since); move one of them aside, then run move-in again"
+                )
+        else:
+            state = store.load(profile)
+            if state is None:
+                there = chains.read(profile)
+                if there is not None:
+                    raise InputError(f"profile {profile} is already in fleet {fleet}")
+                raise ProfileError(f"no local profile named {profile!r}; import one first")
+            check_movable(state, store.pending(profile), fleet)
+            _rename(store, state_path, marker)
+        return _finish_in(store, chains, profile, fleet, state, finishing)
+
+
+def _finish_in(
+    store: FileStore,
+    chains: Chains,
+    profile: str,
+    fleet: str,
+    state: ProfileState,
+    finishing: bool,
+) -> Moved:
+    marker = moving_in_path(store, profile)
+    there = chains.read(profile)
+    if there is None:
+        try:
+            chains.create(profile, state)
+        except EtcdOutcomeUnknownError:
+            pass  # the read below says whether it applied
+        except Exception:
+            # Surely not applied (refused, not sent, a chain already there): the local
+            # daemon gets its chain back as it was.
+            _rename(store, marker, store.path(profile))
+            raise
+        there = chains.read(profile)
+    if there is None:
+        raise TransientError(
+            f"etcd did not confirm the move-in of profile {profile}; its state is kept in "
+            f"{marker}: run `aac-tokend fleet move-in {profile}` again to finish it"
+        )
+    if not _descends(there.record.state, state):
+        if not finishing:
+            _rename(store, marker, store.path(profile))
+            raise InputError(
+                f"profile {profile} is already in fleet {fleet} with another chain; the local "
+                "one is left as it was: move that one out first, or import under another name"
+            )
+        raise InputError(
+            f"profile {profile} is in fleet {fleet} with another chain than the one an "
+            f"interrupted move-in left in {marker}; keep whichever is current: remove "
+            f"{marker}, or move the fleet's out first"
+        )
+    _unlink(store, marker)
+    return Moved(profile, there.record.seq, finishing)
+
+
+def move_out(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved:
+    """Move ``profile``'s chain from etcd to a local state file (or finish a move-out)."""
+    marker = moving_out_path(store, profile)
+    state_path = store.path(profile)
+    with store.locked(profile, MOVE_LOCK_SECONDS):
+        finishing = marker.exists()
+        if state_path.exists():
+            raise InputError(
+                f"profile {profile} already has a local state file {state_path}; remove it "
+                f"(`aac-tokend remove {profile}`) or move the fleet's chain out under its name "
+                "later"
+            )
+        maybe_removed = False
+        for _ in range(REMOVE_TRIES):
+            there = chains.read(profile)
+            if there is None:
+                state = _read_marker(store, profile, marker)
+                if state is None:
+                    raise ProfileError(f"profile {profile!r} is not in fleet {fleet}")
+                # Removed from etcd (by us, before a crash or a lost reply): finish.
+                _rename(store, marker, state_path)
+                return Moved(profile, None, True)
+            attempt = there.record.unresolved
+            if attempt is not None:
+                _unlink(store, marker)  # a stale copy: etcd keeps the chain
+                raise BusyError(
+                    f"profile {profile}: a refresh by host {attempt.host} is not resolved yet; "
+                    "wait for it (at most the fleet's resolve_wait_seconds), then run "
+                    "move-out again"
+                )
+            _write_marker(store, marker, there.record.state)
+            try:
+                chains.remove(profile, expected_revision=there.revision)
+            except FenceLostError:
+                maybe_removed = False
+                continue  # the chain moved on: read it again
+            except EtcdOutcomeUnknownError:
+                maybe_removed = True
+                continue  # maybe removed: the read says
+            except Exception:
+                _unlink(store, marker)  # surely not removed: etcd keeps the chain
+                raise
+            _rename(store, marker, state_path)
+            return Moved(profile, there.record.seq, finishing)
+        if not maybe_removed:
+            _unlink(store, marker)  # a stale copy: etcd keeps the chain
+    raise FenceLostError(
+        f"profile {profile}: the fleet chain changed under each of {REMOVE_TRIES} tries to move "
+        f"it out (or etcd's answers were lost); run `aac-tokend fleet move-out {profile}` again"
+    )
