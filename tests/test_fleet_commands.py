@@ -37,6 +37,7 @@ from aac_tokend.errors import (
     AacTokendError,
     BusyError,
     EtcdOutcomeUnknownError,
+    EtcdUnavailableError,
     EtcdUnsentError,
     FenceLostError,
     InputError,
@@ -71,6 +72,8 @@ from tests.helpers_e2e import E2EHome, assert_one_line_error
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
 _names = itertools.count()
+#: The discard port on loopback: nothing listens there on these machines.
+DEAD_ENDPOINT = "http://127.0.0.1:9"
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +333,17 @@ class TestMoveIn:
             move_in(store, chains, "work", chains.keys.fleet)
         assert store.load("work") is not None and chains.read("work") is None
 
+    def test_an_unreachable_etcd_leaves_the_local_file_in_place(
+        self, store: FileStore, chains: StandInChains
+    ) -> None:
+        """No member answers: an etcd error, and the daemon still finds the state file."""
+        dead = EtcdClient([DEAD_ENDPOINT], timeout=1.0, connect_timeout=0.5)
+        unreachable = StandInChains(dead, chains.keys.fleet, store.state_dir)
+        store.save(oauth_state())
+        with pytest.raises(EtcdUnavailableError):
+            move_in(store, unreachable, "work", chains.keys.fleet)
+        assert store.load("work") == oauth_state() and local_files(store) == ["work.state"]
+
     def test_no_such_profile_is_named(self, store: FileStore, chains: StandInChains) -> None:
         """A profile with no local state and none in etcd: ProfileError naming it."""
         with pytest.raises(ProfileError, match="no local profile named 'work'"):
@@ -460,9 +474,8 @@ class TestStatus:
         self, chains: StandInChains, paths: Paths
     ) -> None:
         """No member answers: each is reported unreachable and the profiles' error is set."""
-        dead = "http://127.0.0.1:9"  # the discard port: nothing listens on loopback here
-        client = EtcdClient([dead], timeout=1.0, connect_timeout=0.5)
-        settings = FleetSettings((dead,), chains.keys.fleet)
+        client = EtcdClient([DEAD_ENDPOINT], timeout=1.0, connect_timeout=0.5)
+        settings = FleetSettings((DEAD_ENDPOINT,), chains.keys.fleet)
         report = fleet_report(Fleet(settings, client, chains.keys, chains, paths))
         assert report.members[0].healthy is False and report.error is not None
         assert "cannot be read" in status_text(report)

@@ -30,6 +30,7 @@ from typing import Protocol
 from ..core.state import ProfileState
 from ..core.tokens import token_hash
 from ..errors import (
+    AacTokendError,
     BusyError,
     EtcdOutcomeUnknownError,
     FenceLostError,
@@ -191,23 +192,58 @@ def move_in(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved
     state_path = store.path(profile)
     with store.locked(profile, MOVE_LOCK_SECONDS):
         state = _read_marker(store, profile, marker)
-        finishing = state is not None
         if state is not None:
             if state_path.exists():
                 raise StorageError(
                     f"both {state_path} and {marker} exist (a move-in was interrupted and a "
                     "pair imported since); move one of them aside, then run move-in again"
                 )
-        else:
-            state = store.load(profile)
-            if state is None:
-                there = chains.read(profile)
-                if there is not None:
-                    raise InputError(f"profile {profile} is already in fleet {fleet}")
-                raise ProfileError(f"no local profile named {profile!r}; import one first")
-            check_movable(state, store.pending(profile), fleet)
-            _rename(store, state_path, marker)
-        return _finish_in(store, chains, profile, fleet, state, finishing)
+            return _finish_in(store, chains, profile, fleet, state, chains.read(profile))
+        state = store.load(profile)
+        # Read before the rename: an unreachable etcd, or a chain already there, leaves the
+        # local file where the daemon finds it.
+        there = chains.read(profile)
+        if state is None:
+            if there is not None:
+                raise InputError(f"profile {profile} is already in fleet {fleet}")
+            raise ProfileError(f"no local profile named {profile!r}; import one first")
+        if there is not None:
+            raise _other_chain(profile, fleet)
+        check_movable(state, store.pending(profile), fleet)
+        _rename(store, state_path, marker)
+        return _create(store, chains, profile, state)
+
+
+def _other_chain(profile: str, fleet: str) -> InputError:
+    return InputError(
+        f"profile {profile} is already in fleet {fleet} with another chain; the local one is "
+        "left as it was: move the fleet's out first, or import the local one under another name"
+    )
+
+
+def _create(store: FileStore, chains: Chains, profile: str, state: ProfileState) -> Moved:
+    """Create the chain key from the marker's state, confirm it by a read, drop the marker."""
+    marker = moving_in_path(store, profile)
+    try:
+        chains.create(profile, state)
+    except EtcdOutcomeUnknownError:
+        pass  # the read below says whether it applied
+    except Exception:
+        # Surely not applied (refused, not sent, a chain created meanwhile): the local
+        # daemon gets its chain back as it was.
+        _rename(store, marker, store.path(profile))
+        raise
+    again = f"its state is kept in {marker}: run `aac-tokend fleet move-in {profile}` again"
+    try:
+        there = chains.read(profile)
+    except AacTokendError as exc:
+        raise TransientError(
+            f"cannot confirm the move-in of profile {profile} ({exc}); {again}"
+        ) from exc
+    if there is None or not _descends(there.record.state, state):
+        raise TransientError(f"etcd did not confirm the move-in of profile {profile}; {again}")
+    _unlink(store, marker)
+    return Moved(profile, there.record.seq, finished=False)
 
 
 def _finish_in(
@@ -216,40 +252,21 @@ def _finish_in(
     profile: str,
     fleet: str,
     state: ProfileState,
-    finishing: bool,
+    there: VersionedRecord | None,
 ) -> Moved:
+    """A rerun: the marker holds the chain; etcd has it (done but for the marker) or not."""
     marker = moving_in_path(store, profile)
-    there = chains.read(profile)
     if there is None:
-        try:
-            chains.create(profile, state)
-        except EtcdOutcomeUnknownError:
-            pass  # the read below says whether it applied
-        except Exception:
-            # Surely not applied (refused, not sent, a chain already there): the local
-            # daemon gets its chain back as it was.
-            _rename(store, marker, store.path(profile))
-            raise
-        there = chains.read(profile)
-    if there is None:
-        raise TransientError(
-            f"etcd did not confirm the move-in of profile {profile}; its state is kept in "
-            f"{marker}: run `aac-tokend fleet move-in {profile}` again to finish it"
-        )
+        moved = _create(store, chains, profile, state)
+        return Moved(profile, moved.seq, finished=True)
     if not _descends(there.record.state, state):
-        if not finishing:
-            _rename(store, marker, store.path(profile))
-            raise InputError(
-                f"profile {profile} is already in fleet {fleet} with another chain; the local "
-                "one is left as it was: move that one out first, or import under another name"
-            )
         raise InputError(
             f"profile {profile} is in fleet {fleet} with another chain than the one an "
             f"interrupted move-in left in {marker}; keep whichever is current: remove "
             f"{marker}, or move the fleet's out first"
         )
     _unlink(store, marker)
-    return Moved(profile, there.record.seq, finishing)
+    return Moved(profile, there.record.seq, finished=True)
 
 
 def move_out(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved:
