@@ -9,7 +9,9 @@ code: no handler runs) raised before or after etcd applied a write.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import os
 import pty
 import subprocess
@@ -571,6 +573,38 @@ class TestMoveCommandRefusals:
         finally:
             lock.release()
         assert home.state_file("work").exists()
+
+
+HAS_CHAINS = importlib.util.find_spec("aac_tokend.fleet.chains") is not None
+
+
+@pytest.mark.skipif(not HAS_CHAINS, reason="aac_tokend.fleet.chains is not on this branch yet")
+class TestCommandLineRoundTrip:
+    """As a person runs them, with the real FleetChains: in, status, out, and no token shown."""
+
+    def test_move_in_status_move_out(
+        self, home: E2EHome, cluster: EtcdCluster, fleet_name: str
+    ) -> None:
+        """The chain goes to etcd and back unchanged; status names it; no output has a token."""
+        write_config(home, cluster, fleet_name)
+        assert home.cli("fleet", "key", "create").returncode == 0
+        state = oauth_state()
+        open_file_store(home.paths).save(state)
+        moved = home.cli("fleet", "move-in", "work")
+        assert moved.returncode == 0 and "is in fleet" in moved.stdout, str(moved)
+        assert not home.state_file("work").exists()
+        shown = home.cli("fleet", "status")
+        assert shown.returncode == 0 and "work  owner none  seq" in shown.stdout, str(shown)
+        report = json.loads(home.cli("fleet", "status", "--json").stdout)
+        assert [p["profile"] for p in report["profiles"]] == ["work"]
+        assert report["fleet"] == fleet_name and report["etcd"][0]["healthy"] is True
+        back = home.cli("fleet", "move-out", "work")
+        assert back.returncode == 0, str(back)
+        loaded = open_file_store(home.paths).load("work")
+        assert loaded is not None and loaded.refresh_token == state.refresh_token
+        assert home.cli("fleet", "move-out", "work").returncode == 65  # a local file now
+        for _label, text in home.outputs:
+            assert state.access_token not in text and str(state.refresh_token) not in text
 
 
 def test_the_fleet_command_is_in_the_help() -> None:

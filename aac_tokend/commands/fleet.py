@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AlreadyRunningError, ConfigError, InputError, UsageError
+from ..errors import AacTokendError, AlreadyRunningError, ConfigError, InputError, UsageError
 from ..host.paths import Paths, resolve_paths
 
 if TYPE_CHECKING:
@@ -202,7 +202,13 @@ def open_fleet(paths: Paths) -> Fleet:
     keys = FleetKeys(settings.name)
     highwater = HighWater(paths.state_dir, settings.name)
     # Imported by name: FleetChains is built alongside these commands (design section A).
-    chains_module = importlib.import_module("aac_tokend.fleet.chains")
+    try:
+        chains_module = importlib.import_module("aac_tokend.fleet.chains")
+    except ModuleNotFoundError as exc:
+        raise AacTokendError(
+            "this aac-tokend has no fleet chains module (aac_tokend.fleet.chains); install a "
+            "release with fleet mode"
+        ) from exc
     chains = chains_module.FleetChains(client, keys, sealer, highwater)
     return Fleet(settings, client, keys, chains, paths)
 
