@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import time
@@ -114,10 +115,13 @@ class StandInChains:
         self.sealer = Sealer(b"k" * FLEET_KEY_BYTES, fleet)
         self.highwater = HighWater(state_dir, fleet)
         self.crash: tuple[str, str] | None = None
+        self.kill: tuple[str, str] | None = None
         self.lose: str | None = None
         self.before_remove: list[ProfileState] = []
 
     def _hook(self, op: str, when: str) -> None:
+        if self.kill == (op, when):
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.crash == (op, when):
             self.crash = None
             raise Crash(f"{op} {when}")
@@ -350,6 +354,47 @@ class TestMoveIn:
         """A profile with no local state and none in etcd: ProfileError naming it."""
         with pytest.raises(ProfileError, match="no local profile named 'work'"):
             move_in(store, chains, "work", chains.keys.fleet)
+
+
+def killed_child(home: str, endpoints: list[str], fleet: str, op: str, when: str) -> None:
+    """In a child process: move-in (op create) or move-out (op remove) of 'work', SIGKILLed
+    by the stand-in before or after etcd applies the write."""
+    paths = resolve_paths({"AAC_TOKEND_HOME": home})
+    chains = StandInChains(EtcdClient(endpoints, timeout=3.0), fleet, paths.state_dir)
+    chains.kill = (op, when)
+    (move_in if op == "create" else move_out)(open_file_store(paths), chains, "work", fleet)
+
+
+class TestKilledMidMove:
+    """A real process SIGKILLed at each step of a move: a rerun finishes with one copy."""
+
+    @pytest.mark.parametrize("when", ["before", "after"])
+    @pytest.mark.parametrize("op", ["create", "remove"])
+    def test_a_rerun_after_sigkill_finishes_the_move(
+        self, tmp_path: Path, store: FileStore, chains: StandInChains, op: str, when: str
+    ) -> None:
+        """Killed before or after etcd applied it, the rerun leaves the chain in one place."""
+        if op == "create":
+            store.save(oauth_state())
+        else:
+            chains.create("work", oauth_state())
+        code = (
+            "import sys; from tests.test_fleet_commands import killed_child; "
+            "killed_child(sys.argv[1], sys.argv[2].split(','), *sys.argv[3:])"
+        )
+        home, endpoints = str(tmp_path / "home"), ",".join(chains.client.endpoints)
+        child = subprocess.run(
+            [sys.executable, "-c", code, home, endpoints, chains.keys.fleet, op, when],
+            capture_output=True, timeout=60, check=False, cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        marker = (moving_in_path if op == "create" else moving_out_path)(store, "work")
+        assert marker.exists() and store.load("work") is None  # no daemon serves it meanwhile
+        mover = move_in if op == "create" else move_out
+        assert mover(store, chains, "work", chains.keys.fleet).finished
+        in_etcd = chains.read("work") is not None
+        assert in_etcd == (op == "create")
+        assert local_files(store) == ([] if in_etcd else ["work.state"])
 
 
 class TestMoveOut:
