@@ -397,6 +397,26 @@ class TestKilledMidMove:
         assert local_files(store) == ([] if in_etcd else ["work.state"])
 
 
+class TestInterruptedMoves:
+    """An unfinished move is named: by the other move, which refuses, and by status."""
+
+    def test_a_move_the_other_way_is_refused_until_the_first_is_finished(
+        self, store: FileStore, chains: StandInChains, paths: Paths, cluster: EtcdCluster
+    ) -> None:
+        """A crashed move-in: move-out refuses naming the rerun, status lists it."""
+        store.save(oauth_state())
+        chains.crash = ("create", "before")
+        with pytest.raises(Crash):
+            move_in(store, chains, "work", chains.keys.fleet)
+        with pytest.raises(InputError, match="fleet move-in work` first"):
+            move_out(store, chains, "work", chains.keys.fleet)
+        settings = FleetSettings(tuple(cluster.endpoints), chains.keys.fleet)
+        report = fleet_report(Fleet(settings, chains.client, chains.keys, chains, paths))
+        assert report.interrupted == (("work", "move-in"),)
+        assert "interrupted move-in of profile work" in status_text(report)
+        assert move_in(store, chains, "work", chains.keys.fleet).finished
+
+
 class TestMoveOut:
     """move-out writes etcd's chain locally and removes it from etcd, finishing on a rerun."""
 

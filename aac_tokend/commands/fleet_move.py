@@ -52,6 +52,8 @@ __all__ = [
     "Chains",
     "Moved",
     "VersionedRecord",
+    "check_movable",
+    "interrupted_moves",
     "move_in",
     "move_out",
     "moving_in_path",
@@ -182,11 +184,34 @@ def check_movable(state: ProfileState, pending: bytes | None, fleet: str) -> Non
         )
 
 
+def _check_not_moving(store: FileStore, profile: str, other: str) -> None:
+    """Refuse a move while one the other way is unfinished: its marker holds the chain."""
+    marker = (moving_in_path if other == "move-in" else moving_out_path)(store, profile)
+    if marker.exists():
+        raise InputError(
+            f"profile {profile}: a {other} was interrupted ({marker} holds its chain); finish "
+            f"it with `aac-tokend fleet {other} {profile}` first"
+        )
+
+
+def interrupted_moves(state_dir: Path) -> list[tuple[str, str]]:
+    """``(profile, "move-in" | "move-out")`` for every marker an interrupted move left."""
+    found: list[tuple[str, str]] = []
+    if not state_dir.is_dir():
+        return found
+    for path in sorted(state_dir.iterdir()):
+        for suffix, move in ((".moving", "move-in"), (".moving-out", "move-out")):
+            if path.name.endswith(suffix) and not path.name.startswith("."):
+                found.append((path.name[: -len(suffix)], move))
+    return found
+
+
 def move_in(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved:
     """Move ``profile``'s local chain into etcd (or finish an interrupted move-in)."""
     marker = moving_in_path(store, profile)
     state_path = store.path(profile)
     with store.locked(profile, MOVE_LOCK_SECONDS):
+        _check_not_moving(store, profile, "move-out")
         state = _read_marker(store, profile, marker)
         if state is not None:
             if state_path.exists():
@@ -270,6 +295,7 @@ def move_out(store: FileStore, chains: Chains, profile: str, fleet: str) -> Move
     marker = moving_out_path(store, profile)
     state_path = store.path(profile)
     with store.locked(profile, MOVE_LOCK_SECONDS):
+        _check_not_moving(store, profile, "move-in")
         finishing = marker.exists()
         if state_path.exists():
             raise InputError(

@@ -53,6 +53,8 @@ class FleetReport:
     members: tuple[MemberRow, ...]
     profiles: tuple[ProfileRow, ...]
     error: AacTokendError | None = None
+    #: ``(profile, "move-in" | "move-out")``: moves on this host that a rerun must finish
+    interrupted: tuple[tuple[str, str], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The report as JSON-ready data (dicts belong at the wire only)."""
@@ -62,6 +64,7 @@ class FleetReport:
             "etcd": [asdict(m) for m in self.members],
             "profiles": [asdict(p) for p in self.profiles],
             "error": None if self.error is None else str(self.error),
+            "interrupted_moves": [{"profile": p, "move": m} for p, m in self.interrupted],
         }
 
 
@@ -98,13 +101,16 @@ def _owners(fleet: Fleet) -> dict[str, str]:
 
 def fleet_report(fleet: Fleet) -> FleetReport:
     """Ask every member for its status, then read the owner and chain keys."""
+    from .fleet_move import interrupted_moves
+
     members = tuple(_member(fleet, e) for e in fleet.settings.endpoints)
     host, name = host_name(), fleet.settings.name
+    moves = tuple(interrupted_moves(fleet.paths.state_dir))
     try:
         owners = _owners(fleet)
         chains, _revision = fleet.chains.read_all()
     except AacTokendError as exc:
-        return FleetReport(host, name, members, (), exc)
+        return FleetReport(host, name, members, (), exc, moves)
     names = set(owners) | set(chains) | set(fleet.settings.profiles or ())
     rows = []
     for profile in sorted(names):
@@ -118,12 +124,18 @@ def fleet_report(fleet: Fleet) -> FleetReport:
             attempt = found.record.unresolved
             by = attempt.host if attempt is not None else None
             rows.append(ProfileRow(profile, owner, found.record.seq, by))
-    return FleetReport(host, name, members, tuple(rows))
+    return FleetReport(host, name, members, tuple(rows), None, moves)
 
 
 def status_text(report: FleetReport) -> str:
     """The report as a person reads it."""
-    lines = [f"fleet {report.fleet}, this host: {report.host}", "etcd:"]
+    lines = [f"fleet {report.fleet}, this host: {report.host}"]
+    for profile, move in report.interrupted:
+        lines.append(
+            f"interrupted {move} of profile {profile} on this host: finish it with "
+            f"`aac-tokend fleet {move} {profile}`"
+        )
+    lines.append("etcd:")
     for m in report.members:
         if m.error is not None:
             lines.append(f"  {m.endpoint}  unreachable: {m.error}")
