@@ -253,10 +253,14 @@ def _move(command: str, profile: str, paths: Paths) -> int:
         moved = mover(store, fleet.chains, profile, settings.name)
     print(_moved_text(command, moved, settings.name))
     if command == "move-out" and settings.covers(profile):
+        fix = (
+            "take it out of fleet.profiles"
+            if settings.profiles is not None
+            else "set fleet.profiles to the fleet's profiles without it (unset, it means all)"
+        )
         print(
-            f"aac-tokend: profile {profile} is still covered by [fleet] in "
-            f"{paths.config_file}: take it out of fleet.profiles so that this host's daemon "
-            "serves the local file",
+            f"aac-tokend: profile {profile} is still a fleet profile in {paths.config_file}: "
+            f"{fix}, so that this host's daemon serves the local file",
             file=sys.stderr,
         )
     return 0

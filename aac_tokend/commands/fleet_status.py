@@ -151,7 +151,9 @@ def status_text(report: FleetReport) -> str:
         if p.error is not None:
             lines.append(f"  {p.profile}  owner {owner}  {p.error}")
             continue
-        pending = f"unresolved attempt by {p.unresolved_by}" if p.unresolved_by else "resolved"
+        pending = (
+            f"unresolved attempt by {p.unresolved_by}" if p.unresolved_by else "no attempt out"
+        )
         lines.append(f"  {p.profile}  owner {owner}  seq {p.seq}  {pending}")
     return "\n".join(lines)
 
