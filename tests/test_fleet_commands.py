@@ -1,15 +1,13 @@
 """The fleet commands: the fleet key, move-in and move-out (crash-safe), status.
 
 Against a real 1-member etcd on loopback (one per module, a fresh fleet name per test).
-``StandInChains`` below writes the chain keys as design section A says ``FleetChains`` does
-(create-only create, revision-compared remove with a tombstone): a small honest stand-in
-until that module is on main. A crash is a ``Crash`` (a BaseException, as a SIGKILL is to the
-code: no handler runs) raised before or after etcd applied a write.
+``HookedChains`` is the real ``FleetChains`` with a hook around its writes: a crash is a
+``Crash`` (a BaseException, as a SIGKILL is to the code: no handler runs) or a real SIGKILL
+of a child process, before or after etcd applied the write.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -19,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,7 +35,6 @@ from aac_tokend.core.policy import begin_attempt
 from aac_tokend.core.state import InFlight, ProfileState, Rejection, RejectionReason
 from aac_tokend.core.tokens import token_hash
 from aac_tokend.errors import (
-    AacTokendError,
     BusyError,
     EtcdOutcomeUnknownError,
     EtcdUnavailableError,
@@ -46,18 +43,14 @@ from aac_tokend.errors import (
     InputError,
     ProfileError,
 )
-from aac_tokend.fleet.etcd import Compare, DeleteOp, EtcdClient, PutOp
+from aac_tokend.fleet.chains import FleetChains, Versioned
+from aac_tokend.fleet.etcd import EtcdClient
 from aac_tokend.fleet.highwater import HighWater
 from aac_tokend.fleet.keys import FleetKeys
 from aac_tokend.fleet.records import (
     Attempt,
     ChainRecord,
-    Tombstone,
-    decode_record,
-    decode_tombstone,
     encode_record,
-    encode_tombstone,
-    first_record,
     journal_of,
     new_attempt_id,
     with_state,
@@ -96,24 +89,17 @@ class Crash(BaseException):
     """The command's process dies here (no except-Exception handler runs)."""
 
 
-@dataclass(frozen=True)
-class Versioned:
-    record: ChainRecord
-    revision: int
+class HookedChains(FleetChains):
+    """The real FleetChains, with a process that dies (or loses etcd's reply) around a write.
 
-
-class StandInChains:
-    """FleetChains' read/create/remove/read_all over a real etcd, as design section A says.
-
-    ``crash``/``lose`` name an operation and whether it dies (or loses etcd's reply) before
-    or after etcd applied it; ``before_remove`` runs once just before a remove (a refresh
-    landing from another host).
+    ``crash``/``kill``/``lose`` name an operation and whether it dies (a ``Crash``, or a real
+    SIGKILL) or loses etcd's reply before or after etcd applied it; ``before_remove`` lands
+    those states (refreshes by another host) just before a remove.
     """
 
     def __init__(self, client: EtcdClient, fleet: str, state_dir: Path) -> None:
-        self.client, self.keys = client, FleetKeys(fleet)
-        self.sealer = Sealer(b"k" * FLEET_KEY_BYTES, fleet)
-        self.highwater = HighWater(state_dir, fleet)
+        sealer = Sealer(b"k" * FLEET_KEY_BYTES, fleet)
+        super().__init__(client, FleetKeys(fleet), sealer, HighWater(state_dir, fleet))
         self.crash: tuple[str, str] | None = None
         self.kill: tuple[str, str] | None = None
         self.lose: str | None = None
@@ -132,29 +118,6 @@ class StandInChains:
             self.lose = None
             raise EtcdUnsentError("etcd: not sent")
 
-    def read(self, profile: str) -> Versioned | None:
-        kv = self.client.get(self.keys.chain(profile))
-        if kv is None:
-            return None
-        seq, raw = self.sealer.unseal(profile, kv.value)
-        self.highwater.check(profile, seq)
-        self.highwater.note(profile, seq)
-        return Versioned(decode_record(raw, profile), kv.mod_revision)
-
-    def read_all(self) -> tuple[dict[str, Versioned | AacTokendError], int]:
-        from aac_tokend.fleet.keys import KeyKind
-
-        found = self.client.range(self.keys.prefix(KeyKind.CHAIN), prefix=True)
-        out: dict[str, Versioned | AacTokendError] = {}
-        for kv in found.kvs:
-            parsed = self.keys.parse(kv.key)
-            assert parsed is not None
-            try:
-                out[parsed[1]] = self.read(parsed[1])  # type: ignore[assignment]
-            except AacTokendError as exc:
-                out[parsed[1]] = exc
-        return out, found.revision
-
     def put(self, profile: str, record: ChainRecord) -> None:
         """Write a record as an owner's commit would (a refresh, a journal entry)."""
         blob = self.sealer.seal(profile, record.seq, encode_record(record))
@@ -162,49 +125,20 @@ class StandInChains:
 
     def create(self, profile: str, state: ProfileState) -> Versioned:
         self._hook("create", "before")
-        gone = self.client.get(self.keys.gone(profile))
-        after = self.highwater.mark(profile)
-        if gone is not None:
-            after = max(
-                after, decode_tombstone(self.sealer.unseal(profile, gone.value)[1], profile).seq
-            )
-        record = first_record(state, after)
-        chain = self.keys.chain(profile)
-        result = self.client.txn(
-            [
-                Compare.create_revision(chain, 0),
-                Compare.mod_revision(self.keys.gone(profile), gone.mod_revision if gone else 0),
-            ],
-            [
-                PutOp(chain, self.sealer.seal(profile, record.seq, encode_record(record))),
-                DeleteOp(self.keys.gone(profile)),
-            ],
-        )
-        if not result.succeeded:
-            raise InputError(f"profile {profile} is already in fleet {self.keys.fleet}")
+        created = super().create(profile, state)
         self._hook("create", "after")
-        return Versioned(record, result.revision)
+        return created
 
-    def remove(self, profile: str, *, expected_revision: int) -> None:
+    def remove(self, profile: str, *, expected_revision: int) -> int:
         for state in self.before_remove:
             current = self.read(profile)
             assert current is not None
             self.put(profile, with_state(current.record, state))
         self.before_remove = []
         self._hook("remove", "before")
-        current = self.read(profile)
-        if current is not None and current.record.unresolved is not None:
-            raise BusyError("a journal entry is unresolved")
-        seq = current.record.seq if current else 0
-        stone = self.sealer.seal(profile, seq, encode_tombstone(Tombstone(seq)))
-        chain = self.keys.chain(profile)
-        result = self.client.txn(
-            [Compare.mod_revision(chain, expected_revision)],
-            [DeleteOp(chain), PutOp(self.keys.gone(profile), stone)],
-        )
-        if not result.succeeded:
-            raise FenceLostError(f"profile {profile}: the chain moved on")
+        revision = super().remove(profile, expected_revision=expected_revision)
         self._hook("remove", "after")
+        return revision
 
 
 @pytest.fixture
@@ -218,8 +152,8 @@ def store(paths: Paths) -> FileStore:
 
 
 @pytest.fixture
-def chains(cluster: EtcdCluster, fleet_name: str, paths: Paths) -> StandInChains:
-    return StandInChains(EtcdClient(cluster.endpoints, timeout=3.0), fleet_name, paths.state_dir)
+def chains(cluster: EtcdCluster, fleet_name: str, paths: Paths) -> HookedChains:
+    return HookedChains(EtcdClient(cluster.endpoints, timeout=3.0), fleet_name, paths.state_dir)
 
 
 def refreshed(state: ProfileState, n: int) -> ProfileState:
@@ -243,7 +177,7 @@ def local_files(store: FileStore) -> list[str]:
 class TestMoveIn:
     """move-in puts the local chain in etcd and removes the local file, finishing on a rerun."""
 
-    def test_a_local_chain_moves_into_etcd(self, store: FileStore, chains: StandInChains) -> None:
+    def test_a_local_chain_moves_into_etcd(self, store: FileStore, chains: HookedChains) -> None:
         """The chain is in etcd, the local file is gone, and no marker is left."""
         state = oauth_state()
         store.save(state)
@@ -255,7 +189,7 @@ class TestMoveIn:
 
     @pytest.mark.parametrize("when", ["before", "after"])
     def test_a_crash_at_the_create_leaves_one_copy_and_a_rerun_finishes(
-        self, store: FileStore, chains: StandInChains, when: str
+        self, store: FileStore, chains: HookedChains, when: str
     ) -> None:
         """Killed before or after etcd applied the create: the chain is in exactly one of
         etcd and the marker (never both usable, never neither), and a rerun finishes."""
@@ -271,7 +205,7 @@ class TestMoveIn:
         assert not moving_in_path(store, "work").exists() and store.load("work") is None
 
     def test_a_rerun_after_an_owner_refreshed_the_moved_chain_finishes(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """An owner may refresh the chain the moment it lands: the rerun sees it as ours."""
         state = oauth_state()
@@ -286,7 +220,7 @@ class TestMoveIn:
         assert not moving_in_path(store, "work").exists()
 
     def test_a_lost_reply_is_settled_by_the_read(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """An unknown outcome of the create is read back: applied, so the move is done."""
         store.save(oauth_state())
@@ -295,7 +229,7 @@ class TestMoveIn:
         assert chains.read("work") is not None and not moving_in_path(store, "work").exists()
 
     def test_a_create_not_sent_gives_the_local_file_back(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """A create that surely did not apply renames the marker back: nothing moved."""
         state = oauth_state()
@@ -307,7 +241,7 @@ class TestMoveIn:
         assert chains.read("work") is None
 
     def test_a_profile_already_in_the_fleet_with_another_chain_is_refused(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """Another chain under that name in etcd: refused, and the local file kept as it was."""
         chains.create("work", oauth_state(refresh_token="another-chain-rrrrrrrr"))
@@ -331,7 +265,7 @@ class TestMoveIn:
         ],
     )
     def test_an_unresolved_or_rejected_chain_is_refused(
-        self, store: FileStore, chains: StandInChains, change: dict[str, object], words: str
+        self, store: FileStore, chains: HookedChains, change: dict[str, object], words: str
     ) -> None:
         """A journal in flight or a rejected chain stays local, untouched."""
         store.save(oauth_state(**change))
@@ -340,17 +274,17 @@ class TestMoveIn:
         assert store.load("work") is not None and chains.read("work") is None
 
     def test_an_unreachable_etcd_leaves_the_local_file_in_place(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """No member answers: an etcd error, and the daemon still finds the state file."""
         dead = EtcdClient([DEAD_ENDPOINT], timeout=1.0, connect_timeout=0.5)
-        unreachable = StandInChains(dead, chains.keys.fleet, store.state_dir)
+        unreachable = HookedChains(dead, chains.keys.fleet, store.state_dir)
         store.save(oauth_state())
         with pytest.raises(EtcdUnavailableError):
             move_in(store, unreachable, "work", chains.keys.fleet)
         assert store.load("work") == oauth_state() and local_files(store) == ["work.state"]
 
-    def test_no_such_profile_is_named(self, store: FileStore, chains: StandInChains) -> None:
+    def test_no_such_profile_is_named(self, store: FileStore, chains: HookedChains) -> None:
         """A profile with no local state and none in etcd: ProfileError naming it."""
         with pytest.raises(ProfileError, match="no local profile named 'work'"):
             move_in(store, chains, "work", chains.keys.fleet)
@@ -360,7 +294,7 @@ def killed_child(home: str, endpoints: list[str], fleet: str, op: str, when: str
     """In a child process: move-in (op create) or move-out (op remove) of 'work', SIGKILLed
     by the stand-in before or after etcd applies the write."""
     paths = resolve_paths({"AAC_TOKEND_HOME": home})
-    chains = StandInChains(EtcdClient(endpoints, timeout=3.0), fleet, paths.state_dir)
+    chains = HookedChains(EtcdClient(endpoints, timeout=3.0), fleet, paths.state_dir)
     chains.kill = (op, when)
     (move_in if op == "create" else move_out)(open_file_store(paths), chains, "work", fleet)
 
@@ -371,7 +305,7 @@ class TestKilledMidMove:
     @pytest.mark.parametrize("when", ["before", "after"])
     @pytest.mark.parametrize("op", ["create", "remove"])
     def test_a_rerun_after_sigkill_finishes_the_move(
-        self, tmp_path: Path, store: FileStore, chains: StandInChains, op: str, when: str
+        self, tmp_path: Path, store: FileStore, chains: HookedChains, op: str, when: str
     ) -> None:
         """Killed before or after etcd applied it, the rerun leaves the chain in one place."""
         if op == "create":
@@ -401,7 +335,7 @@ class TestInterruptedMoves:
     """An unfinished move is named: by the other move, which refuses, and by status."""
 
     def test_a_move_the_other_way_is_refused_until_the_first_is_finished(
-        self, store: FileStore, chains: StandInChains, paths: Paths, cluster: EtcdCluster
+        self, store: FileStore, chains: HookedChains, paths: Paths, cluster: EtcdCluster
     ) -> None:
         """A crashed move-in: move-out refuses naming the rerun, status lists it."""
         store.save(oauth_state())
@@ -421,7 +355,7 @@ class TestMoveOut:
     """move-out writes etcd's chain locally and removes it from etcd, finishing on a rerun."""
 
     def test_a_fleet_chain_moves_to_a_local_file(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """The local file holds etcd's state, etcd has a tombstone, no marker is left."""
         chains.create("work", oauth_state())
@@ -432,7 +366,7 @@ class TestMoveOut:
 
     @pytest.mark.parametrize("when", ["before", "after"])
     def test_a_crash_at_the_remove_and_a_rerun_finish_with_one_copy(
-        self, store: FileStore, chains: StandInChains, when: str
+        self, store: FileStore, chains: HookedChains, when: str
     ) -> None:
         """Killed before or after etcd applied the remove: no usable local file meanwhile,
         and a rerun leaves the chain in the local file only."""
@@ -446,7 +380,7 @@ class TestMoveOut:
         assert chains.read("work") is None and local_files(store) == ["work.state"]
 
     def test_a_refresh_between_read_and_remove_is_read_again(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """The owner refreshed meanwhile: the compare fails, and the newest state moves out."""
         chains.create("work", oauth_state())
@@ -456,11 +390,11 @@ class TestMoveOut:
         assert store.load("work") == newer and chains.read("work") is None
 
     def test_a_chain_that_keeps_moving_leaves_no_stale_copy(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """Every try loses the race: a one-line error, etcd keeps the chain, no marker."""
 
-        class Racing(StandInChains):
+        class Racing(HookedChains):
             def remove(self, profile: str, *, expected_revision: int) -> None:
                 raise FenceLostError("moved on")
 
@@ -471,7 +405,7 @@ class TestMoveOut:
         assert racing.read("work") is not None and local_files(store) == []
 
     def test_an_unresolved_journal_entry_is_refused(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """A refresh by another host not resolved yet: BusyError naming that host."""
         created = chains.create("work", oauth_state())
@@ -486,7 +420,7 @@ class TestMoveOut:
         assert chains.read("work") is not None and local_files(store) == []
 
     def test_a_local_profile_of_that_name_is_refused(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """A local chain under that name is never overwritten by the fleet's."""
         chains.create("work", oauth_state())
@@ -497,7 +431,7 @@ class TestMoveOut:
         assert store.load("work") == local and chains.read("work") is not None
 
     def test_in_and_out_and_in_again_keeps_the_sequence_rising(
-        self, store: FileStore, chains: StandInChains
+        self, store: FileStore, chains: HookedChains
     ) -> None:
         """Moving back in after a move-out starts above the tombstone's sequence."""
         store.save(oauth_state())
@@ -511,7 +445,7 @@ class TestStatus:
     """status reports every member's health and each profile's owner, seq and attempt."""
 
     def test_owner_seq_and_unresolved_attempt_are_shown(
-        self, cluster: EtcdCluster, chains: StandInChains, paths: Paths
+        self, cluster: EtcdCluster, chains: HookedChains, paths: Paths
     ) -> None:
         """An owned chain with a journal out, and an unowned one, each on its own line."""
         created = chains.create("work", oauth_state())
@@ -538,7 +472,7 @@ class TestStatus:
         chains.client.revoke(lease.id)
 
     def test_an_unreachable_etcd_is_said_per_member(
-        self, chains: StandInChains, paths: Paths
+        self, chains: HookedChains, paths: Paths
     ) -> None:
         """No member answers: each is reported unreachable and the profiles' error is set."""
         client = EtcdClient([DEAD_ENDPOINT], timeout=1.0, connect_timeout=0.5)
@@ -640,10 +574,6 @@ class TestMoveCommandRefusals:
         assert home.state_file("work").exists()
 
 
-HAS_CHAINS = importlib.util.find_spec("aac_tokend.fleet.chains") is not None
-
-
-@pytest.mark.skipif(not HAS_CHAINS, reason="aac_tokend.fleet.chains is not on this branch yet")
 class TestCommandLineRoundTrip:
     """As a person runs them, with the real FleetChains: in, status, out, and no token shown."""
 

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import importlib
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import AacTokendError, AlreadyRunningError, ConfigError, InputError, UsageError
+from ..errors import AlreadyRunningError, ConfigError, InputError, UsageError
 from ..host.paths import Paths, resolve_paths
 
 if TYPE_CHECKING:
+    from ..fleet.chains import FleetChains
     from ..fleet.etcd import EtcdClient
     from ..fleet.keys import FleetKeys
     from ..fleet.settings import FleetSettings
@@ -134,8 +134,7 @@ class Fleet:
     settings: FleetSettings
     client: EtcdClient
     keys: FleetKeys
-    #: ``fleet.chains.FleetChains`` (engineer A's module, design section A).
-    chains: Any
+    chains: FleetChains
     paths: Paths
 
 
@@ -192,6 +191,7 @@ def _password(path: str) -> str:
 
 def open_fleet(paths: Paths) -> Fleet:
     """The configured fleet with its key loaded and its chains ready (no etcd call yet)."""
+    from ..fleet.chains import FleetChains
     from ..fleet.highwater import HighWater
     from ..fleet.keys import FleetKeys
     from ..fleet.sealing import Sealer, load_fleet_key
@@ -200,16 +200,7 @@ def open_fleet(paths: Paths) -> Fleet:
     sealer = Sealer(load_fleet_key(paths.config_dir), settings.name)
     client = etcd_client(settings)
     keys = FleetKeys(settings.name)
-    highwater = HighWater(paths.state_dir, settings.name)
-    # Imported by name: FleetChains is built alongside these commands (design section A).
-    try:
-        chains_module = importlib.import_module("aac_tokend.fleet.chains")
-    except ModuleNotFoundError as exc:
-        raise AacTokendError(
-            "this aac-tokend has no fleet chains module (aac_tokend.fleet.chains); install a "
-            "release with fleet mode"
-        ) from exc
-    chains = chains_module.FleetChains(client, keys, sealer, highwater)
+    chains = FleetChains(client, keys, sealer, HighWater(paths.state_dir, settings.name))
     return Fleet(settings, client, keys, chains, paths)
 
 
