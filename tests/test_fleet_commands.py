@@ -273,6 +273,17 @@ class TestMoveIn:
             move_in(store, chains, "work", chains.keys.fleet)
         assert store.load("work") is not None and chains.read("work") is None
 
+    def test_an_old_copy_of_a_chain_in_the_fleet_is_refused(
+        self, store: FileStore, chains: HookedChains
+    ) -> None:
+        """A local file restored from a backup after the move: refused, naming `remove`."""
+        store.save(oauth_state())
+        move_in(store, chains, "work", chains.keys.fleet)
+        store.save(oauth_state())  # the old copy, back from a backup
+        with pytest.raises(InputError, match="older copy of that chain"):
+            move_in(store, chains, "work", chains.keys.fleet)
+        assert store.load("work") is not None and local_files(store) == ["work.state"]
+
     def test_an_unreachable_etcd_leaves_the_local_file_in_place(
         self, store: FileStore, chains: HookedChains
     ) -> None:
@@ -467,7 +478,8 @@ class TestStatus:
         assert rows["home"].owner is None and rows["home"].unresolved_by is None
         assert [m.healthy for m in report.members] == [True]
         text = status_text(report)
-        assert "work  owner host-b" in text and "unresolved attempt by host-b" in text
+        assert 0 < (rows["work"].lease_left or 0) <= lease.ttl
+        assert "work  owner host-b (lease" in text and "unresolved attempt by host-b" in text
         assert "home  owner none" in text and report.host in text
         chains.client.revoke(lease.id)
 

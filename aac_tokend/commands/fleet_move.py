@@ -229,6 +229,12 @@ def move_in(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved
                 raise InputError(f"profile {profile} is already in fleet {fleet}")
             raise ProfileError(f"no local profile named {profile!r}; import one first")
         if there is not None:
+            if _descends(there.record.state, state):
+                raise InputError(
+                    f"profile {profile} is already in fleet {fleet} and the local state file "
+                    "is an older copy of that chain (refreshing it here would spend a token "
+                    f"twice): delete it with `aac-tokend remove {profile}`"
+                )
             raise _other_chain(profile, fleet)
         check_movable(state, store.pending(profile), fleet)
         _rename(store, state_path, marker)

@@ -42,6 +42,8 @@ class ProfileRow:
     seq: int | None
     unresolved_by: str | None
     error: str | None = None
+    #: seconds left on the owner's lease (etcd's count), None: no owner or unknown
+    lease_left: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def _member(fleet: Fleet, endpoint: str) -> MemberRow:
     )
 
 
-def _owners(fleet: Fleet) -> dict[str, str]:
+def _owners(fleet: Fleet) -> dict[str, tuple[str, int | None]]:
+    """Each owned profile's owner host and the seconds left on its lease."""
     from ..fleet.keys import KeyKind
 
     found = fleet.client.range(fleet.keys.prefix(KeyKind.OWNER), prefix=True)
@@ -95,7 +98,9 @@ def _owners(fleet: Fleet) -> dict[str, str]:
     for kv in found.kvs:
         parsed = fleet.keys.parse(kv.key)
         if parsed is not None:
-            owners[parsed[1]] = kv.value.decode("utf-8", errors="replace")
+            info = fleet.client.time_to_live(kv.lease) if kv.lease else None
+            host = kv.value.decode("utf-8", errors="replace")
+            owners[parsed[1]] = (host, info.ttl if info is not None else None)
     return owners
 
 
@@ -114,16 +119,16 @@ def fleet_report(fleet: Fleet) -> FleetReport:
     names = set(owners) | set(chains) | set(fleet.settings.profiles or ())
     rows = []
     for profile in sorted(names):
-        owner = owners.get(profile)
+        owner, left = owners.get(profile, (None, None))
         found = chains.get(profile)
         if isinstance(found, AacTokendError):
-            rows.append(ProfileRow(profile, owner, None, None, str(found)))
+            rows.append(ProfileRow(profile, owner, None, None, str(found), left))
         elif found is None:
-            rows.append(ProfileRow(profile, owner, None, None, "no chain in the fleet"))
+            rows.append(ProfileRow(profile, owner, None, None, "no chain in the fleet", left))
         else:
             attempt = found.record.unresolved
             by = attempt.host if attempt is not None else None
-            rows.append(ProfileRow(profile, owner, found.record.seq, by))
+            rows.append(ProfileRow(profile, owner, found.record.seq, by, None, left))
     return FleetReport(host, name, members, tuple(rows), None, moves)
 
 
@@ -148,6 +153,8 @@ def status_text(report: FleetReport) -> str:
     lines.append("profiles:" if report.profiles else "profiles: none in the fleet")
     for p in report.profiles:
         owner = p.owner or "none"
+        if p.owner is not None and p.lease_left is not None:
+            owner += f" (lease {p.lease_left} s left)"
         if p.error is not None:
             lines.append(f"  {p.profile}  owner {owner}  {p.error}")
             continue
