@@ -23,12 +23,11 @@ from pathlib import Path
 import pytest
 
 from aac_tokend.commands.fleet import Fleet
+from aac_tokend.commands.fleet_markers import moving_in_path, moving_out_path
 from aac_tokend.commands.fleet_move import (
     REMOVE_TRIES,
     move_in,
     move_out,
-    moving_in_path,
-    moving_out_path,
 )
 from aac_tokend.commands.fleet_status import fleet_report, status_text
 from aac_tokend.core.policy import begin_attempt

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import AlreadyRunningError, ConfigError, InputError, UsageError
 from ..host.paths import Paths, resolve_paths
+from .fleet_markers import Move
 
 if TYPE_CHECKING:
     from ..fleet.chains import FleetChains
@@ -51,11 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print it even when standard output is a terminal",
     )  # fmt: skip
     key_sub.add_parser("import", help="install the line `fleet key export` printed, from stdin")
-    for name, text in (
-        ("move-in", "move a local profile's chain into the fleet (the daemon stopped)"),
-        ("move-out", "move a profile's chain out of the fleet into a local state file"),
+    for move, text in (
+        (Move.IN, "move a local profile's chain into the fleet (the daemon stopped)"),
+        (Move.OUT, "move a profile's chain out of the fleet into a local state file"),
     ):
-        sub.add_parser(name, help=text, description=text).add_argument("profile")
+        moving = sub.add_parser(move.value, help=text, description=text)
+        moving.add_argument("profile")
+        moving.set_defaults(move=move)
     status = sub.add_parser("status", help="etcd's health, and each fleet profile's owner")
     status.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -69,7 +72,7 @@ def run_cli(args: argparse.Namespace) -> int:
         from .fleet_status import print_status
 
         return print_status(open_fleet(paths), json_out=args.json)
-    return _move(args.fleet_command, args.profile, paths)
+    return _move(args.move, args.profile, paths)
 
 
 # -- the key -------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ def open_fleet(paths: Paths) -> Fleet:
 
 
 @contextmanager
-def daemon_stopped(paths: Paths, command: str) -> Iterator[None]:
+def daemon_stopped(paths: Paths, command: Move) -> Iterator[None]:
     """Hold the single-owner lock: no daemon of this host runs, or starts, meanwhile."""
     from ..store.owner import OwnerLock
 
@@ -225,14 +228,14 @@ def daemon_stopped(paths: Paths, command: str) -> Iterator[None]:
         raise refusal from exc
 
 
-def _move(command: str, profile: str, paths: Paths) -> int:
+def _move(command: Move, profile: str, paths: Paths) -> int:
     from ..core.state import validate_profile_name
     from ..store.opening import open_file_store
     from .fleet_move import move_in, move_out
 
     validate_profile_name(profile)
     settings = fleet_settings(paths)
-    if command == "move-in" and not settings.covers(profile):
+    if command is Move.IN and not settings.covers(profile):
         raise InputError(
             f"fleet move-in: profile {profile} is not in [fleet] profiles of "
             f"{paths.config_file}; add it there first"
@@ -240,10 +243,10 @@ def _move(command: str, profile: str, paths: Paths) -> int:
     with daemon_stopped(paths, command):
         fleet = open_fleet(paths)
         store = open_file_store(paths)
-        mover = move_in if command == "move-in" else move_out
+        mover = move_in if command is Move.IN else move_out
         moved = mover(store, fleet.chains, profile, settings.name)
     print(_moved_text(command, moved, settings.name))
-    if command == "move-out" and settings.covers(profile):
+    if command is Move.OUT and settings.covers(profile):
         fix = (
             "take it out of fleet.profiles"
             if settings.profiles is not None
@@ -257,8 +260,8 @@ def _move(command: str, profile: str, paths: Paths) -> int:
     return 0
 
 
-def _moved_text(command: str, moved: Moved, fleet: str) -> str:
+def _moved_text(command: Move, moved: Moved, fleet: str) -> str:
     done = "finished the interrupted move" if moved.finished else "moved"
-    if command == "move-in":
+    if command is Move.IN:
         return f"{done}: profile {moved.profile} is in fleet {fleet} (seq {moved.seq})"
     return f"{done}: profile {moved.profile} is out of fleet {fleet}, in a local state file"

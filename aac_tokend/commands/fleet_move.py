@@ -13,21 +13,14 @@ after a crash at any step finishes the move:
   ``FleetChains.remove`` (compare the revision read: a chain that moved on meanwhile is read
   again), and renames ``.moving-out`` to ``<profile>.state`` once etcd no longer has it.
 
-Neither marker ends in ``.state``, so no store lists it as a profile. Both are sealed with
-the local state key like any state file. Both moves run under the single-owner lock (the
-local daemon must be stopped: ``commands/fleet.py`` says so) and the profile's lock.
-
-Over 300 lines because both directions share the markers, their file steps and the one
-argument above; split, each half of that argument would be read without the other.
+The markers' file steps are in ``fleet_markers``. Both moves run under the single-owner
+lock (the local daemon must be stopped: ``commands/fleet.py`` says so) and the profile's
+lock.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from ..core.state import ProfileState
@@ -43,8 +36,17 @@ from ..errors import (
     TransientError,
 )
 from ..fleet.records import ChainRecord
-from ..store.fileio import OsFileLayer
 from ..store.files import FileStore
+from .fleet_markers import (
+    Move,
+    check_not_moving,
+    moving_in_path,
+    moving_out_path,
+    read_marker,
+    rename_durably,
+    unlink_marker,
+    write_marker,
+)
 
 __all__ = [
     "MOVE_LOCK_SECONDS",
@@ -53,11 +55,8 @@ __all__ = [
     "Moved",
     "VersionedRecord",
     "check_movable",
-    "interrupted_moves",
     "move_in",
     "move_out",
-    "moving_in_path",
-    "moving_out_path",
 ]
 
 #: How long a move waits for the profile's lock: a courier of a killed daemon holds it until
@@ -95,16 +94,6 @@ class Moved:
     finished: bool
 
 
-def moving_in_path(store: FileStore, profile: str) -> Path:
-    """The move-in marker: the state file renamed, kept until etcd confirms the create."""
-    return store.state_dir / f"{profile}.moving"
-
-
-def moving_out_path(store: FileStore, profile: str) -> Path:
-    """The move-out marker: etcd's record written here before the chain key is removed."""
-    return store.state_dir / f"{profile}.moving-out"
-
-
 def _identity(state: ProfileState) -> str:
     # The refresh token names an OAuth chain; a static token is its own chain.
     return token_hash(state.refresh_token or state.access_token)
@@ -115,52 +104,6 @@ def _descends(remote: ProfileState, local: ProfileState) -> bool:
     the moment it lands in etcd): its token is current there or was spent there."""
     mine = _identity(local)
     return mine == _identity(remote) or mine in remote.spent_rt_hashes
-
-
-#: Marker files are written and renamed as the store writes state files (0600, O_NOFOLLOW,
-#: fsync before rename, then the directory).
-_FS = OsFileLayer()
-
-
-def _rename(store: FileStore, src: Path, dst: Path) -> None:
-    try:
-        _FS.rename(src, dst)
-        _FS.fsync_dir(store.state_dir)
-    except OSError as exc:
-        raise StorageError(f"cannot rename {src} to {dst}: {exc.strerror}") from exc
-
-
-def _read_marker(store: FileStore, profile: str, path: Path) -> ProfileState | None:
-    try:
-        blob = _FS.read(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror}; fix it, then run again") from exc
-    return store.unseal(profile, blob, where=path)
-
-
-def _write_marker(store: FileStore, path: Path, state: ProfileState) -> None:
-    tmp = store.state_dir / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        _FS.write_durably(tmp, store.seal(state))
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise StorageError(f"cannot write {path}: {exc.strerror}; nothing was moved") from exc
-    _rename(store, tmp, path)
-
-
-def _unlink(store: FileStore, path: Path) -> None:
-    try:
-        path.unlink()
-        _FS.fsync_dir(store.state_dir)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise StorageError(
-            f"cannot remove {path}: {exc.strerror}; the move is done, remove it by hand"
-        ) from exc
 
 
 def check_movable(state: ProfileState, pending: bytes | None, fleet: str) -> None:
@@ -184,35 +127,13 @@ def check_movable(state: ProfileState, pending: bytes | None, fleet: str) -> Non
         )
 
 
-def _check_not_moving(store: FileStore, profile: str, other: str) -> None:
-    """Refuse a move while one the other way is unfinished: its marker holds the chain."""
-    marker = (moving_in_path if other == "move-in" else moving_out_path)(store, profile)
-    if marker.exists():
-        raise InputError(
-            f"profile {profile}: a {other} was interrupted ({marker} holds its chain); finish "
-            f"it with `aac-tokend fleet {other} {profile}` first"
-        )
-
-
-def interrupted_moves(state_dir: Path) -> list[tuple[str, str]]:
-    """``(profile, "move-in" | "move-out")`` for every marker an interrupted move left."""
-    found: list[tuple[str, str]] = []
-    if not state_dir.is_dir():
-        return found
-    for path in sorted(state_dir.iterdir()):
-        for suffix, move in ((".moving", "move-in"), (".moving-out", "move-out")):
-            if path.name.endswith(suffix) and not path.name.startswith("."):
-                found.append((path.name[: -len(suffix)], move))
-    return found
-
-
 def move_in(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved:
     """Move ``profile``'s local chain into etcd (or finish an interrupted move-in)."""
     marker = moving_in_path(store, profile)
     state_path = store.path(profile)
     with store.locked(profile, MOVE_LOCK_SECONDS):
-        _check_not_moving(store, profile, "move-out")
-        state = _read_marker(store, profile, marker)
+        check_not_moving(store, profile, Move.OUT)
+        state = read_marker(store, profile, marker)
         if state is not None:
             if state_path.exists():
                 raise StorageError(
@@ -237,7 +158,7 @@ def move_in(store: FileStore, chains: Chains, profile: str, fleet: str) -> Moved
                 )
             raise _other_chain(profile, fleet)
         check_movable(state, store.pending(profile), fleet)
-        _rename(store, state_path, marker)
+        rename_durably(store, state_path, marker)
         return _create(store, chains, profile, state)
 
 
@@ -258,7 +179,7 @@ def _create(store: FileStore, chains: Chains, profile: str, state: ProfileState)
     except Exception:
         # Surely not applied (refused, not sent, a chain created meanwhile): the local
         # daemon gets its chain back as it was.
-        _rename(store, marker, store.path(profile))
+        rename_durably(store, marker, store.path(profile))
         raise
     again = f"its state is kept in {marker}: run `aac-tokend fleet move-in {profile}` again"
     try:
@@ -269,7 +190,7 @@ def _create(store: FileStore, chains: Chains, profile: str, state: ProfileState)
         ) from exc
     if there is None or not _descends(there.record.state, state):
         raise TransientError(f"etcd did not confirm the move-in of profile {profile}; {again}")
-    _unlink(store, marker)
+    unlink_marker(store, marker)
     return Moved(profile, there.record.seq, finished=False)
 
 
@@ -292,7 +213,7 @@ def _finish_in(
             f"interrupted move-in left in {marker}; keep whichever is current: remove "
             f"{marker}, or move the fleet's out first"
         )
-    _unlink(store, marker)
+    unlink_marker(store, marker)
     return Moved(profile, there.record.seq, finished=True)
 
 
@@ -301,7 +222,7 @@ def move_out(store: FileStore, chains: Chains, profile: str, fleet: str) -> Move
     marker = moving_out_path(store, profile)
     state_path = store.path(profile)
     with store.locked(profile, MOVE_LOCK_SECONDS):
-        _check_not_moving(store, profile, "move-in")
+        check_not_moving(store, profile, Move.IN)
         finishing = marker.exists()
         if state_path.exists():
             raise InputError(
@@ -313,21 +234,21 @@ def move_out(store: FileStore, chains: Chains, profile: str, fleet: str) -> Move
         for _ in range(REMOVE_TRIES):
             there = chains.read(profile)
             if there is None:
-                state = _read_marker(store, profile, marker)
+                state = read_marker(store, profile, marker)
                 if state is None:
                     raise ProfileError(f"profile {profile!r} is not in fleet {fleet}")
                 # Removed from etcd (by us, before a crash or a lost reply): finish.
-                _rename(store, marker, state_path)
+                rename_durably(store, marker, state_path)
                 return Moved(profile, None, True)
             attempt = there.record.unresolved
             if attempt is not None:
-                _unlink(store, marker)  # a stale copy: etcd keeps the chain
+                unlink_marker(store, marker)  # a stale copy: etcd keeps the chain
                 raise BusyError(
                     f"profile {profile}: a refresh by host {attempt.host} is not resolved yet; "
                     "wait for it (at most the fleet's resolve_wait_seconds), then run "
                     "move-out again"
                 )
-            _write_marker(store, marker, there.record.state)
+            write_marker(store, marker, there.record.state)
             try:
                 chains.remove(profile, expected_revision=there.revision)
             except FenceLostError:
@@ -337,12 +258,12 @@ def move_out(store: FileStore, chains: Chains, profile: str, fleet: str) -> Move
                 maybe_removed = True
                 continue  # maybe removed: the read says
             except Exception:
-                _unlink(store, marker)  # surely not removed: etcd keeps the chain
+                unlink_marker(store, marker)  # surely not removed: etcd keeps the chain
                 raise
-            _rename(store, marker, state_path)
+            rename_durably(store, marker, state_path)
             return Moved(profile, there.record.seq, finishing)
         if not maybe_removed:
-            _unlink(store, marker)  # a stale copy: etcd keeps the chain
+            unlink_marker(store, marker)  # a stale copy: etcd keeps the chain
     raise FenceLostError(
         f"profile {profile}: the fleet chain changed under each of {REMOVE_TRIES} tries to move "
         f"it out (or etcd's answers were lost); run `aac-tokend fleet move-out {profile}` again"

@@ -17,6 +17,7 @@ from ..errors import AacTokendError
 
 if TYPE_CHECKING:
     from .fleet import Fleet
+    from .fleet_markers import Move
 
 __all__ = ["FleetReport", "MemberRow", "ProfileRow", "fleet_report", "print_status"]
 
@@ -55,8 +56,8 @@ class FleetReport:
     members: tuple[MemberRow, ...]
     profiles: tuple[ProfileRow, ...]
     error: AacTokendError | None = None
-    #: ``(profile, "move-in" | "move-out")``: moves on this host that a rerun must finish
-    interrupted: tuple[tuple[str, str], ...] = ()
+    #: ``(profile, move)``: moves on this host that a rerun must finish
+    interrupted: tuple[tuple[str, Move], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The report as JSON-ready data (dicts belong at the wire only)."""
@@ -66,7 +67,7 @@ class FleetReport:
             "etcd": [asdict(m) for m in self.members],
             "profiles": [asdict(p) for p in self.profiles],
             "error": None if self.error is None else str(self.error),
-            "interrupted_moves": [{"profile": p, "move": m} for p, m in self.interrupted],
+            "interrupted_moves": [{"profile": p, "move": m.value} for p, m in self.interrupted],
         }
 
 
@@ -106,7 +107,7 @@ def _owners(fleet: Fleet) -> dict[str, tuple[str, int | None]]:
 
 def fleet_report(fleet: Fleet) -> FleetReport:
     """Ask every member for its status, then read the owner and chain keys."""
-    from .fleet_move import interrupted_moves
+    from .fleet_markers import interrupted_moves
 
     members = tuple(_member(fleet, e) for e in fleet.settings.endpoints)
     host, name = host_name(), fleet.settings.name
