@@ -41,6 +41,7 @@ from aac_tokend.errors import (
     FenceLostError,
     InputError,
     ProfileError,
+    TransientError,
 )
 from aac_tokend.fleet.chains import FleetChains, Versioned
 from aac_tokend.fleet.etcd import EtcdClient
@@ -103,6 +104,8 @@ class HookedChains(FleetChains):
         self.kill: tuple[str, str] | None = None
         self.lose: str | None = None
         self.before_remove: list[ProfileState] = []
+        #: reads that fail (etcd unreachable) once a create has been applied
+        self.reads_failing_after_create = 0
 
     def _hook(self, op: str, when: str) -> None:
         if self.kill == (op, when):
@@ -122,9 +125,18 @@ class HookedChains(FleetChains):
         blob = self.sealer.seal(profile, record.seq, encode_record(record))
         self.client.put(self.keys.chain(profile), blob)
 
+    def read(self, profile: str) -> Versioned | None:
+        if self.reads_failing_after_create and self.created:
+            self.reads_failing_after_create -= 1
+            raise EtcdUnavailableError("etcd: no member answered")
+        return super().read(profile)
+
+    created = False
+
     def create(self, profile: str, state: ProfileState) -> Versioned:
         self._hook("create", "before")
         created = super().create(profile, state)
+        self.created = True
         self._hook("create", "after")
         return created
 
@@ -226,6 +238,29 @@ class TestMoveIn:
         chains.lose = "create"
         move_in(store, chains, "work", chains.keys.fleet)
         assert chains.read("work") is not None and not moving_in_path(store, "work").exists()
+
+    def test_an_unconfirmed_create_keeps_the_marker_and_a_rerun_finishes(
+        self, store: FileStore, chains: HookedChains
+    ) -> None:
+        """The reply lost and etcd unreachable for the confirming read: a one-line 'run it
+        again', the chain only in etcd and the marker; the rerun removes the marker."""
+        store.save(oauth_state())
+        chains.lose, chains.reads_failing_after_create = "create", 1
+        with pytest.raises(TransientError, match="fleet move-in work` again"):
+            move_in(store, chains, "work", chains.keys.fleet)
+        assert local_files(store) == ["work.moving"] and store.load("work") is None
+        assert move_in(store, chains, "work", chains.keys.fleet).finished
+        assert local_files(store) == [] and chains.read("work") is not None
+
+    def test_a_pair_a_stopped_daemon_could_not_save_is_refused(
+        self, store: FileStore, chains: HookedChains
+    ) -> None:
+        """A pending pair is newer than the state file: moving the file would lose it."""
+        store.save(oauth_state())
+        store.keep_pending("work", store.seal(refreshed(oauth_state(), 1)))
+        with pytest.raises(InputError, match="could not save"):
+            move_in(store, chains, "work", chains.keys.fleet)
+        assert local_files(store) == ["work.state"] and chains.read("work") is None
 
     def test_a_create_not_sent_gives_the_local_file_back(
         self, store: FileStore, chains: HookedChains
@@ -543,6 +578,21 @@ class TestKeyCommands:
             os.close(leader)
             assert proc.returncode == code, proc.stderr
             assert (b"aacfleetkey1." in shown) == (code == 0)
+
+    def test_importing_again_is_harmless_and_another_key_is_refused(
+        self, home: E2EHome, tmp_path: Path
+    ) -> None:
+        """The same key again: done, exit 0; another fleet's key: refused, exit 69, kept."""
+        home.cli("fleet", "key", "create")
+        line = home.cli("fleet", "key", "export").stdout
+        again = home.cli("fleet", "key", "import", input=line)
+        assert again.returncode == 0 and "already installed" in again.stdout
+        other = dict(home.env, AAC_TOKEND_HOME=str(tmp_path / "other"))
+        home.cli("fleet", "key", "create", env=other)
+        foreign = home.cli("fleet", "key", "export", env=other).stdout
+        kept = load_fleet_key(home.paths.config_dir)
+        assert_one_line_error(home.cli("fleet", "key", "import", input=foreign), 69)
+        assert load_fleet_key(home.paths.config_dir) == kept
 
     def test_a_garbled_import_is_refused_in_one_line(self, home: E2EHome) -> None:
         """Not an export line: one line of error, exit 65, and no key file."""
