@@ -13,6 +13,14 @@ after a crash at any step finishes the move:
   ``FleetChains.remove`` (compare the revision read: a chain that moved on meanwhile is read
   again), and renames ``.moving-out`` to ``<profile>.state`` once etcd no longer has it.
 
+What a rerun cannot tell apart, and so what a person must not do: run the same profile's
+move on two hosts at once. A move-out interrupted after its remove was sent, while another
+host moved the chain out too, or a move-in interrupted before its create was confirmed,
+while another host moved the chain in and out again, leaves a marker that a rerun would
+finish although etcd's change was the other host's (the tombstone does not say whose it
+is). Each step is refused if the chain is in etcd under another token, so this needs two
+people moving one profile at the same moment and a crash or a lost reply in between.
+
 The markers' file steps are in ``fleet_markers``. Both moves run under the single-owner
 lock (the local daemon must be stopped: ``commands/fleet.py`` says so) and the profile's
 lock.
