@@ -71,9 +71,9 @@ class FleetReport:
         }
 
 
-def host_name() -> str:
-    """This host's name, as owner keys carry it."""
-    return socket.gethostname()
+def host_name(configured: str | None = None) -> str:
+    """This host's name, as owner keys carry it: [fleet] host, else the machine's."""
+    return configured or socket.gethostname()
 
 
 def _member(fleet: Fleet, endpoint: str) -> MemberRow:
@@ -110,7 +110,7 @@ def fleet_report(fleet: Fleet) -> FleetReport:
     from .fleet_markers import interrupted_moves
 
     members = tuple(_member(fleet, e) for e in fleet.settings.endpoints)
-    host, name = host_name(), fleet.settings.name
+    host, name = host_name(fleet.settings.host), fleet.settings.name
     moves = tuple(interrupted_moves(fleet.paths.state_dir))
     try:
         owners = _owners(fleet)
