@@ -67,6 +67,8 @@ __all__ = [
 
 #: The module a spawned courier runs; its name in ``ps`` (and what the tests look for).
 COURIER_MODULE = "aac_tokend.refresh.spawned"
+#: In a courier's argv: a fleet spare, which imports fleet mode ahead (no secret in it).
+FLEET_FLAG = "--fleet"
 #: The byte a courier writes once its imports are done. Not JSON, so never a result.
 READY = b"\x06"
 #: A spawn message is a few hundred bytes, but its refresh token is whatever the server
@@ -152,7 +154,7 @@ class SpawnCourier:
 
     def __init__(
         self,
-        spec: FileStoreSpec,
+        spec: FileStoreSpec | None,
         *,
         warm: bool = True,
         max_age: float = SPARE_MAX_AGE_SECONDS,
@@ -207,7 +209,7 @@ class SpawnCourier:
 
         # The courier's bound counts from now, not from when it reads the job: a spare
         # stopped before reading it must not wake, after we gave up, and send the token.
-        message = spawn_message(self._spec, job, time.monotonic() + self._life)
+        message = self._message(job, time.monotonic() + self._life)
         try:
             raw, _ = proc.communicate(message, timeout=self._life + WAIT_MARGIN_SECONDS)
         except subprocess.TimeoutExpired:
@@ -218,6 +220,11 @@ class SpawnCourier:
         if not raw:
             return _lost("the courier ended without an answer")
         return CourierResult.from_bytes(raw)
+
+    def _message(self, job: CourierJob, deadline: float) -> bytes:
+        """The courier's stdin; fleet/courier.py's FleetCourier (``spec`` None) has its own."""
+        assert self._spec is not None, "a SpawnCourier without a store spec builds no message"
+        return spawn_message(self._spec, job, deadline)
 
     def _take(self) -> subprocess.Popen[bytes] | None:
         """The spare, if a fresh and living one waits; it is ours alone from here."""
@@ -376,6 +383,8 @@ def main() -> int:
     """Entry of a spawned courier: ready on stdout, spec and job on stdin, result on stdout."""
     become_courier(life=0)  # no bound yet: a spare may wait long; it starts with the job
     endpoint = TokenEndpoint()  # its session, built before the clock of a refresh starts
+    if FLEET_FLAG in sys.argv[1:]:  # a fleet spare: fleet mode's imports ahead of the job
+        from ..fleet import chains, courier, store  # noqa: F401
     # What the first request would import on the refresh's clock (requests' netrc lookup).
     import encodings.idna  # noqa: F401
     import netrc  # noqa: F401
@@ -387,7 +396,15 @@ def main() -> int:
         return 0  # the daemon let us go (or died) before a job came: nothing touched
     if len(raw) > MAX_MESSAGE_BYTES:
         return _answer(_not_started(f"its message is over {MAX_MESSAGE_BYTES} bytes"))
-    spec, job, deadline = read_spawn_message(raw)
+    data = json.loads(raw)
+    job: CourierJob
+    if "fleet" in data:  # a fenced refresh (fleet/courier.py): fleet mode only
+        from ..fleet.courier import read_fleet_message
+
+        fleet, fleet_job, deadline = read_fleet_message(data)
+        job = fleet_job
+    else:
+        fleet, (spec, job, deadline) = None, read_spawn_message(raw)
     # Armed first, then checked: stopped between the two, the alarm is late by the stop but
     # the check sees the deadline passed. Stopped after the check, the alarm comes due while
     # we are stopped, and SIGCONT ends us (SIGALRM's default) before we run any code.
@@ -397,6 +414,10 @@ def main() -> int:
     if left <= 0 or time.monotonic() >= deadline:
         disarm()
         return _answer(_not_started("it read its job past the job's deadline"))
+    if fleet is not None:
+        from ..fleet.courier import carry_spawned
+
+        return _answer(carry_spawned(fleet, fleet_job, on_answer=disarm))
     return _answer(carry(job, spec.open(), endpoint, time.time, on_answer=disarm))
 
 
