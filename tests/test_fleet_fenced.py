@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -465,3 +466,135 @@ class TestUnknownOutcomes:
         result = fleet.carry(fleet.job(), retry_for=2.0)
         assert result.kind is CourierKind.REFRESHED
         assert fleet.chains.current().unresolved is None
+
+
+# -- the same against a real etcd (engineer A's FleetChains and FleetStore) ------------------
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real member for this module (a fresh fleet name per test)."""
+    from .etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
+
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    pytest.importorskip("aac_tokend.fleet.chains", reason="needs engineer A's chains.py")
+    with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1).running() as cluster:
+        yield cluster
+
+
+class Detour:
+    """Real FleetChains whose next ``times`` outcome commits go through another client (a
+    reply-dropping proxy, or a port nobody listens on); everything else is the real one."""
+
+    def __init__(self, real: Any, detour: Any, times: int) -> None:
+        self.real, self.detour, self.times = real, detour, times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def commit_resolution(
+        self, profile: str, record: ChainRecord, *, entry_revision: int
+    ) -> int | None:
+        if self.times > 0:
+            self.times -= 1
+            result: int | None = self.detour.commit_resolution(
+                profile, record, entry_revision=entry_revision
+            )
+            return result
+        result = self.real.commit_resolution(profile, record, entry_revision=entry_revision)
+        return result
+
+
+@dataclass
+class RealFleet:
+    """A fleet on the real etcd: chains, store, the owner's lease, and chains via a client."""
+
+    sandbox: SandboxServer
+    client: Any
+    chains: Any
+    store: Any
+    lease: int
+    chains_via: Callable[[str], Any]
+
+    def job(self) -> FleetJob:
+        return FleetJob(PROFILE, self.chains.read(PROFILE).record.state.refresh_token)
+
+    def carry(self, chains: Any, **kw: Any) -> CourierResult:
+        return carry_fenced(
+            self.job(), self.store, chains, self.client,
+            lambda url: open_request(url, TIMEOUTS), SETTINGS, "a", self.lease,
+            FakeBoottime(), time.time, **kw,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def real(etcd_cluster: Any, sandbox: SandboxServer, tmp_path: Any) -> RealFleet:
+    import secrets
+
+    from aac_tokend.fleet.chains import FleetChains
+    from aac_tokend.fleet.etcd import EtcdClient
+    from aac_tokend.fleet.highwater import HighWater
+    from aac_tokend.fleet.keys import FleetKeys
+    from aac_tokend.fleet.sealing import Sealer
+    from aac_tokend.fleet.store import FleetStore
+
+    name, key = f"t{secrets.token_hex(4)}", secrets.token_bytes(32)
+    keys, sealer, marks = FleetKeys(name), Sealer(key, name), HighWater(tmp_path, name)
+
+    def chains_via(endpoint: str) -> FleetChains:
+        return FleetChains(EtcdClient([endpoint], timeout=2.0), keys, sealer, marks)
+
+    chains = chains_via(etcd_cluster.endpoints[0])
+    request = parse_import_text(json.dumps(sandbox.generate()), profile=PROFILE)
+    request = request.__class__(**{**request.__dict__, "token_endpoint": sandbox.token_endpoint})
+    chains.create(PROFILE, build_state(request, time.time()))
+    lease = chains.client.grant(30)
+    chains.client.put(keys.owner(PROFILE), b"a", lease=lease.id)
+    store = FleetStore(chains, tmp_path)
+    return RealFleet(sandbox, chains.client, chains, store, lease.id, chains_via)
+
+
+class TestRealEtcd:
+    """The fenced refresh on a real etcd, with its replies dropped or its members away."""
+
+    def test_refreshes(self, real: RealFleet) -> None:
+        """The owner's refresh rotates the chain in etcd and resolves its entry."""
+        token = real.job().refresh_token
+        result = real.carry(real.chains)
+        assert result.kind is CourierKind.REFRESHED, result
+        record = real.chains.read(PROFILE).record
+        assert record.state.refresh_token != token and record.unresolved is None
+
+    def test_lost_outcome_reply_is_found_resolved(self, real: RealFleet, etcd_cluster: Any) -> None:
+        """The outcome commit applied, its reply dropped by a proxy: find_attempt reads
+        the courier's own outcome, and the courier is done (REFRESHED)."""
+        from .etcd_cluster import ReplyDroppingProxy
+
+        proxy = ReplyDroppingProxy(etcd_cluster.members[0].client_port)
+        try:
+            chains = Detour(real.chains, real.chains_via(proxy.url), times=1)
+            result = real.carry(chains)
+            assert proxy.requests_forwarded == 1
+        finally:
+            proxy.close()
+        assert result.kind is CourierKind.REFRESHED, result
+        assert real.chains.read(PROFILE).record.unresolved is None
+        assert [e["outcome"] for e in real.sandbox.log()] == ["rotated"]
+
+    def test_unreachable_after_the_answer_is_pushed_later(self, real: RealFleet) -> None:
+        """etcd out of reach after the answer: STORAGE_FAILED with the blob, kept pending
+        locally; the store opens the blob and its save commits it against the entry."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+        chains = Detour(real.chains, real.chains_via(nowhere), times=100)
+        result = real.carry(chains, retry_for=0.5)
+        assert result.kind is CourierKind.STORAGE_FAILED, result
+        assert result.unsaved is not None
+        assert real.store.pending(PROFILE) == result.unsaved
+        assert real.chains.read(PROFILE).record.unresolved is not None
+        state = real.store.unseal(PROFILE, result.unsaved)
+        real.store.save(state)
+        record = real.chains.read(PROFILE).record
+        assert record.unresolved is None and record.state.refresh_token == state.refresh_token
