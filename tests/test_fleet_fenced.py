@@ -23,6 +23,7 @@ import pytest
 from aac_tokend.core.importer import build_state, parse_import_text
 from aac_tokend.core.outcome import Transient
 from aac_tokend.errors import (
+    EtcdAuthError,
     EtcdOutcomeUnknownError,
     EtcdUnsentError,
     FenceLostError,
@@ -79,6 +80,7 @@ class AttemptSeen:
 class Fault(enum.Enum):
     DROP_REPLY = "applied, then the reply is lost"
     UNREACHABLE = "no member answers; nothing applied"
+    REFUSED = "etcd refuses our credentials"
 
 
 @dataclass
@@ -135,6 +137,8 @@ class MemoryChains:
         fault = self._fault("commit_resolution")
         if fault is Fault.UNREACHABLE:
             raise EtcdUnsentError("no member answered")
+        if fault is Fault.REFUSED:
+            raise EtcdAuthError("etcd refused the credentials")
         with self.lock:
             now = self.chain.get(profile)
             if now is None or now.revision != entry_revision:
@@ -459,6 +463,13 @@ class TestUnknownOutcomes:
         assert kept["record"]["state"]["refresh_token"] != fleet.job().refresh_token
         assert fleet.chains.current().unresolved is not None  # for the daemon to push
         assert fleet.sent() == ["rotated"]
+
+    def test_refused_after_the_answer_keeps_it_pending(self, fleet: Fleet) -> None:
+        """etcd refusing the outcome commit (credentials) loses no pair: kept pending."""
+        fleet.chains.faults["commit_resolution"] = [Fault.REFUSED] * 10
+        result = fleet.carry(fleet.job())
+        assert result.kind is CourierKind.STORAGE_FAILED and result.unsaved is not None
+        assert fleet.stores["a"].kept[PROFILE] == result.unsaved
 
     def test_unreachable_then_back_commits(self, fleet: Fleet) -> None:
         """A short outage after the answer is retried within the bound: REFRESHED."""

@@ -32,6 +32,7 @@ from ..core.outcome import Refreshed, RefreshOutcome, Rejected, Transient
 from ..core.policy import apply_outcome, begin_attempt
 from ..core.state import ProfileState, TokenKind
 from ..errors import (
+    AacTokendError,
     BusyError,
     EtcdOutcomeUnknownError,
     EtcdUnavailableError,
@@ -202,6 +203,8 @@ def carry_fenced(
         return CourierResult(CourierKind.NOT_STARTED, f"etcd out of reach; nothing sent: {exc}")
     except StorageError as exc:
         return CourierResult(CourierKind.STORAGE_FAILED, str(exc))
+    except AacTokendError as exc:  # etcd refused us (auth, a bad request): before any send
+        return CourierResult(CourierKind.NOT_STARTED, f"nothing sent: {exc}")
 
 
 @contextlib.contextmanager
@@ -265,7 +268,7 @@ def _record_unreached(
     record = with_state(versioned.record, after)
     try:
         revision = chains.commit_resolution(job.profile, record, entry_revision=versioned.revision)
-    except EtcdUnavailableError as exc:
+    except AacTokendError as exc:  # the failure is not recorded; nothing was sent either
         return CourierResult(CourierKind.NOT_STARTED, f"{outcome.reason}; etcd: {exc}")
     if revision is None:
         return CourierResult(CourierKind.STATE_CHANGED, "the state moved on; nothing was sent")
@@ -311,7 +314,7 @@ def _settle_unknown_journal(
 ) -> None:
     """A journal commit whose reply was lost: if it landed, take it back (not sent)."""
     assert entry.attempt is not None
-    with contextlib.suppress(EtcdUnavailableError):
+    with contextlib.suppress(AacTokendError):
         seen = chains.find_attempt(job.profile, entry.attempt.id)
         if _is(seen, "JOURNAL") and seen.versioned is not None:
             chains.commit_resolution(
@@ -337,7 +340,7 @@ def _confirm_fence(
     why = ""
     try:
         alive = client.time_to_live(lease_id)
-    except EtcdUnavailableError:
+    except AacTokendError:  # out of reach, or refused: unconfirmed is not alive
         why = "the lease could not be confirmed"
     else:
         if alive is None or getattr(alive, "ttl", 1) <= 0:
@@ -347,7 +350,7 @@ def _confirm_fence(
         why = f"woke past the send window of {window:g} s"
     if not why:
         return
-    with contextlib.suppress(EtcdUnavailableError):  # left: resolved after W, ambiguous
+    with contextlib.suppress(AacTokendError):  # left: resolved after W, as ambiguous
         chains.commit_resolution(job.profile, cancelled(entry, before), entry_revision=revision)
     raise _done(CourierKind.STATE_CHANGED, f"not sent: {why}")
 
@@ -383,7 +386,9 @@ def _commit_outcome(
             return CourierResult(kind) if revision is not None else _superseded()
         except EtcdOutcomeUnknownError:
             unknown = True
-        except EtcdUnavailableError:
+        except AacTokendError:
+            # Out of reach, or refused (auth, a rollback on the read): the answer is the
+            # only copy of the pair, so whatever etcd says it is retried, then kept.
             pass
         if time.monotonic() + delay > deadline:
             return _keep_pending(profile, store, record, entry_revision)
