@@ -28,7 +28,9 @@ from aac_tokend.errors import (
     EtcdUnsentError,
     FenceLostError,
 )
+from aac_tokend.fleet.chains import AttemptSeen, SeenKind, Versioned
 from aac_tokend.fleet.connection import PreparedRequest, RequestTimeouts, open_request
+from aac_tokend.fleet.etcd_types import LeaseInfo
 from aac_tokend.fleet.fenced import FleetJob, carry_fenced
 from aac_tokend.fleet.records import (
     ChainRecord,
@@ -59,24 +61,6 @@ TIMEOUTS = RequestTimeouts(
 
 
 # -- an honest in-memory FleetChains ---------------------------------------------------------
-class SeenKind(enum.Enum):
-    JOURNAL = "journal"
-    RESOLVED = "resolved"
-    ABSENT = "absent"
-
-
-@dataclass(frozen=True)
-class Versioned:
-    record: ChainRecord
-    revision: int
-
-
-@dataclass(frozen=True)
-class AttemptSeen:
-    kind: SeenKind
-    versioned: Versioned | None
-
-
 class Fault(enum.Enum):
     DROP_REPLY = "applied, then the reply is lost"
     UNREACHABLE = "no member answers; nothing applied"
@@ -164,16 +148,11 @@ class MemoryChains:
         return AttemptSeen(SeenKind.ABSENT, now)
 
     # EtcdClient.time_to_live
-    def time_to_live(self, lease_id: int, *, keys: bool = False) -> object | None:
-        return LeaseLeft(5) if lease_id in self.alive_leases else None
+    def time_to_live(self, lease_id: int, *, keys: bool = False) -> LeaseInfo | None:
+        return LeaseInfo(lease_id, 5, 10, ()) if lease_id in self.alive_leases else None
 
     def current(self) -> ChainRecord:
         return self.chain[PROFILE].record
-
-
-@dataclass(frozen=True)
-class LeaseLeft:
-    ttl: int
 
 
 class MemoryStore:
@@ -487,7 +466,6 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     if ETCD is None:
         pytest.skip(SKIP_REASON)
-    pytest.importorskip("aac_tokend.fleet.chains", reason="needs engineer A's chains.py")
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1).running() as cluster:
         yield cluster
 

@@ -17,7 +17,10 @@ host's writers; across hosts etcd's compares order them):
    an heir's resolution wins. Lost replies are settled by reading for the attempt id; an
    etcd out of reach keeps the outcome pending locally with the entry's revision.
 
-Over 300 lines would be two concerns; this is one: the transaction and its few helpers.
+Over 300 lines for one concern: the steps of one transaction, each with the failures it
+must tell apart (sent or not, applied or not), and the narrow interfaces it uses of the
+chains, the store and etcd (so that tests can give it an in-memory chain store). Split, a
+step's failure handling would sit away from the order it guards.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from ..errors import (
 )
 from ..refresh.result import CourierKind, CourierResult
 from ..refresh.transaction import LOCK_WAIT_SECONDS, SAVE_RETRY_SECONDS, CourierJob
+from .chains import SeenKind
 from .connection import PreparedRequest
+from .etcd_types import LeaseInfo
 from .records import (
     Attempt,
     ChainRecord,
@@ -86,7 +91,7 @@ class AttemptSeenLike(Protocol):
     """chains.AttemptSeen: what a read after an unknown outcome found of an attempt."""
 
     @property
-    def kind(self) -> object: ...  # an enum: JOURNAL, RESOLVED or ABSENT
+    def kind(self) -> SeenKind: ...
     @property
     def versioned(self) -> VersionedLike | None: ...
 
@@ -104,7 +109,7 @@ class ChainTxns(Protocol):
     def find_attempt(self, profile: str, attempt_id: str) -> AttemptSeenLike: ...
 
 
-class PendingStore(Protocol):
+class CourierStore(Protocol):
     """The part of store.FleetStore the fenced courier uses."""
 
     def locked(self, profile: str, timeout: float) -> contextlib.AbstractContextManager[None]: ...
@@ -115,11 +120,7 @@ class PendingStore(Protocol):
 class LeaseTtl(Protocol):
     """EtcdClient.time_to_live: the lease's TTL left (None: gone)."""
 
-    def time_to_live(self, lease_id: int, *, keys: bool = False) -> object | None: ...
-
-
-def _is(seen: AttemptSeenLike, kind: str) -> bool:
-    return getattr(seen.kind, "name", None) == kind
+    def time_to_live(self, lease_id: int, *, keys: bool = False) -> LeaseInfo | None: ...
 
 
 # -- the transaction -----------------------------------------------------------------------
@@ -145,7 +146,7 @@ def _kind_of(outcome: RefreshOutcome) -> CourierKind:
 
 def carry_fenced(
     job: FleetJob,
-    store: PendingStore,
+    store: CourierStore,
     chains: ChainTxns,
     client: LeaseTtl,
     prepare: Callable[[str], PreparedRequest | Transient],
@@ -316,7 +317,7 @@ def _settle_unknown_journal(
     assert entry.attempt is not None
     with contextlib.suppress(AacTokendError):
         seen = chains.find_attempt(job.profile, entry.attempt.id)
-        if _is(seen, "JOURNAL") and seen.versioned is not None:
+        if seen.kind is SeenKind.JOURNAL and seen.versioned is not None:
             chains.commit_resolution(
                 job.profile, cancelled(entry, before), entry_revision=seen.versioned.revision
             )
@@ -343,7 +344,7 @@ def _confirm_fence(
     except AacTokendError:  # out of reach, or refused: unconfirmed is not alive
         why = "the lease could not be confirmed"
     else:
-        if alive is None or getattr(alive, "ttl", 1) <= 0:
+        if alive is None or alive.ttl <= 0:
             why = "the lease is gone"
     window = settings.send_window_seconds
     if not why and boottime() - t0 >= window:
@@ -357,7 +358,7 @@ def _confirm_fence(
 
 def _commit_outcome(
     profile: str,
-    store: PendingStore,
+    store: CourierStore,
     chains: ChainTxns,
     entry: ChainRecord,
     entry_revision: int,
@@ -374,12 +375,12 @@ def _commit_outcome(
         try:
             if unknown:
                 seen = chains.find_attempt(profile, entry.attempt.id)
-                if _is(seen, "RESOLVED") and seen.versioned is not None:
+                if seen.kind is SeenKind.RESOLVED and seen.versioned is not None:
                     # The heir's resolution names the same attempt: ours only if it is ours.
                     if seen.versioned.record == record:
                         return CourierResult(kind)
                     return _superseded()
-                if not _is(seen, "JOURNAL"):
+                if seen.kind is not SeenKind.JOURNAL:
                     return _superseded()
                 unknown = False
             revision = chains.commit_resolution(profile, record, entry_revision=entry_revision)
@@ -405,7 +406,7 @@ def _superseded() -> CourierResult:
 
 
 def _keep_pending(
-    profile: str, store: PendingStore, record: ChainRecord, entry_revision: int
+    profile: str, store: CourierStore, record: ChainRecord, entry_revision: int
 ) -> CourierResult:
     blob = store.seal_outcome(record, entry_revision)
     # Before the daemon hears of it: a daemon killed meanwhile must not take the only copy.
