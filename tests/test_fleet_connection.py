@@ -10,12 +10,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from aac_tokend.core.outcome import FailureKind, Refreshed, Transient
 from aac_tokend.fleet.connection import PreparedRequest, RequestTimeouts, open_request
 from aac_tokend.sandbox.server import SandboxServer
+
+from .test_network import _NETWORK_VARS, CA, Proxy
 
 TIMEOUTS = RequestTimeouts(connect=2.0, send=2.0, deadline=2.0)
 
@@ -24,6 +27,26 @@ TIMEOUTS = RequestTimeouts(connect=2.0, send=2.0, deadline=2.0)
 def sandbox() -> Iterator[SandboxServer]:
     with SandboxServer(access_ttl=60) as server:
         yield server
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No proxy or CA variable from the machine running the tests."""
+    for name in _NETWORK_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def proxy() -> Iterator[Proxy]:
+    """test_network's loopback proxy (it tunnels CONNECT), serving in a thread."""
+    server = Proxy()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
 
 
 def _closed_port() -> int:
@@ -109,3 +132,64 @@ class TestSending:
         assert outcome.failure is FailureKind.AMBIGUOUS
         assert 0.4 <= took < 1.9
         assert "r" * 20 not in outcome.reason
+
+
+class TestTls:
+    """https: the environment's CA bundle is trusted, a certificate it does not vouch for
+    fails the opening (nothing written), and an http proxy tunnels the connection."""
+
+    def test_the_environments_ca_bundle_is_trusted(
+        self, clean_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """REQUESTS_CA_BUNDLE names the CA that signed the server: the refresh goes through."""
+        ca = CA("corp root")
+        clean_env.setenv("REQUESTS_CA_BUNDLE", str(ca.write_bundle(tmp_path / "ca.pem")))
+        with SandboxServer(access_ttl=600, tls=ca.server_context(tmp_path)) as sandbox:
+            request = open_request(sandbox.token_endpoint, TIMEOUTS)
+            assert isinstance(request, PreparedRequest), request
+            assert isinstance(request.send(_form(sandbox), now=time.time()), Refreshed)
+
+    def test_an_unknown_certificate_fails_the_opening(
+        self, clean_env: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """A server certificate no trusted CA signed: UNREACHED, a TLS failure, no request."""
+        with SandboxServer(access_ttl=600, tls=CA("stranger").server_context(tmp_path)) as sb:
+            got = open_request(sb.token_endpoint, TIMEOUTS)
+            assert isinstance(got, Transient)
+            assert got.failure is FailureKind.UNREACHED
+            assert "TLS failure" in got.reason
+            assert sb.log() == []
+
+    def test_tunnels_through_the_environments_proxy(
+        self, clean_env: pytest.MonkeyPatch, proxy: Proxy, tmp_path: Path
+    ) -> None:
+        """https_proxy set: the opening is a CONNECT through it, and the refresh goes through."""
+        ca = CA("corp root")
+        clean_env.setenv("REQUESTS_CA_BUNDLE", str(ca.write_bundle(tmp_path / "ca.pem")))
+        clean_env.setenv("https_proxy", proxy.url)
+        with SandboxServer(access_ttl=600, tls=ca.server_context(tmp_path)) as sandbox:
+            request = open_request(sandbox.token_endpoint, TIMEOUTS)
+            assert isinstance(request, PreparedRequest), request
+            assert proxy.seen == [f"CONNECT {sandbox.url.split('://')[1]}"]
+            assert isinstance(request.send(_form(sandbox), now=time.time()), Refreshed)
+            assert len(sandbox.log()) == 1
+
+    def test_a_dead_proxy_is_unreached(self, clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """A proxy nobody listens on fails the opening as a proxy failure, nothing sent."""
+        clean_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{_closed_port()}")
+        with SandboxServer(access_ttl=600, tls=CA("corp").server_context(tmp_path)) as sandbox:
+            got = open_request(sandbox.token_endpoint, TIMEOUTS)
+            assert isinstance(got, Transient) and got.failure is FailureKind.UNREACHED
+            assert "proxy failure" in got.reason
+            assert sandbox.log() == []
+
+    def test_plain_http_never_uses_the_proxy(
+        self, clean_env: pytest.MonkeyPatch, proxy: Proxy, sandbox: SandboxServer
+    ) -> None:
+        """http (loopback only) goes direct even with HTTP_PROXY set: no cleartext via a proxy."""
+        clean_env.setenv("HTTP_PROXY", proxy.url)
+        clean_env.setenv("http_proxy", proxy.url)
+        request = open_request(sandbox.token_endpoint, TIMEOUTS)
+        assert isinstance(request, PreparedRequest)
+        assert isinstance(request.send(_form(sandbox), now=time.time()), Refreshed)
+        assert proxy.seen == []

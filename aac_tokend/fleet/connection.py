@@ -7,8 +7,10 @@ before anything durable says a token is out; between (c) and (d) only bytes are 
 a socket that already exists. ``requests`` cannot split a request so (it connects inside
 ``post``), so this module drives urllib3's public ``HTTPConnection``/``HTTPSConnection``
 itself, trusting the CA bundle requests would (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
-else certifi's) and never a proxy: http only to loopback, as
-``core.origin.check_endpoint`` rules.
+else certifi's) and, for https, tunnelling through the environment's http proxy as requests
+would (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``; credentials in the proxy URL): the
+CONNECT is part of opening. Plain http goes only to loopback (``core.origin``), never via a
+proxy. An https or SOCKS proxy is not supported here: opening fails, naming it.
 
 ``open_request`` fails with a ``Transient`` (UNREACHED: nothing can have been written) or
 returns a ``PreparedRequest`` whose ``send`` writes the POST with a socket timeout of
@@ -20,6 +22,7 @@ been written, every failure is AMBIGUOUS.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 import urllib3.connection
 import urllib3.exceptions
-from urllib3.util import parse_url
+from urllib3.util import Url, parse_url
 
 from ..core.origin import check_endpoint
 from ..core.outcome import UNREACHED_PREFIX, FailureKind, RefreshOutcome, Transient
@@ -71,13 +74,28 @@ def open_request(url: str, timeouts: RequestTimeouts) -> PreparedRequest | Trans
         return Transient(f"{UNREACHED_PREFIX}: {exc}", None, FailureKind.UNREACHED)
     parsed = parse_url(checked)
     host, scheme = parsed.host or "", (parsed.scheme or "https").lower()
+    proxy = _proxy_for(checked) if scheme == "https" else None
+    if proxy is not None and (proxy.scheme or "http").lower() != "http":
+        return Transient(
+            f"{UNREACHED_PREFIX}: proxy failure: fleet mode tunnels through an http:// proxy "
+            f"only, not {proxy.scheme}://; check HTTPS_PROXY, ALL_PROXY and NO_PROXY",
+            None,
+            FailureKind.UNREACHED,
+        )
     conn: urllib3.connection.HTTPConnection
     try:
         if scheme == "https":
             context = ssl.create_default_context(cafile=ca_bundle())
-            conn = urllib3.connection.HTTPSConnection(
-                host, parsed.port or 443, timeout=timeouts.connect, ssl_context=context
-            )
+            if proxy is None:
+                conn = urllib3.connection.HTTPSConnection(
+                    host, parsed.port or 443, timeout=timeouts.connect, ssl_context=context
+                )
+            else:
+                conn = urllib3.connection.HTTPSConnection(
+                    proxy.host or "", proxy.port or 80, timeout=timeouts.connect,
+                    ssl_context=context,
+                )  # fmt: skip
+                conn.set_tunnel(host, parsed.port or 443, headers=_proxy_headers(proxy))
         else:
             conn = urllib3.connection.HTTPConnection(
                 host, parsed.port or 80, timeout=timeouts.connect
@@ -85,10 +103,33 @@ def open_request(url: str, timeouts: RequestTimeouts) -> PreparedRequest | Trans
         conn.connect()
     except (OSError, urllib3.exceptions.HTTPError, ValueError) as exc:
         named = name_network_failure(exc)
+        if named is None and proxy is not None:
+            named = (
+                f"proxy failure: the tunnel through the proxy failed ({type(exc).__name__}); "
+                "check HTTPS_PROXY, ALL_PROXY and NO_PROXY"
+            )
         return Transient(
             f"{UNREACHED_PREFIX}: {named or type(exc).__name__}", None, FailureKind.UNREACHED
         )
-    return PreparedRequest(conn, parsed.request_uri, host, timeouts)
+    return PreparedRequest(conn, parsed.request_uri, timeouts)
+
+
+def _proxy_for(url: str) -> Url | None:
+    """The environment's proxy for ``url`` (None: direct), as requests picks it."""
+    import requests.utils
+
+    proxies = requests.utils.get_environ_proxies(url)
+    chosen = requests.utils.select_proxy(url, proxies)
+    return parse_url(chosen) if chosen else None
+
+
+def _proxy_headers(proxy: Url) -> dict[str, str]:
+    """The CONNECT's headers: the proxy's credentials if its URL carries them."""
+    if not proxy.auth:
+        return {}
+    user, _, password = proxy.auth.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
 
 class PreparedRequest:
@@ -98,12 +139,10 @@ class PreparedRequest:
         self,
         conn: urllib3.connection.HTTPConnection,
         path: str,
-        host: str,
         timeouts: RequestTimeouts,
     ) -> None:
         self._conn = conn
         self._path = path
-        self._host = host
         self._timeouts = timeouts
         self._used = False
 
@@ -114,8 +153,7 @@ class PreparedRequest:
         self._used = True
         secrets = tuple(v for k, v in form.items() if k == "refresh_token")
         body = urllib.parse.urlencode(dict(form)).encode()
-        headers = {
-            "Host": self._host,
+        headers = {  # Host is http.client's (the tunnel's target when tunnelling)
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
             "Content-Type": "application/x-www-form-urlencoded",
