@@ -587,3 +587,45 @@ class TestRealEtcd:
         real.store.save(state)
         record = real.chains.read(PROFILE).record
         assert record.unresolved is None and record.state.refresh_token == state.refresh_token
+
+    def test_suspended_past_d_sends_nothing_and_the_heir_succeeds(self, real: RealFleet) -> None:
+        """On the real etcd: woken past D after the journal commit, nothing reaches the
+        sandbox and the entry is cancelled; the next owner (another lease) refreshes."""
+        clock = FakeBoottime()
+
+        def suspend(step: str) -> None:
+            if step == "journaled":
+                clock.now += SETTINGS.send_window_seconds + 1
+
+        result = carry_fenced(
+            real.job(), real.store, real.chains, real.client,
+            lambda url: open_request(url, TIMEOUTS), SETTINGS, "a", real.lease,
+            clock, time.time, trace=suspend,
+        )  # fmt: skip
+        assert result.kind is CourierKind.STATE_CHANGED and "send window" in result.detail
+        assert real.sandbox.log() == []
+        assert real.chains.read(PROFILE).record.unresolved is None
+        real.client.revoke(real.lease)  # the old owner's lease expires; b takes over
+        lease_b = real.client.grant(30).id
+        real.client.put(real.chains.keys.owner(PROFILE), b"b", lease=lease_b)
+        retry = carry_fenced(
+            real.job(), real.store, real.chains, real.client,
+            lambda url: open_request(url, TIMEOUTS), SETTINGS, "b", lease_b,
+            FakeBoottime(), time.time,
+        )  # fmt: skip
+        assert retry.kind is CourierKind.REFRESHED, retry
+        assert [e["outcome"] for e in real.sandbox.log()] == ["rotated"]
+
+    def test_lease_revoked_after_the_commit_sends_nothing(self, real: RealFleet) -> None:
+        """On the real etcd: the lease revoked between commit and send: time_to_live says
+        gone, nothing reaches the sandbox, the entry is cancelled."""
+
+        def revoke(step: str) -> None:
+            if step == "journaled":
+                real.client.revoke(real.lease)
+
+        result = real.carry(real.chains, trace=revoke)
+        assert result.kind is CourierKind.STATE_CHANGED and "lease is gone" in result.detail
+        assert real.sandbox.log() == []
+        record = real.chains.read(PROFILE).record
+        assert record.unresolved is None and record.resolved is not None
