@@ -8,6 +8,7 @@ where the etcd binary is absent.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -158,6 +159,30 @@ class TestSpawnedFleetCourier:
         assert again.kind is CourierKind.BUSY, again
         time.sleep(0.3)
         assert len(sandbox.log()) == 1
+
+
+class TestSpec:
+    """The fleet spec travels on stdin only, and whole."""
+
+    def test_round_trip_and_no_key_in_repr(self, host: Host) -> None:
+        """to_dict/from_dict keep every field; the fleet key is in no repr."""
+        spec = host.spec
+        assert FleetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+        assert spec.fleet_key.hex() not in repr(spec) and str(spec.fleet_key) not in repr(spec)
+
+    def test_the_spare_argv_holds_no_secret(self, host: Host, courier: FleetCourier) -> None:
+        """The spare's command line is the courier module and --fleet: no key, no token."""
+        pid = courier.prepare()
+        assert pid is not None
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[-2:] == [b"--fleet", b""]
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        key = host.spec.fleet_key
+        for blob in (argv, [environ]):
+            joined = b"\0".join(blob)
+            assert key not in joined
+            assert base64.b64encode(key) not in joined
+            assert host.job().refresh_token.encode() not in joined
 
 
 class TestLatency:
