@@ -471,19 +471,31 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 class Detour:
-    """Real FleetChains whose next ``times`` outcome commits go through another client (a
-    reply-dropping proxy, or a port nobody listens on); everything else is the real one."""
+    """Real FleetChains whose next ``times`` outcome commits (or journal commits, with
+    ``journal``) go through another client (a reply-dropping proxy, or a port nobody listens
+    on); everything else is the real one."""
 
-    def __init__(self, real: Any, detour: Any, times: int) -> None:
-        self.real, self.detour, self.times = real, detour, times
+    def __init__(self, real: Any, detour: Any, times: int, *, journal: bool = False) -> None:
+        self.real, self.detour, self.times, self.journal = real, detour, times, journal
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
+    def commit_journal(
+        self, profile: str, entry: ChainRecord, *, read_revision: int, lease_id: int
+    ) -> int:
+        via = self.detour if self.journal and self.times > 0 else self.real
+        if via is self.detour:
+            self.times -= 1
+        result: int = via.commit_journal(
+            profile, entry, read_revision=read_revision, lease_id=lease_id
+        )
+        return result
+
     def commit_resolution(
         self, profile: str, record: ChainRecord, *, entry_revision: int
     ) -> int | None:
-        if self.times > 0:
+        if self.times > 0 and not self.journal:
             self.times -= 1
             result: int | None = self.detour.commit_resolution(
                 profile, record, entry_revision=entry_revision
@@ -626,6 +638,23 @@ class TestRealEtcd:
 
         result = real.carry(real.chains, trace=revoke)
         assert result.kind is CourierKind.STATE_CHANGED and "lease is gone" in result.detail
+        assert real.sandbox.log() == []
+        record = real.chains.read(PROFILE).record
+        assert record.unresolved is None and record.resolved is not None
+
+    def test_lost_journal_reply_is_cancelled(self, real: RealFleet, etcd_cluster: Any) -> None:
+        """On the real etcd: the journal commit applied, its reply dropped by a proxy: the
+        courier finds its entry, cancels it, and sends nothing."""
+        from .etcd_cluster import ReplyDroppingProxy
+
+        proxy = ReplyDroppingProxy(etcd_cluster.members[0].client_port)
+        try:
+            chains = Detour(real.chains, real.chains_via(proxy.url), times=1, journal=True)
+            result = real.carry(chains)
+            assert proxy.requests_forwarded == 1
+        finally:
+            proxy.close()
+        assert result.kind is CourierKind.NOT_STARTED, result
         assert real.sandbox.log() == []
         record = real.chains.read(PROFILE).record
         assert record.unresolved is None and record.resolved is not None
