@@ -189,7 +189,7 @@ class SpawnCourier:
         proc = self._take()
         if proc is None:
             try:
-                proc = _spawn(self._command)
+                proc = self._start()
             except OSError as exc:
                 # Nothing was sent: the engine counts a failure and backs off. (The OSError
                 # names the interpreter's path or a resource, never a token.)
@@ -220,6 +220,23 @@ class SpawnCourier:
         if not raw:
             return _lost("the courier ended without an answer")
         return CourierResult.from_bytes(raw)
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        """A new courier, given ``_greeting`` (if any) on stdin before anything else."""
+        proc = _spawn(self._command)
+        greeting = self._greeting()
+        if greeting is not None and proc.stdin is not None:
+            # A few hundred bytes: the pipe takes them without blocking. A courier that died
+            # already is found so by the refresh (no answer) or by the keeper.
+            with contextlib.suppress(OSError):
+                proc.stdin.write(len(greeting).to_bytes(4, "big") + greeting)
+                proc.stdin.flush()
+        return proc
+
+    def _greeting(self) -> bytes | None:
+        """What a courier reads before its imports end (FleetCourier: the fleet to open
+        ahead); None for a store's courier, which opens its store with the job."""
+        return None
 
     def _message(self, job: CourierJob, deadline: float) -> bytes:
         """The courier's stdin; fleet/courier.py's FleetCourier (``spec`` None) has its own."""
@@ -278,7 +295,7 @@ class SpawnCourier:
             # No spare if the start fails (out of processes or descriptors?): the next
             # refresh spawns cold and tries again. Never an error here: the answer is in.
             with contextlib.suppress(OSError):
-                self._spare = _spawn(self._command)
+                self._spare = self._start()
             self._spare_born = self._clock()
             self._spare_ready = False
             if self._keeper is None:
@@ -383,8 +400,11 @@ def main() -> int:
     """Entry of a spawned courier: ready on stdout, spec and job on stdin, result on stdout."""
     become_courier(life=0)  # no bound yet: a spare may wait long; it starts with the job
     endpoint = TokenEndpoint()  # its session, built before the clock of a refresh starts
-    if FLEET_FLAG in sys.argv[1:]:  # a fleet spare: fleet mode's imports ahead of the job
-        from ..fleet import chains, courier, store  # noqa: F401
+    opened = None
+    if FLEET_FLAG in sys.argv[1:]:  # a fleet spare: etcd and the chains opened ahead
+        from ..fleet.courier import open_ahead
+
+        opened = open_ahead(sys.stdin.buffer)
     # What the first request would import on the refresh's clock (requests' netrc lookup).
     import encodings.idna  # noqa: F401
     import netrc  # noqa: F401
@@ -417,7 +437,7 @@ def main() -> int:
     if fleet is not None:
         from ..fleet.courier import carry_spawned
 
-        return _answer(carry_spawned(fleet, fleet_job, on_answer=disarm))
+        return _answer(carry_spawned(fleet, fleet_job, on_answer=disarm, opened=opened))
     return _answer(carry(job, spec.open(), endpoint, time.time, on_answer=disarm))
 
 
