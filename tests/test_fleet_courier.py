@@ -161,6 +161,32 @@ class TestSpawnedFleetCourier:
         assert len(sandbox.log()) == 1
 
 
+class TestOpenedAhead:
+    """The spare opens the fleet ahead; the job's spec still decides the lease and fleet."""
+
+    def test_a_new_lease_reaches_a_spare_opened_before_it(
+        self, host: Host, courier: FleetCourier, sandbox: SandboxServer
+    ) -> None:
+        """The lease changes after the spare opened the fleet: the job's lease fences it."""
+        assert courier.prepare() is not None
+        lease = host.client.grant(30).id
+        host.client.put(host.chains.keys.owner(PROFILE), b"a", lease=lease)
+        courier.update(dataclasses.replace(host.spec, lease_id=lease))
+        result = courier.refresh(host.job())
+        assert result.kind is CourierKind.REFRESHED, result
+
+    def test_a_spare_of_an_old_lease_is_fenced_off(
+        self, host: Host, courier: FleetCourier, sandbox: SandboxServer
+    ) -> None:
+        """The owner key moved to another lease and the courier was not told: nothing sent."""
+        assert courier.prepare() is not None
+        lease = host.client.grant(30).id
+        host.client.put(host.chains.keys.owner(PROFILE), b"b", lease=lease)
+        result = courier.refresh(host.job())
+        assert result.kind is CourierKind.STATE_CHANGED, result
+        assert sandbox.log() == []
+
+
 class TestSpec:
     """The fleet spec travels on stdin only, and whole."""
 

@@ -23,6 +23,10 @@ armed for what is left. So a spare stopped (SIGSTOP) with its job unread, which 
 gave up on, cannot wake later and send a token that was retried meanwhile. If the daemon
 dies, the spare reads EOF and exits at once: it has touched no state.
 
+A fleet courier (fleet/courier.py's FleetCourier, argv flag ``--fleet``) first reads a
+greeting on stdin (the fleet to open, length-prefixed, written by the daemon right after the
+spawn) and opens it before it says it is ready; the message with the job follows as here.
+
 One spare only: a second refresh running at the same time spawns a cold courier. A spare
 runs the code that was on disk when it started, so the keeper thread replaces any spare
 older than ``SPARE_MAX_AGE_SECONDS`` (an upgrade in place reaches the couriers within
