@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import structlog
 
-from ..errors import EtcdUnavailableError
+from ..errors import AacTokendError
 from .etcd import EtcdClient
 
 __all__ = ["LeaseKeeper"]
@@ -95,7 +95,7 @@ class LeaseKeeper:
     # -- life ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Grant the lease (EtcdUnavailableError if etcd cannot) and start renewing it."""
+        """Grant the lease (an etcd error if it cannot) and start renewing it."""
         self._grant()
         self._thread = threading.Thread(target=self._run, name="fleet-lease", daemon=True)
         self._thread.start()
@@ -109,7 +109,7 @@ class LeaseKeeper:
             lease, self._lease_id = self._lease_id, 0
             self._expires_at = float("-inf")
         if lease:
-            with contextlib.suppress(EtcdUnavailableError):
+            with contextlib.suppress(AacTokendError):  # gone already, or unreachable
                 self._client.revoke(lease)
 
     # -- the keeper --------------------------------------------------------------------
@@ -133,7 +133,7 @@ class LeaseKeeper:
                 return True
             sent = self._monotonic()
             ttl = self._client.keepalive(lease)
-        except EtcdUnavailableError as exc:
+        except AacTokendError as exc:  # unreachable, or auth: the time left runs down
             log.warning("fleet_lease_unreachable", lease=lease, error=str(exc))
             return False
         if ttl > 0:
@@ -154,7 +154,7 @@ class LeaseKeeper:
         log.warning("fleet_lease_lost", lease=lost)
         try:
             self._grant()
-        except EtcdUnavailableError as exc:
+        except AacTokendError as exc:
             log.warning("fleet_lease_unreachable", lease=0, error=str(exc))
         for callback in listeners:
             callback(lost)
