@@ -59,13 +59,20 @@ class SlowAnswers(EtcdClient):
 
 
 class Unplugged(EtcdClient):
-    """A real client whose keepalives fail as if no member could be reached, when unplugged."""
+    """A real client whose grants and keepalives fail as if no member could be reached."""
 
     unplugged = False
 
-    def keepalive(self, lease_id: int) -> int:
+    def _check(self) -> None:
         if self.unplugged:
             raise EtcdUnsentError("etcd: no member reachable (test: unplugged)")
+
+    def grant(self, ttl: int) -> Lease:
+        self._check()
+        return super().grant(ttl)
+
+    def keepalive(self, lease_id: int) -> int:
+        self._check()
         return super().keepalive(lease_id)
 
 
@@ -203,3 +210,23 @@ class TestRenewal:
         keeper.close()
         assert bound_keys(client, lease) is None
         assert keeper.lease_id == 0 and keeper.left() == 0.0
+
+    def test_start_during_an_outage_grants_later(
+        self, cluster: EtcdCluster, client: EtcdClient
+    ) -> None:
+        """Started while etcd is unreachable, the keeper has no lease, then gets one."""
+        unplugged = Unplugged(cluster.endpoints, timeout=3)
+        unplugged.unplugged = True
+        keeper = LeaseKeeper(unplugged, MIN_TTL, 1 / 3)
+        keeper.start()
+        try:
+            time.sleep(0.3)
+            assert keeper.lease_id == 0 and keeper.left() == 0.0
+            unplugged.unplugged = False
+            deadline = time.monotonic() + SLACK
+            while keeper.lease_id == 0:
+                assert time.monotonic() < deadline, "no lease after etcd came back"
+                time.sleep(0.02)
+            assert bound_keys(client, keeper.lease_id) == ()
+        finally:
+            keeper.close()

@@ -55,7 +55,12 @@ class Owner:
 
 
 class Elector:
-    """Campaigns for covered profiles and tells who owns each (see the module docstring)."""
+    """Campaigns for covered profiles and tells who owns each (see the module docstring).
+
+    ``on_change(profile)`` is called when the profile's owner key changed in this host's
+    view or this host's role changed; it runs on the elector's, the lease keeper's or
+    step_down's caller's thread, so it must return promptly and ask ``is_owner`` itself.
+    """
 
     def __init__(
         self,

@@ -11,7 +11,9 @@ Two rules of issue #13 item 3 live here:
 
 The keeper's thread makes no other call and nothing on the refresh path waits for it; each
 of its calls is bounded by the client's timeout, so give it a client whose timeout is well
-under ``granted_ttl * keepalive_fraction``.
+under ``granted_ttl * keepalive_fraction``. In the daemon, pass the suspend-counting clock
+as ``monotonic`` (issue #13's CLOCK_BOOTTIME): Linux's CLOCK_MONOTONIC stops during a
+suspend, so a lease counted on it would seem to outlive the suspend that ended it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 import structlog
 
-from ..errors import AacTokendError
+from ..errors import AacTokendError, TransientError
 from .etcd import EtcdClient
 
 __all__ = ["LeaseKeeper"]
@@ -33,6 +35,10 @@ log = structlog.get_logger("aac_tokend.fleet.lease")
 #: After a keepalive or grant that did not reach etcd, try again this soon: a member may be
 #: down while the others are up, and the lease has at most two thirds of its TTL left.
 RETRY_SECONDS = 0.25
+#: The keeper never sleeps longer than this in one go: a monotonic wait does not count a
+#: suspend, so after a resume the lease (surely gone by then) is renewed or replaced within
+#: this, not after what was left of a wait begun before the suspend.
+MAX_SLEEP_SECONDS = 1.0
 #: close() waits this long for the keeper thread: at most one bounded call is in progress.
 JOIN_SECONDS = 10.0
 
@@ -95,8 +101,13 @@ class LeaseKeeper:
     # -- life ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Grant the lease (an etcd error if it cannot) and start renewing it."""
-        self._grant()
+        """Grant the lease and start renewing it. If etcd cannot be reached now, the thread
+        keeps trying (``lease_id`` stays 0 until then): a host that starts during an etcd
+        outage follows and serves meanwhile. Refused credentials (an AlertError) raise."""
+        try:
+            self._grant()
+        except TransientError as exc:
+            log.warning("fleet_lease_unreachable", lease=0, error=str(exc))
         self._thread = threading.Thread(target=self._run, name="fleet-lease", daemon=True)
         self._thread.start()
 
@@ -159,14 +170,18 @@ class LeaseKeeper:
         for callback in listeners:
             callback(lost)
 
-    def _next_wait(self) -> float:
+    def _until_due(self) -> float:
+        """Seconds until the next keepalive is due (0: now, or no lease to renew)."""
         with self._lock:
             if not self._lease_id:
-                return RETRY_SECONDS
+                return 0.0
             due = self._sent_at + self._granted_ttl * self._fraction
         return max(0.0, due - self._monotonic())
 
     def _run(self) -> None:
-        while not self._stop.wait(self._next_wait()):
-            if not self.renew():
+        while not self._stop.is_set():
+            wait = self._until_due()
+            if wait > 0:
+                self._stop.wait(min(wait, MAX_SLEEP_SECONDS))
+            elif not self.renew():
                 self._stop.wait(RETRY_SECONDS)
