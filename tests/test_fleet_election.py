@@ -49,6 +49,13 @@ def keys() -> FleetKeys:
 
 
 @pytest.fixture
+def etcd(cluster: EtcdCluster) -> Iterator[EtcdCluster]:
+    """The shared cluster with every member running again after the test."""
+    yield cluster
+    cluster.restore()
+
+
+@pytest.fixture
 def client(cluster: EtcdCluster) -> EtcdClient:
     """The test's own client, for reading keys and revoking leases behind a host's back."""
     return EtcdClient(cluster.endpoints, timeout=3, connect_timeout=0.5)
@@ -77,13 +84,15 @@ class Host:
         name: str,
         profiles: Callable[[], list[str]],
         monotonic: Callable[[], float] = time.monotonic,
+        endpoints: list[str] | None = None,
     ) -> None:
         self.name = name
-        self.lease_client = Freezable(cluster.endpoints)
+        endpoints = endpoints or cluster.endpoints
+        self.lease_client = Freezable(endpoints)
         self.leases = LeaseKeeper(self.lease_client, TTL, 1 / 3)
         self.changes: list[str] = []
         self.elector = Elector(
-            EtcdClient(cluster.endpoints, timeout=1, connect_timeout=0.5),
+            EtcdClient(endpoints, timeout=1, connect_timeout=0.5),
             keys,
             self.leases,
             name,
@@ -113,9 +122,10 @@ def hosts(cluster: EtcdCluster, keys: FleetKeys) -> Iterator[Callable[..., Host]
         name: str,
         profiles: list[str] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        endpoints: list[str] | None = None,
     ) -> Host:
         covered = ["work"] if profiles is None else profiles
-        host = Host(cluster, keys, name, lambda: covered, monotonic)
+        host = Host(cluster, keys, name, lambda: covered, monotonic, endpoints)
         made.append(host)
         return host.start()
 
@@ -136,6 +146,29 @@ def wait_for(check: Callable[[], bool], within: float, what: str) -> float:
 def owners(group: list[Host], profile: str) -> list[str]:
     """The hosts that believe they own ``profile``."""
     return [h.name for h in group if h.elector.is_owner(profile)]
+
+
+class OwnerSampler:
+    """Samples every host's is_owner every few ms on a thread; keeps any moment with two."""
+
+    def __init__(self, group: list[Host], profile: str) -> None:
+        self.group, self.profile = group, profile
+        self.doubles: list[list[str]] = []
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):
+            found = owners(self.group, self.profile)
+            self.samples += 1
+            if len(found) > 1:
+                self.doubles.append(found)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 class TestOneOwner:
@@ -172,13 +205,18 @@ class TestOneOwner:
         group = [hosts(name) for name in ("h1", "h2", "h3")]
         wait_for(lambda: len(owners(group, "work")) == 1, 5, "an owner")
         (old,) = [h for h in group if h.elector.is_owner("work")]
+        sampler = OwnerSampler(group, "work")
         old.lease_client.thawed.clear()  # its keeper is stopped from the next keepalive on
         frozen_at = time.monotonic()
-        took = wait_for(
-            lambda: any(h.elector.is_owner("work") for h in group if h is not old),
-            TTL + TAKEOVER_BOUND,
-            "another host owns",
-        )
+        try:
+            took = wait_for(
+                lambda: any(h.elector.is_owner("work") for h in group if h is not old),
+                TTL + TAKEOVER_BOUND,
+                "another host owns",
+            )
+        finally:
+            sampler.close()
+        assert sampler.doubles == [] and sampler.samples > 100
         new = next(h for h in group if h is not old and h.elector.is_owner("work"))
         assert not old.elector.is_owner("work")
         kv = client.get(keys.owner("work"))
@@ -191,6 +229,36 @@ class TestOneOwner:
         time.sleep(0.5)
         assert owners(group, "work") == [new.name]
         assert old.elector.owner_of("work") == new.name
+
+
+class TestCutOff:
+    """An owner cut off from etcd stops believing it owns before anyone else can own."""
+
+    def test_partitioned_owner_gives_up_by_its_own_lease(
+        self, etcd: EtcdCluster, hosts: Callable[..., Host]
+    ) -> None:
+        """The owner's only member is paused: its view still shows its key, but is_owner
+        turns False when its lease surely ended, never overlapping the next owner."""
+        leader = etcd.leader()
+        lonely = next(m for m in etcd.members if m is not leader)
+        others = [m.url for m in etcd.members if m is not lonely]
+        old = hosts("h1", endpoints=[lonely.url])
+        wait_for(lambda: old.elector.is_owner("work"), 5, "h1 owns")
+        group = [old, hosts("h2", endpoints=others), hosts("h3", endpoints=others)]
+        wait_for(lambda: all(h.elector.owner_of("work") == "h1" for h in group), 5, "all see h1")
+        sampler = OwnerSampler(group, "work")
+        etcd.pause(lonely)
+        try:
+            wait_for(
+                lambda: any(h.elector.is_owner("work") for h in group[1:]),
+                TTL + TAKEOVER_BOUND,
+                "another host owns",
+            )
+        finally:
+            sampler.close()
+        assert sampler.doubles == [] and sampler.samples > 100
+        assert old.elector.owner_of("work") == "h1"  # its view is frozen with its member
+        assert not old.elector.is_owner("work") and old.leases.left() == 0.0
 
 
 class TestFollowerView:

@@ -24,7 +24,6 @@ import structlog
 from ..errors import (
     AacTokendError,
     EtcdLeaseGoneError,
-    EtcdUnavailableError,
     EtcdWatchCompactedError,
 )
 from .etcd import Compare, DeleteOp, EtcdClient, PutOp, RangeOp, RangeResult, WatchEvent
@@ -87,7 +86,6 @@ class Elector:
         #: the last revision applied per profile (a put or a delete): older news is ignored
         self._applied: dict[str, int] = {}
         self._synced = False
-        self._read_revision = 0
         self._backoff_until: dict[str, float] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -118,11 +116,6 @@ class Elector:
     def lease_left(self) -> float:
         """Seconds our lease surely has left."""
         return self._leases.left()
-
-    def synced(self) -> bool:
-        """The view has been read from etcd and the watch is running."""
-        with self._lock:
-            return self._synced
 
     # -- life ------------------------------------------------------------------------
 
@@ -160,18 +153,8 @@ class Elector:
         key = self._keys.owner(profile)
         result = self._client.txn([Compare.lease(key, lease)], [DeleteOp(key)])
         if result.succeeded:  # our view at once: is_owner must not wait for the watch
-            with self._lock:
-                if result.revision > self._applied.get(profile, 0):
-                    self._applied[profile] = result.revision
-                    self._owners.pop(profile, None)
-            self._tell({profile})
-        log.warning(
-            "fleet_stepped_down",
-            profile=profile,
-            why=why,
-            backoff=backoff,
-            deleted=result.succeeded,
-        )
+            self._set(profile, None, result.revision)
+        log.warning("fleet_stepped_down", profile=profile, why=why, backoff=backoff)
         return result.succeeded
 
     # -- the watcher ------------------------------------------------------------------
@@ -180,11 +163,12 @@ class Elector:
         prefix = self._keys.prefix(KeyKind.OWNER)
         while not self._stop.is_set():
             try:
-                self._replace_view(self._client.range(prefix, prefix=True))
+                found = self._client.range(prefix, prefix=True)
+                self._replace_view(found)
                 with self._client.watch(
                     prefix,
                     prefix=True,
-                    start_revision=self._read_revision + 1,
+                    start_revision=found.revision + 1,
                     idle_timeout=self._idle,
                 ) as watch:
                     for item in watch:
@@ -194,10 +178,10 @@ class Elector:
                             self._apply(item)
             except EtcdWatchCompactedError:
                 log.info("fleet_owner_watch_compacted")
-            except AacTokendError as exc:  # unreachable, or auth: the view may be stale
+            except Exception as exc:  # etcd lost, auth, a bug: the view may be stale, read again
                 with self._lock:
                     self._synced = False
-                log.warning("fleet_owner_watch_lost", error=str(exc))
+                log.warning("fleet_owner_watch_lost", error=str(exc), exc_info=_is_bug(exc))
                 self._stop.wait(REREAD_PAUSE_SECONDS)
 
     def _replace_view(self, found: RangeResult) -> None:
@@ -215,7 +199,6 @@ class Elector:
             self._owners = fresh
             for profile in changed:
                 self._applied[profile] = found.revision
-            self._read_revision = found.revision
             self._synced = True
         self._tell(changed)
         self._wake.set()
@@ -224,23 +207,31 @@ class Elector:
         parsed = self._keys.parse(event.key)
         if parsed is None or parsed[0] is not KeyKind.OWNER:
             return
-        profile = parsed[1]
+        if event.type is EventType.DELETE:
+            self._set(parsed[1], None, event.revision)
+            self._wake.set()
+        else:
+            host = event.value.decode(errors="replace")
+            self._set(parsed[1], Owner(host, event.lease, event.revision), event.revision)
+
+    def _set(self, profile: str, owner: Owner | None, revision: int) -> None:
+        """Apply news of ``revision`` about ``profile`` unless newer news is in already."""
         with self._lock:
-            if event.revision <= self._applied.get(profile, 0):
-                return  # our own campaign already applied it, or older news
-            self._applied[profile] = event.revision
-            if event.type is EventType.DELETE:
+            if revision <= self._applied.get(profile, 0):
+                return  # a watch event our own txn applied already, or older news
+            self._applied[profile] = revision
+            if owner is None:
                 self._owners.pop(profile, None)
             else:
-                host = event.value.decode(errors="replace")
-                self._owners[profile] = Owner(host, event.lease, event.revision)
+                self._owners[profile] = owner
         self._tell({profile})
-        if event.type is EventType.DELETE:
-            self._wake.set()
 
     def _tell(self, profiles: Iterable[str]) -> None:
         for profile in sorted(profiles):
-            self._on_change(profile)
+            try:
+                self._on_change(profile)
+            except Exception:  # the listener's bug must not stop the view or the campaign
+                log.exception("fleet_owner_listener_failed", profile=profile)
 
     def _lease_lost(self, old: int) -> None:
         with self._lock:
@@ -257,22 +248,18 @@ class Elector:
                 self._campaign()
             except EtcdLeaseGoneError:
                 pass  # the keeper hears the same at its next keepalive and grants another
-            except EtcdUnavailableError as exc:
-                log.warning("fleet_campaign_unreachable", error=str(exc))
-            except AacTokendError as exc:  # auth, refused request: said, and tried again
-                log.error("fleet_campaign_failed", error=str(exc))
-            self._wake.wait(self._campaign_wait())
-
-    def _campaign_wait(self) -> float:
-        now = self._monotonic()
-        with self._lock:
-            ends = [until - now for until in self._backoff_until.values() if until > now]
-        return min([CAMPAIGN_EVERY_SECONDS, *ends])
+            except Exception as exc:  # etcd lost, auth, a bug: said, and tried again
+                log.warning("fleet_campaign_failed", error=str(exc), exc_info=_is_bug(exc))
+            now = self._monotonic()
+            with self._lock:  # wake when the first backoff ends, if that is sooner
+                ends = [until - now for until in self._backoff_until.values() if until > now]
+            self._wake.wait(min([CAMPAIGN_EVERY_SECONDS, *ends]))
 
     def _campaign(self) -> None:
         lease = self._leases.lease_id
         if not lease or self._leases.left() <= 0:
             return
+        covered = sorted(set(self._profiles()))  # outside the lock: it may ask us things
         now = self._monotonic()
         with self._lock:
             if not self._synced:
@@ -280,11 +267,7 @@ class Elector:
             for profile, until in list(self._backoff_until.items()):
                 if until <= now:
                     del self._backoff_until[profile]
-            wanted = [
-                p
-                for p in sorted(set(self._profiles()))
-                if p not in self._owners and p not in self._backoff_until
-            ]
+            wanted = [p for p in covered if p not in self._owners and p not in self._backoff_until]
         for profile in wanted:
             if self._stop.is_set():
                 return
@@ -305,11 +288,11 @@ class Elector:
                 return  # deleted again since: the watch will tell, and we try next round
             kv = kvs[0]
             owner = Owner(kv.value.decode(errors="replace"), kv.lease, kv.mod_revision)
-        with self._lock:
-            if owner.revision <= self._applied.get(profile, 0):
-                return
-            self._applied[profile] = owner.revision
-            self._owners[profile] = owner
         if result.succeeded:
             log.info("fleet_owner_elected", profile=profile, host=self._host, lease=lease)
-        self._tell({profile})
+        self._set(profile, owner, owner.revision)
+
+
+def _is_bug(exc: Exception) -> bool:
+    """Not one of ours (etcd lost, auth): worth its traceback in the log."""
+    return not isinstance(exc, AacTokendError)

@@ -155,6 +155,11 @@ class ChainFollower(Generic[V]):
                     self._watching = False
                 log.warning("fleet_chain_watch_lost", error=str(exc))
                 self._stop.wait(REREAD_PAUSE_SECONDS)
+            except Exception:  # a bug or a garbled answer: said, and everything read again
+                with self._lock:
+                    self._watching = False
+                log.exception("fleet_chain_watch_failed")
+                self._stop.wait(REREAD_PAUSE_SECONDS)
 
     def _contact(self, *, watching: bool) -> None:
         with self._lock:
@@ -210,7 +215,10 @@ class ChainFollower(Generic[V]):
                 self._seen.pop(profile, None)
             elif self._seen.get(profile, ("", 0.0))[0] != attempt.id:
                 self._seen[profile] = (attempt.id, self._boottime())
-        self._on_record(profile, versioned)
+        try:
+            self._on_record(profile, versioned)
+        except Exception:  # the listener's bug must not stop the follower
+            log.exception("fleet_record_listener_failed", profile=profile)
 
     def _gone(self, profile: str, revision: int) -> None:
         with self._lock:
@@ -219,4 +227,7 @@ class ChainFollower(Generic[V]):
             self._delivered[profile] = revision
             self._present.discard(profile)
             self._seen.pop(profile, None)
-        self._on_gone(profile)
+        try:
+            self._on_gone(profile)
+        except Exception:
+            log.exception("fleet_record_listener_failed", profile=profile)
