@@ -284,6 +284,28 @@ class TestFollowerView:
         assert client.get(keys.owner("work")) is None
         assert "work" in follower.changes
 
+    def test_view_read_again_after_compaction(
+        self, etcd: EtcdCluster, hosts: Callable[..., Host], keys: FleetKeys
+    ) -> None:
+        """A follower whose watch missed changes that etcd then compacted away reads the owner
+        keys again and shows what they hold now."""
+        leader = etcd.leader()
+        lonely = next(m for m in etcd.members if m is not leader)
+        order = [lonely.url] + [m.url for m in etcd.members if m is not lonely]
+        follower = hosts("h2", profiles=[], endpoints=order)
+        writer = EtcdClient([m.url for m in etcd.members if m is not lonely], timeout=5)
+        lease = writer.grant(30)
+        try:
+            writer.put(keys.owner("work"), b"h1", lease=lease.id)
+            wait_for(lambda: follower.elector.owner_of("work") == "h1", 5, "h2 sees h1")
+            etcd.pause(lonely)  # h2's watch hears nothing from here on
+            writer.delete(keys.owner("work"))
+            latest = writer.put(keys.owner("work"), b"h9", lease=lease.id).revision
+            writer.compact(latest)  # h2's watch moves on after its read deadline: compacted
+            wait_for(lambda: follower.elector.owner_of("work") == "h9", IDLE + 8, "h2 sees h9")
+        finally:
+            writer.revoke(lease.id)
+
 
 class TestStepDown:
     """step_down deletes only our own key, and the backoff keeps us from campaigning."""
