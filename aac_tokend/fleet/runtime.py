@@ -15,6 +15,7 @@ in a row that did not reach the token endpoint, or a courier that could not read
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -85,19 +86,47 @@ class FleetRuntime:
         highwater = HighWater(paths.state_dir, settings.name)
         self.chains = FleetChains(self.client, keys, sealer, highwater)
         self.store = FleetStore(self.chains, paths.state_dir)
+        # The keeper has a client of its own, each call bounded well inside one keepalive
+        # period, and counts the lease on the suspend-counting clock: a host that slept
+        # through its lease must not think it still holds it.
+        period = settings.lease_ttl_seconds * settings.keepalive_fraction
+        keeper_client = EtcdClient(
+            settings.endpoints,
+            timeout=max(0.2, period * 0.8),
+            connect_timeout=max(0.1, min(1.0, period * 0.4)),
+            tls=_tls(settings),
+            credentials=_credentials(settings),
+        )
         self.leases = LeaseKeeper(
-            self.client, settings.lease_ttl_seconds, settings.keepalive_fraction
+            keeper_client,
+            settings.lease_ttl_seconds,
+            settings.keepalive_fraction,
+            monotonic=suspend_clock,
         )
         self._records: dict[str, Versioned] = {}
         self._skew: dict[str, float] = {}
         self._follow: Callable[[ProfileState], bool] = lambda _state: False
+        # The watches' read deadline: a stalled stream is noticed within a lease TTL.
+        idle = float(max(settings.lease_ttl_seconds, 1))
         self.elector = Elector(
-            self.client, keys, self.leases, self.host, self._covered, self._role_changed
+            self.client,
+            keys,
+            self.leases,
+            self.host,
+            self._covered,
+            self._role_changed,
+            watch_idle_seconds=idle,
         )
-        self.follower = ChainFollower(
-            self.client, self.chains, keys, self._on_record, self._on_gone, suspend_clock
+        self.follower: ChainFollower[Versioned] = ChainFollower(
+            self.client,
+            self.chains,
+            keys,
+            self._on_record,
+            self._on_gone,
+            suspend_clock,
+            watch_idle_seconds=idle,
         )
-        self._spec = FleetSpec.build(settings, paths, self.host)
+        self._spec = FleetSpec(settings, self.host, 0, str(paths.state_dir), key)
         self._courier = FleetCourier(self._spec)
         #: What the engine uses: fleet profiles here, the others on the local files.
         self.routed_store = RoutingStore(local_store, self.store, self.covers, settings.name)
@@ -169,8 +198,9 @@ class FleetRuntime:
             lifetime_days=job.lifetime_days,
             generation=job.generation,
             inherited_seen_at=seen,
-            lease_id=self.leases.lease_id,
         )
+        # The job carries the lease this host holds now: the journal commit compares it.
+        self._courier.update(dataclasses.replace(self._spec, lease_id=self.leases.lease_id))
         result = self._courier.refresh(fleet_job)
         self._judge(job.profile, result)
         return result
@@ -207,10 +237,12 @@ class FleetRuntime:
 
     def _on_record(self, name: str, versioned: Versioned) -> None:
         with self._lock:
+            live = name in self._records  # the first record of a profile may be old news
             self._records[name] = versioned
         record = versioned.record
         if (
-            record.resolved is not None
+            live
+            and record.resolved is not None
             and record.state.last_refresh_at is not None
             and record.state.last_refresh_at == record.state.access_obtained_at
         ):

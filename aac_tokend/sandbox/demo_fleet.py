@@ -200,7 +200,9 @@ class _FleetDemo:
 
     def write_config(self, host: str, url: str) -> None:
         timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
-        (self.home(host) / "config.toml").write_text(
+        config_dir = self.home(host) / "config"
+        config_dir.mkdir(mode=0o700, exist_ok=True)
+        (config_dir / "config.toml").write_text(
             f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
             f'endpoints = ["{url}"]\nname = "demo"\nhost = "{host}"\n{timings}\n'
         )
@@ -262,5 +264,8 @@ def run_fleet_demo(seconds: float, ttl: int) -> int:
     demo = _FleetDemo(seconds, ttl)
     try:
         return demo.run()
+    except RuntimeError as exc:  # one of the demo's own steps did not happen: say which
+        print(f"aac-tokend: {exc}; the logs were under {demo.root}", file=sys.stderr)
+        return 1
     finally:
         demo.cleanup()
