@@ -1,7 +1,7 @@
 """`make bench`: the daemon's performance, each figure beside a baseline measured in this run.
 
     .venv/bin/python -m tests.bench [--idle-seconds 60] [--seconds 0.6] [--rounds 5]
-        [--profiles 1000] [--fleet-refreshes 20] [--fleet-failovers 3]
+        [--profiles 1000] [--fleet-refreshes 15] [--fleet-failovers 3]
         [--only idle,courier,reads,control,cli,refresh,fleet,scale]
 
 Prints one table (value, baseline, ratio, target, and MISSED where a target is missed) and
@@ -96,7 +96,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profiles", type=int, default=1000, help="scale: profiles (1000)")
     parser.add_argument(
-        "--fleet-refreshes", type=int, default=20, help="fleet: forced refreshes (default 20)"
+        "--fleet-refreshes", type=int, default=15, help="fleet: forced refreshes (default 15)"
     )
     parser.add_argument(
         "--fleet-failovers", type=int, default=3, help="fleet: owners SIGKILLed (default 3)"

@@ -43,7 +43,7 @@ REQUEST_LINE = re.compile(rb"(?:POST|GET|PUT) (/v3/[A-Za-z0-9_/]+) HTTP/1\.[01]\
 CARRY = 64
 #: The daemon's promise is to stop within 2 s of a SIGTERM (daemon/main.py); past this the
 #: benchmark kills it (the figure then says so).
-STOP_LIMIT = 5.0
+STOP_LIMIT = 3.0
 #: An election, a watch or a status change that takes longer than this is broken, not slow.
 WAIT_LIMIT = 30.0
 
@@ -233,6 +233,10 @@ class FleetRig:
                 proc.kill()
                 proc.wait()
         return time.monotonic() - start
+
+    def dead(self) -> str:
+        """A host whose daemon is not running (there must be one)."""
+        return next(host for host, daemon in self.hosts.items() if daemon.proc.poll() is not None)
 
     def owner(self) -> str | None:
         """The host whose status says it owns the chain now (None: none does)."""
