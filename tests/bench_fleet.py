@@ -34,6 +34,7 @@ from functools import partial
 from aac_tokend.client import ControlClient, read_token
 from aac_tokend.fleet.etcd import EtcdClient
 from aac_tokend.fleet.keys import FleetKeys
+from aac_tokend.fleet.settings import FleetSettings
 from aac_tokend.sandbox.demo_fleet import FLEET_TIMINGS
 from tests.bench_courier import EXTRA_TARGET_MS, RATIO_TARGET
 from tests.bench_fleet_rig import (
@@ -201,7 +202,8 @@ def _read_rows(rig: FleetRig, single: Daemon, trial: float, rounds: int, clients
 
 def _failover_rows(rig: FleetRig, failovers: int) -> list[Row]:
     ttl = _granted_ttl(rig)
-    period = ttl * 1 / 3  # settings.keepalive_fraction's default: the demo leaves it as is
+    # The demo's timings leave keepalive_fraction at its default.
+    period = ttl * FleetSettings.keepalive_fraction
     owned: list[float] = []
     refreshed: list[float] = []
     for i in range(failovers):
