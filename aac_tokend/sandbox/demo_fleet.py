@@ -31,7 +31,7 @@ import requests
 from ..client import ControlClient, read_token
 from ..core.tokens import token_hash
 
-__all__ = ["run_fleet_demo"]
+__all__ = ["FLEET_TIMINGS", "MARGIN_SECONDS", "run_fleet_demo", "write_fleet_config"]
 
 HOSTS = ("host-a", "host-b", "host-c")
 #: The fleet's timings, scaled down so that a failover fits in seconds; the relations the
@@ -199,13 +199,7 @@ class _FleetDemo:
             time.sleep(0.5)
 
     def write_config(self, host: str, url: str) -> None:
-        timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
-        config_dir = self.home(host) / "config"
-        config_dir.mkdir(mode=0o700, exist_ok=True)
-        (config_dir / "config.toml").write_text(
-            f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
-            f'endpoints = ["{url}"]\nname = "demo"\nhost = "{host}"\n{timings}\n'
-        )
+        write_fleet_config(self.home(host), [url], host)
 
     def cleanup(self) -> None:
         for proc in self.procs.values():
@@ -217,6 +211,21 @@ class _FleetDemo:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def write_fleet_config(home: Path, endpoints: list[str], host: str, name: str = "demo") -> None:
+    """``home``'s config.toml for one host of the fleet, with the demo's scaled timings.
+
+    Shared with the fleet benchmark (tests/bench_fleet.py), which runs the same hosts.
+    """
+    timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
+    urls = ", ".join(f'"{url}"' for url in endpoints)
+    config_dir = home / "config"
+    config_dir.mkdir(mode=0o700, exist_ok=True)
+    (config_dir / "config.toml").write_text(
+        f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
+        f'endpoints = [{urls}]\nname = "{name}"\nhost = "{host}"\n{timings}\n'
+    )
 
 
 def _healthy(url: str) -> bool:
