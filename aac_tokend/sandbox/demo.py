@@ -95,8 +95,8 @@ class _Demo:
         self.start(["run"], "daemon.log")
         sock = os.path.join(self.home, "run", "default.token.sock")
         self.wait_for("the token socket", lambda: bool(read_token(sock)))
-        _say(f"4. Watching for {self.seconds:.0f} s: the daemon refreshes at ~75% of each "
-             "token's life; a tool reads the token from the socket and calls the API.")  # fmt: skip
+        _say(f"4. Watching for {self.seconds:.0f} s: the daemon refreshes each token well before "
+             "it expires; a tool reads the token from the socket and calls the API.")  # fmt: skip
         start, seen = time.monotonic(), None
         while time.monotonic() - start < self.seconds:
             token = read_token(sock)
