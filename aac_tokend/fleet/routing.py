@@ -21,7 +21,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from ..core.state import ProfileState
-from ..errors import EtcdLeaseGoneError, EtcdUnavailableError, FenceLostError, StorageError
+from ..errors import (
+    EtcdLeaseGoneError,
+    EtcdUnavailableError,
+    FenceLostError,
+    InputError,
+    StorageError,
+)
 from ..refresh.courier import CourierJob, Refresher
 from ..refresh.result import CourierResult
 from ..store.interface import StateStore
@@ -69,8 +75,14 @@ class RoutingStore(StateStore):
         self._for(journal.profile).save_journal(journal)
 
     def delete(self, profile: str) -> None:
-        with self._etcd():
-            self._for(profile).delete(profile)
+        if self._covers(profile):
+            # `remove` on any one host must not end the chain every host serves.
+            raise InputError(
+                f"profile {profile!r} is in fleet {self._fleet_name!r}: removing it here would "
+                f"end its chain for every host; move it out first (`aac-tokend stop`, then "
+                f"`aac-tokend fleet move-out {profile}`), or take it out of [fleet] profiles"
+            )
+        self._local.delete(profile)
 
     def where(self, profile: str) -> str:
         return self._for(profile).where(profile)
