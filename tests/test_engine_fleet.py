@@ -14,7 +14,7 @@ from typing import Any
 
 from aac_tokend.core.config import Config
 from aac_tokend.core.outcome import Refreshed
-from aac_tokend.core.policy import SERVE_MARGIN_SECONDS, begin_attempt
+from aac_tokend.core.policy import SERVE_MARGIN_SECONDS, apply_outcome, begin_attempt
 from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
 from aac_tokend.testing import (
@@ -148,6 +148,23 @@ class TestFollower:
         rig = Rig()
         other = dataclasses.replace(_rotated(5), profile="local")
         assert rig.engine.follow(other) is False
+
+
+class TestKeptPair:
+    """A pair this host kept when etcd could not take it wins over the journal the watch
+    brings after a restart: pushed, served, never lost to an heir's retry."""
+
+    def test_followed_journal_takes_the_kept_pair(self) -> None:
+        """The watch brings our journal; the kept outcome follows it: pushed and served."""
+        rig = Rig()
+        journal = begin_attempt(oauth_state(), T0)
+        rig.store.save(journal)
+        after = apply_outcome(journal, Refreshed(NEW_ACCESS, NEW_REFRESH, 3600), T0 + 1, None)
+        rig.store.keep_pending("work", rig.store.seal(after))
+        assert rig.engine.follow(journal) is True
+        assert rig.engine.current_token("work") == NEW_ACCESS.encode()
+        assert rig.store.load("work") == after
+        assert rig.store.pending("work") is None
 
 
 class TestInheritedJournal:

@@ -366,7 +366,11 @@ class TestInheritedEntry:
 
         def heir() -> None:
             fleet.hand_over(2)
-            inherited = FleetJob(PROFILE, job.refresh_token, inherited_seen_at=seen_at)
+            entry = fleet.chains.current().unresolved
+            assert entry is not None
+            inherited = FleetJob(
+                PROFILE, job.refresh_token, inherited_seen_at=seen_at, inherited_attempt=entry.id
+            )
             fleet.boottime.now = seen_at + SETTINGS.resolve_wait_seconds - 0.1
             heir_results.append(fleet.carry(inherited, host="b", lease=2, prepare=_refusing))
             fleet.boottime.now = seen_at + SETTINGS.resolve_wait_seconds
@@ -380,6 +384,28 @@ class TestInheritedEntry:
         assert fleet.sent() == ["rotated"]  # the courier's one request; the heir's refused
         state = fleet.chains.current().state
         assert state.refresh_token == job.refresh_token and state.ambiguous_rt_hash
+
+    def test_a_sighting_of_another_entry_does_not_count(self, fleet: Fleet) -> None:
+        """Past W from the sighting of an earlier entry, a newer entry is still waited for:
+        W counts from when this host first saw the very entry it would resolve."""
+        stuck: list[CourierResult] = []
+        seen_at = fleet.boottime.now
+
+        def other(step: str) -> None:
+            if step == "journaled":
+                fleet.boottime.now = seen_at + 10 * SETTINGS.resolve_wait_seconds
+                earlier = FleetJob(
+                    PROFILE,
+                    fleet.job().refresh_token,
+                    inherited_seen_at=seen_at,
+                    inherited_attempt="an-earlier-entry",
+                )
+                stuck.append(fleet.carry(earlier, host="b", lease=1))
+                fleet.boottime.now = seen_at  # the first courier is still within its D
+
+        fleet.carry(fleet.job(), trace=other)
+        assert stuck[0].kind is CourierKind.BUSY
+        assert fleet.sent() == ["rotated"]
 
     def test_no_sighting_means_busy(self, fleet: Fleet) -> None:
         """An unresolved entry and no first sighting: BUSY, nothing sent or written."""

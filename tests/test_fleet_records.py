@@ -66,6 +66,17 @@ class TestBuilders:
             assert resolution.unresolved is None
             assert resolution.resolved == entry.attempt.id
 
+    def test_a_cancel_moves_the_generation_on(self) -> None:
+        """A cancelled entry's state is the one before it, nothing spent, at a generation
+        above the entry's: a later entry of the same token never looks like this one."""
+        record = first_record(STATE, 0)
+        entry = entry_of(record)
+        back = cancelled(entry, record.state)
+        assert back.state.refresh_token == record.state.refresh_token
+        assert back.state.in_flight is None
+        assert back.state.spent_rt_hashes == record.state.spent_rt_hashes
+        assert back.state.generation == entry.state.generation + 1
+
     def test_heir_makes_the_attempt_ambiguous(self) -> None:
         """An heir's resolution is today's interrupted attempt: the token is ambiguous."""
         entry = entry_of(first_record(STATE, 0))

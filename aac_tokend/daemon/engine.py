@@ -16,12 +16,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import structlog
+
 from ..core.conditions import condition_of
 from ..core.config import Config
 from ..core.policy import next_refresh_at
 from ..core.report import RowState, StatusRow, profile_report, report_row
 from ..core.state import ProfileState
-from ..errors import BusyError
+from ..errors import AacTokendError, BusyError
 from ..refresh.courier import Refresher
 from ..store.interface import StateStore
 from .alerts import Alerter
@@ -32,6 +34,8 @@ from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
 from .serving import ProfileEntry, ServedToken
 
 __all__ = ["Engine"]
+
+log = structlog.get_logger("aac_tokend.daemon.engine")
 
 TICK_KEY = "__tick__"
 #: A followed state waits this long for its profile's lock (held by our own courier's
@@ -115,7 +119,16 @@ class Engine(Refreshing, Management):
                 entry = self._profiles.get(name)
                 if entry is not None and not _newer(state, entry.state, entry.unsaved):
                     return False
-                self._hold(state)
+                unsaved = None
+                if entry is None or entry.unsaved is None:
+                    # A pair this host kept when etcd could not take it (a courier's, before
+                    # a restart) follows the journal the watch brought: it wins, and is
+                    # pushed now or held unsaved (never spent) until it is.
+                    try:
+                        state, unsaved = self._take_pending(name, state)
+                    except AacTokendError as exc:
+                        log.error("pending_state_not_adopted", profile=name, error=str(exc))
+                self._hold(state, unsaved)
         except BusyError:
             self._followed_late[name] = state
             return False

@@ -88,6 +88,7 @@ class FleetSpec:
 def fleet_message(spec: FleetSpec, job: CourierJob, deadline: float) -> bytes:
     """What a spawned fleet courier reads on stdin (spawn.py's message, with ``fleet``)."""
     seen = job.inherited_seen_at if isinstance(job, FleetJob) else None
+    attempt = job.inherited_attempt if isinstance(job, FleetJob) else None
     data: dict[str, Any] = {
         "fleet": spec.to_dict(),
         "job": {
@@ -96,6 +97,7 @@ def fleet_message(spec: FleetSpec, job: CourierJob, deadline: float) -> bytes:
             "lifetime_days": job.lifetime_days,
             "generation": job.generation,
             "inherited_seen_at": seen,
+            "inherited_attempt": attempt,
         },
         "deadline": deadline,
     }
@@ -116,6 +118,7 @@ def read_fleet_message(data: dict[str, Any]) -> tuple[FleetSpec, FleetJob, float
         lifetime_days=float(days) if days is not None else None,
         generation=int(generation) if generation is not None else None,
         inherited_seen_at=float(seen) if seen is not None else None,
+        inherited_attempt=str(job["inherited_attempt"]) if job.get("inherited_attempt") else None,
     )
     return FleetSpec.from_dict(data["fleet"]), fleet_job, float(data["deadline"])
 

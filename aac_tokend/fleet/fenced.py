@@ -68,10 +68,12 @@ __all__ = ["FleetJob", "carry_fenced"]
 @dataclass(frozen=True, kw_only=True)
 class FleetJob(CourierJob):
     """A refresh of a fleet profile. ``inherited_seen_at``: the suspend-counting time when
-    this host first saw the chain's unresolved journal entry (ChainFollower.first_seen);
-    None if it saw none, and then an entry found is waited for (BUSY)."""
+    this host first saw the unresolved journal entry ``inherited_attempt`` of the chain
+    (ChainFollower.first_seen); an entry found that is not that one (or none was seen) is
+    waited for (BUSY): W counts from the sighting of the very entry it resolves."""
 
     inherited_seen_at: float | None = None
+    inherited_attempt: str | None = None
 
     def __repr__(self) -> str:
         return f"FleetJob(profile={self.profile!r})"
@@ -242,7 +244,7 @@ def _checked_read(
         return versioned
     wait = settings.resolve_wait_seconds
     seen = job.inherited_seen_at
-    if seen is None or boottime() < seen + wait:
+    if seen is None or job.inherited_attempt != attempt.id or boottime() < seen + wait:
         raise _done(
             CourierKind.BUSY,
             f"an attempt by host {attempt.host} is not resolved yet; waiting {wait:g} s "

@@ -109,8 +109,12 @@ def outcome_of(entry: ChainRecord, after: ProfileState) -> ChainRecord:
 
 def cancelled(entry: ChainRecord, before: ProfileState) -> ChainRecord:
     """The journal taken back: the courier knows its request never left (past D, lease
-    gone). ``before`` is the state the journal was made from: nothing was spent."""
-    return ChainRecord(entry.seq + 1, before, None, _attempt_id(entry))
+    gone). ``before`` is the state the journal was made from: nothing was spent. Its
+    generation still moves past the entry's: a chain's generation only rises, so a later
+    entry of the same token is never mistaken for this one (a job built before it, an
+    heir's wait counted from it)."""
+    state = replace(before, generation=entry.state.generation + 1)
+    return ChainRecord(entry.seq + 1, state, None, _attempt_id(entry))
 
 
 def resolved_by_heir(entry: ChainRecord, now: float) -> ChainRecord:

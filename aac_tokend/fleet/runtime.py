@@ -9,8 +9,9 @@ status row. The follower's watch hands every chain record to ``Engine.follow``.
 
 An owner that cannot do the job steps down and keeps out of the election for a while, so a
 healthy host takes over before the access token expires: after ``STEP_DOWN_AFTER`` refreshes
-in a row that did not reach the token endpoint, or a courier that could not read the chain
-(a fleet key that does not open it) or write its outcome.
+in a row that did not reach the token endpoint, or a courier that could not open the chain
+(a fleet key that is not the fleet's). Never for an outcome etcd could not take (this host
+holds that pair and pushes it) or a rollback (see ``_judge``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import structlog
 
 from ..core.outcome import FailureKind
 from ..core.state import ProfileState
-from ..errors import AacTokendError
+from ..errors import AacTokendError, RollbackError
 from ..host.paths import Paths
 from ..refresh.courier import CourierJob, Refresher
 from ..refresh.result import CourierKind, CourierResult
@@ -60,6 +61,8 @@ STEP_DOWN_AFTER = 2
 #: long enough for another host to win, short enough that a fleet of hosts that all fail
 #: keeps trying.
 STEP_DOWN_BACKOFF_TTLS = 6
+#: The clock skew shown is the least of this many recent samples (each adds a latency).
+SKEW_SAMPLES = 5
 
 
 class FleetRuntime:
@@ -105,6 +108,7 @@ class FleetRuntime:
         )
         self._records: dict[str, Versioned] = {}
         self._skew: dict[str, float] = {}
+        self._skew_samples: dict[str, list[float]] = {}
         self._follow: Callable[[ProfileState], bool] = lambda _state: False
         # The watches' read deadline: a stalled stream is noticed within a lease TTL.
         idle = float(max(settings.lease_ttl_seconds, 1))
@@ -188,29 +192,44 @@ class FleetRuntime:
         """One fenced refresh of a fleet profile (the engine's Refresher for it)."""
         if not self.elector.is_owner(job.profile):
             return CourierResult(CourierKind.STATE_CHANGED, "not this host's chain now")
-        seen = None
+        seen = attempt = None
         record = self._records.get(job.profile)
         if record is not None and record.record.unresolved is not None:
-            seen = self.follower.first_seen(record.record.unresolved.id)
+            attempt = record.record.unresolved.id
+            seen = self.follower.first_seen(attempt)
         fleet_job = FleetJob(
             job.profile,
             job.refresh_token,
             lifetime_days=job.lifetime_days,
             generation=job.generation,
             inherited_seen_at=seen,
+            inherited_attempt=attempt,
         )
         # The job carries the lease this host holds now: the journal commit compares it.
         self._courier.update(dataclasses.replace(self._spec, lease_id=self.leases.lease_id))
         result = self._courier.refresh(fleet_job)
-        self._judge(job.profile, result)
+        try:
+            self._judge(job.profile, result)
+        except Exception as exc:
+            # A step-down that cannot reach etcd must never cost the engine the result: it
+            # may hold the only copy of a rotated pair (a kept outcome to push).
+            log.warning("fleet_step_down_failed", profile=job.profile, error=str(exc))
         return result
 
     def _judge(self, name: str, result: CourierResult) -> None:
-        """Step down where this host cannot do the job (module docstring)."""
+        """Step down where this host cannot do the job (module docstring).
+
+        Not on an outcome etcd could not take (STORAGE_FAILED): this host holds the pair and
+        pushes it when etcd is back; an heir would resolve the entry as ambiguous and lose
+        it. Not on a rollback either: every host that saw the newer chain refuses the older
+        one, and a step-down would hand the chain to a host that cannot tell.
+        """
         why = None
-        if result.kind in (CourierKind.CORRUPT, CourierKind.STORAGE_FAILED):
-            verb = "read" if result.kind is CourierKind.CORRUPT else "write"
-            why = f"the courier could not {verb} the chain"
+        if result.kind is CourierKind.CORRUPT:
+            if self._rolled_back(name):
+                log.error("fleet_rollback_refused", profile=name, detail=result.detail)
+                return
+            why = "the courier could not read the chain (another fleet key?)"
         elif result.kind is CourierKind.TRANSIENT:
             try:
                 state = self.store.load(name)
@@ -226,6 +245,15 @@ class FleetRuntime:
             backoff = STEP_DOWN_BACKOFF_TTLS * self.leases.granted_ttl
             log.warning("fleet_step_down", profile=name, host=self.host, reason=why)
             self.elector.step_down(name, why, backoff)
+
+    def _rolled_back(self, name: str) -> bool:
+        try:
+            self.chains.read(name)
+        except RollbackError:
+            return True
+        except AacTokendError:
+            return False
+        return False
 
     # -- callbacks from the threads -------------------------------------------------------
     def _covered(self) -> list[str]:
@@ -246,8 +274,13 @@ class FleetRuntime:
             and record.state.last_refresh_at is not None
             and record.state.last_refresh_at == record.state.access_obtained_at
         ):
-            # The owner's wall clock at its answer, seen here a few milliseconds later.
-            self._skew[name] = time.time() - record.state.access_obtained_at
+            # The owner's wall clock at its answer, seen here later by the commit's and the
+            # watch's latency (more after a watch break): every sample is the skew plus a
+            # delay, so the least of the recent ones is the best estimate.
+            sample = time.time() - record.state.access_obtained_at
+            recent = [*self._skew_samples.get(name, [])[-(SKEW_SAMPLES - 1) :], sample]
+            self._skew_samples[name] = recent
+            self._skew[name] = min(recent)
         if self.covers(name):
             self._follow(record.state)
 
