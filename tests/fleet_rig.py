@@ -1,0 +1,337 @@
+"""The fleet campaign's rig: etcd, the sandbox, a cuttable link per host, three daemons as hosts.
+
+Everything is real and on loopback: a 3-member ``EtcdCluster`` (tests/etcd_cluster.py), the
+sandbox as its own process (``python -m aac_tokend.sandbox``, short tokens, an answer delay
+set through its /sandbox/ control endpoints), and per host one ``CutProxy`` in front of each
+member, so that a host can be cut off from etcd (``Link.cut``) or lose the replies to its
+writes (``Link.drop_writes``) while the others carry on. Each host is a ``crash_rig.Rig``: its
+own home (config, state and runtime directories), its daemons started and SIGKILLed at will,
+its couriers found through /proc. Every host's ``config.toml`` carries a ``[fleet]`` table
+naming its own proxies, with every timing scaled down by configuration (``FLEET_TIMINGS``).
+
+The rig looks at etcd directly (not through any host's link) and opens the chain records with
+the fleet key, to tell who owns a profile, where a courier's transaction is, and what
+rejection a host reported. Readers poll every host's token socket and note, with each read,
+whether that host could reach a quorum and had settled after the last fault (``judgeable``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import requests
+
+from aac_tokend.client import read_token
+from aac_tokend.core.tokens import parse_jwt
+from aac_tokend.fleet.etcd import EtcdClient
+from aac_tokend.fleet.keys import FleetKeys
+from aac_tokend.fleet.records import ChainRecord, decode_record
+from aac_tokend.fleet.sealing import Sealer, create_fleet_key, export_fleet_key, import_fleet_key
+from aac_tokend.sandbox.server import SandboxServer
+
+from .crash_rig import TIMEOUT, Rig, wait_for
+from .etcd_cluster import EtcdCluster
+from .fleet_proxy import CutProxy, Link
+from .fleet_referee import Read
+
+__all__ = ["FLEET_TIMINGS", "FleetRig", "Host", "SandboxProcess"]
+
+#: The [fleet] timings, scaled down by configuration (fleet/settings.py checks the relations):
+#: W 6 >= courier life 4 >= D 1 + request deadline 2.5; W 6 >= D 1 + connect 1 + send 1;
+#: lease 2 s, the least etcd grants with the cluster's 1 s election timeout.
+FLEET_TIMINGS = {
+    "lease_ttl_seconds": 2,
+    "send_window_seconds": 1.0,
+    "resolve_wait_seconds": 6.0,
+    "max_clock_skew_seconds": 0.5,
+    "courier_life_seconds": 4.0,
+    "connect_timeout_seconds": 1.0,
+    "send_timeout_seconds": 1.0,
+    "request_deadline_seconds": 2.5,
+}
+#: Refresh margin >= lease 2 + W 6 + request 2.5 + skew 0.5 = 11; 12 leaves a second over.
+MIN_MARGIN_SECONDS = 12
+#: Access tokens of 30 s refreshed at half-life (15 s left, above the margin): a failover
+#: (lease TTL, then W for an inherited entry, then the request) ends long before expiry.
+ACCESS_TTL = 30.0
+#: The daemons learn their host name from this variable: three hosts on one machine would
+#: otherwise share one gethostname(). (Named here for the coordinator's daemon wiring.)
+HOST_ENV = "AAC_TOKEND_FLEET_HOST"
+#: After a fault ends, a host's reads are not judged for this long: a restarted daemon loads
+#: its profiles and a healed link resumes its watch (its idle deadline is a few seconds).
+SETTLE_SECONDS = 3.0
+#: How often each reader polls each profile: 10 reads/s per host is plenty to see a gap of a
+#: second, and cheap on a 2-core machine that also runs etcd, the sandbox and three daemons.
+READ_EVERY_SECONDS = 0.1
+
+
+class SandboxProcess:
+    """``python -m aac_tokend.sandbox`` as a child process, driven over its /sandbox/ routes."""
+
+    def __init__(self, access_ttl: float, log_path: Path) -> None:
+        cmd = [sys.executable, "-m", "aac_tokend.sandbox", "--access-ttl", str(access_ttl)]
+        with log_path.open("ab") as err:
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL
+            )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("sandbox listening on "):
+            self.stop()
+            raise RuntimeError(f"the sandbox did not start: {line!r}")
+        self.url = line.split()[3]
+        self.token_endpoint = self.url + "/as/token"
+        self.api_url = self.url
+
+    def generate(self) -> dict[str, object]:
+        """A new family (what crash_rig.Rig.import_profile pastes)."""
+        answer = requests.post(self.url + "/sandbox/generate", json={}, timeout=TIMEOUT)
+        answer.raise_for_status()
+        return cast(dict[str, object], answer.json())
+
+    def log(self) -> list[dict[str, Any]]:
+        """The sandbox's token-request log, oldest first."""
+        answer = requests.get(self.url + "/sandbox/log", timeout=TIMEOUT)
+        answer.raise_for_status()
+        return cast(list[dict[str, Any]], answer.json())
+
+    def set_answer_delay(self, seconds: float) -> None:
+        answer = requests.post(
+            self.url + "/sandbox/answer-delay", json={"seconds": seconds}, timeout=TIMEOUT
+        )
+        answer.raise_for_status()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Host:
+    """One host: a crash_rig.Rig home whose [fleet] table names this host's own proxies."""
+
+    def __init__(self, name: str, rig: Rig, link: Link, proxies: Sequence[CutProxy]) -> None:
+        self.name = name
+        self.rig = rig
+        self.link = link
+        self.proxies = list(proxies)
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.stopped = False  # its daemon is SIGSTOPped
+        self.settled_at = 0.0  # monotonic; its reads are judged from then on
+
+    def config_text(self, fleet: str) -> str:
+        endpoints = ", ".join(f'"{p.url}"' for p in self.proxies)
+        timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
+        return (
+            f"refresh_fraction = 0.5\nmin_margin_seconds = {MIN_MARGIN_SECONDS}\n"
+            'backoff_first_seconds = 0.5\nbackoff_cap_seconds = 2\nlog_level = "debug"\n'
+            f'\n[fleet]\nendpoints = [{endpoints}]\nname = "{fleet}"\n{timings}\n'
+        )
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.daemon = self.rig.start()
+        self.stopped = False
+        return self.daemon
+
+    def unsettle(self, seconds: float = SETTLE_SECONDS) -> None:
+        """Do not judge this host's reads for ``seconds`` from now."""
+        self.settled_at = max(self.settled_at, time.monotonic() + seconds)
+
+
+class FleetRig:
+    """etcd, the sandbox, and ``hosts`` daemons in one fleet; ``close()`` ends everything."""
+
+    def __init__(self, *, hosts: int = 3, access_ttl: float = ACCESS_TTL) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="atkfleet", dir="/tmp"))
+        self.fleet = f"campaign-{os.getpid()}"
+        self.keys = FleetKeys(self.fleet)
+        self.cluster = EtcdCluster(self.base / "etcd")
+        self.hosts: list[Host] = []
+        self.imported: dict[str, list[str]] = {}  # profile -> first rt hash of each family
+        self._stack = contextlib.ExitStack()
+        try:
+            self._stack.enter_context(self.cluster.running())
+            self.sandbox = SandboxProcess(access_ttl, self.base / "sandbox.log")
+            self._stack.callback(self.sandbox.stop)
+            self.etcd = EtcdClient(self.cluster.endpoints, timeout=2.0)
+            self.fleet_key = b""
+            for i in range(hosts):
+                self.hosts.append(self._host(f"h{i}"))
+            self.sealer = Sealer(self.fleet_key, self.fleet)
+        except BaseException:
+            self.close()
+            raise
+
+    def _host(self, name: str) -> Host:
+        link = Link()
+        proxies = [CutProxy(m.client_port, link) for m in self.cluster.members]
+        for proxy in proxies:
+            self._stack.callback(proxy.close)
+        rig = Rig(cast(SandboxServer, self.sandbox))
+        self._stack.callback(rig.close)
+        rig.env[HOST_ENV] = name
+        host = Host(name, rig, link, proxies)
+        config = rig.paths.config_dir
+        config.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (config / "config.toml").write_text(host.config_text(self.fleet))
+        if not self.fleet_key:
+            self.fleet_key = create_fleet_key(config)
+        else:
+            import_fleet_key(config, export_fleet_key(self.fleet_key))
+        return host
+
+    # -- profiles and daemons ---------------------------------------------------------------
+    def import_profile(self, profile: str) -> str:
+        """A new family imported on the first host (into the fleet); its first rt hash."""
+        first = self.hosts[0].rig.import_profile(profile)
+        self.imported.setdefault(profile, []).append(first)
+        return first
+
+    def start_daemons(self) -> None:
+        for host in self.hosts:
+            host.start()
+            host.unsettle()
+
+    def host_named(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    def owner(self, profile: str) -> Host | None:
+        """The host whose name the owner key holds (etcd's own word), None if there is none."""
+        kv = self.etcd.get(self.keys.owner(profile))
+        if kv is None:
+            return None
+        return self.host_named(kv.value.decode())
+
+    def wait_owner(self, profile: str, timeout: float = TIMEOUT) -> Host:
+        return cast(Host, wait_for(f"an owner of {profile}", lambda: self.owner(profile), timeout))
+
+    def record(self, profile: str) -> ChainRecord | None:
+        """The chain record in etcd, opened with the fleet key (None: no chain key)."""
+        kv = self.etcd.get(self.keys.chain(profile))
+        if kv is None:
+            return None
+        return decode_record(self.sealer.unseal(profile, kv.value)[1], profile)
+
+    def couriers(self, host: Host) -> list[int]:
+        """The live couriers of the host's daemon."""
+        if host.daemon is None or host.daemon.poll() is not None:
+            return []
+        return host.rig.couriers(host.daemon.pid)
+
+    # -- faults ---------------------------------------------------------------------------
+    def kill_daemon(self, host: Host) -> None:
+        """SIGKILL the host's daemon (not its couriers) and start another at once."""
+        host.unsettle(TIMEOUT)
+        if host.daemon is not None:
+            Rig.kill(host.daemon)
+        host.rig.reap()
+        host.start()
+        host.unsettle()
+
+    @contextlib.contextmanager
+    def paused(self, host: Host, pid: int) -> Iterator[None]:
+        """SIGSTOP ``pid`` (the host's daemon or one of its couriers) for the block."""
+        daemon = host.daemon is not None and pid == host.daemon.pid
+        if daemon:
+            host.unsettle(TIMEOUT)
+            host.stopped = True
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            host.stopped = False
+            if daemon:
+                host.settled_at = 0.0
+                host.unsettle()
+
+    @contextlib.contextmanager
+    def cut_off(self, host: Host) -> Iterator[None]:
+        """The host cut off from every etcd member for the block."""
+        host.unsettle(TIMEOUT)
+        host.link.cut()
+        try:
+            yield
+        finally:
+            host.link.heal()
+            host.settled_at = 0.0
+            host.unsettle()
+
+    def members_up(self) -> int:
+        return sum(m.proc is not None for m in self.cluster.members)
+
+    def kill_members(self, count: int) -> None:
+        """SIGKILL ``count`` members, the leader first (two of three: no quorum until restored)."""
+        victims = [self.cluster.leader()]
+        victims += [m for m in self.cluster.members if m is not victims[0] and m.proc][: count - 1]
+        for m in victims:
+            self.cluster.kill(m)
+
+    def restore_members(self) -> None:
+        """Every member back, healthy; every host's reads unsettled for a while."""
+        self.cluster.restore()
+        for host in self.hosts:
+            host.settled_at = 0.0
+            host.unsettle()
+
+    def judgeable(self, host: Host) -> bool:
+        """The host could reach a quorum, its daemon ran, and it settled after the last fault."""
+        return (
+            self.members_up() * 2 > len(self.cluster.members)
+            and not host.link.is_cut
+            and not host.stopped
+            and time.monotonic() >= host.settled_at
+        )
+
+    # -- readers --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reading(self, profiles: Sequence[str]) -> Iterator[list[Read]]:
+        """A reader thread per host for the block; the list fills with their reads."""
+        reads: list[Read] = []
+        done = threading.Event()
+        threads = [
+            threading.Thread(target=self._read, args=(h, profiles, reads, done), daemon=True)
+            for h in self.hosts
+        ]
+        for t in threads:
+            t.start()
+        try:
+            yield reads
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+
+    def _read(self, host: Host, profiles: Sequence[str], into: list[Read], done: Any) -> None:
+        while not done.wait(READ_EVERY_SECONDS):
+            for profile in profiles:
+                before = self.judgeable(host)
+                try:
+                    token = read_token(str(host.rig.paths.token_socket(profile)), timeout=1.0)
+                except OSError:
+                    token = ""
+                exp = parse_jwt(token).exp if token else None
+                into.append(
+                    Read(time.time(), host.name, profile, exp, before and self.judgeable(host))
+                )
+
+    def close(self) -> None:
+        """Every daemon, courier, proxy, the sandbox and etcd stopped; the base removed."""
+        self._stack.close()
+        shutil.rmtree(self.base, ignore_errors=True)
