@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The demo needs the package and its runtime dependencies only: no test, lint or fuzz tools.
 DEMO_STAMP := $(VENV)/.demo-installed
 
-.PHONY: demo test lint typecheck unit bench crash fuzz sysdeps clean
+.PHONY: demo test lint typecheck unit bench crash fleet-crash fuzz sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench: $(STAMP)
 
 crash: $(STAMP)
 	$(PY) -m tests.crash_campaign --kills 300
+
+fleet-crash: $(STAMP)
+	$(PY) -m tests.fleet_campaign --faults 200
 
 fuzz: $(STAMP)
 	$(PY) -m tests.fuzz --seconds 60

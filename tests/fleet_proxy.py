@@ -76,6 +76,14 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
+def _stop_listening(listener: socket.socket) -> None:
+    """Close a listener that a thread is blocked on in accept(): close() alone would leave it
+    listening until that accept returns; shutdown() wakes it and stops the listening now."""
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+
+
 class CutProxy:
     """A loopback TCP proxy to one etcd member, obeying its host's ``Link``."""
 
@@ -85,17 +93,29 @@ class CutProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self._closed = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        threading.Thread(target=self._serve, args=(self.listener,), daemon=True).start()
+
+    def refuse(self) -> None:
+        """Stop listening while the member is down: a dead member refuses connections, so
+        the host's client knows nothing was sent and fails over (an accepted connection
+        reset after the request would be an unknown outcome that etcd never caused)."""
+        _stop_listening(self.listener)
+
+    def accept_again(self) -> None:
+        """Listen again on the same port (the member is back)."""
+        if self.listener.fileno() == -1:
+            self.listener = socket.create_server(("127.0.0.1", self.port))
+            threading.Thread(target=self._serve, args=(self.listener,), daemon=True).start()
 
     @property
     def url(self) -> str:
         """The proxy's URL, one of the host's etcd endpoints."""
         return f"http://127.0.0.1:{self.port}"
 
-    def _serve(self) -> None:
+    def _serve(self, listener: socket.socket) -> None:
         while True:
             try:
-                client, _ = self.listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
@@ -139,4 +159,4 @@ class CutProxy:
     def close(self) -> None:
         """Stop accepting; relays end at their next tick."""
         self._closed.set()
-        self.listener.close()
+        _stop_listening(self.listener)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aac_tokend.core.state import RejectionReason
 
@@ -156,7 +157,7 @@ class Verdict:
 
 
 def judge_run(
-    log: Sequence[Mapping[str, object]],
+    log: Sequence[dict[str, Any]],
     imported: Mapping[str, Sequence[str]],
     reads: Sequence[Read],
     reported: Sequence[Reported],

@@ -282,10 +282,15 @@ class FleetRig:
         victims += [m for m in self.cluster.members if m is not victims[0] and m.proc][: count - 1]
         for m in victims:
             self.cluster.kill(m)
+            for host in self.hosts:
+                host.proxies[self.cluster.members.index(m)].refuse()
 
     def restore_members(self) -> None:
         """Every member back, healthy; every host's reads unsettled for a while."""
         self.cluster.restore()
+        for host in self.hosts:
+            for proxy in host.proxies:
+                proxy.accept_again()
         for host in self.hosts:
             host.settled_at = 0.0
             host.unsettle()

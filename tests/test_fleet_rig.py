@@ -7,6 +7,8 @@ that each fault does to etcd, the links and the readers what the campaign counts
 
 from __future__ import annotations
 
+import random
+import socket
 import time
 from collections.abc import Iterator
 
@@ -17,6 +19,7 @@ from aac_tokend.errors import EtcdOutcomeUnknownError, EtcdUnavailableError
 from aac_tokend.fleet.etcd import EtcdClient
 
 from .etcd_cluster import ETCD, SKIP_REASON
+from .fleet_campaign import Fault, Step, Tally, apply_fault
 from .fleet_rig import FLEET_TIMINGS, FleetRig
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
@@ -39,7 +42,8 @@ def through(rig: FleetRig, host: int) -> EtcdClient:
 class TestSetup:
     def test_the_hosts_configs_pass_the_config_check(self, rig: FleetRig) -> None:
         """Each host's config.toml passes the check and names its own proxies; one fleet key."""
-        homes, ports = set(), set()
+        homes: set[object] = set()
+        ports: set[int] = set()
         for host in rig.hosts:
             path = host.rig.paths.config_dir / "config.toml"
             config = parse_config(path.read_text(), str(path))
@@ -99,6 +103,15 @@ class TestLinks:
         assert host.link.dropped == 1
         assert through(rig, 0).get(b"/rigtest/drop") is not None  # reads pass, budget spent
 
+    def test_a_proxy_of_a_dead_member_refuses(self, rig: FleetRig) -> None:
+        """While its member is down a proxy refuses connections (nothing sent), then takes them."""
+        proxy = rig.hosts[2].proxies[0]
+        proxy.refuse()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+        proxy.accept_again()
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+
 
 class TestMembers:
     def test_killing_the_leader_then_two_members(self, rig: FleetRig) -> None:
@@ -131,3 +144,38 @@ class TestReaders:
         assert all(r.exp is None for r in reads)
         assert not any(r.quorum for r in reads if r.host == "h0")
         assert any(r.quorum for r in reads if r.host == "h1")
+
+
+class TestCampaignFaults:
+    """The campaign's faults applied to an owner named by hand (no fleet daemon runs here)."""
+
+    @pytest.fixture
+    def owned(self, rig: FleetRig) -> Iterator[None]:
+        lease = rig.etcd.grant(30)
+        rig.etcd.put(rig.keys.owner("alpha"), b"h1", lease=lease.id)
+        rig.imported = {"alpha": ["0" * 16]}
+        for host in rig.hosts:
+            host.settled_at = 0.0
+        try:
+            yield
+        finally:
+            rig.imported = {}
+            rig.etcd.revoke(lease.id)
+
+    def test_a_cut_is_aimed_at_the_owner(self, rig: FleetRig, owned: None) -> None:
+        """The owner's link (and no other) is cut for longer than the lease, then healed."""
+        tally = Tally(seed=1)
+        with rig.reading(["alpha"]) as reads:
+            apply_fault(rig, Fault.CUT, Step.REQUESTED, random.Random(1), tally)
+        assert tally.applied[(Fault.CUT, Step.REQUESTED)] == 1
+        assert not any(r.quorum for r in reads if r.host == "h1")
+        assert all(r.quorum for r in reads if r.host == "h0")
+        assert not rig.hosts[1].link.is_cut and rig.hosts[1].settled_at > time.monotonic()
+
+    def test_the_leader_killed_comes_back(self, rig: FleetRig, owned: None) -> None:
+        """KILL_LEADER kills the leader mid-refresh and restores the cluster afterwards."""
+        before = rig.cluster.leader()
+        tally = Tally(seed=2)
+        apply_fault(rig, Fault.KILL_LEADER, Step.ANY, random.Random(2), tally)
+        assert rig.members_up() == 3 and before.proc is not None
+        assert rig.owner("alpha") is rig.hosts[1]
