@@ -9,14 +9,11 @@ a profile (etcd's owner key says which host that is), most at a step of its cour
 transaction, which the rig sees from outside: REQUESTED (a refresh was asked for: before the
 journal commit), JOURNALED (the chain record holds an unresolved entry: between commit and
 send), ANSWERED (the sandbox logged the request and is holding its answer: between answer and
-outcome commit), or ANY moment. The faults, in turn:
-
-- SIGKILL of the owner's daemon, and of its courier;
-- SIGSTOP of the owner's daemon, and of its courier, for longer than the lease;
-- the owner cut off from etcd for longer than the lease; some cuts outlast W after an answer,
-  issue #13's first residual case, whose windows the referee is told;
-- etcd's reply to the owner's next write dropped after etcd applied it;
-- the etcd leader killed while a refresh is in flight; one member, then two, killed.
+outcome commit), or ANY moment. The faults, in turn (``PLAN``): SIGKILL of the owner's
+daemon and of its courier; SIGSTOP of either for longer than the lease; the owner cut off
+from etcd for longer than the lease (some cuts outlast W after an answer: issue #13's first
+residual case, whose windows the referee is told); etcd's reply to the owner's next write
+dropped after etcd applied it; the etcd leader killed mid-refresh; one member, then two.
 
 After each fault every member and daemon is back and each profile has an owner again; a
 rejection a host reported is collected and the chain imported anew. Readers poll every

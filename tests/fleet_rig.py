@@ -22,15 +22,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
-
-import requests
 
 from aac_tokend.client import read_token
 from aac_tokend.core.tokens import parse_jwt
@@ -44,8 +41,9 @@ from .crash_rig import TIMEOUT, Rig, wait_for
 from .etcd_cluster import EtcdCluster
 from .fleet_proxy import CutProxy, Link
 from .fleet_referee import Read
+from .fleet_sandbox import SandboxProcess
 
-__all__ = ["FLEET_TIMINGS", "FleetRig", "Host", "SandboxProcess"]
+__all__ = ["FLEET_TIMINGS", "FleetRig", "Host"]
 
 #: The [fleet] timings, scaled down by configuration (fleet/settings.py checks the relations):
 #: W 6 >= courier life 4 >= D 1 + request deadline 2.5; W 6 >= D 1 + connect 1 + send 1;
@@ -74,52 +72,6 @@ SETTLE_SECONDS = 3.0
 #: How often each reader polls each profile: 10 reads/s per host is plenty to see a gap of a
 #: second, and cheap on a 2-core machine that also runs etcd, the sandbox and three daemons.
 READ_EVERY_SECONDS = 0.1
-
-
-class SandboxProcess:
-    """``python -m aac_tokend.sandbox`` as a child process, driven over its /sandbox/ routes."""
-
-    def __init__(self, access_ttl: float, log_path: Path) -> None:
-        cmd = [sys.executable, "-m", "aac_tokend.sandbox", "--access-ttl", str(access_ttl)]
-        with log_path.open("ab") as err:
-            self.proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL
-            )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("sandbox listening on "):
-            self.stop()
-            raise RuntimeError(f"the sandbox did not start: {line!r}")
-        self.url = line.split()[3]
-        self.token_endpoint = self.url + "/as/token"
-        self.api_url = self.url
-
-    def generate(self) -> dict[str, object]:
-        """A new family (what crash_rig.Rig.import_profile pastes)."""
-        answer = requests.post(self.url + "/sandbox/generate", json={}, timeout=TIMEOUT)
-        answer.raise_for_status()
-        return cast(dict[str, object], answer.json())
-
-    def log(self) -> list[dict[str, Any]]:
-        """The sandbox's token-request log, oldest first."""
-        answer = requests.get(self.url + "/sandbox/log", timeout=TIMEOUT)
-        answer.raise_for_status()
-        return cast(list[dict[str, Any]], answer.json())
-
-    def set_answer_delay(self, seconds: float) -> None:
-        answer = requests.post(
-            self.url + "/sandbox/answer-delay", json={"seconds": seconds}, timeout=TIMEOUT
-        )
-        answer.raise_for_status()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Host:
