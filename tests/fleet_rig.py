@@ -1,23 +1,21 @@
 """The fleet campaign's rig: etcd, the sandbox, a cuttable link per host, three daemons as hosts.
 
-Everything is real and on loopback: a 3-member ``EtcdCluster`` (tests/etcd_cluster.py), the
-sandbox as its own process (``python -m aac_tokend.sandbox``, short tokens, an answer delay
-set through its /sandbox/ control endpoints), and per host one ``CutProxy`` in front of each
-member, so that a host can be cut off from etcd (``Link.cut``) or lose the replies to its
-writes (``Link.drop_writes``) while the others carry on. Each host is a ``crash_rig.Rig``: its
-own home (config, state and runtime directories), its daemons started and SIGKILLed at will,
-its couriers found through /proc. Every host's ``config.toml`` carries a ``[fleet]`` table
-naming its own proxies, with every timing scaled down by configuration (``FLEET_TIMINGS``).
-
-The rig looks at etcd directly (not through any host's link) and opens the chain records with
-the fleet key, to tell who owns a profile, where a courier's transaction is, and what
-rejection a host reported. Readers poll every host's token socket and note, with each read,
-whether that host could reach a quorum and had settled after the last fault (``judgeable``).
+All real, on loopback: a 3-member ``EtcdCluster`` (tests/etcd_cluster.py), the sandbox as its
+own process (tests/fleet_sandbox.py), and per host a ``CutProxy`` in front of each member, so
+that a host can be cut off from etcd or lose the replies to its writes while the others carry
+on (tests/fleet_proxy.py). Each host is a ``crash_rig.Rig``: its own home (config, state and
+runtime directories), daemons started and SIGKILLed at will, couriers found through /proc; its
+``config.toml`` has a ``[fleet]`` table naming its own proxies, every timing scaled down by
+configuration (``FLEET_TIMINGS``). The rig looks at etcd directly (not through a link) and
+opens chain records with the fleet key: who owns a profile, where a courier's transaction is,
+what rejection a host reported. Readers poll every host's token socket and note with each
+read whether that host could reach a quorum and had settled after the last fault.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -35,9 +33,10 @@ from aac_tokend.fleet.etcd import EtcdClient
 from aac_tokend.fleet.keys import FleetKeys
 from aac_tokend.fleet.records import ChainRecord, decode_record
 from aac_tokend.fleet.sealing import Sealer, create_fleet_key, export_fleet_key, import_fleet_key
+from aac_tokend.fleet.settings import KNOWN_KEYS
 from aac_tokend.sandbox.server import SandboxServer
 
-from .crash_rig import TIMEOUT, Rig, wait_for
+from .crash_rig import AAC_TOKEND, TIMEOUT, Rig, wait_for
 from .etcd_cluster import EtcdCluster
 from .fleet_proxy import CutProxy, Link
 from .fleet_referee import Read
@@ -63,9 +62,12 @@ MIN_MARGIN_SECONDS = 12
 #: Access tokens of 30 s refreshed at half-life (15 s left, above the margin): a failover
 #: (lease TTL, then W for an inherited entry, then the request) ends long before expiry.
 ACCESS_TTL = 30.0
-#: The daemons learn their host name from this variable: three hosts on one machine would
-#: otherwise share one gethostname(). (Named here for the coordinator's daemon wiring.)
-HOST_ENV = "AAC_TOKEND_FLEET_HOST"
+#: Three hosts on one machine share one gethostname(): each names itself with ``[fleet] host``
+#: where the settings know that key (part D of issue #13 adds it; until then, left out).
+NAMES_HOSTS = "host" in KNOWN_KEYS
+#: A profile imported on a host is moved into the fleet with ``aac-tokend fleet move-in``
+#: where that command exists (part D); before, ``import`` is all there is.
+MOVES_IN = importlib.util.find_spec("aac_tokend.commands.fleet") is not None
 #: After a fault ends, a host's reads are not judged for this long: a restarted daemon loads
 #: its profiles and a healed link resumes its watch (its idle deadline is a few seconds).
 SETTLE_SECONDS = 3.0
@@ -91,8 +93,9 @@ class Host:
         timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
         return (
             f"refresh_fraction = 0.5\nmin_margin_seconds = {MIN_MARGIN_SECONDS}\n"
-            'backoff_first_seconds = 0.5\nbackoff_cap_seconds = 2\nlog_level = "debug"\n'
+            "backoff_first_seconds = 0.5\nbackoff_cap_seconds = 2\nnotifications = false\n"
             f'\n[fleet]\nendpoints = [{endpoints}]\nname = "{fleet}"\n{timings}\n'
+            + (f'host = "{self.name}"\n' if NAMES_HOSTS else "")
         )
 
     def start(self) -> subprocess.Popen[bytes]:
@@ -136,7 +139,6 @@ class FleetRig:
             self._stack.callback(proxy.close)
         rig = Rig(cast(SandboxServer, self.sandbox))
         self._stack.callback(rig.close)
-        rig.env[HOST_ENV] = name
         host = Host(name, rig, link, proxies)
         config = rig.paths.config_dir
         config.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -149,8 +151,15 @@ class FleetRig:
 
     # -- profiles and daemons ---------------------------------------------------------------
     def import_profile(self, profile: str) -> str:
-        """A new family imported on the first host (into the fleet); its first rt hash."""
-        first = self.hosts[0].rig.import_profile(profile)
+        """A new family imported on the first host and moved into the fleet (its daemon not
+        running); its first rt hash."""
+        host = self.hosts[0]
+        first = host.rig.import_profile(profile)
+        if MOVES_IN:
+            cmd = [AAC_TOKEND, "fleet", "move-in", profile]
+            done = subprocess.run(cmd, env=host.rig.env, capture_output=True, timeout=TIMEOUT)
+            if done.returncode != 0:
+                raise AssertionError(f"move-in failed: {done.stderr.decode(errors='replace')}")
         self.imported.setdefault(profile, []).append(first)
         return first
 
@@ -159,15 +168,12 @@ class FleetRig:
             host.start()
             host.unsettle()
 
-    def host_named(self, name: str) -> Host:
-        return next(h for h in self.hosts if h.name == name)
-
     def owner(self, profile: str) -> Host | None:
         """The host whose name the owner key holds (etcd's own word), None if there is none."""
         kv = self.etcd.get(self.keys.owner(profile))
         if kv is None:
             return None
-        return self.host_named(kv.value.decode())
+        return next(h for h in self.hosts if h.name == kv.value.decode())
 
     def wait_owner(self, profile: str, timeout: float = TIMEOUT) -> Host:
         return cast(Host, wait_for(f"an owner of {profile}", lambda: self.owner(profile), timeout))

@@ -1,7 +1,7 @@
 """The fleet campaign, short: one round of every fault in ``PLAN``, judged by the referee.
 
 ``make fleet-crash`` runs the long version (200 faults); this one runs inside ``make test``
-once the daemon runs in fleet mode (``aac_tokend/daemon/fleet_runtime.py``, issue #13 part D).
+once the daemon runs in fleet mode (``aac_tokend/fleet/runtime.py``, issue #13 part D).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .etcd_cluster import ETCD, SKIP_REASON
 from .fleet_campaign import PLAN, Fault, Step, Tally, run_campaign
 from .fleet_referee import Finding, Verdict, Violation
 
-FLEET_DAEMON = importlib.util.find_spec("aac_tokend.daemon.fleet_runtime") is not None
+FLEET_DAEMON = importlib.util.find_spec("aac_tokend.fleet.runtime") is not None
 
 
 def verdict(*findings: Finding) -> Verdict:
