@@ -8,11 +8,13 @@ It reads three accounts, none of them the daemons' own view of their chains:
 - the readers' records: each host's token socket polled, with the token's ``exp`` (None: no
   token) and whether that host could reach an etcd quorum at that moment;
 - the rejections the hosts reported (the chain record's ``rejection``), and the windows in
-  which the campaign held one of issue #13's two residual cases in force (an owner cut off
-  from etcd for longer than W after the server answered).
+  which the campaign destroyed an answer in a way that loses it by design: an owner cut off
+  from etcd for longer than W after the server answered (issue #13's first residual case), or
+  the courier SIGKILLed between the answer and its outcome commit (the one process holding
+  the new pair died with it, as on a single host: README "Reliability").
 
 The rules, issue #13's acceptance: 0 refresh tokens presented twice unless a reported
-``after_lost_response`` explains it, and the first presentation lies in a residual window;
+``after_lost_response`` explains it and its first presentation lies in such a window;
 0 chains lost otherwise (a family revoked, or a rejection reported, with no such excuse);
 a valid token (by its ``exp``) on every host for every read made while a quorum was up.
 """
@@ -121,7 +123,7 @@ class Reported:
 
 @dataclass(frozen=True)
 class Window:
-    """A time span (wall clock) in which the campaign held a residual case in force."""
+    """A time span (wall clock) in which the campaign destroyed an answer (module docstring)."""
 
     start: float
     end: float
@@ -149,7 +151,7 @@ class Verdict:
         """The verdict for the campaign's report."""
         return [
             f"referee: {self.presentations} token requests, {self.rotations} rotations, "
-            f"{self.excused_reuses} reuses explained by a residual after_lost_response",
+            f"{self.excused_reuses} reuses explained by an answer lost by design",
             f"readers: {self.reads_judged} reads while a quorum was up (all must hold a valid "
             f"token), {self.reads_excused} reads without a quorum (not judged)",
             *(f"FINDING: {f}" for f in self.findings),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import shutil
 import signal
@@ -85,7 +86,6 @@ class Host:
         self.link = link
         self.proxies = list(proxies)
         self.daemon: subprocess.Popen[bytes] | None = None
-        self.stopped = False  # its daemon is SIGSTOPped
         self.settled_at = 0.0  # monotonic; its reads are judged from then on
 
     def config_text(self, fleet: str) -> str:
@@ -99,13 +99,18 @@ class Host:
         )
 
     def start(self) -> subprocess.Popen[bytes]:
+        """A daemon started (its reads not judged until it has settled)."""
         self.daemon = self.rig.start()
-        self.stopped = False
+        self.settle()
         return self.daemon
 
-    def unsettle(self, seconds: float = SETTLE_SECONDS) -> None:
-        """Do not judge this host's reads for ``seconds`` from now."""
-        self.settled_at = max(self.settled_at, time.monotonic() + seconds)
+    def hold(self) -> None:
+        """A fault is in force: this host's reads are not judged until ``settle``."""
+        self.settled_at = math.inf
+
+    def settle(self) -> None:
+        """The fault is over: judge this host's reads again after SETTLE_SECONDS."""
+        self.settled_at = time.monotonic() + SETTLE_SECONDS
 
 
 class FleetRig:
@@ -151,11 +156,12 @@ class FleetRig:
 
     # -- profiles and daemons ---------------------------------------------------------------
     def import_profile(self, profile: str) -> str:
-        """A new family imported on the first host and moved into the fleet (its daemon not
-        running); its first rt hash."""
+        """A new family imported on the first host; its first rt hash. The first import of a
+        profile is moved into the fleet (before the daemons start); later ones go through the
+        running daemon, which replaces the fleet's chain."""
         host = self.hosts[0]
         first = host.rig.import_profile(profile)
-        if MOVES_IN:
+        if MOVES_IN and profile not in self.imported:
             cmd = [AAC_TOKEND, "fleet", "move-in", profile]
             done = subprocess.run(cmd, env=host.rig.env, capture_output=True, timeout=TIMEOUT)
             if done.returncode != 0:
@@ -166,7 +172,6 @@ class FleetRig:
     def start_daemons(self) -> None:
         for host in self.hosts:
             host.start()
-            host.unsettle()
 
     def owner(self, profile: str) -> Host | None:
         """The host whose name the owner key holds (etcd's own word), None if there is none."""
@@ -194,42 +199,37 @@ class FleetRig:
     # -- faults ---------------------------------------------------------------------------
     def kill_daemon(self, host: Host) -> None:
         """SIGKILL the host's daemon (not its couriers) and start another at once."""
-        host.unsettle(TIMEOUT)
+        host.hold()
         if host.daemon is not None:
             Rig.kill(host.daemon)
         host.rig.reap()
         host.start()
-        host.unsettle()
 
     @contextlib.contextmanager
     def paused(self, host: Host, pid: int) -> Iterator[None]:
         """SIGSTOP ``pid`` (the host's daemon or one of its couriers) for the block."""
         daemon = host.daemon is not None and pid == host.daemon.pid
         if daemon:
-            host.unsettle(TIMEOUT)
-            host.stopped = True
+            host.hold()
         os.kill(pid, signal.SIGSTOP)
         try:
             yield
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-            host.stopped = False
             if daemon:
-                host.settled_at = 0.0
-                host.unsettle()
+                host.settle()
 
     @contextlib.contextmanager
     def cut_off(self, host: Host) -> Iterator[None]:
         """The host cut off from every etcd member for the block."""
-        host.unsettle(TIMEOUT)
+        host.hold()
         host.link.cut()
         try:
             yield
         finally:
             host.link.heal()
-            host.settled_at = 0.0
-            host.unsettle()
+            host.settle()
 
     def members_up(self) -> int:
         return sum(m.proc is not None for m in self.cluster.members)
@@ -244,21 +244,19 @@ class FleetRig:
                 host.proxies[self.cluster.members.index(m)].refuse()
 
     def restore_members(self) -> None:
-        """Every member back, healthy; every host's reads unsettled for a while."""
+        """Every member back, healthy; every host settles anew."""
         self.cluster.restore()
         for host in self.hosts:
             for proxy in host.proxies:
                 proxy.accept_again()
         for host in self.hosts:
-            host.settled_at = 0.0
-            host.unsettle()
+            host.settle()
 
     def judgeable(self, host: Host) -> bool:
         """The host could reach a quorum, its daemon ran, and it settled after the last fault."""
         return (
             self.members_up() * 2 > len(self.cluster.members)
             and not host.link.is_cut
-            and not host.stopped
             and time.monotonic() >= host.settled_at
         )
 

@@ -11,7 +11,8 @@ import importlib.util
 import pytest
 
 from .etcd_cluster import ETCD, SKIP_REASON
-from .fleet_campaign import PLAN, Fault, Step, Tally, run_campaign
+from .fleet_campaign import Tally, run_campaign
+from .fleet_faults import PLAN, Fault, Step
 from .fleet_referee import Finding, Verdict, Violation
 
 FLEET_DAEMON = importlib.util.find_spec("aac_tokend.fleet.runtime") is not None
