@@ -24,13 +24,14 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from .crash_rig import Rig, wait_for
 from .fleet_faults import PLAN, Fault, Step, apply_fault, poll
 from .fleet_referee import Reported, Verdict, Window, judge_run
-from .fleet_rig import FLEET_TIMINGS, FleetRig
+from .fleet_rig import FLEET_TIMINGS, FleetRig, Host
 
 __all__ = ["Tally", "main", "run_campaign"]
 
@@ -53,6 +54,7 @@ class Tally:
     missed: Counter[tuple[Fault, Step]] = field(default_factory=Counter)  # step not seen
     reported: list[Reported] = field(default_factory=list)
     residual: list[Window] = field(default_factory=list)
+    replacing: list[tuple[str, Window]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     verdict: Verdict | None = None
     seconds: float = 0.0
@@ -90,7 +92,10 @@ def recover(rig: FleetRig, tally: Tally) -> None:
             host.start()
         host.rig.reap()
     for profile in sorted(rig.imported):
-        rig.wait_owner(profile)
+        # etcd names the owner until its lease runs out, even when its daemon was killed;
+        # the next fault must be aimed at a daemon that knows it owns the chain.
+        if not poll(functools.partial(_owner_knows, rig, profile), RESOLVE_TIMEOUT):
+            tally.problems.append(f"{profile}: no daemon owns it {RESOLVE_TIMEOUT} s on")
         if not poll(functools.partial(_resolved, rig, profile), RESOLVE_TIMEOUT):
             tally.problems.append(f"{profile}: a journal entry unresolved {RESOLVE_TIMEOUT} s on")
         record = rig.record(profile)
@@ -98,6 +103,25 @@ def recover(rig: FleetRig, tally: Tally) -> None:
         if rejection is not None:
             tally.reported.append(Reported(profile, rejection.reason, rejection.at))
             rig.import_profile(profile)
+            for host in rig.hosts:
+                wait_for(f"{host.name} to serve {profile} again", serving(host, profile), 30)
+            tally.replacing.append((profile, Window(rejection.at - 1.0, time.time())))
+
+
+def _owner_knows(rig: FleetRig, profile: str) -> bool:
+    """True if the host etcd names as the owner says so itself (its status row's role)."""
+    host = rig.owner(profile)
+    try:
+        rows = host.rig.control("status", timeout=2.0)["profiles"] if host else []
+    except (OSError, ValueError):
+        return False
+    mine = [r for r in cast(list[dict[str, Any]], rows) if r["profile"] == profile]
+    return [(r.get("fleet") or {}).get("role") for r in mine] == ["owner"]
+
+
+def serving(host: Host, profile: str) -> Callable[[], str]:
+    """What polls the host's token socket for ``profile`` ("" while it serves none)."""
+    return functools.partial(host.rig.served_token, profile)
 
 
 def _resolved(rig: FleetRig, profile: str) -> bool:
@@ -121,8 +145,7 @@ def _start(rig: FleetRig, profiles: Sequence[str]) -> str | None:
         for profile in profiles:
             wait_for(f"an owner of {profile}", functools.partial(_owned, rig, profile), 30)
         for host, profile in itertools.product(rig.hosts, profiles):
-            serves = functools.partial(host.rig.served_token, profile)
-            wait_for(f"{host.name} to serve {profile}", serves, 30)
+            wait_for(f"{host.name} to serve {profile}", serving(host, profile), 30)
     except AssertionError as exc:
         tails = []
         for host in rig.hosts:
@@ -165,7 +188,7 @@ def run_campaign(faults: int, seed: int, profiles: int = 2) -> Tally:
             if host.daemon is not None:
                 Rig.stop(host.daemon)
         tally.verdict = judge_run(
-            rig.sandbox.log(), rig.imported, reads, tally.reported, tally.residual
+            rig.sandbox.log(), rig.imported, reads, tally.reported, tally.residual, tally.replacing
         )
     finally:
         rig.close()

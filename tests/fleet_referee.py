@@ -153,7 +153,7 @@ class Verdict:
             f"referee: {self.presentations} token requests, {self.rotations} rotations, "
             f"{self.excused_reuses} reuses explained by an answer lost by design",
             f"readers: {self.reads_judged} reads while a quorum was up (all must hold a valid "
-            f"token), {self.reads_excused} reads without a quorum (not judged)",
+            f"token), {self.reads_excused} not judged (no quorum, or a lost chain replaced)",
             *(f"FINDING: {f}" for f in self.findings),
         ]
 
@@ -164,8 +164,11 @@ def judge_run(
     reads: Sequence[Read],
     reported: Sequence[Reported],
     residual: Sequence[Window] = (),
+    replacing: Sequence[tuple[str, Window]] = (),
 ) -> Verdict:
-    """Judge one run: ``imported`` maps each profile to the first rt hash of each family."""
+    """Judge one run: ``imported`` maps each profile to the first rt hash of each family;
+    ``replacing`` the spans in which a profile had a lost chain and waited for its new import
+    (its reads then are not judged: the loss itself is judged, once)."""
     findings: list[Finding] = []
     excuses = [r for r in reported if r.reason is RejectionReason.AFTER_LOST_RESPONSE]
     unexplained = [r for r in reported if r.reason is not RejectionReason.AFTER_LOST_RESPONSE]
@@ -209,7 +212,11 @@ def judge_run(
         findings.append(
             Finding(Violation.CHAIN_LOST, f"{r.profile}: reported {r.reason.value} at {r.at:.2f}")
         )
-    judged = [r for r in reads if r.quorum]
+    judged = [
+        r
+        for r in reads
+        if r.quorum and not any(p == r.profile and w.holds(r.at) for p, w in replacing)
+    ]
     findings += _read_findings(judged)
     return Verdict(
         findings=tuple(findings),

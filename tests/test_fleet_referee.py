@@ -49,8 +49,10 @@ class Log:
         reads: list[Read] | None = None,
         reported: list[Reported] | None = None,
         residual: list[Window] | None = None,
+        replacing: list[tuple[str, Window]] | None = None,
     ) -> Verdict:
-        return judge_run(self.entries, self.imported, reads or [], reported or [], residual or [])
+        found = (reads or [], reported or [], residual or [], replacing or [])
+        return judge_run(self.entries, self.imported, *found)
 
 
 def kinds(verdict: Verdict) -> list[Violation]:
@@ -213,6 +215,13 @@ class TestReads:
         verdict = rotating().judge([Read(101.0, "h1", "alpha", None, False)])
         assert verdict.ok
         assert (verdict.reads_judged, verdict.reads_excused) == (0, 1)
+
+    def test_reads_while_a_lost_chain_is_replaced_are_not_judged(self) -> None:
+        """A profile waiting for its new import may serve nothing; other profiles are judged."""
+        reads = [Read(105.0, "h0", "alpha", None, True), Read(105.0, "h0", "beta", None, True)]
+        verdict = rotating().judge(reads, replacing=[("alpha", Window(104.0, 106.0))])
+        assert kinds(verdict) == [Violation.NO_TOKEN] and "h0/beta" in str(verdict.findings[0])
+        assert (verdict.reads_judged, verdict.reads_excused) == (1, 1)
 
     def test_bad_reads_are_summed_per_host(self) -> None:
         """Many failed reads of one host make one finding that counts them."""
