@@ -170,7 +170,7 @@ def run_campaign(faults: int, seed: int, profiles: int = 2) -> Tally:
             return tally
         with rig.reading(names) as reads:
             for n, (fault, step) in enumerate(itertools.islice(itertools.cycle(PLAN), faults)):
-                began = time.monotonic()
+                began, wall = time.monotonic(), time.time()  # wall: to match the findings
                 landed = apply_fault(rig, fault, step, rng)
                 tally.applied[(fault, step)] += 1
                 tally.missed[(fault, step)] += not landed.reached
@@ -178,7 +178,8 @@ def run_campaign(faults: int, seed: int, profiles: int = 2) -> Tally:
                     tally.residual.append(landed.lost_answer)
                 recover(rig, tally)
                 took = time.monotonic() - began
-                print(f"{n + 1}/{faults} {fault.value} {step.value}: {took:.1f} s", file=sys.stderr)
+                line = f"{n + 1}/{faults} at {wall:.2f} {fault.value} {step.value}: {took:.1f} s"
+                print(line, file=sys.stderr)
             rig.sandbox.set_answer_delay(0.0)
             time.sleep(
                 FLEET_TIMINGS["resolve_wait_seconds"]

@@ -101,9 +101,16 @@ def _reach(rig: FleetRig, owner: Host, profile: str, step: Step, rng: random.Ran
         return True
     if step is Step.REQUESTED:
         return True
+
+    def sent() -> bool:
+        return any(e["rt_hash"] == old for e in rig.sandbox.log()[seen:])
+
     if step is Step.JOURNALED:
-        return poll(lambda: (r := rig.record(profile)) is not None and r.unresolved, STEP_TIMEOUT)
-    return poll(lambda: any(e["rt_hash"] == old for e in rig.sandbox.log()[seen:]), STEP_TIMEOUT)
+        # Between the commit and the send lies one etcd round trip: seen from outside, the
+        # request has often left already, and then the fault missed its step.
+        journaled = poll(lambda: (r := rig.record(profile)) and r.unresolved, STEP_TIMEOUT)
+        return journaled and not sent()
+    return poll(sent, STEP_TIMEOUT)
 
 
 @dataclass(frozen=True)
