@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import json
 import random
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from .crash_rig import Rig, wait_for
@@ -156,8 +158,9 @@ def _start(rig: FleetRig, profiles: Sequence[str]) -> str | None:
     return None
 
 
-def run_campaign(faults: int, seed: int, profiles: int = 2) -> Tally:
-    """Start the fleet, apply ``faults`` faults in turn, judge the run."""
+def run_campaign(faults: int, seed: int, profiles: int = 2, logs: Path | None = None) -> Tally:
+    """Start the fleet, apply ``faults`` faults in turn, judge the run; with ``logs``, keep
+    every daemon's log and the sandbox's request log there (the homes are removed)."""
     started = time.monotonic()
     rng = random.Random(seed)
     tally = Tally(seed=seed)
@@ -181,9 +184,7 @@ def run_campaign(faults: int, seed: int, profiles: int = 2) -> Tally:
                 line = f"{n + 1}/{faults} at {wall:.2f} {fault.value} {step.value}: {took:.1f} s"
                 print(line, file=sys.stderr)
             rig.sandbox.set_answer_delay(0.0)
-            time.sleep(
-                FLEET_TIMINGS["resolve_wait_seconds"]
-            )  # one more round of refreshes, fault-free
+            time.sleep(FLEET_TIMINGS["resolve_wait_seconds"])  # a last fault-free while
             recover(rig, tally)
         for host in rig.hosts:
             if host.daemon is not None:
@@ -192,6 +193,11 @@ def run_campaign(faults: int, seed: int, profiles: int = 2) -> Tally:
             rig.sandbox.log(), rig.imported, reads, tally.reported, tally.residual, tally.replacing
         )
     finally:
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            for host in rig.hosts:
+                (logs / f"{host.name}.log").write_text(host.rig.daemon_log())
+            (logs / "sandbox.json").write_text(json.dumps(rig.sandbox.log(), indent=1))
         rig.close()
         tally.seconds = time.monotonic() - started
     return tally
@@ -206,9 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=200, help="faults applied (default 200)")
     parser.add_argument("--seed", type=int, help="random seed (default: from the clock)")
     parser.add_argument("--profiles", type=int, choices=(1, 2, 3), default=2)
+    parser.add_argument("--logs", type=Path, help="keep the daemons' and sandbox's logs here")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time())
-    tally = run_campaign(args.faults, seed, args.profiles)
+    tally = run_campaign(args.faults, seed, args.profiles, args.logs)
     print("\n".join(tally.lines()), flush=True)
     return 0 if tally.ok else 1
 

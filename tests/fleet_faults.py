@@ -20,7 +20,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aac_tokend.core.tokens import token_hash
 
@@ -89,28 +89,40 @@ def poll(check: Callable[[], object], timeout: float) -> bool:
     return False
 
 
-def _reach(rig: FleetRig, owner: Host, profile: str, step: Step, rng: random.Random) -> bool:
-    """Ask the owner for a refresh and wait until its courier is at ``step``; False: missed."""
+@dataclass
+class Refresh:
+    """A refresh the owner was asked for: when, and whether its request has left."""
+
+    rig: FleetRig
+    old: str  # the rt hash it spends
+    seen: int  # sandbox log entries before it
+    asked_at: float = field(default_factory=time.time)
+
+    def sent(self) -> bool:
+        return any(e["rt_hash"] == self.old for e in self.rig.sandbox.log()[self.seen :])
+
+
+def _ask(rig: FleetRig, owner: Host, profile: str) -> Refresh:
+    """Ask the owner for a refresh (not waiting for it)."""
     record = rig.record(profile)
     token = record.state.refresh_token if record else None
-    old = token_hash(token) if token else ""
-    seen = len(rig.sandbox.log())
+    refresh = Refresh(rig, token_hash(token) if token else "", len(rig.sandbox.log()))
     owner.rig.refresh_in_background(profile)
+    return refresh
+
+
+def _reach(rig: FleetRig, profile: str, step: Step, refresh: Refresh, rng: random.Random) -> bool:
+    """Wait until the refresh's courier is at ``step``; False: the step was missed."""
     if step is Step.ANY:
         time.sleep(rng.uniform(0.0, 1.0))
+    if step in (Step.ANY, Step.REQUESTED):
         return True
-    if step is Step.REQUESTED:
-        return True
-
-    def sent() -> bool:
-        return any(e["rt_hash"] == old for e in rig.sandbox.log()[seen:])
-
     if step is Step.JOURNALED:
         # Between the commit and the send lies one etcd round trip: seen from outside, the
         # request has often left already, and then the fault missed its step.
         journaled = poll(lambda: (r := rig.record(profile)) and r.unresolved, STEP_TIMEOUT)
-        return journaled and not sent()
-    return poll(sent, STEP_TIMEOUT)
+        return journaled and not refresh.sent()
+    return poll(refresh.sent, STEP_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -135,7 +147,8 @@ def apply_fault(rig: FleetRig, fault: Fault, step: Step, rng: random.Random) -> 
         time.sleep(rng.uniform(LEASE, W))
         rig.restore_members()
         return Landed(True)
-    reached = _reach(rig, owner, profile, step, rng)
+    refresh = _ask(rig, owner, profile)
+    reached = _reach(rig, profile, step, refresh, rng)
     hold = rng.choice(HOLD_SECONDS)
     if fault is Fault.KILL_DAEMON:
         rig.kill_daemon(owner)
@@ -146,8 +159,8 @@ def apply_fault(rig: FleetRig, fault: Fault, step: Step, rng: random.Random) -> 
         if fault is Fault.KILL_COURIER:
             with contextlib.suppress(ProcessLookupError):  # it may have finished meanwhile
                 os.kill(couriers[0], signal.SIGKILL)
-            if reached and step is Step.ANSWERED:  # the answer died with the one holding it
-                return Landed(True, Window(time.time() - 1.0, time.time()))
+            if refresh.sent():  # its answer may have died with the one process holding it
+                return Landed(reached, Window(refresh.asked_at, time.time()))
         else:
             # Longer than the lease, well inside the courier's life: the courier wakes able to
             # commit its outcome (a pause past its life is a kill, counted above).
@@ -159,12 +172,10 @@ def apply_fault(rig: FleetRig, fault: Fault, step: Step, rng: random.Random) -> 
             time.sleep(hold)
     elif fault is Fault.CUT:
         residual = reached and step is Step.ANSWERED and rng.random() < RESIDUAL_SHARE
-        start = time.time()
         with rig.cut_off(owner):
             time.sleep(RESIDUAL_HOLD if residual else hold)
         if residual:
-            # The answered request came at most one answer delay (0.4 s) before the cut.
-            return Landed(True, Window(start - 1.0, time.time()))
+            return Landed(True, Window(refresh.asked_at, time.time()))
     elif fault is Fault.KILL_LEADER:
         rig.kill_members(1)
         time.sleep(rng.uniform(0.5, LEASE))
