@@ -142,8 +142,9 @@ def _start(rig: FleetRig, profiles: Sequence[str]) -> str | None:
     """Import the profiles and start the daemons; why the run cannot go on, else None."""
     for profile in profiles:
         rig.import_profile(profile)
-    rig.start_daemons()
     try:
+        for host in rig.hosts:
+            host.start()
         for profile in profiles:
             wait_for(f"an owner of {profile}", functools.partial(_owned, rig, profile), 30)
         for host, profile in itertools.product(rig.hosts, profiles):

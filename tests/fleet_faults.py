@@ -31,6 +31,7 @@ __all__ = ["PLAN", "Fault", "Landed", "Step", "apply_fault", "poll"]
 
 LEASE = float(FLEET_TIMINGS["lease_ttl_seconds"])
 W = float(FLEET_TIMINGS["resolve_wait_seconds"])
+LIFE = float(FLEET_TIMINGS["courier_life_seconds"])
 #: Pauses and cuts last past the lease, so that another host takes over meanwhile.
 HOLD_SECONDS = (LEASE + 0.5, LEASE + 2.0, W - 1.0)
 #: A cut this long after an answer is the first residual case (W, with a second to spare).
@@ -162,10 +163,12 @@ def apply_fault(rig: FleetRig, fault: Fault, step: Step, rng: random.Random) -> 
             if refresh.sent():  # its answer may have died with the one process holding it
                 return Landed(reached, Window(refresh.asked_at, time.time()))
         else:
-            # Longer than the lease, well inside the courier's life: the courier wakes able to
-            # commit its outcome (a pause past its life is a kill, counted above).
+            # Longer than the lease. After the answer, well inside the courier's life (a pause
+            # past it would be a kill); before, also most of its life, which must then not
+            # be spent on a request its life limit would cut before the outcome is committed.
+            late = step is not Step.ANSWERED and rng.random() < 0.5
             with rig.paused(owner, couriers[0]):
-                time.sleep(LEASE + 0.5)
+                time.sleep(LIFE - 1.5 if late else LEASE + 0.5)
     elif fault is Fault.STOP_DAEMON:
         assert owner.daemon is not None
         with rig.paused(owner, owner.daemon.pid):
