@@ -18,9 +18,10 @@ import enum
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aac_tokend.core.tokens import token_hash
 
@@ -95,21 +96,23 @@ class Refresh:
     """A refresh the owner was asked for: when, and whether its request has left."""
 
     rig: FleetRig
-    old: str  # the rt hash it spends
-    seen: int  # sandbox log entries before it
-    asked_at: float = field(default_factory=time.time)
+    old: str = ""  # the rt hash it spends
+    seen: int = 0  # sandbox log entries before it
+    asked_at: float = 0.0
+    asking: threading.Thread | None = None  # the control call, which ends with the refresh
 
     def sent(self) -> bool:
         return any(e["rt_hash"] == self.old for e in self.rig.sandbox.log()[self.seen :])
 
 
-def _ask(rig: FleetRig, owner: Host, profile: str) -> Refresh:
-    """Ask the owner for a refresh (not waiting for it)."""
+def _ask(rig: FleetRig, owner: Host, profile: str, refresh: Refresh) -> None:
+    """Ask the owner for a refresh (not waiting for it); ``refresh`` follows it."""
     record = rig.record(profile)
     token = record.state.refresh_token if record else None
-    refresh = Refresh(rig, token_hash(token) if token else "", len(rig.sandbox.log()))
-    owner.rig.refresh_in_background(profile)
-    return refresh
+    refresh.old = token_hash(token) if token else ""
+    refresh.seen = len(rig.sandbox.log())
+    refresh.asked_at = time.time()
+    refresh.asking = owner.rig.refresh_in_background(profile)
 
 
 def _reach(rig: FleetRig, profile: str, step: Step, refresh: Refresh, rng: random.Random) -> bool:
@@ -135,7 +138,17 @@ class Landed:
 
 
 def apply_fault(rig: FleetRig, fault: Fault, step: Step, rng: random.Random) -> Landed:
-    """One fault aimed at a random profile's owner, at ``step``."""
+    """One fault aimed at a random profile's owner, at ``step``; it returns once the refresh
+    it was aimed at has ended (so that the next fault meets a refresh of its own)."""
+    refresh = Refresh(rig)
+    try:
+        return _apply(rig, fault, step, rng, refresh)
+    finally:
+        if refresh.asking is not None:
+            refresh.asking.join(LIFE + 10.0)
+
+
+def _apply(rig: FleetRig, fault: Fault, step: Step, rng: random.Random, refresh: Refresh) -> Landed:
     profile = rng.choice(sorted(rig.imported))
     owner = rig.wait_owner(profile)
     rig.sandbox.set_answer_delay(rng.choice(ANSWER_DELAYS) if step is not Step.ANSWERED else 0.4)
@@ -148,7 +161,7 @@ def apply_fault(rig: FleetRig, fault: Fault, step: Step, rng: random.Random) -> 
         time.sleep(rng.uniform(LEASE, W))
         rig.restore_members()
         return Landed(True)
-    refresh = _ask(rig, owner, profile)
+    _ask(rig, owner, profile, refresh)
     reached = _reach(rig, profile, step, refresh, rng)
     hold = rng.choice(HOLD_SECONDS)
     if fault is Fault.KILL_DAEMON:
