@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The demo needs the package and its runtime dependencies only: no test, lint or fuzz tools.
 DEMO_STAMP := $(VENV)/.demo-installed
 
-.PHONY: demo test lint typecheck unit bench crash fleet-crash fuzz sysdeps clean
+.PHONY: demo demo-fleet test lint typecheck unit bench crash fleet-crash fuzz sysdeps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ sysdeps:
 
 demo: $(DEMO_STAMP)
 	$(PY) -m aac_tokend demo
+
+# Fleet mode's demo: a local etcd (installed by sysdeps where it can be), three daemons as
+# three hosts, the sandbox; the owner is SIGKILLed and another host takes over.
+demo-fleet: $(DEMO_STAMP) sysdeps
+	$(PY) -m aac_tokend demo --fleet --seconds 40
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aac_tokend tests

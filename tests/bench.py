@@ -1,12 +1,14 @@
 """`make bench`: the daemon's performance, each figure beside a baseline measured in this run.
 
     .venv/bin/python -m tests.bench [--idle-seconds 60] [--seconds 0.6] [--rounds 5]
-        [--profiles 1000] [--only idle,courier,reads,control,cli,refresh,scale]
+        [--profiles 1000] [--fleet-refreshes 15] [--fleet-failovers 3]
+        [--only idle,courier,reads,control,cli,refresh,fleet,scale]
 
 Prints one table (value, baseline, ratio, target, and MISSED where a target is missed) and
 writes it as JSON to /tmp/aac-tokend-bench.json. Exits 0 either way: benchmarks report,
 they do not fail the build. About 3 to 4 minutes with the defaults on 2 cores (plus ~20 s
-the first time, to build the regular install the CLI is timed from).
+the first time, to build the regular install the CLI is timed from). The fleet section needs
+the etcd binary and is skipped, saying so, without it.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from tests.bench_procs import Row, import_request, run_daemon, run_sandbox
 from tests.bench_reads import control_rows, read_rows
 from tests.bench_refresh import refresh_load_rows
 from tests.bench_scale import scale_rows
+from tests.etcd_cluster import ETCD, SKIP_REASON
 
 __all__ = ["main"]
 
 JSON_PATH = Path("/tmp/aac-tokend-bench.json")
-SECTIONS = ("idle", "courier", "reads", "control", "cli", "refresh", "scale")
+SECTIONS = ("idle", "courier", "reads", "control", "cli", "refresh", "fleet", "scale")
 #: The daemon's profile for every section but scale: a long access TTL, so it never
 #: refreshes on its own and only forced refreshes (section "refresh") happen.
 LONG_TTL = 3600.0
@@ -93,6 +96,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profiles", type=int, default=1000, help="scale: profiles (1000)")
     parser.add_argument(
+        "--fleet-refreshes", type=int, default=15, help="fleet: forced refreshes (default 15)"
+    )
+    parser.add_argument(
+        "--fleet-failovers", type=int, default=3, help="fleet: owners SIGKILLed (default 3)"
+    )
+    parser.add_argument(
         "--only",
         default=",".join(SECTIONS),
         help=f"comma-separated sections of {','.join(SECTIONS)}",
@@ -137,6 +146,15 @@ def run(args: argparse.Namespace) -> list[Row]:
             steady = args.profiles / (0.75 * SCALE_TTL)  # the scale section's refresh rate
             rows += refresh_load_rows(daemon, "default", trial, rounds, counts, steady)
         rows += courier
+        if "fleet" in only and ETCD is None:
+            print(f"fleet: skipped, {SKIP_REASON}", flush=True)
+        elif "fleet" in only:
+            print("fleet: 3 hosts on a 3-member etcd...", flush=True)
+            from tests.bench_fleet import fleet_rows  # imports the fleet code: only when asked
+
+            rows += fleet_rows(sandbox, daemon, refreshes=args.fleet_refreshes,
+                               failovers=args.fleet_failovers, trial=trial,
+                               rounds=rounds)  # fmt: skip
         if "scale" in only:
             print(f"scale: {args.profiles} profiles...", flush=True)
             rows += scale_rows(daemon, args.profiles, SCALE_TTL, trial, rounds, counts)

@@ -93,6 +93,7 @@ class TestDefaults:
             user="tokend",
             password_file="/home/me/.config/aac-tokend/etcd.password",
             profiles=["work", "lab"],
+            host="build-1",
             lease_ttl_seconds=15,
             send_window_seconds=5,
             resolve_wait_seconds=90,
@@ -106,6 +107,7 @@ class TestDefaults:
         assert set(table) == set(KNOWN_KEYS)
         s = parse_fleet(table, "config.toml")
         assert (s.profiles, s.user, s.lease_ttl_seconds) == (("work", "lab"), "tokend", 15)
+        assert s.host == "build-1"
         assert s.covers("work") and not s.covers("other")
 
 
@@ -347,26 +349,3 @@ class TestPurity:
             )
         ]
         assert not bad, bad
-
-
-class TestNotYetServed:
-    """Fleet mode is not wired yet: a daemon refuses a [fleet] table rather than run as if."""
-
-    def test_run_refuses_a_valid_fleet_table_in_one_line(self, tmp_path: Path) -> None:
-        """`run` with a valid [fleet] table exits 78 with one line saying what to do."""
-        from tests.scenario_support import cli, short_dir, write_config
-
-        home = short_dir()
-        write_config(home, SCALED)
-        done = cli(home, "run", timeout=30)
-        assert done.returncode == 78, done.stderr
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and "[fleet]" in lines[0], lines
-        assert "remove the [fleet] table" in lines[0]
-        assert not (home / "state").exists() or not any((home / "state").iterdir())
-
-    def test_run_without_fleet_is_not_refused_for_it(self) -> None:
-        """The same home with the table removed gets past the config (the refusal is fleet's)."""
-        from aac_tokend.core.config import parse_config
-
-        assert parse_config(SCALED.split("[fleet]")[0]).fleet is None

@@ -8,6 +8,7 @@ are for the type checker only and do not count.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -197,6 +198,35 @@ class TestToolsStayOutside:
         """The fakes in testing.py are for tests and the sandbox's users, never the package."""
         bad = [i for i in all_imports() if resolved(i) == "aac_tokend.testing"]
         assert not bad, shown(bad)
+
+
+class TestFleetIsOptIn:
+    """With fleet mode off nothing imports the etcd client: only fleet/ imports fleet/ at
+    module level; elsewhere it is imported inside the function that needs it."""
+
+    def test_only_fleet_imports_fleet_at_module_level(self) -> None:
+        """No module outside aac_tokend.fleet imports it at module level (TYPE_CHECKING aside)."""
+        bad = [
+            i
+            for i in all_imports()
+            if i.module_level
+            and subpackage(resolved(i)) == "fleet"
+            and subpackage(i.importer) != "fleet"
+        ]
+        assert not bad, shown(bad)
+
+    def test_a_single_host_daemon_loads_nothing_of_fleet(self) -> None:
+        """Everything a single-host daemon and the CLI load leaves aac_tokend.fleet unloaded."""
+        script = (
+            "import sys\n"
+            "import aac_tokend.cli, aac_tokend.daemon.main, aac_tokend.commands.main\n"
+            "import aac_tokend.refresh.spawned, aac_tokend.serve.control_server\n"
+            "print(sorted(m for m in sys.modules if m.startswith('aac_tokend.fleet')))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        )
+        assert done.stdout.strip() == "[]", done.stdout
 
 
 class TestFastEntryModules:

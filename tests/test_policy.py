@@ -87,9 +87,7 @@ class TestProactiveRefresh:
         at = next_refresh_at(state, now, policy)
         assert at is not None
         lifetime = state.access_expires_at - state.access_obtained_at
-        margin_bound = state.access_expires_at - min(
-            policy.min_margin_seconds, lifetime * (1 - policy.refresh_fraction)
-        )
+        margin_bound = state.access_expires_at - min(policy.min_margin_seconds, lifetime / 2)
         serving_bound = state.access_expires_at - min(
             SERVE_MARGIN_SECONDS + REFRESH_SLACK_SECONDS, lifetime / 2
         )
@@ -104,15 +102,16 @@ class TestProactiveRefresh:
     @given(healthy_states(), st.floats(min_value=-DAY, max_value=2 * DAY))
     @settings(max_examples=300)
     def test_default_settings(self, state: ProfileState, offset: float) -> None:
-        """With the defaults, refreshes land within 70-75% of the lifetime or 60 s before expiry."""
+        """With the defaults, refreshes land within 70-75% of the lifetime, and at least 60 s
+        (half the lifetime, if shorter) before expiry: the margin holds whatever the fraction."""
         assert state.access_expires_at is not None
         now = state.access_obtained_at + offset
         at = next_refresh_at(state, now, DEFAULTS)
         assert at is not None
         lifetime = state.access_expires_at - state.access_obtained_at
-        if now <= state.access_obtained_at + 0.70 * lifetime:  # else: now, as pinned above
-            assert at <= state.access_expires_at - min(60.0, 0.25 * lifetime) + EPS
-            if lifetime >= 8.0:  # shorter: the serving bound below comes first
+        if now <= state.access_obtained_at + 0.50 * lifetime:  # else: now, as pinned above
+            assert at <= state.access_expires_at - min(60.0, lifetime / 2) + EPS
+            if lifetime >= 240.0:  # shorter: the 60 s margin comes before 70 %
                 assert at >= state.access_obtained_at + 0.70 * lifetime - EPS
 
     @given(healthy_states())
@@ -143,6 +142,13 @@ class TestProactiveRefresh:
         at = next_refresh_at(state, T0, DEFAULTS)
         assert at is not None
         assert at <= T0 + 240
+
+    def test_a_margin_beyond_the_fraction_holds(self) -> None:
+        """A margin larger than the fraction leaves (a fleet's failover room, 100 s of a
+        300 s token) moves the refresh earlier: 100 s before expiry, not at 75 %."""
+        state = oauth(access_expires_at=T0 + 300)
+        wide = PolicySettings(min_margin_seconds=100.0, jitter_fraction=0.0)
+        assert next_refresh_at(state, T0, wide) == T0 + 200
 
     def test_late_start_refreshes_now(self) -> None:
         """A daemon that wakes after the planned time refreshes at once, not in the past."""

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from aac_tokend.core.state import ProfileState
-from aac_tokend.errors import BusyError, ProfileError, StateCorruptError
+from aac_tokend.errors import BusyError, ProfileError, StateCorruptError, StorageError
 from aac_tokend.store.files import FileStore
 from aac_tokend.store.interface import StateStore
 from aac_tokend.store.pending import PendingStore
 from aac_tokend.testing import MemoryStore, oauth_state
+from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
 
 ACCESS = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDM2MDB9.Y29udHJhY3QtdGVzdC1zaWduYXR1cmU"
 REFRESH = "refresh-secret-for-contract-tests-Wp40"
@@ -44,6 +45,9 @@ class Harness:
     #: Let the store's listing stamp age, so a change is not lost in one clock granule (a
     #: directory's mtime moves in kernel ticks); a no-op where the stamp is a counter.
     settle: Callable[[], None]
+    #: Journals are committed by a fenced writer of the store's own (fleet mode's courier),
+    #: so ``save_journal`` refuses with StorageError and changes nothing.
+    fenced_journals: bool = False
 
 
 def _file_harness(tmp_path: Path) -> Harness:
@@ -64,8 +68,48 @@ def _memory_harness(_tmp_path: Path) -> Harness:
     return Harness(store, store.corrupt, lambda: None)
 
 
-@pytest.fixture(params=[_file_harness, _memory_harness], ids=["file", "memory"])
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member for this module's fleet runs (each test has a fleet of its own)."""
+    if ETCD is None:
+        pytest.skip(SKIP_REASON)
+    with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1).running() as cluster:
+        yield cluster
+        # etcd holds ciphertext only: no token of the suite in clear in any value
+        from aac_tokend.fleet.etcd import EtcdClient
+
+        for kv in EtcdClient(cluster.endpoints).range(b"/", prefix=True).kvs:
+            assert ACCESS.encode() not in kv.value and REFRESH.encode() not in kv.value
+
+
+def _fleet_harness(tmp_path: Path, cluster: EtcdCluster) -> Harness:
+    # Imported here: fleet code is imported only where fleet mode is on.
+    from aac_tokend.fleet.chains import FleetChains
+    from aac_tokend.fleet.etcd import EtcdClient
+    from aac_tokend.fleet.highwater import HighWater
+    from aac_tokend.fleet.keys import FleetKeys
+    from aac_tokend.fleet.sealing import Sealer
+    from aac_tokend.fleet.store import FleetStore
+
+    fleet = "contract-" + os.urandom(6).hex()
+    client = EtcdClient(cluster.endpoints, timeout=5)
+    keys = FleetKeys(fleet)
+    state_dir = tmp_path / "state"
+    chains = FleetChains(client, keys, Sealer(os.urandom(32), fleet), HighWater(state_dir, fleet))
+    store = FleetStore(chains, state_dir)
+
+    def damage(profile: str) -> None:
+        client.put(keys.chain(profile), b"not a sealed fleet record at all")
+
+    return Harness(store, damage, lambda: None, fenced_journals=True)
+
+
+@pytest.fixture(
+    params=[_file_harness, _memory_harness, _fleet_harness], ids=["file", "memory", "fleet"]
+)
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    if request.param is _fleet_harness:
+        return _fleet_harness(tmp_path, request.getfixturevalue("etcd_cluster"))
     build: Callable[[Path], Harness] = request.param
     return build(tmp_path)
 
@@ -84,9 +128,17 @@ class TestStateStoreContract:
         store.save(state)
         assert store.load("work") == state
 
-    def test_journal_round_trip(self, store: StateStore) -> None:
-        """A journal saved with save_journal loads back as the current state."""
+    def test_journal_round_trip(self, harness: Harness) -> None:
+        """A journal saved with save_journal loads back as the current state (a store whose
+        journals are fenced refuses it with StorageError and keeps what it held)."""
+        store = harness.store
         journal = make_state(generation=3)
+        if harness.fenced_journals:
+            store.save(make_state())
+            with pytest.raises(StorageError, match="fenced"):
+                store.save_journal(journal)
+            assert store.load("work") == make_state()
+            return
         store.save_journal(journal)
         assert store.load("work") == journal
 

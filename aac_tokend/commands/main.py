@@ -163,13 +163,14 @@ def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     _mount(
         sub, "key", "store.keystore", "keep the state key in the OS keyring or in its file", wanted
     )
+    _mount(sub, "fleet", "commands.fleet", "share profiles between hosts through etcd", wanted)
     return parser
 
 
 #: Commands that may hold a token: read from you (import), from the daemon (token, api,
 #: exec) or from the encrypted store when the daemon is not running (token, status, remove).
 #: No core file may carry it off. (``run`` sets the daemon's own limit in daemon.py.)
-TOKEN_COMMANDS = frozenset({"import", "token", "api", "exec", "status", "remove"})
+TOKEN_COMMANDS = frozenset({"import", "token", "api", "exec", "status", "remove", "fleet"})
 
 
 def dispatch(argv: list[str], *, deadline: float = 0.0) -> int:

@@ -166,7 +166,9 @@ def proactive_refresh_at(state: ProfileState, settings: PolicySettings) -> float
     lifetime = max(state.access_expires_at - state.access_obtained_at, 0.0)
     jitter = lifetime * settings.jitter_fraction * _unit(state.profile, state.refresh_count)
     at_fraction = state.access_obtained_at + lifetime * settings.refresh_fraction - jitter
-    margin = min(settings.min_margin_seconds, lifetime * (1.0 - settings.refresh_fraction))
+    # The margin holds whatever the fraction says (the fleet's failover room depends on it),
+    # reduced only so that it fits: at most half the lifetime.
+    margin = min(settings.min_margin_seconds, lifetime / 2)
     # Tokens stop being served SERVE_MARGIN_SECONDS before expiry; refresh before that (with
     # time for the round trip), or a very short-lived token leaves readers a gap each cycle.
     serving_ends = state.access_expires_at - min(SERVE_MARGIN_SECONDS + REFRESH_SLACK_SECONDS,

@@ -94,6 +94,9 @@ class StatusRow:
     token_endpoint: str | None = None
     client_id: str | None = None
     api_base_url: str | None = None
+    #: Fleet mode only (None on a single host): ``role``, ``owner``, ``lease_left_seconds``,
+    #: ``etcd`` and ``clock_skew_seconds`` of the profile on this host.
+    fleet: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The row as ``status --json`` prints it and the control socket sends it."""

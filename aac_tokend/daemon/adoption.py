@@ -133,7 +133,11 @@ class Adoption(Serving):
                 state = self._store.load(name)
                 if state is not None:
                     state, unsaved = self._take_pending(name, state)
-                if state is not None and state.in_flight is not None:
+                if (
+                    state is not None
+                    and state.in_flight is not None
+                    and not self._fleet.covers(name)  # see fleet_view.py
+                ):
                     state = recover_interrupted(state, self._clock.now())
                     self._store.save(state)
                     log.warning("refresh_outcome_unknown", profile=name)

@@ -20,9 +20,12 @@ from ..core.conditions import condition_of
 from ..core.config import Config
 from ..core.policy import next_refresh_at
 from ..core.report import RowState, StatusRow, profile_report, report_row
+from ..core.state import ProfileState
+from ..errors import BusyError
 from ..refresh.courier import Refresher
 from ..store.interface import StateStore
 from .alerts import Alerter
+from .fleet_view import SINGLE_HOST, FleetView
 from .management import Management
 from .refreshing import Refreshing
 from .scheduling import WAKE_CAP_SECONDS, Clock, Scheduler
@@ -31,6 +34,9 @@ from .serving import ProfileEntry, ServedToken
 __all__ = ["Engine"]
 
 TICK_KEY = "__tick__"
+#: A followed state waits this long for its profile's lock (held by our own courier's
+#: absorb, a command); if still busy, the next tick takes it.
+FOLLOW_LOCK_SECONDS = 0.2
 
 
 class Engine(Refreshing, Management):
@@ -47,11 +53,14 @@ class Engine(Refreshing, Management):
         alerter: Alerter,
         socket_path: Callable[[str], Path],
         on_profiles_changed: Callable[[], None] = lambda: None,
+        fleet: FleetView = SINGLE_HOST,
     ) -> None:
         self._store, self._refresher = store, refresher
         self._scheduler, self._clock, self.config = scheduler, clock, config
         self._alerter, self._socket_path = alerter, socket_path
         self._on_profiles_changed = on_profiles_changed
+        self._fleet = fleet
+        self._followed_late: dict[str, ProfileState] = {}
         self._profiles: dict[str, ProfileEntry] = {}
         self._serving: dict[str, ServedToken] = {}
         self._unusable: dict[str, tuple[str, str]] = {}
@@ -88,11 +97,40 @@ class Engine(Refreshing, Management):
                 name, condition_of(entry.state, now, self._lifetime_days(name)), now
             )
 
+    def follow(self, state: ProfileState) -> bool:
+        """Serve a fleet profile's state that the fleet's watch brought (how a follower, and
+        an owner after another host's commit, learns of a refresh); True if taken.
+
+        Taken only if newer than memory's (a chain's generation only rises), or where memory
+        holds a pair etcd has not taken yet and etcd moved on: the watch and this host's
+        own absorb may race, and the older must never win. Under the profile's lock, as any
+        change of memory; while our own courier's absorb holds it, the next tick tries again.
+        """
+        name = state.profile
+        if not self._fleet.covers(name):
+            return False
+        try:
+            with self._store.locked(name, FOLLOW_LOCK_SECONDS):
+                self._followed_late.pop(name, None)
+                entry = self._profiles.get(name)
+                if entry is not None and not _newer(state, entry.state, entry.unsaved):
+                    return False
+                self._hold(state)
+        except BusyError:
+            self._followed_late[name] = state
+            return False
+        self._announce(name)
+        if entry is None:
+            self._on_profiles_changed()
+        return True
+
     def tick(self) -> None:
         """Catch what a sleeping scheduler missed (suspend, clock jump); retry unsaved state.
 
         Also looks for state files not served yet: a fixed or new file is adopted here.
         """
+        for late in list(self._followed_late.values()):
+            self.follow(late)
         self._scan()
         now = self._clock.now()
         for name, entry in list(self._profiles.items()):
@@ -100,7 +138,7 @@ class Engine(Refreshing, Management):
                 self._retry_unsaved(name, entry)
                 if self._profiles.get(name) is not entry:
                     continue  # its state file was gone: forgotten
-            if entry.refreshing:
+            if entry.refreshing or not self._fleet.may_refresh(name):
                 continue
             # Due by the time that passed, even if the wall clock stepped back since.
             state_now = self._now_for(entry, now)
@@ -146,6 +184,9 @@ class Engine(Refreshing, Management):
             # What a reader gets, by both clocks (the report alone knows only the wall clock).
             valid = row.token_valid and self.current_token(name) is not None
             row = dataclasses.replace(row, token_valid=valid)
+            facts = self._fleet.facts(name)
+            if facts is not None:
+                row = dataclasses.replace(row, fleet=facts)
             problem = self._socket_problems.get(name)
             if problem is not None:
                 row = dataclasses.replace(row, token_socket=None, alert=problem)
@@ -167,3 +208,12 @@ class Engine(Refreshing, Management):
             if only is None or name == only:
                 rows.append(report_row(profile=name, state=state, alert=error))
         return rows
+
+
+def _newer(state: ProfileState, held: ProfileState, unsaved: bytes | None) -> bool:
+    """True if a followed ``state`` should replace ``held`` (see ``Engine.follow``)."""
+    if state.generation > held.generation:
+        return True
+    # Our outcome held unsaved and an heir's resolution of the same entry share a generation:
+    # etcd's word wins (the heir's retry reports the lost pair as after_lost_response).
+    return unsaved is not None and state.generation == held.generation and state != held

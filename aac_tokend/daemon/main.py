@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -29,12 +30,17 @@ from ..service import sdnotify
 from ..service.activation import listen_fds
 from ..store.fileio import ensure_private_dir
 from ..store.files import FileStoreSpec
+from ..store.interface import StateStore
 from ..store.opening import store_spec
 from ..store.owner import OwnerLock
 from .alerts import Alerter
 from .engine import Engine
+from .fleet_view import SINGLE_HOST, FleetView, join_fleet, same_fleet
 from .scheduling import APScheduler, Clock, Scheduler, SystemClock
 from .sinks import build_sinks
+
+if TYPE_CHECKING:
+    from ..fleet.runtime import FleetRuntime
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -75,6 +81,7 @@ class Daemon:
         self._reload_requested = threading.Event()
         self._last_tick = time.monotonic()
         self._config = Config()
+        self._fleet: FleetRuntime | None = None
 
     def run(self) -> int:
         """Run in the foreground until asked to stop; returns the exit status."""
@@ -82,7 +89,7 @@ class Daemon:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         _raise_nofile_limit()
         os.umask(0o077)
-        self._config = _single_host(load_config(self.paths.config_dir), self.paths)
+        self._config = load_config(self.paths.config_dir)
         configure_logging(self._config.log_format, self._config.log_level)
         owner = OwnerLock(self.paths.daemon_lock)
         owner.acquire(on_wait=_waiting_for_offline_command)
@@ -94,7 +101,12 @@ class Daemon:
     def _serve(self) -> int:
         paths = self.paths
         spec = store_spec(paths)
-        store = spec.open()
+        store: StateStore = spec.open()
+        refresher = self._make_refresher(spec)
+        fleet: FleetView = SINGLE_HOST
+        if self._config.fleet is not None:  # before any thread of ours: see fleet/runtime.py
+            self._fleet = runtime = join_fleet(self._config.fleet, paths, store, refresher)
+            store, refresher, fleet = runtime.routed_store, runtime.routed_refresher, runtime
         ensure_private_dir(paths.runtime_dir)
         _check_second_file_system(paths)
         passed = listen_fds()
@@ -109,13 +121,14 @@ class Daemon:
         )
         self._engine = engine = Engine(
             store=store,
-            refresher=self._make_refresher(spec),
+            refresher=refresher,
             scheduler=scheduler,
             clock=self._clock,
             config=self._config,
             alerter=self._alerter,
             socket_path=token_server.socket_path,
             on_profiles_changed=lambda: self._sync_sockets(token_server, passed),
+            fleet=fleet,
         )
         control_listener = passed["control"][0] if passed.get("control") else None
         control = ControlServer(
@@ -127,6 +140,8 @@ class Daemon:
         token_server.start()
         self._install_signals()
         scheduler.every("__heartbeat__", 2.0, self._heartbeat)
+        if self._fleet is not None:
+            self._fleet.start(engine.follow)
         engine.start()
         self._sync_sockets(token_server, passed)
         # Only now: a request must see the stored profiles (under socket activation the
@@ -149,6 +164,8 @@ class Daemon:
             sdnotify.stopping()
             log.info("daemon_stopping")
             scheduler.shutdown()
+            if self._fleet is not None:
+                self._fleet.close()  # revokes our lease: another host takes over at once
             control.stop()
             token_server.stop()
         return 0
@@ -185,7 +202,7 @@ class Daemon:
         """Re-read config.toml; a bad file keeps the running config and is reported."""
         sdnotify.reloading()
         try:
-            config = _single_host(load_config(self.paths.config_dir), self.paths)
+            config = same_fleet(load_config(self.paths.config_dir), self._config, self.paths)
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             sdnotify.ready("reload failed; running with the previous config")
@@ -229,21 +246,6 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
-
-
-def _single_host(config: Config, paths: Paths) -> Config:
-    """``config``, unless it asks for fleet mode, which this version cannot run yet.
-
-    A ``[fleet]`` table is parsed and checked (so its mistakes are found now), but serving it
-    on one host alone would look like fleet mode while being none: refused, in one line.
-    """
-    if config.fleet is not None:
-        raise ConfigError(
-            f"config error in {paths.config_dir / CONFIG_FILENAME}: [fleet] (fleet mode, on "
-            "etcd) is not available in this version yet; remove the [fleet] table to run "
-            "this host on its own"
-        )
-    return config
 
 
 def _waiting_for_offline_command(pid: int) -> None:

@@ -48,6 +48,8 @@ class Refreshing(Adoption):
             state = entry.state
             if state.kind is not TokenKind.OAUTH or state.rejection is not None:
                 return state
+            if not self._fleet.may_refresh(name):
+                return state  # a fleet follower: its owner refreshes, the watch brings it
             if entry.unsaved is not None:
                 return state  # never spend a token whose successor is not yet on disk
             assert state.refresh_token is not None
@@ -187,7 +189,9 @@ class Refreshing(Adoption):
                 state, unsaved = self._take_pending(name, state)
                 if unsaved is not None:
                     return unsaved
-            if state is not None and state.in_flight is not None:
+            # A fleet journal is resolved by the fenced courier after W, never here: the
+            # courier we lost may be another host's to finish (fleet_view.py).
+            if state is not None and state.in_flight is not None and not self._fleet.covers(name):
                 self._store.save(recover_interrupted(state, self._clock.now()))
         return None
 

@@ -27,6 +27,7 @@ from ..host.redact import register_secret
 from ..refresh.courier import Refresher
 from ..store.interface import StateStore
 from .alerts import Alerter
+from .fleet_view import FleetView
 from .scheduling import Clock, Scheduler
 
 __all__ = ["Serving"]
@@ -62,6 +63,7 @@ class Serving:
     _clock: Clock
     config: Config
     _alerter: Alerter
+    _fleet: FleetView
     _socket_path: Callable[[str], Path]
     _on_profiles_changed: Callable[[], None]
     _profiles: dict[str, ProfileEntry]
@@ -146,6 +148,8 @@ class Serving:
         token, expires = state.access_token.encode(), state.access_expires_at
         if expires is None:
             return ServedToken(token, None, math.inf)
+        # A fleet profile's expiry is on its owner's clock: stop early by the allowed skew.
+        expires -= self._fleet.serve_margin(state.profile)
         left = expires - self._clock.now()
         mono_end = self._clock.monotonic() + left
         old = self._serving.get(state.profile)

@@ -72,6 +72,9 @@ class FleetSettings:
     password_file: str | None = None
     #: None: every profile is in the fleet; else only these.
     profiles: tuple[str, ...] | None = None
+    #: This host's name in the fleet (owner keys, journal entries); None: the machine's
+    #: hostname. Set it where hosts share one (containers, or three daemons on one machine).
+    host: str | None = None
     #: Asked of etcd, whose granted TTL is what counts. 10 s: an owner's death is noticed
     #: within 10 s, while a GC pause or a slow disk of a few seconds does not cost the lease.
     lease_ttl_seconds: int = 10
@@ -142,7 +145,16 @@ _TIMINGS: Mapping[str, _Range] = {
 #: etcd leases are whole seconds; etcd grants at least its own minimum (about 2 s).
 _LEASE_TTL_MAX = 3600
 _PATH_KEYS = ("ca_file", "cert_file", "key_file", "password_file")
-KNOWN_KEYS = ("endpoints", "name", *_PATH_KEYS, "user", "profiles", "lease_ttl_seconds", *_TIMINGS)
+KNOWN_KEYS = (
+    "endpoints",
+    "name",
+    *_PATH_KEYS,
+    "user",
+    "profiles",
+    "host",
+    "lease_ttl_seconds",
+    *_TIMINGS,
+)
 
 
 class _BadValueError(Exception):
@@ -249,6 +261,12 @@ def _profiles(value: object) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _host(value: object) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value.lower()):
+        raise _BadValueError(f"must be a host name of letters, digits or '-' (got {_shown(value)})")
+    return value
+
+
 def _lease_ttl(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _LEASE_TTL_MAX:
         raise _BadValueError(
@@ -293,6 +311,7 @@ def parse_fleet(value: object, source: str) -> FleetSettings:
         **dict.fromkeys(_PATH_KEYS, _path),
         "user": _user,
         "profiles": _profiles,
+        "host": _host,
         "lease_ttl_seconds": _lease_ttl,
         **{key: allowed.check for key, allowed in _TIMINGS.items()},
     }

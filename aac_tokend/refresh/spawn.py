@@ -23,6 +23,10 @@ armed for what is left. So a spare stopped (SIGSTOP) with its job unread, which 
 gave up on, cannot wake later and send a token that was retried meanwhile. If the daemon
 dies, the spare reads EOF and exits at once: it has touched no state.
 
+A fleet courier (fleet/courier.py's FleetCourier, argv flag ``--fleet``) first reads a
+greeting on stdin (the fleet to open, length-prefixed, written by the daemon right after the
+spawn) and opens it before it says it is ready; the message with the job follows as here.
+
 One spare only: a second refresh running at the same time spawns a cold courier. A spare
 runs the code that was on disk when it started, so the keeper thread replaces any spare
 older than ``SPARE_MAX_AGE_SECONDS`` (an upgrade in place reaches the couriers within
@@ -67,6 +71,8 @@ __all__ = [
 
 #: The module a spawned courier runs; its name in ``ps`` (and what the tests look for).
 COURIER_MODULE = "aac_tokend.refresh.spawned"
+#: In a courier's argv: a fleet spare, which imports fleet mode ahead (no secret in it).
+FLEET_FLAG = "--fleet"
 #: The byte a courier writes once its imports are done. Not JSON, so never a result.
 READY = b"\x06"
 #: A spawn message is a few hundred bytes, but its refresh token is whatever the server
@@ -152,7 +158,7 @@ class SpawnCourier:
 
     def __init__(
         self,
-        spec: FileStoreSpec,
+        spec: FileStoreSpec | None,
         *,
         warm: bool = True,
         max_age: float = SPARE_MAX_AGE_SECONDS,
@@ -187,7 +193,7 @@ class SpawnCourier:
         proc = self._take()
         if proc is None:
             try:
-                proc = _spawn(self._command)
+                proc = self._start()
             except OSError as exc:
                 # Nothing was sent: the engine counts a failure and backs off. (The OSError
                 # names the interpreter's path or a resource, never a token.)
@@ -207,7 +213,7 @@ class SpawnCourier:
 
         # The courier's bound counts from now, not from when it reads the job: a spare
         # stopped before reading it must not wake, after we gave up, and send the token.
-        message = spawn_message(self._spec, job, time.monotonic() + self._life)
+        message = self._message(job, time.monotonic() + self._life)
         try:
             raw, _ = proc.communicate(message, timeout=self._life + WAIT_MARGIN_SECONDS)
         except subprocess.TimeoutExpired:
@@ -218,6 +224,28 @@ class SpawnCourier:
         if not raw:
             return _lost("the courier ended without an answer")
         return CourierResult.from_bytes(raw)
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        """A new courier, given ``_greeting`` (if any) on stdin before anything else."""
+        proc = _spawn(self._command)
+        greeting = self._greeting()
+        if greeting is not None and proc.stdin is not None:
+            # A few hundred bytes: the pipe takes them without blocking. A courier that died
+            # already is found so by the refresh (no answer) or by the keeper.
+            with contextlib.suppress(OSError):
+                proc.stdin.write(len(greeting).to_bytes(4, "big") + greeting)
+                proc.stdin.flush()
+        return proc
+
+    def _greeting(self) -> bytes | None:
+        """What a courier reads before its imports end (FleetCourier: the fleet to open
+        ahead); None for a store's courier, which opens its store with the job."""
+        return None
+
+    def _message(self, job: CourierJob, deadline: float) -> bytes:
+        """The courier's stdin; fleet/courier.py's FleetCourier (``spec`` None) has its own."""
+        assert self._spec is not None, "a SpawnCourier without a store spec builds no message"
+        return spawn_message(self._spec, job, deadline)
 
     def _take(self) -> subprocess.Popen[bytes] | None:
         """The spare, if a fresh and living one waits; it is ours alone from here."""
@@ -271,7 +299,7 @@ class SpawnCourier:
             # No spare if the start fails (out of processes or descriptors?): the next
             # refresh spawns cold and tries again. Never an error here: the answer is in.
             with contextlib.suppress(OSError):
-                self._spare = _spawn(self._command)
+                self._spare = self._start()
             self._spare_born = self._clock()
             self._spare_ready = False
             if self._keeper is None:
@@ -376,6 +404,11 @@ def main() -> int:
     """Entry of a spawned courier: ready on stdout, spec and job on stdin, result on stdout."""
     become_courier(life=0)  # no bound yet: a spare may wait long; it starts with the job
     endpoint = TokenEndpoint()  # its session, built before the clock of a refresh starts
+    opened = None
+    if FLEET_FLAG in sys.argv[1:]:  # a fleet spare: etcd and the chains opened ahead
+        from ..fleet.courier import open_ahead
+
+        opened = open_ahead(sys.stdin.buffer)
     # What the first request would import on the refresh's clock (requests' netrc lookup).
     import encodings.idna  # noqa: F401
     import netrc  # noqa: F401
@@ -387,7 +420,15 @@ def main() -> int:
         return 0  # the daemon let us go (or died) before a job came: nothing touched
     if len(raw) > MAX_MESSAGE_BYTES:
         return _answer(_not_started(f"its message is over {MAX_MESSAGE_BYTES} bytes"))
-    spec, job, deadline = read_spawn_message(raw)
+    data = json.loads(raw)
+    job: CourierJob
+    if "fleet" in data:  # a fenced refresh (fleet/courier.py): fleet mode only
+        from ..fleet.courier import read_fleet_message
+
+        fleet, fleet_job, deadline = read_fleet_message(data)
+        job = fleet_job
+    else:
+        fleet, (spec, job, deadline) = None, read_spawn_message(raw)
     # Armed first, then checked: stopped between the two, the alarm is late by the stop but
     # the check sees the deadline passed. Stopped after the check, the alarm comes due while
     # we are stopped, and SIGCONT ends us (SIGALRM's default) before we run any code.
@@ -397,6 +438,10 @@ def main() -> int:
     if left <= 0 or time.monotonic() >= deadline:
         disarm()
         return _answer(_not_started("it read its job past the job's deadline"))
+    if fleet is not None:
+        from ..fleet.courier import carry_spawned
+
+        return _answer(carry_spawned(fleet, fleet_job, on_answer=disarm, opened=opened))
     return _answer(carry(job, spec.open(), endpoint, time.time, on_answer=disarm))
 
 
