@@ -47,6 +47,9 @@ bench: $(STAMP)
 crash: $(STAMP)
 	$(PY) -m tests.crash_campaign --kills 300
 
+fleet-crash: $(STAMP)
+	$(PY) -m tests.fleet_campaign --faults 200
+
 fuzz: $(STAMP)
 	$(PY) -m tests.fuzz --seconds 60
 
