@@ -31,7 +31,7 @@ import requests
 from ..client import ControlClient, read_token
 from ..core.tokens import token_hash
 
-__all__ = ["run_fleet_demo"]
+__all__ = ["FLEET_TIMINGS", "MARGIN_SECONDS", "fleet_config_text", "run_fleet_demo"]
 
 HOSTS = ("host-a", "host-b", "host-c")
 #: The fleet's timings, scaled down so that a failover fits in seconds; the relations the
@@ -199,13 +199,9 @@ class _FleetDemo:
             time.sleep(0.5)
 
     def write_config(self, host: str, url: str) -> None:
-        timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
         config_dir = self.home(host) / "config"
         config_dir.mkdir(mode=0o700, exist_ok=True)
-        (config_dir / "config.toml").write_text(
-            f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
-            f'endpoints = ["{url}"]\nname = "demo"\nhost = "{host}"\n{timings}\n'
-        )
+        (config_dir / "config.toml").write_text(fleet_config_text([url], host))
 
     def cleanup(self) -> None:
         for proc in self.procs.values():
@@ -217,6 +213,17 @@ class _FleetDemo:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def fleet_config_text(endpoints: list[str], host: str, name: str = "demo", extra: str = "") -> str:
+    """A host's config.toml for the demo's fleet (the tests use it too): the scaled timings,
+    the margin they need, and ``extra`` lines added to the [fleet] table."""
+    timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
+    urls = ", ".join(f'"{url}"' for url in endpoints)
+    return (
+        f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
+        f'endpoints = [{urls}]\nname = "{name}"\nhost = "{host}"\n{timings}\n{extra}'
+    )
 
 
 def _healthy(url: str) -> bool:
