@@ -215,14 +215,21 @@ class _FleetDemo:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def fleet_config_text(endpoints: list[str], host: str, name: str = "demo", extra: str = "") -> str:
-    """A host's config.toml for the demo's fleet (the tests use it too): the scaled timings,
-    the margin they need, and ``extra`` lines added to the [fleet] table."""
-    timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
+def fleet_config_text(
+    endpoints: list[str],
+    host: str,
+    name: str = "demo",
+    extra: str = "",
+    timings: dict[str, float] | None = None,
+) -> str:
+    """A host's config.toml for the demo's fleet (the tests use it too): the scaled timings
+    (``timings`` replaces some), the margin they need, and ``extra`` [fleet] lines."""
+    chosen = {**FLEET_TIMINGS, **(timings or {})}
+    lines = "\n".join(f"{k} = {v}" for k, v in chosen.items())
     urls = ", ".join(f'"{url}"' for url in endpoints)
     return (
         f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
-        f'endpoints = [{urls}]\nname = "{name}"\nhost = "{host}"\n{timings}\n{extra}'
+        f'endpoints = [{urls}]\nname = "{name}"\nhost = "{host}"\n{lines}\n{extra}'
     )
 
 
