@@ -55,16 +55,20 @@ class FleetHosts:
         self.keys = FleetKeys(name)
 
     def add(
-        self, count: int, extra: str = "", timings: dict[str, float] | None = None
+        self,
+        count: int,
+        extra: str = "",
+        timings: dict[str, float] | None = None,
+        top: str = "",
     ) -> list[str]:
-        """``count`` more hosts with config (``extra`` [fleet] lines, ``timings`` replacing
-        the demo's) and the fleet key (the first host creates it)."""
+        """``count`` more hosts with config (``top``: top-level lines; ``extra``: [fleet]
+        lines; ``timings`` replacing the demo's) and the fleet key (the first creates it)."""
         made = []
         for _ in range(count):
             host = f"host-{len(self.homes)}"
             home = self._stack.enter_context(e2e_home())
             self.homes[host] = home
-            self.write_config(host, extra, timings)
+            self.write_config(host, extra, timings, top)
             if len(self.homes) == 1:
                 self.cli(host, "fleet", "key", "create")
             else:
@@ -74,11 +78,16 @@ class FleetHosts:
         return made
 
     def write_config(
-        self, host: str, extra: str = "", timings: dict[str, float] | None = None
+        self,
+        host: str,
+        extra: str = "",
+        timings: dict[str, float] | None = None,
+        top: str = "",
     ) -> None:
         config = self.homes[host].paths.config_dir / "config.toml"
         config.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        config.write_text(fleet_config_text(self.endpoints, host, self.name, extra, timings))
+        text = fleet_config_text(self.endpoints, host, self.name, extra, timings)
+        config.write_text(top + text)
 
     def config_file(self, host: str) -> Path:
         return self.homes[host].paths.config_dir / "config.toml"
