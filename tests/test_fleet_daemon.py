@@ -15,7 +15,11 @@ import pytest
 
 from aac_tokend.core.policy import SERVE_MARGIN_SECONDS
 from aac_tokend.core.tokens import parse_jwt
+from aac_tokend.errors import EtcdUnavailableError
+from aac_tokend.fleet.routing import RoutingStore
 from aac_tokend.sandbox.demo_fleet import fleet_config_text
+from aac_tokend.store.memory import MemoryStore
+from aac_tokend.testing import oauth_state
 from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
 from tests.fleet_rig import (
     TTL,
@@ -221,3 +225,33 @@ class TestConfig:
         etcd.restore()
         wait_until(lambda: daemon.token("default"), 20, "the fleet profile's token")
         assert daemon.alive and daemon.token("solo")
+
+
+class UnreachableFleet(MemoryStore):
+    """A fleet store whose etcd is out of reach while ``down`` (its listing fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def profiles(self) -> list[str]:
+        if self.down:
+            raise EtcdUnavailableError("etcd /v3/kv/range: no member answered (test)")
+        return super().profiles()
+
+
+class TestRoutingListing:
+    """The routed listing survives etcd out of reach: local names stay, fleet names too."""
+
+    def test_listing_without_etcd_keeps_local_and_last_fleet_names(self) -> None:
+        """Down at start: the local names; up: both; down again: both, as last listed."""
+        local, fleet = MemoryStore(), UnreachableFleet()
+        local.save(oauth_state(profile="solo"))
+        fleet.save(oauth_state(profile="shared"))
+        routed = RoutingStore(local, fleet, lambda name: name == "shared", "f")
+        fleet.down = True
+        assert routed.profiles() == ["solo"]
+        fleet.down = False
+        assert routed.profiles() == ["shared", "solo"]
+        fleet.down = True
+        assert routed.profiles() == ["shared", "solo"]
