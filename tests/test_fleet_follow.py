@@ -1,8 +1,8 @@
 """The chain follower against a real 3-member etcd: in order, once, through kills and compaction.
 
-``StandInChains`` reads and opens chain keys with the real Sealer and decode_record, as
-FleetChains.read_all/open do (chains.py is built in parallel; the coordinator switches this
-test to it). Records are written straight to the chain keys, sealed at their seq.
+The follower reads through the real ``FleetChains`` (each follower a host of its own, with
+its own high-water marks), counted by ``CountingChains``. Records are written straight to
+the chain keys, sealed at their seq.
 """
 
 from __future__ import annotations
@@ -11,20 +11,21 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from aac_tokend.core.policy import begin_attempt
 from aac_tokend.errors import AacTokendError, EtcdUnavailableError
-from aac_tokend.fleet.etcd import EtcdClient, KeyValue, Watch, WatchEvent
+from aac_tokend.fleet.chains import FleetChains, Versioned
+from aac_tokend.fleet.etcd import EtcdClient, Watch, WatchEvent
 from aac_tokend.fleet.follow import ChainFollower
-from aac_tokend.fleet.keys import FleetKeys, KeyKind
+from aac_tokend.fleet.highwater import HighWater
+from aac_tokend.fleet.keys import FleetKeys
 from aac_tokend.fleet.records import (
     Attempt,
     ChainRecord,
-    decode_record,
     encode_record,
     first_record,
     journal_of,
@@ -60,38 +61,16 @@ def etcd(cluster: EtcdCluster) -> Iterator[EtcdCluster]:
     cluster.restore()
 
 
-@dataclass(frozen=True)
-class Versioned:
-    """chains.Versioned: a record and its key's mod revision."""
+class CountingChains(FleetChains):
+    """The real FleetChains, counting its full reads (a re-read after a lost watch)."""
 
-    record: ChainRecord
-    revision: int
-
-
-class StandInChains:
-    """FleetChains.read_all/open, for this test: the real Sealer and decode_record."""
-
-    def __init__(self, client: EtcdClient, keys: FleetKeys, sealer: Sealer) -> None:
-        self.client, self.keys, self.sealer = client, keys, sealer
+    def __init__(self, client: EtcdClient, keys: FleetKeys, sealer: Sealer, state_dir: Path):
+        super().__init__(client, keys, sealer, HighWater(state_dir, keys.fleet))
         self.reads = 0
-
-    def open(self, profile: str, kv: KeyValue) -> Versioned:
-        _, plain = self.sealer.unseal(profile, kv.value)
-        return Versioned(decode_record(plain, profile), kv.mod_revision)
 
     def read_all(self) -> tuple[dict[str, Versioned | AacTokendError], int]:
         self.reads += 1
-        found = self.client.range(self.keys.prefix(KeyKind.CHAIN), prefix=True)
-        opened: dict[str, Versioned | AacTokendError] = {}
-        for kv in found.kvs:
-            parsed = self.keys.parse(kv.key)
-            if parsed is None:
-                continue
-            try:
-                opened[parsed[1]] = self.open(parsed[1], kv)
-            except AacTokendError as exc:
-                opened[parsed[1]] = exc
-        return opened, found.revision
+        return super().read_all()
 
 
 class BreakingWatch:
@@ -163,7 +142,8 @@ class Delivered:
 class Fleet:
     """One test's fleet: its keys, sealer and a writer of sealed chain records."""
 
-    def __init__(self, cluster: EtcdCluster) -> None:
+    def __init__(self, cluster: EtcdCluster, hosts: Path) -> None:
+        self.hosts = hosts
         self.keys = FleetKeys(f"follow{next(_fleets)}x{time.monotonic_ns()}")
         self.sealer = Sealer(KEY, self.keys.fleet)
         self.endpoints = cluster.endpoints
@@ -187,11 +167,12 @@ class Fleet:
         boottime: Callable[[], float] = time.monotonic,
         *,
         wait: bool = True,
-    ) -> tuple[ChainFollower[Versioned], Delivered, StandInChains]:
+    ) -> tuple[ChainFollower[Versioned], Delivered, CountingChains]:
         """A started follower; unless told not to, one that has read and is watching."""
         client = client or EtcdClient(self.endpoints, timeout=3, connect_timeout=0.5)
         delivered = Delivered()
-        chains = StandInChains(client, self.keys, self.sealer)
+        state_dir = self.hosts / f"host{len(self.followers)}"
+        chains = CountingChains(client, self.keys, self.sealer, state_dir)
         follower = ChainFollower(
             client,
             chains,
@@ -211,9 +192,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(cluster: EtcdCluster) -> Iterator[Fleet]:
+def fleet(cluster: EtcdCluster, tmp_path: Path) -> Iterator[Fleet]:
     """A fleet no other test uses; its followers are closed after the test."""
-    made = Fleet(cluster)
+    made = Fleet(cluster, tmp_path)
     yield made
     for follower in made.followers:
         follower.close()

@@ -43,6 +43,7 @@ class RoutingStore(StateStore):
     ) -> None:
         self._local, self._fleet, self._covers = local, fleet, covers
         self._fleet_name = fleet_name
+        self._fleet_names: list[str] = []
 
     def _for(self, profile: str) -> StateStore:
         return self._fleet if self._covers(profile) else self._local
@@ -95,9 +96,15 @@ class RoutingStore(StateStore):
 
     def profiles(self) -> list[str]:
         local = self._local.profiles()
-        with self._etcd():
-            fleet = self._fleet.profiles()
-        return sorted(set(fleet) | set(local))
+        try:
+            with self._etcd():
+                self._fleet_names = self._fleet.profiles()
+        except StorageError:
+            # etcd out of reach must neither hide the local profiles (a daemon started while
+            # etcd is down serves them) nor drop the fleet ones it serves (a follower that
+            # loses etcd serves until expiry): the fleet's names as last listed.
+            pass
+        return sorted(set(self._fleet_names) | set(local))
 
     def listing_stamp(self) -> int:
         return hash((self._local.listing_stamp(), self._fleet.listing_stamp()))

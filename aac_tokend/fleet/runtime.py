@@ -145,6 +145,10 @@ class FleetRuntime:
         self.leases.start()
         self.follower.start()
         self.elector.start()
+        # A warm courier on every host, follower or not: a follower that becomes owner
+        # refreshes at once, not after an interpreter's start (1-2 s on a loaded host) on
+        # the failover path, where the refresh margin is already spent on the handover.
+        threading.Thread(target=self._courier.prepare, name="courier-warm", daemon=True).start()
         self._started = True
 
     def close(self) -> None:

@@ -193,8 +193,9 @@ def load_fleet_key(config_dir: Path) -> bytes:
         return read_key_file(path, FLEET_KEY_BYTES, "fleet key", unreadable=_AGAIN, damaged=_AGAIN)
     except FileNotFoundError:
         raise StorageError(
-            f"no fleet key at {path}; create it on the first host, or import the line that "
-            "'export' printed there"
+            f"no fleet key at {path}; create it on the fleet's first host (`aac-tokend fleet "
+            "key create`), or on this one run `aac-tokend fleet key import` with the line that "
+            "`aac-tokend fleet key export` printed on a host of the fleet"
         ) from None
 
 

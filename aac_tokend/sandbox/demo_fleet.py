@@ -31,7 +31,13 @@ import requests
 from ..client import ControlClient, read_token
 from ..core.tokens import token_hash
 
-__all__ = ["FLEET_TIMINGS", "MARGIN_SECONDS", "run_fleet_demo", "write_fleet_config"]
+__all__ = [
+    "FLEET_TIMINGS",
+    "MARGIN_SECONDS",
+    "fleet_config_text",
+    "run_fleet_demo",
+    "write_fleet_config",
+]
 
 HOSTS = ("host-a", "host-b", "host-c")
 #: The fleet's timings, scaled down so that a failover fits in seconds; the relations the
@@ -213,19 +219,30 @@ class _FleetDemo:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def write_fleet_config(home: Path, endpoints: list[str], host: str, name: str = "demo") -> None:
-    """``home``'s config.toml for one host of the fleet, with the demo's scaled timings.
-
-    Shared with the fleet benchmark (tests/bench_fleet.py), which runs the same hosts.
-    """
-    timings = "\n".join(f"{k} = {v}" for k, v in FLEET_TIMINGS.items())
+def fleet_config_text(
+    endpoints: list[str],
+    host: str,
+    name: str = "demo",
+    extra: str = "",
+    timings: dict[str, float] | None = None,
+) -> str:
+    """A host's config.toml for the demo's fleet (the tests use it too): the scaled timings
+    (``timings`` replaces some), the margin they need, and ``extra`` [fleet] lines."""
+    chosen = {**FLEET_TIMINGS, **(timings or {})}
+    lines = "\n".join(f"{k} = {v}" for k, v in chosen.items())
     urls = ", ".join(f'"{url}"' for url in endpoints)
+    return (
+        f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
+        f'endpoints = [{urls}]\nname = "{name}"\nhost = "{host}"\n{lines}\n{extra}'
+    )
+
+
+def write_fleet_config(home: Path, endpoints: list[str], host: str, name: str = "demo") -> None:
+    """``home``'s config.toml for one host of the fleet, with the demo's scaled timings
+    (shared with the fleet benchmark, tests/bench_fleet.py, which runs the same hosts)."""
     config_dir = home / "config"
     config_dir.mkdir(mode=0o700, exist_ok=True)
-    (config_dir / "config.toml").write_text(
-        f"min_margin_seconds = {MARGIN_SECONDS}\nnotifications = false\n\n[fleet]\n"
-        f'endpoints = [{urls}]\nname = "{name}"\nhost = "{host}"\n{timings}\n'
-    )
+    (config_dir / "config.toml").write_text(fleet_config_text(endpoints, host, name))
 
 
 def _healthy(url: str) -> bool:
