@@ -517,6 +517,21 @@ class TestStatus:
         assert "home  owner none" in text and report.host in text
         chains.client.revoke(lease.id)
 
+    def test_an_owner_that_is_no_host_name_is_shown_escaped(
+        self, cluster: EtcdCluster, chains: HookedChains, paths: Paths
+    ) -> None:
+        """An owner key written with escape sequences reaches the terminal escaped, not raw."""
+        chains.create("work", oauth_state())
+        evil = "host-b\x1b[2J\x1b]0;owned\x07\rFAKE LINE"
+        chains.client.put(chains.keys.owner("work"), evil.encode())
+        settings = FleetSettings(tuple(cluster.endpoints), chains.keys.fleet)
+        text = status_text(fleet_report(Fleet(settings, chains.client, chains.keys, chains, paths)))
+        assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+        assert "owner 'host-b\\x1b[2J" in text
+        chains.client.put(chains.keys.owner("work"), b"host-b.example.com")
+        text = status_text(fleet_report(Fleet(settings, chains.client, chains.keys, chains, paths)))
+        assert "work  owner host-b.example.com  seq" in text
+
     def test_an_unreachable_etcd_is_said_per_member(
         self, chains: HookedChains, paths: Paths
     ) -> None:
@@ -579,6 +594,23 @@ class TestKeyCommands:
             assert proc.returncode == code, proc.stderr
             assert (b"aacfleetkey1." in shown) == (code == 0)
 
+    def test_export_to_a_regular_file_needs_yes_print(self, home: E2EHome, tmp_path: Path) -> None:
+        """stdout a regular file (a secret that stays on disk): refused, exit 2, the file
+        empty; with --yes-print it is written."""
+        home.cli("fleet", "key", "create")
+        for extra, code in (((), 2), (("--yes-print",), 0)):
+            target = tmp_path / f"exported{len(extra)}"
+            with target.open("wb") as out:
+                proc = subprocess.run(
+                    home.command("fleet", "key", "export", *extra),
+                    stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                    env=home.env, timeout=30,
+                )  # fmt: skip
+            assert proc.returncode == code, proc.stderr
+            assert (b"aacfleetkey1." in target.read_bytes()) == (code == 0)
+            if code:
+                assert b"not a pipe" in proc.stderr and proc.stderr.count(b"\n") == 1
+
     def test_importing_again_is_harmless_and_another_key_is_refused(
         self, home: E2EHome, tmp_path: Path
     ) -> None:
@@ -629,7 +661,7 @@ class TestMoveCommandRefusals:
         try:
             for command in ("move-in", "move-out"):
                 line = assert_one_line_error(home.cli("fleet", command, "work"), 3)
-                assert "aac-tokend stop" in line
+                assert "aac-tokend stop" in line and f"aac-tokend fleet {command} work`" in line
         finally:
             lock.release()
         assert home.state_file("work").exists()

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from aac_tokend.core.importer import build_state, parse_import_text
 from aac_tokend.fleet.chains import FleetChains
 from aac_tokend.fleet.courier import FleetCourier, FleetSpec
 from aac_tokend.fleet.etcd import EtcdClient
+from aac_tokend.fleet.etcd_session import Credentials
 from aac_tokend.fleet.fenced import FleetJob
 from aac_tokend.fleet.highwater import HighWater
 from aac_tokend.fleet.keys import FleetKeys
@@ -209,6 +211,76 @@ class TestSpec:
             assert key not in joined
             assert base64.b64encode(key) not in joined
             assert host.job().refresh_token.encode() not in joined
+
+
+class TestEtcdPassword:
+    """etcd's password comes from the daemon inside the spec: a courier reads no file."""
+
+    def test_it_travels_whole_on_stdin_and_in_no_repr(self, host: Host) -> None:
+        """to_dict/from_dict keep it (spaces too); repr shows neither it nor the key."""
+        spec = dataclasses.replace(host.spec, etcd_password="s3cret pass ")
+        assert FleetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+        assert "s3cret" not in repr(spec)
+
+    def test_a_password_file_gone_costs_no_refresh(
+        self, secured: EtcdCluster, sandbox: SandboxServer, tmp_path: Path
+    ) -> None:
+        """etcd with auth on, the password file removed after the daemon read it: the warm
+        spare and a cold courier both authenticate with the spec's password and refresh."""
+        name = f"t{secrets.token_hex(4)}"
+        gone = tmp_path / "etcd.password"  # never there: as if removed after the daemon's start
+        settings = FleetSettings(
+            endpoints=tuple(secured.endpoints), name=name, lease_ttl_seconds=30,
+            user="app", password_file=str(gone),
+        )  # fmt: skip
+        client = EtcdClient(secured.endpoints, timeout=5.0, credentials=Credentials("app", "pw"))
+        key = secrets.token_bytes(32)
+        keys = FleetKeys(name)
+        chains = FleetChains(client, keys, Sealer(key, name), HighWater(tmp_path / "adm", name))
+        request = parse_import_text(json.dumps(sandbox.generate()), profile=PROFILE)
+        request = dataclasses.replace(request, token_endpoint=sandbox.token_endpoint)
+        chains.create(PROFILE, build_state(request, time.time()))
+        lease = client.grant(30)
+        client.put(keys.owner(PROFILE), b"a", lease=lease.id)
+        spec = FleetSpec(settings, "a", lease.id, str(tmp_path / "st"), key, etcd_password="pw")
+        for warm in (True, False):
+            courier = FleetCourier(spec, warm=warm)
+            try:
+                if warm:
+                    assert courier.prepare() is not None
+                record = chains.read(PROFILE)
+                assert record is not None
+                job = FleetJob(PROFILE, record.record.state.refresh_token)  # type: ignore[arg-type]
+                result = courier.refresh(job)
+            finally:
+                courier.close()
+            assert result.kind is CourierKind.REFRESHED, result
+        assert [e["outcome"] for e in sandbox.log()] == ["rotated", "rotated"]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One member with auth on: user "app" (password "pw") may use /aac-tokend/ only."""
+    with EtcdCluster(tmp_path_factory.mktemp("etcd-auth"), size=1).running() as c:
+        url = c.endpoints[0]
+
+        def post(path: str, body: dict[str, object]) -> None:
+            answer = requests.post(url + path, json=body, timeout=5)
+            assert answer.status_code == 200, answer.text
+
+        def b(data: bytes) -> str:
+            return base64.b64encode(data).decode()
+
+        post("/v3/auth/user/add", {"name": "root", "password": "root-pw"})
+        post("/v3/auth/role/add", {"name": "root"})
+        post("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        post("/v3/auth/role/add", {"name": "fleet"})
+        perm = {"permType": "READWRITE", "key": b(b"/aac-tokend/"), "range_end": b(b"/aac-tokend0")}
+        post("/v3/auth/role/grant", {"name": "fleet", "perm": perm})
+        post("/v3/auth/user/add", {"name": "app", "password": "pw"})
+        post("/v3/auth/user/grant", {"user": "app", "role": "fleet"})
+        post("/v3/auth/enable", {})
+        yield c
 
 
 class TestLatency:

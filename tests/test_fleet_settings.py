@@ -201,6 +201,22 @@ class TestBadValues:
         message = refused(fleet(lease_ttl=10))
         assert "'fleet.lease_ttl' is not known; did you mean 'lease_ttl_seconds'?" in message
 
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://etcd one:2379",
+            "http://127.0.0.1:\t2379",
+            "https://etcd1\x0b.example:2379",
+            "https://etcd1\x1b[2J:2379",
+            "https://etcd1\\@evil:2379",
+        ],
+    )
+    def test_whitespace_and_control_characters_in_an_endpoint_are_refused(self, url: str) -> None:
+        """As for the token endpoint: refused in one line, and no control character echoed."""
+        message = refused(fleet(endpoints=[url]))
+        assert "whitespace or a control character" in message and "fleet.endpoints" in message
+        assert message.isprintable()
+
     def test_credentials_in_an_endpoint_are_refused_unquoted(self) -> None:
         """user:password@ in a URL is refused, pointing at user and password_file, unquoted."""
         message = refused(fleet(endpoints=["https://root:hunter2@e:2379"]))

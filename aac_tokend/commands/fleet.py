@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,8 +36,6 @@ __all__ = ["Fleet", "add_arguments", "open_fleet", "run_cli"]
 
 #: An export line is about 60 characters; more than this on stdin is not one.
 MAX_KEY_TEXT = 4096
-#: Read from a password file: an etcd password is short; a large file is the wrong file.
-MAX_PASSWORD_BYTES = 4096
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +89,11 @@ def _key(args: argparse.Namespace, paths: Paths) -> int:
         )
         return 0
     if args.key_command == "export":
-        if sys.stdout.isatty() and not args.yes_print:
+        if not args.yes_print and not _to_a_pipe():
             raise UsageError(
-                "fleet key export: standard output is a terminal and the key is a secret; pipe "
-                "it to `aac-tokend fleet key import` on the other host, or add --yes-print"
+                "fleet key export: standard output is not a pipe and the key is a secret (a "
+                "terminal shows it, a file keeps it); pipe it to `aac-tokend fleet key import` "
+                "on the other host, or add --yes-print"
             )
         key = sealing.load_fleet_key(paths.config_dir)
         print(
@@ -107,6 +107,16 @@ def _key(args: argparse.Namespace, paths: Paths) -> int:
     sealing.import_fleet_key(paths.config_dir, _read_key_text())
     print(f"the fleet key was already installed at {where}" if had else f"installed {where}")
     return 0
+
+
+def _to_a_pipe() -> bool:
+    """True if standard output is a pipe or a socket (``ssh HOST ... import``): a terminal
+    would show the key and a regular file would keep it, both where it does not belong."""
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):  # closed, or not a real file
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _read_key_text() -> str:
@@ -154,54 +164,17 @@ def fleet_settings(paths: Paths) -> FleetSettings:
     return settings
 
 
-def etcd_client(settings: FleetSettings) -> EtcdClient:
-    """An etcd client for the settings' endpoints, TLS and user."""
-    from ..fleet.etcd import Credentials, EtcdClient, TlsFiles
-
-    tls = None
-    if settings.ca_file is not None or settings.cert_file is not None:
-        from requests.utils import DEFAULT_CA_BUNDLE_PATH  # what requests trusts by default
-
-        tls = TlsFiles(
-            ca=settings.ca_file or DEFAULT_CA_BUNDLE_PATH,
-            cert=settings.cert_file,
-            key=settings.key_file,
-        )
-    credentials = None
-    if settings.user is not None and settings.password_file is not None:
-        credentials = Credentials(settings.user, _password(settings.password_file))
-    return EtcdClient(
-        settings.endpoints,
-        connect_timeout=settings.connect_timeout_seconds,
-        tls=tls,
-        credentials=credentials,
-    )
-
-
-def _password(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_PASSWORD_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(
-            f"fleet.password_file {path}: cannot read it ({exc.strerror}); fix the path or "
-            "its permissions"
-        ) from exc
-    if len(raw) > MAX_PASSWORD_BYTES:
-        raise ConfigError(f"fleet.password_file {path}: over {MAX_PASSWORD_BYTES} bytes")
-    return raw.decode("utf-8", errors="replace").rstrip("\r\n")
-
-
 def open_fleet(paths: Paths) -> Fleet:
     """The configured fleet with its key loaded and its chains ready (no etcd call yet)."""
     from ..fleet.chains import FleetChains
+    from ..fleet.connect import connect
     from ..fleet.highwater import HighWater
     from ..fleet.keys import FleetKeys
     from ..fleet.sealing import Sealer, load_fleet_key
 
     settings = fleet_settings(paths)
     sealer = Sealer(load_fleet_key(paths.config_dir), settings.name)
-    client = etcd_client(settings)
+    client = connect(settings, connect_timeout=settings.connect_timeout_seconds)
     keys = FleetKeys(settings.name)
     chains = FleetChains(client, keys, sealer, HighWater(paths.state_dir, settings.name))
     return Fleet(settings, client, keys, chains, paths)
@@ -211,7 +184,7 @@ def open_fleet(paths: Paths) -> Fleet:
 
 
 @contextmanager
-def daemon_stopped(paths: Paths, command: Move) -> Iterator[None]:
+def daemon_stopped(paths: Paths, command: Move, profile: str) -> Iterator[None]:
     """Hold the single-owner lock: no daemon of this host runs, or starts, meanwhile."""
     from ..store.owner import OwnerLock
 
@@ -223,7 +196,8 @@ def daemon_stopped(paths: Paths, command: Move) -> Iterator[None]:
         # Its own words name the control socket; a move has no socket op: say what to do.
         refusal.args = (
             f"fleet {command}: the daemon is running (pid {exc.pid or 'unknown'}); stop it "
-            f"with `aac-tokend stop`, run `aac-tokend fleet {command}` again, then start it",
+            f"with `aac-tokend stop`, run `aac-tokend fleet {command} {profile}` again, then "
+            "start it",
         )
         raise refusal from exc
 
@@ -240,7 +214,7 @@ def _move(command: Move, profile: str, paths: Paths) -> int:
             f"fleet move-in: profile {profile} is not in [fleet] profiles of "
             f"{paths.config_file}; add it there first"
         )
-    with daemon_stopped(paths, command):
+    with daemon_stopped(paths, command, profile):
         fleet = open_fleet(paths)
         store = open_file_store(paths)
         mover = move_in if command is Move.IN else move_out

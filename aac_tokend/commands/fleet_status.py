@@ -8,6 +8,7 @@ is reported per member, and the profiles part then says it could not be read (ex
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from dataclasses import asdict, dataclass
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
     from .fleet_markers import Move
 
 __all__ = ["FleetReport", "MemberRow", "ProfileRow", "fleet_report", "print_status"]
+
+#: A host name as owner keys carry one ([fleet] host, or the machine's, dots allowed).
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+#: An owner value that is no host name is shown escaped, and only this much of it.
+_MAX_SHOWN_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,16 @@ def host_name(configured: str | None = None) -> str:
     return configured or socket.gethostname()
 
 
+def shown_host(value: str) -> str:
+    """``value`` if it is a host name, else escaped (quoted, ASCII only, cut short): an
+    owner key is written by anyone with write access to etcd, and a terminal obeys the
+    escape sequences it would otherwise print."""
+    if _HOST_RE.fullmatch(value):
+        return value
+    cut = value[:_MAX_SHOWN_CHARS]
+    return ascii(cut) + ("..." if len(value) > len(cut) else "")
+
+
 def _member(fleet: Fleet, endpoint: str) -> MemberRow:
     try:
         status = fleet.client.status(endpoint)
@@ -100,7 +116,7 @@ def _owners(fleet: Fleet) -> dict[str, tuple[str, int | None]]:
         parsed = fleet.keys.parse(kv.key)
         if parsed is not None:
             info = fleet.client.time_to_live(kv.lease) if kv.lease else None
-            host = kv.value.decode("utf-8", errors="replace")
+            host = shown_host(kv.value.decode("utf-8", errors="replace"))
             owners[parsed[1]] = (host, info.ttl if info is not None else None)
     return owners
 
@@ -128,7 +144,7 @@ def fleet_report(fleet: Fleet) -> FleetReport:
             rows.append(ProfileRow(profile, owner, None, None, "no chain in the fleet", left))
         else:
             attempt = found.record.unresolved
-            by = attempt.host if attempt is not None else None
+            by = shown_host(attempt.host) if attempt is not None else None
             rows.append(ProfileRow(profile, owner, found.record.seq, by, None, left))
     return FleetReport(host, name, members, tuple(rows), None, moves)
 

@@ -16,9 +16,10 @@ another fleet opens the job's afresh, and the lease is always the job's.
 
 ``FleetSpec`` is what the spawned side needs to open etcd and the chains: the fleet settings
 (as a dict), this host's name, the lease the owner key is bound to, the state directory (the
-high-water marks, the profile locks and the pending records) and the fleet key itself. It
-travels on the courier's stdin with the job, never in argv or the environment (the fleet
-key, and through the settings, the path of etcd's password file).
+high-water marks, the profile locks and the pending records), the fleet key itself and
+etcd's password as the daemon read it at start. It travels on the courier's stdin with the
+job, never in argv or the environment (the fleet key and the password are secrets), and
+neither is in its repr.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..refresh.result import CourierResult
 from ..refresh.spawn import FLEET_FLAG, SpawnCourier
 from ..refresh.transaction import CourierJob
 from .clocks import suspend_clock
+from .connect import connect
 from .connection import PreparedRequest, RequestTimeouts, open_request
 from .fenced import FleetJob, carry_fenced
 from .settings import FleetSettings
@@ -48,7 +50,7 @@ if TYPE_CHECKING:  # imported where they are built
     from .etcd import EtcdClient
     from .store import FleetStore
 
-__all__ = ["FLEET_FLAG", "FleetCourier", "FleetSpec", "client_for", "read_fleet_message"]
+__all__ = ["FLEET_FLAG", "FleetCourier", "FleetSpec", "read_fleet_message"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class FleetSpec:
     lease_id: int
     state_dir: str
     fleet_key: bytes = field(repr=False)
+    #: etcd's password, read once by the daemon (fleet/connect.py): a courier never reads
+    #: the file, which may be gone or rotated by the time it runs.
+    etcd_password: str | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +73,7 @@ class FleetSpec:
             "lease_id": self.lease_id,
             "state_dir": self.state_dir,
             "fleet_key": base64.b64encode(self.fleet_key).decode(),
+            "etcd_password": self.etcd_password,
         }
 
     @classmethod
@@ -82,7 +88,14 @@ class FleetSpec:
             int(data["lease_id"]),
             str(data["state_dir"]),
             base64.b64decode(data["fleet_key"], validate=True),
+            _password(data.get("etcd_password")),
         )
+
+
+def _password(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError("etcd_password is not a string")
 
 
 def fleet_message(spec: FleetSpec, job: CourierJob, deadline: float) -> bytes:
@@ -121,28 +134,6 @@ def read_fleet_message(data: dict[str, Any]) -> tuple[FleetSpec, FleetJob, float
         inherited_attempt=str(job["inherited_attempt"]) if job.get("inherited_attempt") else None,
     )
     return FleetSpec.from_dict(data["fleet"]), fleet_job, float(data["deadline"])
-
-
-def client_for(settings: FleetSettings) -> EtcdClient:
-    """An etcd client of the fleet's members with its TLS files and credentials."""
-    from .etcd import EtcdClient
-    from .etcd_session import Credentials, TlsFiles
-
-    tls = (
-        TlsFiles(settings.ca_file, settings.cert_file, settings.key_file)
-        if settings.ca_file
-        else None
-    )
-    credentials = None
-    if settings.user and settings.password_file:
-        password = Path(settings.password_file).read_text(encoding="utf-8").strip()
-        credentials = Credentials(settings.user, password)
-    return EtcdClient(
-        settings.endpoints,
-        timeout=settings.connect_timeout_seconds,
-        tls=tls,
-        credentials=credentials,
-    )
 
 
 @dataclass(frozen=True)
@@ -186,7 +177,9 @@ def open_fleet(spec: FleetSpec) -> OpenedFleet:
 
     settings = spec.settings
     state_dir = Path(spec.state_dir)
-    client = client_for(settings)
+    client = connect(
+        settings, password=spec.etcd_password, timeout=settings.connect_timeout_seconds
+    )
     chains = FleetChains(
         client,
         FleetKeys(settings.name),

@@ -32,7 +32,7 @@ from ..errors import (
     EtcdUnavailableError,
     EtcdUnsentError,
 )
-from .etcd_session import Credentials, TlsFiles, attempt, session_for
+from .etcd_session import Credentials, TlsFiles, attempt, session_for, tls_failure
 
 #: What a request that got no answer raises (reading the body raises urllib3's own errors).
 _BROKEN = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError)
@@ -56,6 +56,10 @@ class _SentError(Exception):
 
 class _UnsentError(Exception):
     """This attempt failed before any byte of the request left."""
+
+
+class _TlsUnsentError(_UnsentError):
+    """TLS stopped this attempt before any byte left (a CA, a certificate, a handshake)."""
 
 
 def _etcd_error(response: requests.Response) -> tuple[int, str]:
@@ -108,6 +112,7 @@ class Transport:
         """One call within ``timeout``; see the module docstring for failover and errors."""
         deadline = time.monotonic() + self.timeout
         failures: list[str] = []
+        tls_refused = 0
         members = [endpoint] if endpoint else self.rotation()
         for tried, member in enumerate(members):
             if deadline - time.monotonic() <= 0:
@@ -120,6 +125,7 @@ class Transport:
                 answer = self._authorised(member, path, body, deadline, share)
             except _UnsentError as exc:
                 failures.append(f"{member}: {exc}")
+                tls_refused += isinstance(exc, _TlsUnsentError)
                 continue
             except _SentError as exc:
                 if write:
@@ -133,6 +139,8 @@ class Transport:
             return answer
         said = "; ".join(failures) or "no member tried"
         kind = EtcdUnsentError if write else EtcdUnavailableError
+        if failures and tls_refused == len(failures):
+            raise kind(f"etcd {path}: TLS refused every member tried ({said})")
         raise kind(f"etcd {path}: no member answered within {self.timeout:g} s ({said})")
 
     def _authorised(
@@ -218,6 +226,10 @@ class Transport:
                 name = type(e).__name__
                 if sending.sent:
                     raise _SentError(f"no answer: {name}") from e
+                # A TLS refusal is no silent etcd: say which file, and what OpenSSL said.
+                tls = tls_failure(e, self.tls)
+                if tls is not None:
+                    raise _TlsUnsentError(tls) from e
                 raise _UnsentError(name) from e
         if response.status_code == 200:
             try:

@@ -35,10 +35,9 @@ from ..store.files import CRYPTO_LOCK
 from ..store.interface import StateStore
 from .chains import FleetChains, Versioned
 from .clocks import suspend_clock
+from .connect import connect, read_password
 from .courier import FleetCourier, FleetSpec
 from .election import Elector
-from .etcd import EtcdClient
-from .etcd_session import Credentials, TlsFiles
 from .fenced import FleetJob
 from .follow import ChainFollower
 from .highwater import HighWater
@@ -79,11 +78,14 @@ class FleetRuntime:
         self.settings = settings
         self.host = settings.host or socket.gethostname()
         key = load_fleet_key(paths.config_dir)
-        self.client = EtcdClient(
-            settings.endpoints,
-            tls=_tls(settings),
-            credentials=_credentials(settings),
+        # Read once, here: the couriers get it on stdin with the spec, so a password file
+        # rotated or gone while the daemon runs costs no refresh (it counts at the next start).
+        password = (
+            read_password(settings.password_file)
+            if settings.user is not None and settings.password_file is not None
+            else None
         )
+        self.client = connect(settings, password=password)
         keys = FleetKeys(settings.name)
         sealer = Sealer(key, settings.name, lock=CRYPTO_LOCK)
         highwater = HighWater(paths.state_dir, settings.name)
@@ -93,12 +95,11 @@ class FleetRuntime:
         # period, and counts the lease on the suspend-counting clock: a host that slept
         # through its lease must not think it still holds it.
         period = settings.lease_ttl_seconds * settings.keepalive_fraction
-        keeper_client = EtcdClient(
-            settings.endpoints,
+        keeper_client = connect(
+            settings,
+            password=password,
             timeout=max(0.2, period * 0.8),
             connect_timeout=max(0.1, min(1.0, period * 0.4)),
-            tls=_tls(settings),
-            credentials=_credentials(settings),
         )
         self.leases = LeaseKeeper(
             keeper_client,
@@ -130,7 +131,9 @@ class FleetRuntime:
             suspend_clock,
             watch_idle_seconds=idle,
         )
-        self._spec = FleetSpec(settings, self.host, 0, str(paths.state_dir), key)
+        self._spec = FleetSpec(
+            settings, self.host, 0, str(paths.state_dir), key, etcd_password=password
+        )
         self._courier = FleetCourier(self._spec)
         #: What the engine uses: fleet profiles here, the others on the local files.
         self.routed_store = RoutingStore(local_store, self.store, self.covers, settings.name)
@@ -291,18 +294,3 @@ class FleetRuntime:
     def _on_gone(self, name: str) -> None:
         with self._lock:
             self._records.pop(name, None)
-
-
-def _tls(settings: FleetSettings) -> TlsFiles | None:
-    if settings.ca_file is None:
-        return None
-    return TlsFiles(settings.ca_file, settings.cert_file, settings.key_file)
-
-
-def _credentials(settings: FleetSettings) -> Credentials | None:
-    if settings.user is None or settings.password_file is None:
-        return None
-    from pathlib import Path
-
-    password = Path(settings.password_file).read_text().strip()
-    return Credentials(settings.user, password)

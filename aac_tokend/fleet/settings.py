@@ -182,6 +182,13 @@ def _endpoint(value: object) -> str:
     need = "must be etcd client URLs like 'https://etcd1:2379'"
     if not isinstance(value, str) or not value or len(value) > 2048:
         raise _BadValueError(f"{need} (got {_shown(value)})")
+    # As the token endpoint's check (core/origin.py): urlsplit keeps a space or a control
+    # character in the host, which the resolver and the TLS check would each read their way.
+    if "\\" in value or not value.isprintable() or any(c.isspace() for c in value):
+        raise _BadValueError(
+            f"{need}; this one holds a backslash, whitespace or a control character "
+            f"(got {_shown(value)})"
+        )
     try:
         url = urllib.parse.urlsplit(value)
         port = url.port

@@ -40,4 +40,9 @@ def load_config(config_dir: Path) -> Config:
             f"config error in {path}: not UTF-8 text (bad byte at offset {exc.start}); "
             "save it as UTF-8"
         ) from None
-    return parse_config(text, str(path))
+    config = parse_config(text, str(path))
+    if config.fleet is not None:  # fleet mode only: see fleet/
+        from ..fleet.connect import check_files
+
+        check_files(config.fleet, str(path))
+    return config
