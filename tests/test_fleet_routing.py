@@ -10,7 +10,8 @@ import pytest
 from aac_tokend.core.config import Config
 from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
-from aac_tokend.errors import InputError, StorageError
+from aac_tokend.core.state import ProfileState
+from aac_tokend.errors import InputError, RollbackError, StateCorruptError, StorageError
 from aac_tokend.fleet.routing import RoutingStore
 from aac_tokend.testing import (
     T0,
@@ -47,6 +48,23 @@ class TestRouting:
         fleet.delete("work")
         local.save(oauth_state())
         with pytest.raises(StorageError, match="fleet move-in work"):
+            routed.load("work")
+
+
+class RollingBackStore(MemoryStore):
+    """A fleet store whose chain is older than this host has seen (etcd rolled back)."""
+
+    def load(self, profile: str) -> ProfileState | None:
+        raise RollbackError(f"fleet 'demo' profile {profile!r}: a rollback")
+
+
+class TestRollback:
+    """A rolled-back chain reaches the engine as a state it must not use, never a crash."""
+
+    def test_rollback_is_a_state_not_to_use(self) -> None:
+        """RollbackError becomes StateCorruptError, which the engine reports and keeps."""
+        routed = RoutingStore(MemoryStore(), RollingBackStore(), lambda n: n == "work", "demo")
+        with pytest.raises(StateCorruptError, match="rollback"):
             routed.load("work")
 
 

@@ -26,6 +26,8 @@ from ..errors import (
     EtcdUnavailableError,
     FenceLostError,
     InputError,
+    RollbackError,
+    StateCorruptError,
     StorageError,
 )
 from ..refresh.courier import CourierJob, Refresher
@@ -54,6 +56,8 @@ class RoutingStore(StateStore):
             yield
         except (EtcdUnavailableError, EtcdLeaseGoneError, FenceLostError) as exc:
             raise StorageError(f"fleet {self._fleet_name!r}: {exc}") from exc
+        except RollbackError as exc:  # never used, like a state that cannot be read back
+            raise StateCorruptError(str(exc)) from exc
 
     def load(self, profile: str) -> ProfileState | None:
         if self._covers(profile):
