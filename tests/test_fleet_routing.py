@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from aac_tokend.core.config import Config
+from aac_tokend.core.state import ProfileState
 from aac_tokend.daemon.alerts import Alerter
 from aac_tokend.daemon.engine import Engine
-from aac_tokend.core.state import ProfileState
 from aac_tokend.errors import InputError, RollbackError, StateCorruptError, StorageError
 from aac_tokend.fleet.routing import RoutingStore
 from aac_tokend.testing import (
