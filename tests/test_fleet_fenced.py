@@ -225,13 +225,14 @@ class Fleet:
         trace: Callable[[str], None] | None = None,
         on_answer: Callable[[], None] | None = None,
         retry_for: float = 0.3,
+        life_ends: float | None = None,
     ) -> CourierResult:
         store = self.stores.setdefault(host, MemoryStore())
         return carry_fenced(
             job, store, self.chains, self.chains,
             prepare or (lambda url: open_request(url, TIMEOUTS)),
             SETTINGS, host, lease, self.boottime, time.time,
-            trace=trace, on_answer=on_answer, retry_for=retry_for,
+            trace=trace, on_answer=on_answer, retry_for=retry_for, life_ends=life_ends,
         )  # fmt: skip
 
     def sent(self) -> list[str]:
@@ -319,6 +320,17 @@ class TestSuspendedOwner:
         retry = fleet.carry(fleet.job(), host="b", lease=2)
         assert retry.kind is CourierKind.REFRESHED, retry
         assert fleet.sent() == ["rotated"]
+
+    def test_a_courier_short_of_life_sends_nothing(self, fleet: Fleet) -> None:
+        """Less of its life left than the request's deadline (it was stopped before its
+        journal): no request, the entry taken back; with its life ahead, it sends."""
+        short = time.monotonic() + SETTINGS.request_deadline_seconds - 0.5
+        result = fleet.carry(fleet.job(), life_ends=short)
+        assert result.kind is CourierKind.STATE_CHANGED
+        assert "courier's life" in result.detail and fleet.sent() == []
+        assert fleet.chains.current().unresolved is None
+        ahead = time.monotonic() + SETTINGS.request_deadline_seconds + 5
+        assert fleet.carry(fleet.job(), life_ends=ahead).kind is CourierKind.REFRESHED
 
     def test_just_inside_d_it_sends(self, fleet: Fleet) -> None:
         """A clock that moved less than D lets the request leave (the check is not vacuous)."""

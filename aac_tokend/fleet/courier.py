@@ -195,9 +195,12 @@ def carry_spawned(
     on_answer: Callable[[], None] | None = None,
     *,
     opened: OpenedFleet | None = None,
+    life_ends: float | None = None,
 ) -> CourierResult:
     """The spawned side: the fenced refresh, on what the spare opened ahead if it is the
-    job's fleet, else on a fresh opening of the job's spec."""
+    job's fleet, else on a fresh opening of the job's spec. ``life_ends`` is when the
+    courier's alarm ends it (``time.monotonic()``): no request leaves without its whole
+    deadline before then."""
     if opened is None or not opened.serves(spec):
         opened = open_fleet(spec)
     settings = spec.settings
@@ -213,7 +216,7 @@ def carry_spawned(
 
     return carry_fenced(
         job, store, chains, client, prepare, settings, spec.host, spec.lease_id,
-        suspend_clock, time.time, on_answer=on_answer,
+        suspend_clock, time.time, on_answer=on_answer, life_ends=life_ends,
     )  # fmt: skip
 
 

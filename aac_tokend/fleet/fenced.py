@@ -161,6 +161,8 @@ def carry_fenced(
     trace: Callable[[str], None] | None = None,
     on_answer: Callable[[], None] | None = None,
     retry_for: float = SAVE_RETRY_SECONDS,
+    life_ends: float | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> CourierResult:
     """One fenced refresh of ``job.profile`` (module docstring); never raises for etcd,
     the network or the disk. ``trace`` hears "journaled", "answered" and "persisted";
@@ -179,7 +181,7 @@ def carry_fenced(
                                           boottime, clock)  # fmt: skip
                 step("journaled")
                 _confirm_fence(job, chains, client, entry, rev, state, lease_id, t0,
-                               settings, boottime)  # fmt: skip
+                               settings, boottime, _life_left(life_ends, monotonic))  # fmt: skip
                 form = {
                     "grant_type": "refresh_token",
                     "refresh_token": job.refresh_token,
@@ -327,6 +329,10 @@ def _settle_unknown_journal(
     # ambiguous by whoever owns the chain then: the safe side of a token never sent.
 
 
+def _life_left(life_ends: float | None, monotonic: Callable[[], float]) -> float:
+    return float("inf") if life_ends is None else life_ends - monotonic()
+
+
 def _confirm_fence(
     job: FleetJob,
     chains: ChainTxns,
@@ -338,15 +344,20 @@ def _confirm_fence(
     t0: float,
     settings: FleetSettings,
     boottime: Callable[[], float],
+    life_left: float,
 ) -> None:
-    """Step (c): the lease is alive and D has not passed, just before the first byte."""
+    """Step (c): the lease is alive and D has not passed, just before the first byte; and
+    the courier's life holds the whole request (a courier stopped before its journal for
+    most of its life would otherwise be ended by its alarm with the request out)."""
     why = ""
+    if life_left < settings.request_deadline_seconds:
+        why = f"{max(life_left, 0):.1f} s of the courier's life left, under the request's deadline"
     try:
         alive = client.time_to_live(lease_id)
     except AacTokendError:  # out of reach, or refused: unconfirmed is not alive
         why = "the lease could not be confirmed"
     else:
-        if alive is None or alive.ttl <= 0:
+        if not why and (alive is None or alive.ttl <= 0):
             why = "the lease is gone"
     window = settings.send_window_seconds
     if not why and boottime() - t0 >= window:

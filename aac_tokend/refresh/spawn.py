@@ -441,7 +441,9 @@ def main() -> int:
     if fleet is not None:
         from ..fleet.courier import carry_spawned
 
-        return _answer(carry_spawned(fleet, fleet_job, on_answer=disarm, opened=opened))
+        return _answer(
+            carry_spawned(fleet, fleet_job, on_answer=disarm, opened=opened, life_ends=deadline)
+        )
     return _answer(carry(job, spec.open(), endpoint, time.time, on_answer=disarm))
 
 
