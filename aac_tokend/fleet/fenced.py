@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..core.outcome import Refreshed, RefreshOutcome, Rejected, Transient
+from ..core.outcome import Transient
 from ..core.policy import apply_outcome, begin_attempt
-from ..core.state import ProfileState, TokenKind
+from ..core.state import ProfileState
 from ..errors import (
     AacTokendError,
     BusyError,
@@ -46,7 +46,13 @@ from ..errors import (
     StorageError,
 )
 from ..refresh.result import CourierKind, CourierResult
-from ..refresh.transaction import LOCK_WAIT_SECONDS, SAVE_RETRY_SECONDS, CourierJob
+from ..refresh.transaction import (
+    LOCK_WAIT_SECONDS,
+    SAVE_RETRY_SECONDS,
+    CourierJob,
+    kind_of,
+    still_current,
+)
 from .chains import SeenKind
 from .connection import PreparedRequest
 from .etcd_types import LeaseInfo
@@ -138,14 +144,6 @@ def _done(kind: CourierKind, detail: str) -> _EndedError:
     return _EndedError(CourierResult(kind, detail))
 
 
-def _kind_of(outcome: RefreshOutcome) -> CourierKind:
-    if isinstance(outcome, Refreshed):
-        return CourierKind.REFRESHED
-    if isinstance(outcome, Rejected):
-        return CourierKind.REJECTED
-    return CourierKind.TRANSIENT
-
-
 def carry_fenced(
     job: FleetJob,
     store: CourierStore,
@@ -194,7 +192,7 @@ def carry_fenced(
             after = apply_outcome(entry.state, outcome, clock(), job.lifetime_days)
             result = _commit_outcome(
                 job.profile, store, chains, entry, rev, outcome_of(entry, after),
-                _kind_of(outcome), retry_for,
+                kind_of(outcome), retry_for,
             )  # fmt: skip
             step("persisted")
             return result
@@ -229,17 +227,7 @@ def _checked_read(
 ) -> VersionedLike:
     """Step 1: the chain as read, an inherited entry resolved once W has passed."""
     versioned = chains.read(job.profile)
-    state = versioned.record.state if versioned is not None else None
-    if (
-        versioned is None
-        or state is None
-        or state.kind is not TokenKind.OAUTH
-        or state.rejection is not None
-        or state.refresh_token != job.refresh_token
-        or (job.generation is not None and state.generation != job.generation)
-        or not state.token_endpoint
-        or not state.client_id
-    ):
+    if versioned is None or not still_current(versioned.record.state, job):
         raise _done(CourierKind.STATE_CHANGED, "the state moved on; nothing was sent")
     attempt = versioned.record.unresolved
     if attempt is None:

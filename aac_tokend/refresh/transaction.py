@@ -23,7 +23,15 @@ from ..errors import BusyError, StateCorruptError, StorageError
 from ..store.interface import StateStore
 from .result import CourierKind, CourierResult
 
-__all__ = ["LOCK_WAIT_SECONDS", "SAVE_RETRY_SECONDS", "CourierJob", "Endpoint", "carry"]
+__all__ = [
+    "LOCK_WAIT_SECONDS",
+    "SAVE_RETRY_SECONDS",
+    "CourierJob",
+    "Endpoint",
+    "carry",
+    "kind_of",
+    "still_current",
+]
 
 #: Waiting for a profile lock held by an earlier courier: that courier's own bound.
 LOCK_WAIT_SECONDS = 10.0
@@ -97,7 +105,26 @@ def _unjournal(store: StateStore, before: ProfileState) -> None:
         store.save(before)
 
 
-def _kind_of(outcome: RefreshOutcome) -> CourierKind:
+def still_current(state: ProfileState | None, job: CourierJob) -> bool:
+    """True if ``state`` is still the one ``job`` was made for, and a refresh of it may be
+    sent: any other answer means the state moved on, and nothing may be sent. Shared by the
+    single-host transaction and the fleet's fenced one (fleet/fenced.py)."""
+    return (
+        state is not None
+        and state.kind is TokenKind.OAUTH
+        and state.rejection is None
+        and state.refresh_token == job.refresh_token
+        # A fence beside the token: a courier that woke late (a spare stopped with its job,
+        # given up on) finds the same token under a journal a retry wrote since, and must
+        # not send it again (the server would revoke the family).
+        and (job.generation is None or state.generation == job.generation)
+        and bool(state.token_endpoint)
+        and bool(state.client_id)
+    )
+
+
+def kind_of(outcome: RefreshOutcome) -> CourierKind:
+    """The courier's kind of a request's outcome."""
     if isinstance(outcome, Refreshed):
         return CourierKind.REFRESHED
     if isinstance(outcome, Rejected):
@@ -128,21 +155,11 @@ def carry(
     try:
         with store.locked(job.profile, LOCK_WAIT_SECONDS):
             state = store.load(job.profile)
-            if (
-                state is None
-                or state.kind is not TokenKind.OAUTH
-                or state.rejection is not None
-                or state.refresh_token != job.refresh_token
-                # A fence beside the token: a courier that woke late (a spare stopped with its
-                # job, given up on) finds the same token under a journal a retry wrote since,
-                # and must not send it again (the server would revoke the family).
-                or (job.generation is not None and state.generation != job.generation)
-                or not state.token_endpoint
-                or not state.client_id
-            ):
+            if state is None or not still_current(state, job):
                 return CourierResult(
                     CourierKind.STATE_CHANGED, "the state moved on; nothing was sent"
                 )
+            assert state.token_endpoint and state.client_id  # still_current
             endpoint_url, client_id = state.token_endpoint, state.client_id
             if state.in_flight is not None:
                 state = recover_interrupted(state, clock())
@@ -158,7 +175,7 @@ def carry(
                 on_answer()
             step("answered")
             after = apply_outcome(journal, outcome, clock(), job.lifetime_days)
-            result = _persist(store, after, _kind_of(outcome), retry_for)
+            result = _persist(store, after, kind_of(outcome), retry_for)
             step("persisted")
             return result
     except BusyError as exc:
