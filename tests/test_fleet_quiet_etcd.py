@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,6 +21,8 @@ from aac_tokend.fleet.etcd import EtcdClient, KeyValue, WatchEvent, WatchProgres
 from aac_tokend.fleet.follow import ChainFollower
 from aac_tokend.fleet.keys import FleetKeys, KeyKind
 from aac_tokend.fleet.lease import LeaseKeeper
+from aac_tokend.fleet.records import ChainRecord, first_record
+from aac_tokend.testing import oauth_state
 from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
@@ -81,6 +84,22 @@ class EmptyChains:
 
     def open(self, profile: str, kv: KeyValue) -> Any:
         raise AssertionError(f"no record was written, yet {profile} was opened")
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """chains.Versioned: a record and its key's mod revision."""
+
+    record: ChainRecord
+    revision: int
+
+
+class OneChain(EmptyChains):
+    """One profile's first record (revision 1), as read_all would find it; nothing else."""
+
+    def read_all(self) -> tuple[Mapping[str, Any], int]:
+        _, revision = super().read_all()
+        return {"work": Versioned(first_record(oauth_state(profile="work"), 0), 1)}, revision
 
 
 @pytest.fixture
@@ -208,6 +227,27 @@ class TestFollowerHealth:
         while not follower.healthy():
             assert time.monotonic() < deadline, "the follower did not recover"
             time.sleep(0.05)
+
+    def test_healthy_while_the_first_records_are_handed_over(self, client: EtcdClient) -> None:
+        """etcd answered the first read: healthy while a slow listener takes its records."""
+        keys = FleetKeys(f"quiet{time.monotonic_ns()}")
+        taking, done = threading.Event(), threading.Event()
+
+        def slow(_profile: str, _versioned: Any) -> None:
+            taking.set()
+            done.wait(5)
+
+        made: ChainFollower[Any] = ChainFollower(
+            client, OneChain(client, keys), keys, slow, lambda _p: None, time.monotonic,
+            watch_idle_seconds=IDLE,
+        )  # fmt: skip
+        made.start()
+        try:
+            assert taking.wait(5)
+            assert made.healthy()
+        finally:
+            done.set()
+            made.close()
 
     def test_close_is_prompt(self, follower: ChainFollower[Any]) -> None:
         """close() returns at once, though the watch was blocked in a read."""

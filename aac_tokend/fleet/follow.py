@@ -97,6 +97,7 @@ class ChainFollower(Generic[V]):
         self._present: set[str] = set()
         #: per profile, (attempt id, boottime first seen) of the unresolved entry it holds
         self._seen: dict[str, tuple[str, float]] = {}
+        #: etcd answered the last read or the watch (False until the first, and once lost)
         self._watching = False
         self._last_contact = float("-inf")
         self._stop = threading.Event()
@@ -114,7 +115,7 @@ class ChainFollower(Generic[V]):
         return None
 
     def healthy(self) -> bool:
-        """The watch is running and etcd answered within HEALTHY_DEADLINES read deadlines."""
+        """etcd answered the last read or the watch, within HEALTHY_DEADLINES deadlines."""
         with self._lock:
             watching, contact = self._watching, self._last_contact
         return watching and self._monotonic() - contact <= self._idle * HEALTHY_DEADLINES
@@ -155,9 +156,9 @@ class ChainFollower(Generic[V]):
                         self._watch = watch
                     if self._stop.is_set():  # close() came before it could see this watch
                         return
-                    self._contact(watching=True)
+                    self._contact()
                     for item in watch:
-                        self._contact(watching=True)
+                        self._contact()
                         if self._stop.is_set():
                             return
                         if isinstance(item, WatchEvent):
@@ -175,14 +176,16 @@ class ChainFollower(Generic[V]):
                 log.exception("fleet_chain_watch_failed")
                 self._stop.wait(REREAD_PAUSE_SECONDS)
 
-    def _contact(self, *, watching: bool) -> None:
+    def _contact(self) -> None:
         with self._lock:
             self._last_contact = self._monotonic()
-            self._watching = watching
+            self._watching = True
 
     def _read_all(self) -> int:
         found, revision = self._chains.read_all()
-        self._contact(watching=False)
+        # etcd answered: healthy already, while the records are handed over (the engine
+        # may take a while with them) and before the watch opens
+        self._contact()
         for profile in sorted(found):
             value = found[profile]
             if isinstance(value, AacTokendError):
