@@ -126,7 +126,7 @@ class Watch:
         self._lock = threading.Lock()
         # "From now" means from this call, not from the first next(): wait for etcd to say
         # which revision now is (its created response), so nothing in between is missed.
-        while self.next_revision == 0:
+        while self.next_revision == 0 and not self.closed:
             try:
                 self._step()
             except BaseException:
