@@ -86,6 +86,9 @@ class BreakingWatch:
     def __exit__(self, *exc: object) -> None:
         self.watch.close()
 
+    def close(self) -> None:
+        self.watch.close()
+
     def __iter__(self) -> BreakingWatch:
         return self
 

@@ -10,6 +10,8 @@ re-reading after a compaction or a lost etcd), and the campaigner tries to creat
 key of every covered profile the view shows without one (compare create_revision == 0),
 bound to our lease. Being the owner needs more than the key: its value is our host name AND
 its lease is our current lease AND that lease surely still lives (LeaseKeeper.left()).
+
+(Over 300 lines: the watcher, the campaigner and step_down share one view and its lock.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..errors import (
     EtcdLeaseGoneError,
     EtcdWatchCompactedError,
 )
-from .etcd import Compare, DeleteOp, EtcdClient, PutOp, RangeOp, RangeResult, WatchEvent
+from .etcd import Compare, DeleteOp, EtcdClient, PutOp, RangeOp, RangeResult, Watch, WatchEvent
 from .etcd_watch import EventType
 from .keys import FleetKeys, KeyKind
 from .lease import LeaseKeeper
@@ -40,8 +42,9 @@ log = structlog.get_logger("aac_tokend.fleet.election")
 CAMPAIGN_EVERY_SECONDS = 1.0
 #: After losing etcd, the watcher reads again this soon (a member can fail over in ~1 s).
 REREAD_PAUSE_SECONDS = 0.25
-#: close() waits this long for each thread (one bounded etcd call or watch read).
-JOIN_SECONDS = 15.0
+#: close() waits this long for each thread: closing the watch ends a blocked read at once,
+#: and a bounded etcd call in flight is not worth holding up a stop for (daemon threads).
+JOIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Elector:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._watch: Watch | None = None  # the open watch, for close() to end
         leases.on_lost(self._lease_lost)
 
     # -- what others ask ---------------------------------------------------------------
@@ -130,8 +134,13 @@ class Elector:
         """Stop both threads (owner keys stay until our lease ends: LeaseKeeper.close)."""
         self._stop.set()
         self._wake.set()
+        with self._lock:
+            watch = self._watch
+        if watch is not None:
+            watch.close()
+        deadline = time.monotonic() + JOIN_SECONDS
         for thread in self._threads:
-            thread.join(JOIN_SECONDS)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def wake(self) -> None:
         """Campaign now (the covered profiles changed)."""
@@ -171,6 +180,10 @@ class Elector:
                     start_revision=found.revision + 1,
                     idle_timeout=self._idle,
                 ) as watch:
+                    with self._lock:
+                        self._watch = watch
+                    if self._stop.is_set():  # close() came before it could see this watch
+                        return
                     for item in watch:
                         if self._stop.is_set():
                             return

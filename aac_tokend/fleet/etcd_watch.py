@@ -17,6 +17,20 @@ response. Four things keep it honest:
 
 If no member accepts a watch within the client's call timeout, ``EtcdUnavailableError`` is
 raised from ``next()``: the caller learns it has lost etcd rather than waiting on it.
+
+Etcd's progress interval is the cluster's setting, not ours: at its default (10 min) every
+idle stream hits the read deadline and is opened again. Each opening etcd answers
+("created") is contact with etcd, so ``next()`` returns a WatchProgress for each
+reopening (not for the first opening, which the caller's own call made): a caller
+that counts what the watch yields as etcd speaking stays right whatever the interval.
+
+``close()`` may be called from another thread and returns at once: it shuts the stream's
+socket, so a ``next()`` blocked reading it (or pausing between reopenings) ends at once with
+StopIteration instead of reopening. One waiting for a member to answer an opening ends
+with StopIteration when that attempt's own timeout does (a read deadline at most).
+
+(Over 300 lines: reading, reopening and closing share one stream's state; split, each
+part would reach into the others'.)
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ import base64
 import contextlib
 import enum
 import json
+import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -105,10 +121,12 @@ class Watch:
         self._response: requests.Response | None = None
         self._lines: Any = None
         self._pending: deque[WatchEvent] = deque()
-        self._closed = False
+        #: set by close(), from any thread; guards _response against a racing _connect
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
         # "From now" means from this call, not from the first next(): wait for etcd to say
         # which revision now is (its created response), so nothing in between is missed.
-        while self.next_revision == 0:
+        while self.next_revision == 0 and not self.closed:
             try:
                 self._step()
             except BaseException:
@@ -124,23 +142,30 @@ class Watch:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        """close() was called."""
+        return self._closing.is_set()
+
     def close(self) -> None:
-        """Stop watching and release the connection."""
-        self._closed = True
+        """Stop watching and release the connection (from any thread: see the docstring)."""
+        self._closing.set()
         self._drop()
         self._session.close()
 
     def _drop(self) -> None:
-        if self._response is not None:
+        with self._lock:
+            response, self._response, self._lines = self._response, None, None
+        if response is not None:
+            _interrupt(response)
             with contextlib.suppress(*_BROKEN):
-                self._response.close()
-        self._response = self._lines = None
+                response.close()
 
     def __next__(self) -> WatchEvent | WatchProgress:
         while True:
             if self._pending:
                 return self._pending.popleft()
-            if self._closed:
+            if self.closed:
                 raise StopIteration
             progress = self._step()
             if progress is not None:
@@ -148,12 +173,18 @@ class Watch:
 
     def _step(self) -> WatchProgress | None:
         """Read one line of the stream (opening it if need be) and act on it."""
-        if self._lines is None:
+        lines = self._lines  # close() on another thread may clear the attribute meanwhile
+        if lines is None:
             self._connect()
+            lines = self._lines
+            if lines is None:  # closed while connecting
+                return None
         try:
-            line = next(self._lines)
+            line = next(lines)
         except (StopIteration, *_BROKEN):
             line = None
+        if self.closed:  # the read ended because close() shut the socket: not a break
+            return None
         if line is None:
             self._broken("the stream ended or was silent too long")
             return None
@@ -172,7 +203,7 @@ class Watch:
                 f"etcd watch broke {self._breaks_in_a_row} times in a row without a word "
                 f"from etcd; last: {reason}"
             )
-        time.sleep(_REOPEN_PAUSE_SECONDS * (self._breaks_in_a_row - 1))
+        self._closing.wait(_REOPEN_PAUSE_SECONDS * (self._breaks_in_a_row - 1))
 
     def _handle(self, line: bytes) -> WatchProgress | None:
         try:
@@ -208,7 +239,12 @@ class Watch:
         if result.get("created"):
             if self.next_revision == 0:
                 self.next_revision = revision + 1
-            return None
+            if not self.reconnects:  # the first opening: the caller just called etcd
+                return None
+            # A stream reopened: etcd answered, which the caller counts as contact. It
+            # says nothing past what was delivered (events from next_revision on may
+            # follow, or a compaction), so the progress is only up to that.
+            return WatchProgress(self.next_revision - 1)
         events = result.get("events", ())
         for event in events:
             kv = event.get("kv", {})
@@ -242,6 +278,8 @@ class Watch:
         if self.next_revision:
             request["create_request"]["start_revision"] = str(self.next_revision)
         for member in members:
+            if self.closed:
+                return
             if time.monotonic() >= deadline:
                 break
             try:
@@ -265,13 +303,31 @@ class Watch:
                     self._transport.forget_token(member)
                 response.close()
                 continue
-            self.member, self._response = member, response
-            self._lines = response.iter_lines()
+            with self._lock:
+                if not self.closed:
+                    self.member, self._response = member, response
+                    self._lines = response.iter_lines()
+                    return
+            response.close()  # close() came while this member answered
+            return
+        if self.closed:  # the attempts failed because close() came: not an outage
             return
         said = "; ".join(failures) or "no member tried"
         raise EtcdUnavailableError(
             f"etcd watch: no member took it within {self._transport.timeout:g} s ({said})"
         )
+
+
+def _interrupt(response: requests.Response) -> None:
+    """Shut the stream's socket: a read blocked on it in another thread returns at once
+    (closing a descriptor does not wake a thread blocked reading it on Linux)."""
+    connection = getattr(response.raw, "connection", None) or getattr(
+        response.raw, "_connection", None
+    )
+    sock = getattr(connection, "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _unb64(text: object) -> bytes:

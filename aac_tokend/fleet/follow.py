@@ -23,7 +23,7 @@ from typing import Generic, Protocol, TypeVar
 import structlog
 
 from ..errors import AacTokendError, EtcdWatchCompactedError
-from .etcd import EtcdClient, KeyValue, WatchEvent
+from .etcd import EtcdClient, KeyValue, Watch, WatchEvent
 from .etcd_watch import EventType
 from .keys import FleetKeys, KeyKind
 from .records import ChainRecord
@@ -34,8 +34,13 @@ log = structlog.get_logger("aac_tokend.fleet.follow")
 
 #: After losing etcd, read everything again this soon (a member can fail over in ~1 s).
 REREAD_PAUSE_SECONDS = 0.25
-#: close() waits this long for the thread (one bounded read, or one idle read deadline).
-JOIN_SECONDS = 15.0
+#: close() waits this long for the thread: closing the watch ends a blocked read at once,
+#: and a bounded read_all in flight is not worth holding up a stop for (a daemon thread).
+JOIN_SECONDS = 0.5
+#: healthy() allows this many read deadlines of silence: an idle stream is dropped after
+#: one and reopened, and a working etcd answers the reopening at once (etcd's progress
+#: interval may be 10 min), so silence past two means etcd did not answer.
+HEALTHY_DEADLINES = 2.0
 
 
 class VersionedRecord(Protocol):
@@ -92,10 +97,12 @@ class ChainFollower(Generic[V]):
         self._present: set[str] = set()
         #: per profile, (attempt id, boottime first seen) of the unresolved entry it holds
         self._seen: dict[str, tuple[str, float]] = {}
+        #: etcd answered the last read or the watch (False until the first, and once lost)
         self._watching = False
         self._last_contact = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watch: Watch | None = None  # the open watch, for close() to end
 
     # -- what others ask ---------------------------------------------------------------
 
@@ -108,10 +115,10 @@ class ChainFollower(Generic[V]):
         return None
 
     def healthy(self) -> bool:
-        """The watch is running and etcd spoke within the idle read deadline."""
+        """etcd answered the last read or the watch, within HEALTHY_DEADLINES deadlines."""
         with self._lock:
             watching, contact = self._watching, self._last_contact
-        return watching and self._monotonic() - contact <= self._idle
+        return watching and self._monotonic() - contact <= self._idle * HEALTHY_DEADLINES
 
     def last_contact(self) -> float:
         """When etcd last answered the follower (monotonic; -inf: never)."""
@@ -126,8 +133,12 @@ class ChainFollower(Generic[V]):
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread (it notices within one progress interval or read deadline)."""
+        """Stop the thread: its watch is closed, so a blocked read ends at once."""
         self._stop.set()
+        with self._lock:
+            watch = self._watch
+        if watch is not None:
+            watch.close()
         if self._thread is not None:
             self._thread.join(JOIN_SECONDS)
 
@@ -141,9 +152,13 @@ class ChainFollower(Generic[V]):
                 with self._client.watch(
                     prefix, prefix=True, start_revision=revision + 1, idle_timeout=self._idle
                 ) as watch:
-                    self._contact(watching=True)
+                    with self._lock:
+                        self._watch = watch
+                    if self._stop.is_set():  # close() came before it could see this watch
+                        return
+                    self._contact()
                     for item in watch:
-                        self._contact(watching=True)
+                        self._contact()
                         if self._stop.is_set():
                             return
                         if isinstance(item, WatchEvent):
@@ -161,14 +176,16 @@ class ChainFollower(Generic[V]):
                 log.exception("fleet_chain_watch_failed")
                 self._stop.wait(REREAD_PAUSE_SECONDS)
 
-    def _contact(self, *, watching: bool) -> None:
+    def _contact(self) -> None:
         with self._lock:
             self._last_contact = self._monotonic()
-            self._watching = watching
+            self._watching = True
 
     def _read_all(self) -> int:
         found, revision = self._chains.read_all()
-        self._contact(watching=False)
+        # etcd answered: healthy already, while the records are handed over (the engine
+        # may take a while with them) and before the watch opens
+        self._contact()
         for profile in sorted(found):
             value = found[profile]
             if isinstance(value, AacTokendError):

@@ -39,8 +39,9 @@ RETRY_SECONDS = 0.25
 #: suspend, so after a resume the lease (surely gone by then) is renewed or replaced within
 #: this, not after what was left of a wait begun before the suspend.
 MAX_SLEEP_SECONDS = 1.0
-#: close() waits this long for the keeper thread: at most one bounded call is in progress.
-JOIN_SECONDS = 10.0
+#: close() waits this long for the keeper thread after revoking: at most one bounded call
+#: is in progress, and a stopping daemon does not wait for it (a daemon thread).
+JOIN_SECONDS = 0.5
 
 
 class LeaseKeeper:
@@ -112,16 +113,21 @@ class LeaseKeeper:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop renewing and revoke the lease (its keys go at once); best effort."""
+        """Revoke the lease first (its keys go at once: another host takes over), then stop
+        renewing; best effort. A keepalive in flight meanwhile finds the lease gone and,
+        stopped, grants no other."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(JOIN_SECONDS)
         with self._lock:
             lease, self._lease_id = self._lease_id, 0
             self._expires_at = float("-inf")
         if lease:
-            with contextlib.suppress(AacTokendError):  # gone already, or unreachable
-                self._client.revoke(lease)
+            self._revoke(lease)
+        if self._thread is not None:
+            self._thread.join(JOIN_SECONDS)
+
+    def _revoke(self, lease: int) -> None:
+        with contextlib.suppress(AacTokendError):  # gone already, or unreachable
+            self._client.revoke(lease)
 
     # -- the keeper --------------------------------------------------------------------
 
@@ -129,8 +135,13 @@ class LeaseKeeper:
         sent = self._monotonic()
         lease = self._client.grant(self._ttl)
         with self._lock:
-            self._lease_id, self._granted_ttl = lease.id, lease.ttl
-            self._sent_at, self._expires_at = sent, sent + lease.ttl
+            stopped = self._stop.is_set()
+            if not stopped:
+                self._lease_id, self._granted_ttl = lease.id, lease.ttl
+                self._sent_at, self._expires_at = sent, sent + lease.ttl
+        if stopped:  # close() came while etcd granted it: no keys are bound to it yet
+            self._revoke(lease.id)
+            return
         log.info("fleet_lease_granted", lease=lease.id, ttl=lease.ttl, asked=self._ttl)
 
     def renew(self) -> bool:

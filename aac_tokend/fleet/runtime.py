@@ -155,13 +155,19 @@ class FleetRuntime:
         self._started = True
 
     def close(self) -> None:
-        """Let go: revoke the lease (another host takes over at once), stop the threads."""
+        """Let go: revoke the lease (another host takes over at once), stop the threads.
+
+        Within the daemon's 2 s stop: the lease goes first, then each thread's watch is
+        closed and its join is short (they are daemon threads; the process exits after the
+        daemon stops). The spare courier is let go without waiting for it: it reads EOF and
+        ends, as the single-host daemon's spare does when the daemon exits.
+        """
         if not self._started:
             return
+        self.leases.close()
         self.elector.close()
         self.follower.close()
-        self.leases.close()
-        self._courier.close()
+        self._courier.close(timeout=0.0)
 
     # -- the engine's FleetView -----------------------------------------------------------
     def covers(self, name: str) -> bool:

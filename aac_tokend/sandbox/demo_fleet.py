@@ -135,6 +135,7 @@ class _FleetDemo:
                             f"--listen-peer-urls=http://127.0.0.1:{peer}",
                             f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
                             f"--initial-cluster=demo=http://127.0.0.1:{peer}",
+                            "--experimental-watch-progress-notify-interval=5s",
                             "--log-level=error", "--logger=zap"])  # fmt: skip
         self.wait_for("etcd's start", lambda: _healthy(url))
         _say(f"1. etcd runs at {url} (one member here; a real fleet runs three or five).")
