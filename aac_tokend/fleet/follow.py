@@ -206,6 +206,12 @@ class ChainFollower(Generic[V]):
         if event.type is EventType.DELETE:
             self._gone(profile, event.revision)
             return
+        with self._lock:
+            # An old revision (a resumed stream's repeat after a re-read) is dropped before it
+            # is opened: opening checks the high-water mark, which has moved past it, and it
+            # would be reported as a rollback that never happened.
+            if event.revision <= self._delivered.get(profile, 0):
+                return
         kv = KeyValue(
             event.key,
             event.value,
