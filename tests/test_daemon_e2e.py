@@ -86,7 +86,9 @@ class TestChainStaysAlive:
         print(f"{reads} reads, {refreshes} refreshes")  # shown with -s: the measured values
         assert not failures, f"{len(failures)} of {reads} reads failed: {failures[:10]}"
         assert reads > 250
-        assert 14 <= refreshes <= 24, f"{refreshes} refreshes in 60 s of 5 s tokens"
+        # About 24: a 5 s token is refreshed at half its life (the 60 s margin cannot fit it),
+        # every ~2.5 s plus the round trip; far more would be a refresh loop.
+        assert 14 <= refreshes <= 30, f"{refreshes} refreshes in 60 s of 5 s tokens"
         assert_chain_unbroken(sandbox)
 
 

@@ -37,8 +37,8 @@ from ..core.outcome import Transient
 from ..errors import AacTokendError
 from ..refresh.courier import MAX_LIFE_SECONDS
 from ..refresh.result import CourierResult
-from ..refresh.spawn import FLEET_FLAG, SpawnCourier
-from ..refresh.transaction import CourierJob
+from ..refresh.spawn import FLEET_FLAG, WAIT_MARGIN_SECONDS, SpawnCourier
+from ..refresh.transaction import SAVE_RETRY_SECONDS, CourierJob
 from .clocks import suspend_clock
 from .connect import connect
 from .connection import PreparedRequest, RequestTimeouts, open_request
@@ -217,7 +217,24 @@ def carry_spawned(
     return carry_fenced(
         job, store, chains, client, prepare, settings, spec.host, spec.lease_id,
         suspend_clock, time.time, on_answer=on_answer, life_ends=life_ends,
+        retry_for=_outcome_retry(life_ends),
     )  # fmt: skip
+
+
+#: Before the daemon stops waiting for its courier, the courier stops retrying its outcome
+#: with this much to spare, and hands the pair over to be kept (pending) and pushed by it.
+HANDOVER_SPARE_SECONDS = 1.5
+
+
+def _outcome_retry(life_ends: float | None) -> float:
+    """How long a courier keeps trying to commit its outcome while etcd is away: until
+    just before the daemon gives up waiting for it (``life_ends`` + the wait's margin). An
+    etcd cut that heals within that time costs nothing: the push lands at once, well before
+    an heir's W runs out (a pair kept pending waits for the daemon's next tick)."""
+    if life_ends is None:
+        return SAVE_RETRY_SECONDS
+    left = life_ends + WAIT_MARGIN_SECONDS - HANDOVER_SPARE_SECONDS - time.monotonic()
+    return max(SAVE_RETRY_SECONDS, left)
 
 
 class FleetCourier(SpawnCourier):

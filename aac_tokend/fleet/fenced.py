@@ -357,6 +357,10 @@ def _confirm_fence(
     raise _done(CourierKind.STATE_CHANGED, f"not sent: {why}")
 
 
+#: The longest pause between two tries of an outcome commit while etcd is away.
+OUTCOME_RETRY_CAP_SECONDS = 0.5
+
+
 def _commit_outcome(
     profile: str,
     store: CourierStore,
@@ -395,7 +399,7 @@ def _commit_outcome(
         if time.monotonic() + delay > deadline:
             return _keep_pending(profile, store, record, entry_revision)
         time.sleep(delay)
-        delay *= 2
+        delay = min(delay * 2, OUTCOME_RETRY_CAP_SECONDS)  # a healed etcd is seen at once
 
 
 def _superseded() -> CourierResult:

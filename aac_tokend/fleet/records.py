@@ -28,7 +28,7 @@ from typing import Any
 
 from ..core.policy import recover_interrupted
 from ..core.state import ProfileState, state_from_json, state_to_json
-from ..errors import StateCorruptError
+from ..errors import ProfileError, StateCorruptError
 
 __all__ = [
     "Attempt",
@@ -157,7 +157,10 @@ def decode_record(raw: bytes, profile: str) -> ChainRecord:
     state_data = data.get("state")
     if not isinstance(state_data, dict):
         raise _corrupt(profile, "no state")
-    state = state_from_json(json.dumps(state_data).encode())
+    try:
+        state = state_from_json(json.dumps(state_data).encode())
+    except ProfileError as exc:  # a profile name no profile can have: damage, not input
+        raise _corrupt(profile, "a state with an unusable profile name") from exc
     if state.profile != profile:
         raise _corrupt(profile, f"it is profile {state.profile!r}'s state")
     attempt = _attempt(data.get("attempt"), profile)

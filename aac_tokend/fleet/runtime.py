@@ -12,6 +12,9 @@ healthy host takes over before the access token expires: after ``STEP_DOWN_AFTER
 in a row that did not reach the token endpoint, or a courier that could not open the chain
 (a fleet key that is not the fleet's). Never for an outcome etcd could not take (this host
 holds that pair and pushes it) or a rollback (see ``_judge``).
+
+Longer than 300 lines because it is the one place where fleet mode's parts meet the engine:
+building them, the engine's view, the refresher with its step-down rule, the callbacks.
 """
 
 from __future__ import annotations
@@ -264,8 +267,8 @@ class FleetRuntime:
             self.chains.read(name)
         except RollbackError:
             return True
-        except AacTokendError:
-            return False
+        except AacTokendError:  # corrupt, or out of reach: not a rollback as far as we know
+            pass
         return False
 
     # -- callbacks from the threads -------------------------------------------------------
