@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 from aac_tokend.fleet.etcd import EtcdClient
 from aac_tokend.fleet.keys import FleetKeys
 from aac_tokend.sandbox.demo_fleet import FLEET_TIMINGS, fleet_config_text
+from tests.etcd_cluster import EtcdCluster
 from tests.helpers_e2e import (
     Daemon,
     E2EHome,
@@ -208,3 +210,26 @@ def fleet_hosts(endpoints: list[str], name: str, sandbox: RecordingSandbox) -> I
         yield hosts
     finally:
         hosts.close()
+
+
+#: Fleet names no two tests share (a test's prefix, a counter, the clock).
+_FLEET_NAMES = itertools.count()
+
+
+@contextlib.contextmanager
+def progress_etcd(base: Path) -> Iterator[EtcdCluster]:
+    """One etcd member under ``base``, with watch progress notifications every 300 ms: the
+    daemon tests' etcd (a module's fixture)."""
+    progress = "--experimental-watch-progress-notify-interval=300ms"
+    with EtcdCluster(base, size=1, extra_args=(progress,)).running() as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def fresh_fleet(etcd: EtcdCluster, sandbox: RecordingSandbox, prefix: str) -> Iterator[FleetHosts]:
+    """A fleet no other test uses; its daemons are stopped and every etcd member runs again
+    after (a test may have stopped one)."""
+    name = f"{prefix}{next(_FLEET_NAMES)}x{time.monotonic_ns()}"
+    with fleet_hosts(etcd.endpoints, name, sandbox) as hosts:
+        yield hosts
+    etcd.restore()

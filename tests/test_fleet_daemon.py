@@ -9,7 +9,6 @@ handover (test_fleet_handover.py), etcd lost (test_fleet_etcd_lost.py) and step-
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator
 
@@ -25,8 +24,9 @@ from tests.fleet_hosts import (
     TTL,
     FleetHosts,
     Readers,
-    fleet_hosts,
+    fresh_fleet,
     presented_twice,
+    progress_etcd,
     rotations,
     steady,
 )
@@ -42,15 +42,11 @@ from tests.helpers_e2e import (
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
-_names = itertools.count()
-
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One member, with watch progress notifications every 300 ms."""
-    progress = "--experimental-watch-progress-notify-interval=300ms"
-    base = tmp_path_factory.mktemp("etcd-daemon")
-    with EtcdCluster(base, size=1, extra_args=(progress,)).running() as cluster:
+    with progress_etcd(tmp_path_factory.mktemp("etcd-daemon")) as cluster:
         yield cluster
 
 
@@ -64,9 +60,8 @@ def sandbox() -> Iterator[RecordingSandbox]:
 @pytest.fixture
 def fleet(etcd: EtcdCluster, sandbox: RecordingSandbox) -> Iterator[FleetHosts]:
     """A fleet no other test uses; its daemons are stopped after the test."""
-    with fleet_hosts(etcd.endpoints, f"d{next(_names)}x{time.monotonic_ns()}", sandbox) as hosts:
+    with fresh_fleet(etcd, sandbox, "d") as hosts:
         yield hosts
-    etcd.restore()
 
 
 class TestServing:

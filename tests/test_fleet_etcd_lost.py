@@ -17,7 +17,15 @@ import pytest
 from aac_tokend.core.policy import SERVE_MARGIN_SECONDS
 from aac_tokend.core.tokens import parse_jwt
 from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster
-from tests.fleet_hosts import TTL, FleetHosts, Readers, fleet_hosts, presented_twice, steady
+from tests.fleet_hosts import (
+    TTL,
+    FleetHosts,
+    Readers,
+    fresh_fleet,
+    presented_twice,
+    progress_etcd,
+    steady,
+)
 from tests.helpers_e2e import RecordingSandbox, running_sandbox, wait_until
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
@@ -26,9 +34,7 @@ pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One member, with watch progress notifications every 300 ms."""
-    progress = "--experimental-watch-progress-notify-interval=300ms"
-    base = tmp_path_factory.mktemp("etcd-lost")
-    with EtcdCluster(base, size=1, extra_args=(progress,)).running() as cluster:
+    with progress_etcd(tmp_path_factory.mktemp("etcd-lost")) as cluster:
         yield cluster
 
 
@@ -42,9 +48,8 @@ def sandbox() -> Iterator[RecordingSandbox]:
 @pytest.fixture
 def fleet(etcd: EtcdCluster, sandbox: RecordingSandbox) -> Iterator[FleetHosts]:
     """A fleet no other test uses; its daemons are stopped and etcd runs again after."""
-    with fleet_hosts(etcd.endpoints, f"l{time.monotonic_ns()}", sandbox) as hosts:
+    with fresh_fleet(etcd, sandbox, "l") as hosts:
         yield hosts
-    etcd.restore()
 
 
 class TestEtcdLost:

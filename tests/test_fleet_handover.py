@@ -10,7 +10,6 @@ Separate from test_fleet_daemon.py to keep each file under a minute.
 
 from __future__ import annotations
 
-import itertools
 import signal
 import time
 from collections.abc import Iterator
@@ -22,8 +21,9 @@ from tests.fleet_hosts import (
     TTL,
     FleetHosts,
     Readers,
-    fleet_hosts,
+    fresh_fleet,
     presented_twice,
+    progress_etcd,
     rotations,
     steady,
 )
@@ -31,15 +31,11 @@ from tests.helpers_e2e import RecordingSandbox, running_sandbox, wait_until
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
-_names = itertools.count()
-
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One member, with watch progress notifications every 300 ms."""
-    progress = "--experimental-watch-progress-notify-interval=300ms"
-    base = tmp_path_factory.mktemp("etcd-handover")
-    with EtcdCluster(base, size=1, extra_args=(progress,)).running() as cluster:
+    with progress_etcd(tmp_path_factory.mktemp("etcd-handover")) as cluster:
         yield cluster
 
 
@@ -53,9 +49,8 @@ def sandbox() -> Iterator[RecordingSandbox]:
 @pytest.fixture
 def fleet(etcd: EtcdCluster, sandbox: RecordingSandbox) -> Iterator[FleetHosts]:
     """A fleet no other test uses; its daemons are stopped and etcd runs again after."""
-    with fleet_hosts(etcd.endpoints, f"h{next(_names)}x{time.monotonic_ns()}", sandbox) as hosts:
+    with fresh_fleet(etcd, sandbox, "h") as hosts:
         yield hosts
-    etcd.restore()
 
 
 class TestHandover:

@@ -20,7 +20,15 @@ import pytest
 from aac_tokend.core.tokens import parse_jwt
 from aac_tokend.fleet.runtime import STEP_DOWN_AFTER, STEP_DOWN_BACKOFF_TTLS
 from tests.etcd_cluster import ETCD, SKIP_REASON, EtcdCluster, TlsFiles, free_port
-from tests.fleet_hosts import TTL, FleetHosts, Readers, fleet_hosts, presented_twice, rotations
+from tests.fleet_hosts import (
+    TTL,
+    FleetHosts,
+    Readers,
+    fresh_fleet,
+    presented_twice,
+    progress_etcd,
+    rotations,
+)
 from tests.helpers_e2e import RecordingSandbox, running_sandbox, wait_until
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
@@ -36,9 +44,7 @@ RETRIES = "backoff_first_seconds = 0.5\nbackoff_cap_seconds = 2\n"
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One member, with watch progress notifications every 300 ms."""
-    progress = "--experimental-watch-progress-notify-interval=300ms"
-    base = tmp_path_factory.mktemp("etcd-stepdown")
-    with EtcdCluster(base, size=1, extra_args=(progress,)).running() as cluster:
+    with progress_etcd(tmp_path_factory.mktemp("etcd-stepdown")) as cluster:
         yield cluster
 
 
@@ -58,7 +64,7 @@ def sandbox(tls: TlsFiles) -> Iterator[RecordingSandbox]:
 
 @pytest.fixture
 def fleet(etcd: EtcdCluster, sandbox: RecordingSandbox) -> Iterator[FleetHosts]:
-    with fleet_hosts(etcd.endpoints, f"s{time.monotonic_ns()}", sandbox) as hosts:
+    with fresh_fleet(etcd, sandbox, "s") as hosts:
         yield hosts
 
 
